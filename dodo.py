@@ -1,0 +1,14 @@
+"""doit entry point: wiring only; the tasks live in pipeline/tasks.py."""
+
+from pipeline.tasks import (  # noqa: F401  (doit discovers task_* by name)
+    doit_config,
+    task_configdrive,
+    task_download,
+    task_extract,
+    task_launcher,
+    task_reset,
+    task_rootfs,
+    task_verify,
+)
+
+DOIT_CONFIG = doit_config()

@@ -1,0 +1,351 @@
+"""Cluster files and release profiles -> validated, frozen dataclasses.
+
+Every key is checked against a table (as doit checks task fields); an error names the
+file and the key path and says how to fix it.
+"""
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from .errors import LeanvmError
+
+VM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+FINGERPRINT = re.compile(r"^[0-9A-F]{40}$")
+SIZE = re.compile(r"^([1-9][0-9]*)([KMGT])$")
+SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MIN_DISK = 64 << 20
+AUTO_PORT_BASE = 22000
+AUTO_PORT_SPAN = 10000
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    path: Path
+    base_url: str
+    version: str
+    version_file: str | None
+    version_key: str | None
+    kernel: str
+    initrd: str | None
+    image: str
+    usr_member: str
+    signature_suffix: str
+    signing_key: Path
+    fingerprints: tuple[str, ...]
+    kernel_args: str
+
+
+@dataclass(frozen=True)
+class VM:
+    name: str
+    memory: int
+    cpus: int
+    disk: int
+    ssh_port: int
+    mac: str
+    user_data: Path | None
+    ssh_authorized_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    path: Path
+    release: Release
+    vms: tuple[VM, ...]
+
+
+class _Where:
+    """The file and key path an error is about."""
+
+    def __init__(self, file: Path, key: str = "") -> None:
+        self.file, self.key = file, key
+
+    def __truediv__(self, key: str) -> "_Where":
+        return _Where(self.file, f"{self.key}.{key}" if self.key else key)
+
+    def error(self, problem: str, hint: str) -> LeanvmError:
+        where = f"{self.file}: {self.key}" if self.key else str(self.file)
+        return LeanvmError(f"{where}: {problem}", hint)
+
+
+# --- value checkers: each takes (value, where) and returns the parsed value ----------
+
+def _string(value: Any, where: _Where) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise where.error(f"expected a non-empty string, got {value!r}", "write a string")
+    return value
+
+
+def _optional_string(value: Any, where: _Where) -> str | None:
+    return None if value is None else _string(value, where)
+
+
+def _filename(value: Any, where: _Where) -> str:
+    name = _string(value, where)
+    if "/" in name or name in (".", ".."):
+        raise where.error(f"{name!r} is not a plain file name", "give a file name without '/'")
+    return name
+
+
+def _int_at_least(minimum: int) -> Callable[[Any, _Where], int]:
+    def check(value: Any, where: _Where) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise where.error(f"expected an integer, got {value!r}", f"write an integer >= {minimum}")
+        if value < minimum:
+            raise where.error(f"{value} is too small", f"use an integer >= {minimum}")
+        return value
+
+    return check
+
+
+def _port(value: Any, where: _Where) -> int:
+    port = _int_at_least(1)(value, where)
+    if port > 65535:
+        raise where.error(f"{port} is not a TCP port", "use a port from 1024 to 65535")
+    return port
+
+
+def _size(value: Any, where: _Where) -> int:
+    match = SIZE.match(value) if isinstance(value, str) else None
+    if not match:
+        raise where.error(f"cannot parse size {value!r}", "write an integer with K, M, G or T, e.g. 4G")
+    size = int(match.group(1)) * SIZE_UNITS[match.group(2)]
+    if size < MIN_DISK:
+        raise where.error(f"{value} is smaller than 64M", "use a size of at least 64M")
+    return size
+
+
+def _string_list(value: Any, where: _Where) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise where.error(f"expected a list, got {value!r}", "write a YAML list of strings")
+    return tuple(_string(item, where / str(i)) for i, item in enumerate(value))
+
+
+def _fingerprints(value: Any, where: _Where) -> tuple[str, ...]:
+    prints = _string_list(value, where)
+    if not prints:
+        raise where.error("the list is empty", "pin at least one primary-key fingerprint")
+    for i, fp in enumerate(prints):
+        if not FINGERPRINT.match(fp.replace(" ", "").upper()):
+            raise (where / str(i)).error(
+                f"{fp!r} is not a 40-hex-digit fingerprint", "copy it from `gpg --show-keys KEYFILE`"
+            )
+    return tuple(fp.replace(" ", "").upper() for fp in prints)
+
+
+def _base_url(value: Any, where: _Where) -> str:
+    url = _string(value, where)
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https", "file") or (parsed.scheme != "file" and not parsed.netloc):
+        raise where.error(f"{url!r} is not an http, https or file URL", "use e.g. https://host/path/")
+    return url if url.endswith("/") else url + "/"
+
+
+def _version(value: Any, where: _Where) -> str:
+    version = _string(str(value) if isinstance(value, (int, float)) else value, where)
+    if not RELEASE_NAME.match(version):
+        raise where.error(f"{version!r} is not a version", "write 'current' or e.g. 4081.2.0")
+    return version
+
+
+# --- tables of allowed keys --------------------------------------------------------
+
+PROFILE_KEYS: dict[str, tuple[bool, Callable[[Any, _Where], Any]]] = {
+    # key: (required, checker)
+    "base_url": (True, _base_url),
+    "version": (True, _version),
+    "version_file": (False, lambda v, w: None if v is None else _filename(v, w)),
+    "version_key": (False, _optional_string),
+    "kernel": (True, _filename),
+    "initrd": (False, lambda v, w: None if v is None else _filename(v, w)),
+    "image": (True, _filename),
+    "usr_member": (True, _string),
+    "signature_suffix": (False, _string),
+    "signing_key": (True, _string),
+    "fingerprints": (True, _fingerprints),
+    "kernel_args": (True, _string),
+}
+
+VM_KEYS: dict[str, Callable[[Any, _Where], Any]] = {
+    "memory": _int_at_least(128),
+    "cpus": _int_at_least(1),
+    "disk": _size,
+    "ssh_port": _port,
+    "user_data": _string,
+    "ssh_authorized_keys": _string_list,
+}
+DEFAULTS = {"memory": 1024, "cpus": 1, "disk": 4 << 30}
+CLUSTER_KEYS = {"release", "defaults", "vms"}
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise LeanvmError(f"{path}: no such file", "check the path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LeanvmError(f"{path}: cannot read: {e}", "check the file") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise LeanvmError(f"{path}: {line}YAML syntax error: {problem}", "fix the YAML") from None
+
+
+def _mapping(value: Any, where: _Where, allowed: set[str] | dict) -> dict:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise where.error(f"expected a mapping, got {value!r}", "write KEY: VALUE lines")
+    for key in value:
+        if key not in allowed:
+            raise (where / str(key)).error(
+                "unknown key", f"allowed keys: {', '.join(sorted(allowed))}"
+            )
+    return value
+
+
+def load_profile(path: Path) -> Release:
+    where = _Where(path)
+    data = _mapping(read_yaml(path), where, PROFILE_KEYS)
+    values: dict[str, Any] = {}
+    for key, (required, check) in PROFILE_KEYS.items():
+        if key not in data:
+            if required:
+                raise (where / key).error("missing", f"add `{key}:` to the profile")
+            continue
+        values[key] = check(data[key], where / key)
+    if values["version"] == "current" and not (values.get("version_file") and values.get("version_key")):
+        raise (where / "version").error(
+            "'current' needs version_file and version_key", "add them, or pin a version"
+        )
+    key_path = (path.parent / values["signing_key"]).resolve()
+    if not key_path.is_file():
+        raise (where / "signing_key").error(f"{key_path} does not exist", "point it at an armored public key")
+    name = path.stem
+    if not RELEASE_NAME.match(name):
+        raise where.error(f"profile name {name!r} is not usable", "rename the file to letters, digits, . _ -")
+    return Release(
+        name=name,
+        path=path,
+        base_url=values["base_url"],
+        version=values["version"],
+        version_file=values.get("version_file"),
+        version_key=values.get("version_key"),
+        kernel=values["kernel"],
+        initrd=values.get("initrd"),
+        image=values["image"],
+        usr_member=values["usr_member"].lstrip("./") or values["usr_member"],
+        signature_suffix=values.get("signature_suffix", ".sig"),
+        signing_key=key_path,
+        fingerprints=values["fingerprints"],
+        kernel_args=" ".join(values["kernel_args"].split()),
+    )
+
+
+def _release_path(value: Any, where: _Where, cluster_file: Path) -> Path:
+    ref = _string(value, where)
+    if "/" in ref or ref.endswith((".yaml", ".yml")):
+        path = (cluster_file.parent / ref).resolve()
+    else:
+        if not RELEASE_NAME.match(ref):
+            raise where.error(f"{ref!r} is not a profile name", "name a file in configs/releases/")
+        path = (cluster_file.parent / "releases" / f"{ref}.yaml").resolve()
+    if not path.is_file():
+        raise where.error(f"release profile {path} does not exist", "name a profile in configs/releases/ or a path")
+    return path
+
+
+def mac_for(name: str, taken: set[str]) -> str:
+    """A locally administered MAC derived from the VM name; re-hashed on a collision."""
+    salt = 0
+    while True:
+        digest = hashlib.sha256(f"{name}/{salt}".encode()).digest()
+        mac = "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+        if mac not in taken:
+            return mac
+        salt += 1
+
+
+def auto_port(name: str, taken: set[int]) -> int:
+    """A port derived from the VM name, so it stays the same across rebuilds."""
+    digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
+    port = AUTO_PORT_BASE + digest % AUTO_PORT_SPAN
+    while port in taken:
+        port = AUTO_PORT_BASE + (port - AUTO_PORT_BASE + 1) % AUTO_PORT_SPAN
+    return port
+
+
+def _vm_settings(raw: Any, where: _Where, cluster_file: Path) -> dict[str, Any]:
+    settings = {}
+    for key, value in _mapping(raw, where, VM_KEYS).items():
+        settings[key] = VM_KEYS[key](value, where / key)
+        if key == "user_data":
+            path = (cluster_file.parent / settings[key]).resolve()
+            if not path.is_file():
+                raise (where / key).error(f"{path} does not exist", "point user_data at a file")
+            settings[key] = path
+    return settings
+
+
+def load_cluster(path: Path) -> Cluster:
+    path = path.resolve()
+    where = _Where(path)
+    data = _mapping(read_yaml(path), where, CLUSTER_KEYS)
+    if "release" not in data:
+        raise (where / "release").error("missing", "add `release: PROFILE-NAME`")
+    release = load_profile(_release_path(data["release"], where / "release", path))
+    defaults = {**DEFAULTS, **_vm_settings(data.get("defaults"), where / "defaults", path)}
+    defaults.pop("ssh_port", None)
+    vms_raw = data.get("vms")
+    if not isinstance(vms_raw, dict) or not vms_raw:
+        raise (where / "vms").error("expected a mapping of at least one VM", "add `vms: {core1: {}}`")
+
+    per_vm: dict[str, dict[str, Any]] = {}
+    ports: dict[int, str] = {}
+    for name, raw in vms_raw.items():
+        vm_where = where / "vms" / str(name)
+        if not isinstance(name, str) or not VM_NAME.match(name):
+            raise vm_where.error("bad VM name", "use lower-case letters, digits and '-', starting with a letter")
+        per_vm[name] = {**defaults, **_vm_settings(raw, vm_where, path)}
+        port = per_vm[name].get("ssh_port")
+        if port is not None:
+            if port in ports:
+                raise (vm_where / "ssh_port").error(
+                    f"port {port} is also used by VM {ports[port]}", "give each VM its own ssh_port"
+                )
+            ports[port] = name
+
+    macs: set[str] = set()
+    vms = []
+    for name in sorted(per_vm):
+        settings = per_vm[name]
+        if "ssh_port" not in settings:
+            settings["ssh_port"] = auto_port(name, set(ports))
+            ports[settings["ssh_port"]] = name
+        mac = mac_for(name, macs)
+        macs.add(mac)
+        vms.append(
+            VM(
+                name=name,
+                memory=settings["memory"],
+                cpus=settings["cpus"],
+                disk=settings["disk"],
+                ssh_port=settings["ssh_port"],
+                mac=mac,
+                user_data=settings.get("user_data"),
+                ssh_authorized_keys=settings.get("ssh_authorized_keys", ()),
+            )
+        )
+    return Cluster(path=path, release=release, vms=tuple(vms))

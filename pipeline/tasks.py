@@ -1,0 +1,265 @@
+"""The task DAG: one generator per stage, wired from the cluster file.
+
+    download -> verify -> extract -> (per VM) rootfs, configdrive, launcher
+"""
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from doit import get_initial_workdir, get_var
+from doit.exceptions import TaskFailed
+from doit.reporter import ConsoleReporter
+from doit.tools import config_changed
+
+from . import configdrive, extract, fetch, launcher, rootfs, verify
+from .config import Cluster, Release, load_cluster
+from .errors import LeanvmError
+
+PROJECT = Path(__file__).resolve().parent.parent
+# doit commands that only read: they never touch the network.
+READ_ONLY_COMMANDS = {"list", "info", "clean", "forget", "ignore", "dumpdb", "help", "tabcompletion", "reset-dep"}
+BUILD_TASKS = ["download", "verify", "extract", "rootfs", "configdrive", "launcher"]
+
+
+class UserFailed(TaskFailed):
+    """A task failed because of something the user can fix: report one line, no traceback."""
+
+
+class Reporter(ConsoleReporter):
+    def add_failure(self, task: Any, fail: Any) -> None:
+        if isinstance(fail, UserFailed):
+            sys.stderr.write(f"leanvm: error: {task.name}: {fail.message}\n")
+        else:
+            super().add_failure(task, fail)
+
+
+def _guarded(step: Callable[..., None], *args: Any) -> UserFailed | None:
+    try:
+        step(*args)
+    except LeanvmError as e:
+        return UserFailed(str(e))
+    return None
+
+
+def action(step: Callable[..., None], *args: Any) -> tuple:
+    return (_guarded, [step, *args])
+
+
+def _var_path(name: str, default: Path) -> Path:
+    value = get_var(name, None)
+    return default if value is None else Path(get_initial_workdir(), value).resolve()
+
+
+def out_dir() -> Path:
+    return _var_path("out", PROJECT / "out")
+
+
+def doit_config() -> dict:
+    out = out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "default_tasks": BUILD_TASKS,
+        "check_file_uptodate": "timestamp",  # never re-hash big images on a no-op run
+        "dep_file": str(out / ".doit.db"),
+        "backend": "sqlite3",
+        "reporter": Reporter,
+    }
+
+
+def _command(argv: list[str]) -> str:
+    """The doit command, found as doit finds it: after loader options, ignoring VAR=VALUE."""
+    words = [a for a in argv if "=" not in a or a.startswith("-")]
+    while words and words[0] in ("-f", "--file", "-d", "--dir", "-k", "--seek-file"):
+        words = words[1:] if words[0] in ("-k", "--seek-file") else words[2:]
+    while words and words[0].startswith(("--file=", "--dir=")):
+        words = words[1:]
+    return words[0] if words else "run"
+
+
+def _building() -> bool:
+    return _command(sys.argv[1:]) not in READ_ONLY_COMMANDS
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything lives under out/."""
+
+    out: Path
+    release: Release
+    version: str
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache" / self.release.name / self.version
+
+    @property
+    def images(self) -> Path:
+        return self.out / "images" / self.release.name / self.version
+
+    def vm(self, name: str) -> Path:
+        return self.out / "vms" / name
+
+
+@dataclass(frozen=True)
+class Context:
+    cluster: Cluster
+    layout: Layout
+
+
+@cache
+def context() -> Context:
+    """Load the cluster once per doit run; a user error ends doit with one line."""
+    try:
+        cluster = load_cluster(_var_path("config", PROJECT / "configs" / "cluster.yaml"))
+        out = out_dir()
+        state = out / "cache" / cluster.release.name / "current-version"
+        version = fetch.resolve_version(cluster.release, state, online=_building())
+    except LeanvmError as e:
+        sys.stderr.write(f"leanvm: error: {e}\n")
+        sys.exit(2)
+    return Context(cluster, Layout(out, cluster.release, version))
+
+
+# --- release stages ----------------------------------------------------------------
+
+def artifacts(release: Release) -> dict[str, tuple[str, str]]:
+    """kind -> (upstream file name, name of the verified file in out/images/R/V/)."""
+    kinds = {"kernel": (release.kernel, "vmlinuz"), "image": (release.image, "")}
+    if release.initrd:
+        kinds["initrd"] = (release.initrd, "initrd")
+    return kinds
+
+
+def _verified(layout: Layout, upstream: str, final: str) -> Path:
+    return layout.images / final if final else layout.cache / "verified" / upstream
+
+
+def download_pair(url: str, dest: Path, suffix: str) -> None:
+    fetch.download(url + suffix, dest.with_name(dest.name + suffix))
+    fetch.download(url, dest)
+
+
+def verify_and_publish(data: Path, sig: Path, release: Release, target: Path) -> None:
+    """Check the signature; publish by hard link, or move the rejected files aside."""
+    try:
+        verify.check_signature(data, sig, release.signing_key, release.fingerprints)
+    except LeanvmError:
+        for path in (data, sig):
+            if path.exists():
+                os.replace(path, path.with_name(path.name + ".rejected"))
+        raise
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.link(data, tmp)
+    os.replace(tmp, target)
+
+
+def task_download() -> Iterator[dict]:
+    ctx = context()
+    release, layout = ctx.cluster.release, ctx.layout
+    for kind, (upstream, _) in artifacts(release).items():
+        dest = layout.cache / upstream
+        url = fetch.url_for(release, layout.version, upstream)
+        yield {
+            "name": f"{release.name}:{kind}",
+            "doc": f"download {upstream} and its signature",
+            "actions": [action(download_pair, url, dest, release.signature_suffix)],
+            "targets": [dest, dest.with_name(dest.name + release.signature_suffix)],
+            "uptodate": [True],
+            "clean": True,
+        }
+
+
+def task_verify() -> Iterator[dict]:
+    ctx = context()
+    release, layout = ctx.cluster.release, ctx.layout
+    for kind, (upstream, final) in artifacts(release).items():
+        data = layout.cache / upstream
+        sig = data.with_name(data.name + release.signature_suffix)
+        target = _verified(layout, upstream, final)
+        yield {
+            "name": f"{release.name}:{kind}",
+            "doc": f"check the signature of {upstream}",
+            "actions": [action(verify_and_publish, data, sig, release, target)],
+            "file_dep": [data, sig],
+            "targets": [target],
+            "clean": True,
+        }
+
+
+def task_extract() -> Iterator[dict]:
+    ctx = context()
+    release, layout = ctx.cluster.release, ctx.layout
+    image = _verified(layout, release.image, "")
+    target = layout.images / "usr.squashfs"
+    yield {
+        "name": release.name,
+        "doc": f"extract {release.usr_member} from the verified image",
+        "actions": [action(extract.extract_member, image, release.usr_member, target)],
+        "file_dep": [image],
+        "targets": [target],
+        "clean": True,
+    }
+
+
+# --- per-VM stages -------------------------------------------------------------------
+
+def task_rootfs() -> Iterator[dict]:
+    ctx = context()
+    for vm in ctx.cluster.vms:
+        disk = ctx.layout.vm(vm.name) / "rootfs.img"
+        yield {
+            "name": vm.name,
+            "doc": "create or grow the sparse ext4 root disk (VM state: never recreated)",
+            "actions": [action(rootfs.ensure, disk, vm.disk, vm.name)],
+            "targets": [disk],
+            "uptodate": [config_changed({"disk": vm.disk})],
+        }
+
+
+def task_configdrive() -> Iterator[dict]:
+    ctx = context()
+    for vm in ctx.cluster.vms:
+        dest = ctx.layout.vm(vm.name) / "config" / "openstack" / "latest" / "user_data"
+        yield {
+            "name": vm.name,
+            "doc": "write the config drive's user_data",
+            "actions": [action(configdrive.write, vm, dest)],
+            "file_dep": [vm.user_data] if vm.user_data else [],
+            "targets": [dest],
+            "uptodate": [config_changed({"name": vm.name, "keys": list(vm.ssh_authorized_keys)})],
+            "clean": True,
+        }
+
+
+def task_launcher() -> Iterator[dict]:
+    ctx = context()
+    for vm in ctx.cluster.vms:
+        dest = ctx.layout.vm(vm.name) / "run.sh"
+        text = launcher.render(vm, ctx.cluster.release, ctx.layout.version)
+        yield {
+            "name": vm.name,
+            "doc": "render the QEMU launcher run.sh",
+            "actions": [action(launcher.write, dest, text)],
+            "targets": [dest],
+            "uptodate": [config_changed(text)],
+            "clean": True,
+        }
+
+
+def task_reset() -> Iterator[dict]:
+    ctx = context()
+    for vm in ctx.cluster.vms:
+        disk = ctx.layout.vm(vm.name) / "rootfs.img"
+        yield {
+            "name": vm.name,
+            "doc": "recreate the root disk EMPTY (explicit only; all VM state is lost)",
+            "actions": [action(rootfs.reset, disk, vm.disk)],
+            "uptodate": [False],
+        }

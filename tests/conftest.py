@@ -1,0 +1,113 @@
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures import IMAGE, KERNEL, DoitResult, Keyring, Mirror, MirrorServer, doit, serve
+
+
+@pytest.fixture(scope="session")
+def keyring(tmp_path_factory: pytest.TempPathFactory) -> Keyring:
+    home = tmp_path_factory.mktemp("gnupg")
+    home.chmod(0o700)
+    ring = Keyring(home)
+    ring.generate("leanvm test signer <signer@leanvm.invalid>")
+    ring.generate("someone else <other@leanvm.invalid>")
+    return ring
+
+
+@pytest.fixture(scope="session")
+def signer(keyring: Keyring) -> str:
+    return keyring.fingerprint("signer@leanvm.invalid")
+
+
+@pytest.fixture(scope="session")
+def other(keyring: Keyring) -> str:
+    return keyring.fingerprint("other@leanvm.invalid")
+
+
+@pytest.fixture
+def mirror(tmp_path: Path, keyring: Keyring, signer: str) -> Mirror:
+    m = Mirror(tmp_path / "mirror", keyring, signer)
+    m.add_version("100.0.0")
+    return m
+
+
+@pytest.fixture
+def server(mirror: Mirror):
+    srv = serve(mirror.root)
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@dataclass
+class Project:
+    """A config directory (cluster file, profile, key) and an out/ directory."""
+
+    root: Path
+    keyring: Keyring
+    signer: str
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    @property
+    def cluster_file(self) -> Path:
+        return self.root / "cluster.yaml"
+
+    @property
+    def profile_file(self) -> Path:
+        return self.root / "releases" / "test.yaml"
+
+    def write_profile(self, base_url: str, **overrides: object) -> None:
+        self.profile_file.parent.mkdir(exist_ok=True)
+        key = self.keyring.export(self.root / "signing-key.asc", self.signer)
+        profile = {
+            "base_url": base_url,
+            "version": "current",
+            "version_file": "version.txt",
+            "version_key": "TEST_VERSION",
+            "kernel": KERNEL,
+            "image": IMAGE,
+            "usr_member": "usr.squashfs",
+            "signing_key": f"../{key.name}",
+            "fingerprints": [self.signer],
+            "kernel_args": "mount.usr=/dev/vda mount.usrfstype=squashfs root=/dev/vdb console=ttyS0",
+            **overrides,
+        }
+        self.profile_file.write_text(yaml.safe_dump(profile))
+
+    def write_cluster(self, vms: dict, **extra: object) -> None:
+        doc = {"release": "test", "defaults": {"disk": "64M", "memory": 256}, "vms": vms, **extra}
+        self.cluster_file.write_text(yaml.safe_dump(doc))
+
+    def doit(self, *args: str, **kw: object) -> DoitResult:
+        return doit(*args, f"config={self.cluster_file}", f"out={self.out}", **kw)
+
+    def images(self, version: str = "100.0.0") -> Path:
+        return self.out / "images" / "test" / version
+
+    def vm(self, name: str) -> Path:
+        return self.out / "vms" / name
+
+
+@pytest.fixture
+def project(tmp_path: Path, keyring: Keyring, signer: str, server: MirrorServer) -> Project:
+    p = Project(tmp_path / "project", keyring, signer)
+    p.root.mkdir()
+    p.write_profile(server.url)
+    p.write_cluster({"core1": {"ssh_port": 2222}})
+    return p
+
+
+@pytest.fixture
+def copy_tree():
+    def copy(src: Path, dst: Path) -> Path:
+        shutil.copytree(src, dst, symlinks=True)
+        return dst
+
+    return copy

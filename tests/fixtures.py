@@ -1,0 +1,192 @@
+"""Real parts for the tests: a signed mirror like Flatcar's, served over loopback HTTP."""
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+KERNEL = "test_pxe.vmlinuz"
+IMAGE = "test_pxe_image.cpio.gz"
+
+
+def sh(*argv: str | Path, cwd: Path | None = None, input: bytes | None = None) -> bytes:
+    return subprocess.run([str(a) for a in argv], cwd=cwd, input=input, check=True, capture_output=True).stdout
+
+
+# --- GPG ---------------------------------------------------------------------------
+
+@dataclass
+class Keyring:
+    home: Path
+
+    def gpg(self, *args: str | Path) -> bytes:
+        return sh("gpg", "--homedir", self.home, "--batch", "--yes", "--pinentry-mode", "loopback",
+                  "--passphrase", "", *args)
+
+    def generate(self, uid: str) -> str:
+        self.gpg("--quick-gen-key", uid, "ed25519", "sign", "0")
+        return self.fingerprint(uid)
+
+    def fingerprint(self, uid: str) -> str:
+        listing = self.gpg("--with-colons", "--list-keys", uid).decode()
+        return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+
+    def export(self, dest: Path, *fingerprints: str) -> Path:
+        dest.write_bytes(self.gpg("--armor", "--export", *fingerprints))
+        return dest
+
+    def sign(self, path: Path, fingerprint: str, sig: Path | None = None) -> None:
+        self.gpg("--local-user", fingerprint, "--detach-sign", "--output", sig or f"{path}.sig", path)
+
+
+# --- mirror --------------------------------------------------------------------------
+
+def make_squashfs(dest: Path, payload: bytes = b"") -> Path:
+    tree = dest.parent / "usr-tree"
+    (tree / "lib").mkdir(parents=True, exist_ok=True)
+    (tree / "lib" / "os-release").write_text("ID=leanvm-test\nVERSION_ID=1\n")
+    (tree / "share").mkdir(exist_ok=True)
+    (tree / "share" / "payload").write_bytes(payload or os.urandom(200_000))
+    sh("mksquashfs", tree, dest, "-noappend", "-quiet", "-all-root")
+    shutil.rmtree(tree)
+    return dest
+
+
+def make_cpio_gz(dest: Path, members: dict[str, Path | bytes]) -> Path:
+    """A gzip'd newc cpio made by the real cpio and gzip tools."""
+    stage = dest.parent / f"{dest.name}.stage"
+    stage.mkdir()
+    for name, content in members.items():
+        target = stage / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Path):
+            shutil.copyfile(content, target)
+        else:
+            target.write_bytes(content)
+    names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
+    archive = sh("cpio", "--quiet", "-o", "-H", "newc", cwd=stage, input="\n".join(names).encode() + b"\n")
+    dest.write_bytes(sh("gzip", "-c", "-n", input=archive))
+    shutil.rmtree(stage)
+    return dest
+
+
+@dataclass
+class Mirror:
+    root: Path
+    keyring: Keyring
+    fingerprint: str
+    versions: list[str] = field(default_factory=list)
+
+    def add_version(self, version: str, current: bool = True) -> Path:
+        vdir = self.root / version
+        vdir.mkdir(parents=True)
+        (vdir / KERNEL).write_bytes(b"KERNEL " + version.encode() + os.urandom(100_000))
+        squash = make_squashfs(vdir / "usr.squashfs.src")
+        make_cpio_gz(vdir / IMAGE, {"etc/os-release": b"ID=test\n", "usr.squashfs": squash})
+        for name in (KERNEL, IMAGE):
+            self.keyring.sign(vdir / name, self.fingerprint)
+        if current:
+            (self.root / "current").mkdir(exist_ok=True)
+            (self.root / "current" / "version.txt").write_text(f"TEST_BUILD=1\nTEST_VERSION={version}\n")
+        self.versions.append(version)
+        return vdir
+
+    def squashfs(self, version: str) -> Path:
+        return self.root / version / "usr.squashfs.src"
+
+
+# --- HTTP server -------------------------------------------------------------------
+
+class MirrorServer(ThreadingHTTPServer):
+    """Serves a directory with Range support, counting bytes; faults on request."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root = root
+        self.bytes_served: dict[str, int] = {}
+        self.requests: list[str] = []
+        self.fail_next = 0  # answer this many requests with 500
+        self.cut: dict[str, int] = {}  # path -> cut the next response after N bytes
+        self.honour_range = True
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+    def served(self, name: str) -> int:
+        return sum(n for path, n in self.bytes_served.items() if path.endswith("/" + name))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: MirrorServer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server
+        with srv.lock:
+            srv.requests.append(self.path)
+            if srv.fail_next > 0:
+                srv.fail_next -= 1
+                self.send_error(500)
+                return
+            cut = srv.cut.pop(self.path, None)
+        path = srv.root / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and srv.honour_range and rng.startswith("bytes=") and rng.endswith("-"):
+            start = int(rng[6:-1])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if cut is not None:
+            body = body[:cut]
+        self.wfile.write(body)
+        with srv.lock:
+            srv.bytes_served[self.path] = srv.bytes_served.get(self.path, 0) + len(body)
+        if cut is not None:
+            self.close_connection = True
+
+
+def serve(root: Path) -> MirrorServer:
+    server = MirrorServer(root)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+# --- doit ----------------------------------------------------------------------------
+
+@dataclass
+class DoitResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def executed(self) -> set[str]:
+        return {line[3:].strip() for line in self.stdout.splitlines() if line.startswith(".  ")}
+
+
+def doit(*args: str, env: dict | None = None, timeout: float = 300) -> DoitResult:
+    proc = subprocess.run(
+        [sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
+    )
+    return DoitResult(proc.returncode, proc.stdout, proc.stderr)

@@ -1,0 +1,96 @@
+"""Bad configs: non-zero exit, one line naming the file and the key, no traceback."""
+
+import pytest
+import yaml
+from conftest import Project
+
+CLUSTER_CASES = {
+    "unknown top-level key": ({"release": "test", "vms": {"a": {}}, "extra": 1}, "cluster.yaml: extra"),
+    "unknown VM key": ({"release": "test", "vms": {"a": {"memroy": 512}}}, "vms.a.memroy"),
+    "unknown defaults key": ({"release": "test", "defaults": {"cpu": 2}, "vms": {"a": {}}}, "defaults.cpu"),
+    "wrong type memory": ({"release": "test", "vms": {"a": {"memory": "lots"}}}, "vms.a.memory"),
+    "memory too small": ({"release": "test", "vms": {"a": {"memory": 64}}}, "vms.a.memory"),
+    "zero cpus": ({"release": "test", "vms": {"a": {"cpus": 0}}}, "vms.a.cpus"),
+    "bad VM name upper": ({"release": "test", "vms": {"Core1": {}}}, "vms.Core1"),
+    "VM name with slash": ({"release": "test", "vms": {"a/b": {}}}, "vms.a/b"),
+    "VM name with dots": ({"release": "test", "vms": {"..": {}}}, "vms..."),
+    "VM name with shell chars": ({"release": "test", "vms": {"a;rm": {}}}, "vms.a;rm"),
+    "duplicate port": ({"release": "test", "vms": {"a": {"ssh_port": 2222}, "b": {"ssh_port": 2222}}}, "ssh_port"),
+    "port out of range": ({"release": "test", "vms": {"a": {"ssh_port": 70000}}}, "vms.a.ssh_port"),
+    "missing profile": ({"release": "nope", "vms": {"a": {}}}, "release"),
+    "unparseable size": ({"release": "test", "vms": {"a": {"disk": "4 gigs"}}}, "vms.a.disk"),
+    "negative size": ({"release": "test", "vms": {"a": {"disk": "-4G"}}}, "vms.a.disk"),
+    "size too small": ({"release": "test", "vms": {"a": {"disk": "1M"}}}, "vms.a.disk"),
+    "no vms": ({"release": "test"}, "vms"),
+    "user_data missing": ({"release": "test", "vms": {"a": {"user_data": "nope.yaml"}}}, "vms.a.user_data"),
+    "keys not a list": ({"release": "test", "vms": {"a": {"ssh_authorized_keys": "ssh-ed25519 A"}}},
+                        "vms.a.ssh_authorized_keys"),
+}
+
+PROFILE_CASES = {
+    "bad URL scheme": ({"base_url": "ftp://example.org/"}, "base_url"),
+    "fingerprint malformed": ({"fingerprints": ["F88CFEDE"]}, "fingerprints.0"),
+    "empty fingerprint list": ({"fingerprints": []}, "fingerprints"),
+    "unknown profile key": ({"kernal": "x"}, "kernal"),
+    "missing profile field": ({"kernel": None}, "kernel"),
+    "key file missing": ({"signing_key": "nope.asc"}, "signing_key"),
+    "kernel not a file name": ({"kernel": "../../etc/passwd"}, "kernel"),
+}
+
+
+def _assert_one_line_error(project: Project, file_part: str, key_part: str) -> None:
+    before = sorted(p.relative_to(project.out) for p in project.out.rglob("*"))
+    result = project.doit()
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert file_part in lines[0] and key_part in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert sorted(p.relative_to(project.out) for p in project.out.rglob("*")) == before
+
+
+@pytest.fixture
+def built(project: Project) -> Project:
+    assert project.doit().returncode == 0
+    return project
+
+
+@pytest.mark.parametrize("case", sorted(CLUSTER_CASES))
+def test_bad_cluster_file(built: Project, case: str):
+    doc, key = CLUSTER_CASES[case]
+    built.cluster_file.write_text(yaml.safe_dump(doc))
+    _assert_one_line_error(built, "cluster.yaml", key)
+
+
+@pytest.mark.parametrize("case", sorted(PROFILE_CASES))
+def test_bad_profile(built: Project, server, case: str):
+    overrides, key = PROFILE_CASES[case]
+    built.write_profile(**{"base_url": server.url, **overrides})
+    if overrides.get("kernel", "") is None:
+        doc = yaml.safe_load(built.profile_file.read_text())
+        del doc["kernel"]
+        built.profile_file.write_text(yaml.safe_dump(doc))
+    _assert_one_line_error(built, "test.yaml", key)
+
+
+def test_yaml_syntax_error_names_line(built: Project):
+    built.cluster_file.write_text("release: test\nvms:\n  a: {\n  b: [\n")
+    _assert_one_line_error(built, "cluster.yaml", "line ")
+
+
+def test_unreadable_user_data_content(built: Project):
+    (built.root / "bad.txt").write_text("just some text\n")
+    built.write_cluster({"core1": {"ssh_port": 2222, "user_data": "bad.txt"}})
+    result = built.doit()
+    assert result.returncode != 0
+    assert "bad.txt" in result.stderr and "cloud-config" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_invalid_cloud_config_yaml(built: Project):
+    (built.root / "cc.yaml").write_text("#cloud-config\nhostname: [oops\n")
+    built.write_cluster({"core1": {"ssh_port": 2222, "user_data": "cc.yaml"}})
+    result = built.doit()
+    assert result.returncode != 0
+    assert "cc.yaml" in result.stderr and "YAML" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
