@@ -1,0 +1,191 @@
+"""Issue 3: root disk, config drive and launcher per VM; incremental, relocatable, VM state safe."""
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import Project
+from fixtures import Mirror, sh
+
+THREE = {"core1": {"ssh_port": 2222}, "core2": {"ssh_port": 2223}, "core3": {}}
+
+
+@pytest.fixture
+def cluster(project: Project) -> Project:
+    (project.root / "core1.yaml").write_text("#cloud-config\nhostname: first\n")
+    vms = {**THREE, "core1": {"ssh_port": 2222, "user_data": "core1.yaml"}}
+    project.write_cluster(vms)
+    result = project.doit()
+    assert result.returncode == 0, result.stderr
+    return project
+
+
+def printed(run_sh: Path, env: dict | None = None) -> list[str]:
+    out = subprocess.run([str(run_sh), "--print"], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})})
+    return shlex.split(out.stdout)
+
+
+def paths_in(argv: list[str]) -> list[Path]:
+    paths = []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag in ("-kernel", "-initrd", "-pidfile"):
+            paths.append(Path(value))
+        for key in ("file", "path"):
+            match = re.search(rf"(?:^|,){key}=((?:[^,]|,,)+)", value)
+            if match and flag in ("-drive", "-fsdev"):
+                paths.append(Path(match.group(1).replace(",,", ",")))
+    return paths
+
+
+def test_files_modes_and_shell_checks(cluster: Project):
+    for name in THREE:
+        vm = cluster.vm(name)
+        run_sh = vm / "run.sh"
+        assert run_sh.stat().st_mode & 0o777 == 0o755
+        assert (vm / "rootfs.img").is_file()
+        user_data = (vm / "config/openstack/latest/user_data").read_text()
+        assert user_data.startswith("#cloud-config")
+        subprocess.run(["sh", "-n", str(run_sh)], check=True)
+        subprocess.run(["shellcheck", "-s", "sh", str(run_sh)], check=True)
+    assert "hostname: first" in (cluster.vm("core1") / "config/openstack/latest/user_data").read_text()
+    assert yaml.safe_load((cluster.vm("core2") / "config/openstack/latest/user_data").read_text()) == {
+        "hostname": "core2"
+    }
+
+
+def test_print_shows_distinct_macs_ports_and_existing_paths(cluster: Project):
+    macs, ports = set(), set()
+    for name in THREE:
+        argv = printed(cluster.vm(name) / "run.sh", {"LEANVM_ACCEL": "tcg"})
+        text = " ".join(argv)
+        macs.add(re.search(r"mac=([0-9a-f:]{17})", text).group(1))
+        ports.add(re.search(r"hostfwd=tcp:127.0.0.1:(\d+)-:22", text).group(1))
+        assert "-cpu max" in text and "accel=tcg" in text
+        assert argv.index("-name") + 1 == argv.index(name)
+        usr = next(a for a in argv if "serial=usr.readonly" in a)
+        root = next(a for a in argv if "serial=rootfs" in a)
+        assert argv.index(usr) < argv.index(root)
+        for path in paths_in(argv):
+            assert path.exists() or path.name == "qemu.pid", path
+        assert len([p for p in paths_in(argv) if p.name != "qemu.pid"]) == 4
+    assert len(macs) == 3 and len(ports) == 3 and {"2222", "2223"} <= ports
+
+
+def test_copied_out_dir_launchers_point_into_the_copy(cluster: Project, tmp_path: Path):
+    copy = tmp_path / "moved, with space"
+    sh("cp", "-a", "--sparse=always", cluster.out, copy)
+    for name in THREE:
+        for path in paths_in(printed(copy / "vms" / name / "run.sh")):
+            assert str(path).startswith(str(copy)), path
+            assert path.exists() or path.name == "qemu.pid"
+
+
+def test_bad_accel_and_missing_qemu_are_one_line(cluster: Project):
+    run_sh = str(cluster.vm("core1") / "run.sh")
+    bad = subprocess.run([run_sh], capture_output=True, text=True, env={**os.environ, "LEANVM_ACCEL": "fast"})
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "LEANVM_ACCEL" in bad.stderr
+    env = {**os.environ, "LEANVM_QEMU": "qemu-system-nonexistent"}
+    missing = subprocess.run([run_sh], capture_output=True, text=True, env=env)
+    assert missing.returncode != 0 and missing.stderr.count("\n") == 1
+    assert "qemu-system-nonexistent not found" in missing.stderr
+
+
+def test_root_disk_is_sparse(project: Project):
+    project.write_cluster({"big": {"disk": "4G"}})
+    assert project.doit().returncode == 0
+    disk = project.vm("big") / "rootfs.img"
+    assert disk.stat().st_size == 4 << 30
+    assert disk.stat().st_blocks * 512 < 3 << 20
+    assert fs_size(disk) == 4 << 30
+    sh("e2fsck", "-n", "-f", disk)
+
+
+def test_second_run_executes_nothing_and_ports_are_stable(cluster: Project):
+    port = re.search(r"hostfwd=tcp:127.0.0.1:(\d+)", (cluster.vm("core3") / "run.sh").read_text()).group(1)
+    result = cluster.doit()
+    assert result.returncode == 0 and result.executed == set()
+    cluster.doit("forget")
+    assert cluster.doit().returncode == 0
+    assert f"127.0.0.1:{port}-" in (cluster.vm("core3") / "run.sh").read_text()
+
+
+def test_editing_user_data_reruns_only_that_configdrive(cluster: Project):
+    (cluster.root / "core1.yaml").write_text("#cloud-config\nhostname: renamed\n")
+    result = cluster.doit()
+    assert result.executed == {"configdrive:core1"}
+    assert "renamed" in (cluster.vm("core1") / "config/openstack/latest/user_data").read_text()
+
+
+def test_adding_a_vm_runs_only_its_three_tasks(cluster: Project):
+    cluster.write_cluster({**THREE, "core1": {"ssh_port": 2222, "user_data": "core1.yaml"}, "core4": {}})
+    result = cluster.doit()
+    assert result.executed == {"rootfs:core4", "configdrive:core4", "launcher:core4"}
+
+
+def test_changing_memory_rerenders_only_that_launcher(cluster: Project):
+    cluster.write_cluster({**THREE, "core1": {"ssh_port": 2222, "user_data": "core1.yaml"},
+                           "core2": {"ssh_port": 2223, "memory": 512}})
+    result = cluster.doit()
+    assert result.executed == {"launcher:core2"}
+    assert "-m 512" in " ".join(printed(cluster.vm("core2") / "run.sh"))
+
+
+def test_new_release_version_builds_new_images_and_keeps_root_disks(cluster: Project, mirror: Mirror):
+    disk = cluster.vm("core2") / "rootfs.img"
+    sh("debugfs", "-w", "-R", f"write {cluster.cluster_file} marker", disk)
+    mirror.add_version("101.0.0")
+    result = cluster.doit()
+    assert result.returncode == 0, result.stderr
+    assert (cluster.images("101.0.0") / "usr.squashfs").read_bytes() == mirror.squashfs("101.0.0").read_bytes()
+    assert {f"launcher:{n}" for n in THREE} <= result.executed
+    assert not any(t.startswith("rootfs:") for t in result.executed)
+    assert "images/test/101.0.0" in (cluster.vm("core1") / "run.sh").read_text()
+    assert sh("debugfs", "-R", "cat marker", disk) == cluster.cluster_file.read_bytes()
+
+
+def fs_size(disk: Path) -> int:
+    header = sh("dumpe2fs", "-h", disk).decode()
+    count = int(re.search(r"^Block count:\s+(\d+)", header, re.M).group(1))
+    return count * int(re.search(r"^Block size:\s+(\d+)", header, re.M).group(1))
+
+
+def test_disk_grow_keeps_data_and_shrink_is_refused(project: Project):
+    project.write_cluster({"core1": {"disk": "64M"}})
+    assert project.doit().returncode == 0
+    disk = project.vm("core1") / "rootfs.img"
+    payload = project.root / "payload"
+    payload.write_bytes(os.urandom(50_000))
+    sh("debugfs", "-w", "-R", f"write {payload} kept", disk)
+    project.write_cluster({"core1": {"disk": "128M"}})
+    grown = project.doit()
+    assert grown.executed == {"rootfs:core1"}, grown.stderr
+    assert disk.stat().st_size == 128 << 20
+    assert fs_size(disk) == 128 << 20
+    assert sh("debugfs", "-R", "cat kept", disk) == payload.read_bytes()
+    assert project.doit().executed == set()  # a rebuild does not touch it
+
+    project.write_cluster({"core1": {"disk": "64M"}})
+    shrink = project.doit()
+    assert shrink.returncode != 0
+    assert "smaller than the existing root disk" in shrink.stderr and "reset:core1" in shrink.stderr
+    assert len(shrink.stderr.strip().splitlines()) == 1
+    assert disk.stat().st_size == 128 << 20
+    assert sh("debugfs", "-R", "cat kept", disk) == payload.read_bytes()
+
+
+def test_clean_keeps_root_disks_and_reset_recreates(cluster: Project):
+    disk = cluster.vm("core1") / "rootfs.img"
+    sh("debugfs", "-w", "-R", f"write {cluster.cluster_file} kept", disk)
+    assert cluster.doit("clean").returncode == 0
+    assert not (cluster.vm("core1") / "run.sh").exists()
+    assert sh("debugfs", "-R", "cat kept", disk) == cluster.cluster_file.read_bytes()
+    assert cluster.doit("forget").returncode == 0
+    assert disk.exists()
+    assert cluster.doit("reset:core1").returncode == 0
+    assert b"File not found" in subprocess.run(["debugfs", "-R", "cat kept", str(disk)],
+                                               capture_output=True).stderr
