@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fixtures import IMAGE, KERNEL, DoitResult, Keyring, Mirror, MirrorServer, doit, serve
 
 
