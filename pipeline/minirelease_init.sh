@@ -1,0 +1,111 @@
+#!/bin/busybox sh
+# shellcheck shell=sh
+# /init of leanvm's mini release. Honours the kernel arguments a CoreOS/Flatcar initrd
+# honours (mount.usr=, mount.usrfstype=, mount.usrflags=, root=, rootflags=, rootfstype=),
+# reports what it mounted on the serial console, logs the boot on the root disk, powers off.
+# `leanvm.shell` on the kernel command line keeps a shell instead of powering off.
+PATH=/bin
+export PATH
+/bin/busybox mkdir -p /proc /sys /dev /sysroot /mnt/config
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+
+say() { echo "leanvm: $*"; }
+
+usr="" usrfstype="" usrflags="ro" root="" rootflags="rw" rootfstype="" shell=""
+# shellcheck disable=SC2013  # the command line is split into words on purpose
+for word in $(cat /proc/cmdline); do
+  case $word in
+    mount.usr=*) usr=${word#*=} ;;
+    mount.usrfstype=*) usrfstype=${word#*=} ;;
+    mount.usrflags=*) usrflags=${word#*=} ;;
+    root=*) root=${word#*=} ;;
+    rootflags=*) rootflags=${word#*=} ;;
+    rootfstype=*) rootfstype=${word#*=} ;;
+    leanvm.shell) shell=1 ;;
+  esac
+done
+
+finish() {
+  if [ -n "$shell" ]; then
+    say "shell requested (leanvm.shell); exit it to power off"
+    setsid cttyhack sh
+  fi
+  umount /mnt/config /sysroot/usr /sysroot 2>/dev/null
+  sync
+  say "powering off"
+  poweroff -f
+}
+
+fail() { say "FAILED: $*"; finish; }
+
+while read -r module; do
+  insmod "/lib/modules/$module" 2>/dev/null || say "warning: insmod $module failed"
+done </lib/modules/load.order
+
+# A by-id name is resolved the way udev makes the link: /dev/disk/by-id/virtio-SERIAL is
+# the disk whose /sys/block/*/serial is SERIAL. A plain /dev/vdX is used as it is.
+resolve() {
+  case $1 in
+    /dev/disk/by-id/virtio-*)
+      for serial_file in /sys/block/*/serial; do
+        [ -r "$serial_file" ] || continue
+        if [ "$(cat "$serial_file")" = "${1#/dev/disk/by-id/virtio-}" ]; then
+          block=${serial_file%/serial}
+          echo "/dev/${block##*/}"
+          return 0
+        fi
+      done
+      return 1 ;;
+    *) [ -b "$1" ] && echo "$1" ;;
+  esac
+}
+
+wait_for() {
+  tries=0
+  while [ "$tries" -lt 100 ]; do
+    resolve "$1" && return 0
+    sleep 0.1
+    tries=$((tries + 1))
+  done
+  return 1
+}
+
+mount_fs() { # DEVICE MOUNTPOINT FSTYPE FLAGS
+  if [ -n "$3" ]; then mount -t "$3" -o "$4" "$1" "$2"; else mount -o "$4" "$1" "$2"; fi
+}
+
+[ -n "$root" ] || fail "no root= on the kernel command line"
+rootdev=$(wait_for "$root") || fail "root device $root not found"
+mount_fs "$rootdev" /sysroot "$rootfstype" "$rootflags" || fail "cannot mount $rootdev on /"
+say "root mounted: $(grep ' /sysroot ' /proc/mounts)"
+
+if [ -n "$usr" ]; then
+  usrdev=$(wait_for "$usr") || fail "usr device $usr not found"
+  mkdir -p /sysroot/usr
+  mount_fs "$usrdev" /sysroot/usr "$usrfstype" "$usrflags" || fail "cannot mount $usrdev on /usr"
+  say "usr mounted: $(grep ' /sysroot/usr ' /proc/mounts)"
+fi
+if touch /sysroot/usr/.leanvm-write-test 2>/dev/null; then say "usr writable: yes"; else say "usr writable: no"; fi
+say "release: $(chroot /sysroot /usr/bin/busybox cat /usr/lib/os-release | grep '^PRETTY_NAME=')"
+
+if mount -t 9p -o trans=virtio,version=9p2000.L,ro config-2 /mnt/config 2>/dev/null; then
+  user_data=/mnt/config/openstack/latest/user_data
+  name=$(sed -n 's/^hostname:[[:space:]]*//p' "$user_data" 2>/dev/null | head -n 1 | tr -d "\"' ")
+  [ -n "$name" ] && hostname "$name"
+  say "config drive mounted: $(head -n 1 "$user_data" 2>/dev/null)"
+else
+  say "warning: no config-2 drive"
+fi
+say "hostname: $(hostname)"
+
+mkdir -p /sysroot/var/log
+if echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname) booted" >>/sysroot/var/log/leanvm-boots.log; then
+  say "root writable: yes"
+fi
+say "boots logged: $(wc -l </sysroot/var/log/leanvm-boots.log)"
+say "ready"
+finish
