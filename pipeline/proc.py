@@ -21,6 +21,8 @@ PACKAGES = {
     "cpio": "cpio",
     "qemu-system-x86_64": "qemu-system-x86",
     "apt-get": "apt",
+    "apt-cache": "apt",
+    "depmod": "kmod",
     "dpkg-deb": "dpkg",
 }
 
@@ -31,19 +33,33 @@ def run(
     check: bool = True,
     input: bytes | None = None,
     cwd: Path | None = None,
+    capture: bool = True,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run argv, capturing output; a missing binary or a failure becomes a LeanvmError."""
+    """Run argv (output captured unless `capture` is False); a missing binary, a failure or a
+    timeout becomes a LeanvmError."""
     args = [str(a) for a in argv]
     log.debug("+ %s", shlex.join(args))
     try:
-        result = subprocess.run(args, input=input, capture_output=True, cwd=cwd)
+        result = subprocess.run(
+            args,
+            input=input,
+            capture_output=capture,
+            cwd=cwd,
+            timeout=timeout,
+            env=env,
+            stdin=subprocess.DEVNULL if input is None else None,
+        )
+    except subprocess.TimeoutExpired:
+        raise LeanvmError(f"{shlex.join(args)} did not finish within {timeout:.0f} s") from None
     except FileNotFoundError:
         package = PACKAGES.get(args[0], args[0])
         raise LeanvmError(
             f"{args[0]}: command not found", f"install it: apt-get install {package}"
         ) from None
     if check and result.returncode != 0:
-        lines = result.stderr.decode(errors="replace").strip().splitlines()
+        lines = (result.stderr or b"").decode(errors="replace").strip().splitlines()
         detail = lines[-1] if lines else "no error output"
         raise LeanvmError(
             f"{shlex.join(args)} failed with exit code {result.returncode}: {detail}"
