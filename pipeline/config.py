@@ -216,6 +216,18 @@ def _mapping(value: Any, where: _Where, allowed: set[str] | dict) -> dict:
     return value
 
 
+def _check_key_file(path: Path, where: _Where) -> None:
+    """Cheap sanity check; gpg does the real parsing when verifying."""
+    try:
+        head = path.read_bytes()[:1 << 16]
+    except OSError as e:
+        raise where.error(f"cannot read {path}: {e.strerror}", "point it at an armored public key") from None
+    armored = b"-----BEGIN PGP PUBLIC KEY BLOCK-----" in head
+    binary = bool(head) and head[0] in (0x98, 0x99, 0x9A, 0xC6)  # public-key packet tags
+    if not (armored or binary):
+        raise where.error(f"{path} holds no OpenPGP public key", "export one with `gpg --armor --export FPR`")
+
+
 def load_profile(path: Path) -> Release:
     where = _Where(path)
     data = _mapping(read_yaml(path), where, PROFILE_KEYS)
@@ -231,8 +243,7 @@ def load_profile(path: Path) -> Release:
             "'current' needs version_file and version_key", "add them, or pin a version"
         )
     key_path = (path.parent / values["signing_key"]).resolve()
-    if not key_path.is_file():
-        raise (where / "signing_key").error(f"{key_path} does not exist", "point it at an armored public key")
+    _check_key_file(key_path, where / "signing_key")
     name = path.stem
     if not RELEASE_NAME.match(name):
         raise where.error(f"profile name {name!r} is not usable", "rename the file to letters, digits, . _ -")
@@ -293,8 +304,10 @@ def _vm_settings(raw: Any, where: _Where, cluster_file: Path) -> dict[str, Any]:
         settings[key] = VM_KEYS[key](value, where / key)
         if key == "user_data":
             path = (cluster_file.parent / settings[key]).resolve()
-            if not path.is_file():
+            if not path.exists():
                 raise (where / key).error(f"{path} does not exist", "point user_data at a file")
+            if not path.is_file():
+                raise (where / key).error(f"{path} is not a regular file", "point user_data at a file")
             settings[key] = path
     return settings
 

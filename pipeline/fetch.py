@@ -16,7 +16,15 @@ from .fsutil import write_atomic
 
 CHUNK = 1 << 20
 CONNECT_TIMEOUT = 10
-READ_TIMEOUT = 30
+
+
+def read_timeout() -> float:
+    """Seconds without a byte before a download is retried (LEANVM_TIMEOUT, default 30)."""
+    value = os.environ.get("LEANVM_TIMEOUT", "30")
+    try:
+        return max(float(value), 0.1)
+    except ValueError:
+        raise LeanvmError(f"LEANVM_TIMEOUT={value!r} is not a number", "set it to seconds, e.g. 30") from None
 ATTEMPTS = 6
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -51,7 +59,7 @@ def fetch_small(url: str, attempts: int = 3) -> str:
     with _session() as session:
         for attempt in range(attempts):
             try:
-                response = session.get(url, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+                response = session.get(url, timeout=(CONNECT_TIMEOUT, read_timeout()))
             except requests.RequestException as e:
                 last = type(e).__name__
             else:
@@ -130,7 +138,7 @@ def _get_once(session: requests.Session, url: str, part: Path, progress: _Progre
     """One attempt: resume `part` if it has bytes; raise _Retry or LeanvmError on failure."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
-    with session.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as r:
+    with session.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, read_timeout())) as r:
         if r.status_code == 416 and have:
             part.unlink()  # our partial file is not a prefix of theirs: start over
             raise _Retry("range not satisfiable")

@@ -33,6 +33,22 @@ def create(path: Path, size: int) -> None:
     os.replace(tmp, path)
 
 
+def running_pid(vm_dir: Path) -> int | None:
+    """The pid of the QEMU that run.sh started for this VM, if it is still alive."""
+    try:
+        pid = int((vm_dir / "qemu.pid").read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _refuse_if_running(path: Path, vm: str, doing: str) -> None:
+    pid = running_pid(path.parent)
+    if pid is not None:
+        raise LeanvmError(f"{path}: VM {vm} is running (pid {pid}); cannot {doing} its root disk", "stop it first")
+
+
 def grow(path: Path, size: int) -> None:
     run(["e2fsck", "-f", "-p", path])
     os.truncate(path, size)
@@ -46,6 +62,7 @@ def ensure(path: Path, size: int, vm: str) -> None:
         return
     current = path.stat().st_size
     if size > current:
+        _refuse_if_running(path, vm, "grow")
         grow(path, size)
     elif size < current:
         raise LeanvmError(
@@ -54,7 +71,8 @@ def ensure(path: Path, size: int, vm: str) -> None:
         )
 
 
-def reset(path: Path, size: int) -> None:
+def reset(path: Path, size: int, vm: str) -> None:
     """Recreate the disk empty (explicit `reset:NAME` only)."""
+    _refuse_if_running(path, vm, "reset")
     path.unlink(missing_ok=True)
     create(path, size)

@@ -3,13 +3,14 @@
     download -> verify -> extract -> (per VM) rootfs, configdrive, launcher
 """
 
+import fcntl
 import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from doit import get_initial_workdir, get_var
 from doit.exceptions import TaskFailed
@@ -21,8 +22,9 @@ from .config import Cluster, Release, load_cluster
 from .errors import LeanvmError
 
 PROJECT = Path(__file__).resolve().parent.parent
-# doit commands that only read: they never touch the network.
-READ_ONLY_COMMANDS = {"list", "info", "clean", "forget", "ignore", "dumpdb", "help", "tabcompletion", "reset-dep"}
+# doit commands that never touch the network, and those that do not even write to out/.
+OFFLINE_COMMANDS = {"list", "info", "clean", "forget", "ignore", "dumpdb", "help", "tabcompletion", "reset-dep"}
+READ_ONLY_COMMANDS = {"list", "info", "dumpdb", "help", "tabcompletion"}
 BUILD_TASKS = ["download", "verify", "extract", "rootfs", "configdrive", "launcher"]
 
 
@@ -59,9 +61,38 @@ def out_dir() -> Path:
     return _var_path("out", PROJECT / "out")
 
 
+def _fail(error: LeanvmError) -> NoReturn:
+    sys.stderr.write(f"leanvm: error: {error}\n")
+    sys.exit(2)
+
+
+_lock_fd: int | None = None
+
+
+def lock_out(out: Path) -> None:
+    """Hold an exclusive lock on out/ for this process's life; a second run refuses at once.
+
+    flock is released by the kernel when its holder dies, so a stale lock file left by a
+    killed run is simply taken over.
+    """
+    global _lock_fd
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        _fail(LeanvmError(f"{out} is in use by another doit run (pid {holder})", "wait for it to finish or stop it"))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _lock_fd = fd
+
+
 def doit_config() -> dict:
     out = out_dir()
     out.mkdir(parents=True, exist_ok=True)
+    if _command(sys.argv[1:]) not in READ_ONLY_COMMANDS:
+        lock_out(out)
     return {
         "default_tasks": BUILD_TASKS,
         "check_file_uptodate": "timestamp",  # never re-hash big images on a no-op run
@@ -82,7 +113,7 @@ def _command(argv: list[str]) -> str:
 
 
 def _building() -> bool:
-    return _command(sys.argv[1:]) not in READ_ONLY_COMMANDS
+    return _command(sys.argv[1:]) not in OFFLINE_COMMANDS
 
 
 @dataclass(frozen=True)
@@ -120,8 +151,7 @@ def context() -> Context:
         state = out / "cache" / cluster.release.name / "current-version"
         version = fetch.resolve_version(cluster.release, state, online=_building())
     except LeanvmError as e:
-        sys.stderr.write(f"leanvm: error: {e}\n")
-        sys.exit(2)
+        _fail(e)
     return Context(cluster, Layout(out, cluster.release, version))
 
 
@@ -260,6 +290,6 @@ def task_reset() -> Iterator[dict]:
         yield {
             "name": vm.name,
             "doc": "recreate the root disk EMPTY (explicit only; all VM state is lost)",
-            "actions": [action(rootfs.reset, disk, vm.disk)],
+            "actions": [action(rootfs.reset, disk, vm.disk, vm.name)],
             "uptodate": [False],
         }
