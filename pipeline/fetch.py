@@ -48,7 +48,7 @@ def _backoff(attempt: int) -> None:
     time.sleep(min(0.2 * 2**attempt, 5.0))
 
 
-def fetch_small(url: str, attempts: int = 3) -> str:
+def fetch_small(url: str, attempts: int = ATTEMPTS) -> str:
     """A small text file (version.txt), with retries."""
     if url.startswith("file:"):
         try:

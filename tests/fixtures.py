@@ -46,13 +46,15 @@ class Keyring:
 
 # --- mirror --------------------------------------------------------------------------
 
-def make_squashfs(dest: Path, payload: bytes = b"") -> Path:
+def make_squashfs(dest: Path, payload_size: int = 200_000) -> Path:
     tree = dest.parent / "usr-tree"
     (tree / "lib").mkdir(parents=True, exist_ok=True)
     (tree / "lib" / "os-release").write_text("ID=leanvm-test\nVERSION_ID=1\n")
     (tree / "share").mkdir(exist_ok=True)
-    (tree / "share" / "payload").write_bytes(payload or os.urandom(200_000))
-    sh("mksquashfs", tree, dest, "-noappend", "-quiet", "-all-root")
+    with open(tree / "share" / "payload", "wb") as f:
+        for offset in range(0, payload_size, 1 << 20):
+            f.write(os.urandom(min(1 << 20, payload_size - offset)))
+    sh("mksquashfs", tree, dest, "-noappend", "-quiet", "-all-root", "-noI", "-noD", "-noF")
     shutil.rmtree(tree)
     return dest
 
@@ -70,7 +72,7 @@ def make_cpio_gz(dest: Path, members: dict[str, Path | bytes]) -> Path:
             target.write_bytes(content)
     names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
     archive = sh("cpio", "--quiet", "-o", "-H", "newc", cwd=stage, input="\n".join(names).encode() + b"\n")
-    dest.write_bytes(sh("gzip", "-c", "-n", input=archive))
+    dest.write_bytes(sh("gzip", "-c", "-n", "-1", input=archive))
     shutil.rmtree(stage)
     return dest
 
@@ -82,11 +84,11 @@ class Mirror:
     fingerprint: str
     versions: list[str] = field(default_factory=list)
 
-    def add_version(self, version: str, current: bool = True) -> Path:
+    def add_version(self, version: str, current: bool = True, payload_size: int = 200_000) -> Path:
         vdir = self.root / version
         vdir.mkdir(parents=True)
         (vdir / KERNEL).write_bytes(b"KERNEL " + version.encode() + os.urandom(100_000))
-        squash = make_squashfs(vdir / "usr.squashfs.src")
+        squash = make_squashfs(vdir / "usr.squashfs.src", payload_size)
         make_cpio_gz(vdir / IMAGE, {"etc/os-release": b"ID=test\n", "usr.squashfs": squash})
         for name in (KERNEL, IMAGE):
             self.keyring.sign(vdir / name, self.fingerprint)
@@ -115,6 +117,8 @@ class MirrorServer(ThreadingHTTPServer):
         self.fail_next = 0  # answer this many requests with 500
         self.cut: dict[str, int] = {}  # path -> cut the next response after N bytes
         self.honour_range = True
+        self.redirect: dict[str, str] = {}  # path -> answer 302 to this path
+        self.stall: dict[str, tuple[int, threading.Event, float]] = {}  # path -> (after N bytes, until, max s)
         self.lock = threading.Lock()
 
     @property
@@ -140,6 +144,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_error(500)
                 return
             cut = srv.cut.pop(self.path, None)
+            stall = srv.stall.pop(self.path, None)
+            target = srv.redirect.get(self.path)
+        if target:
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         path = srv.root / self.path.lstrip("/")
         if not path.is_file():
             self.send_error(404)
@@ -158,11 +170,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if cut is not None:
             body = body[:cut]
-        self.wfile.write(body)
+        if stall is not None:
+            after, until, max_wait = stall
+            body = body[:after]
+            self.wfile.write(body)
+            self.wfile.flush()
+            until.wait(max_wait)  # then drop the connection: the client must resume
+            self.close_connection = True
+        else:
+            self.wfile.write(body)
         with srv.lock:
             srv.bytes_served[self.path] = srv.bytes_served.get(self.path, 0) + len(body)
         if cut is not None:
             self.close_connection = True
+
+
+def newc(members: list[tuple[str, bytes, int]], declared: dict[str, int] | None = None) -> bytes:
+    """A hand-made newc cpio, for archives no well-behaved tool writes (hostile names, lying sizes)."""
+    out = b""
+    for ino, (name, data, mode) in enumerate([*members, ("TRAILER!!!", b"", 0)], start=1):
+        size = (declared or {}).get(name, len(data))
+        fields = [ino, mode, 0, 0, 1, 0, size, 0, 0, 0, 0, len(name) + 1, 0]
+        header = b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0"
+        out += header + b"\0" * (-len(header) % 4) + data + b"\0" * (-len(data) % 4)
+    return out
 
 
 def serve(root: Path) -> MirrorServer:
