@@ -9,6 +9,7 @@ from urllib.parse import urljoin, urlparse
 from urllib.request import url2pathname
 
 import requests
+import urllib3
 
 from .config import RELEASE_NAME, Release
 from .errors import LeanvmError
@@ -48,7 +49,7 @@ def _backoff(attempt: int) -> None:
     time.sleep(min(0.2 * 2**attempt, 5.0))
 
 
-def fetch_small(url: str, attempts: int = ATTEMPTS) -> str:
+def fetch_small(url: str, attempts: int = 4) -> str:
     """A small text file (version.txt), with retries."""
     if url.startswith("file:"):
         try:
@@ -136,6 +137,15 @@ def _copy_local(url: str, dest: Path, part: Path) -> None:
 
 def _get_once(session: requests.Session, url: str, part: Path, progress: _Progress | None) -> None:
     """One attempt: resume `part` if it has bytes; raise _Retry or LeanvmError on failure."""
+    try:
+        _stream_to(session, url, part, progress)
+    except OSError as e:
+        if isinstance(e, requests.RequestException):
+            raise
+        raise LeanvmError(f"{part}: cannot write: {e.strerror}", "free disk space and retry") from None
+
+
+def _stream_to(session: requests.Session, url: str, part: Path, progress: _Progress | None) -> None:
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     with session.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, read_timeout())) as r:
@@ -159,7 +169,8 @@ def _get_once(session: requests.Session, url: str, part: Path, progress: _Progre
             progress.total = expected
         done = offset
         with open(part, mode) as f:
-            for chunk in r.iter_content(CHUNK):
+            # read1: write whatever has arrived, so a stalled or cut connection loses nothing.
+            while chunk := r.raw.read1(CHUNK):
                 f.write(chunk)
                 done += len(chunk)
                 if progress:
@@ -189,7 +200,7 @@ def download(url: str, dest: Path) -> None:
                 _get_once(session, url, part, progress)
             except _Retry as e:
                 last = str(e)
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
                 last = type(e).__name__
             else:
                 progress.update(part.stat().st_size, force=True)

@@ -23,6 +23,9 @@ CLUSTER_CASES = {
     "size too small": ({"release": "test", "vms": {"a": {"disk": "1M"}}}, "vms.a.disk"),
     "no vms": ({"release": "test"}, "vms"),
     "user_data missing": ({"release": "test", "vms": {"a": {"user_data": "nope.yaml"}}}, "vms.a.user_data"),
+    "user_data is a directory": ({"release": "test", "vms": {"a": {"user_data": "."}}}, "vms.a.user_data"),
+    "ssh_port not a number": ({"release": "test", "vms": {"a": {"ssh_port": "22x"}}}, "vms.a.ssh_port"),
+    "vms is a list": ({"release": "test", "vms": ["a", "b"]}, "vms"),
     "keys not a list": ({"release": "test", "vms": {"a": {"ssh_authorized_keys": "ssh-ed25519 A"}}},
                         "vms.a.ssh_authorized_keys"),
 }
@@ -34,6 +37,8 @@ PROFILE_CASES = {
     "unknown profile key": ({"kernal": "x"}, "kernal"),
     "missing profile field": ({"kernel": None}, "kernel"),
     "key file missing": ({"signing_key": "nope.asc"}, "signing_key"),
+    "key file holds no key": ({"signing_key": "test.yaml"}, "signing_key"),
+    "version not a string": ({"version": ["1"]}, "version"),
     "kernel not a file name": ({"kernel": "../../etc/passwd"}, "kernel"),
 }
 
