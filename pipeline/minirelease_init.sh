@@ -2,6 +2,7 @@
 # shellcheck shell=sh
 # /init of leanvm's mini release. Honours the kernel arguments a CoreOS/Flatcar initrd
 # honours (mount.usr=, mount.usrfstype=, mount.usrflags=, root=, rootflags=, rootfstype=),
+# a /usr given as a file in the initramfs is loop-mounted (PXE style);
 # reports what it mounted on the serial console, logs the boot on the root disk, powers off.
 # `leanvm.shell` on the kernel command line keeps a shell instead of powering off.
 PATH=/bin
@@ -60,7 +61,7 @@ resolve() {
         fi
       done
       return 1 ;;
-    *) [ -b "$1" ] && echo "$1" ;;
+    *) [ -b "$1" ] || [ -f "$1" ] && echo "$1" ;;  # a file: PXE-style, /usr held in RAM
   esac
 }
 
@@ -86,6 +87,7 @@ say "root mounted: $(grep ' /sysroot ' /proc/mounts)"
 if [ -n "$usr" ]; then
   usrdev=$(wait_for "$usr") || fail "usr device $usr not found"
   mkdir -p /sysroot/usr
+  [ -f "$usrdev" ] && usrflags="$usrflags,loop"
   mount_fs "$usrdev" /sysroot/usr "$usrfstype" "$usrflags" || fail "cannot mount $usrdev on /usr"
   say "usr mounted: $(grep ' /sysroot/usr ' /proc/mounts)"
 fi

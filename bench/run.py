@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""leanvm against what users would do instead: every figure a ratio or a count against a
+baseline measured in the same run (median of several repetitions).
+
+    .venv/bin/python bench/run.py            # full run (a few minutes), prints a Markdown table
+    .venv/bin/python bench/run.py --smoke    # tiny sizes, one repetition (CI runs this)
+"""
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent
+sys.path[:0] = [str(PROJECT), str(PROJECT / "tests"), str(HERE)]
+
+import yaml  # noqa: E402
+from fixtures import Keyring, Mirror, make_cpio_gz, make_squashfs  # noqa: E402
+from server import BenchServer  # noqa: E402
+
+from pipeline import fetch, minirelease  # noqa: E402
+from pipeline.extract import extract_member  # noqa: E402
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sizes:
+    reps: int
+    extract_mb: int
+    noop_mb: tuple[int, int]
+    vms: int
+    boot_pad_mb: int  # 0: skip the boot benchmark
+
+
+FULL = Sizes(reps=5, extract_mb=300, noop_mb=(100, 1000), vms=10, boot_pad_mb=150)
+SMOKE = Sizes(reps=1, extract_mb=8, noop_mb=(4, 16), vms=3, boot_pad_mb=0)
+
+
+@dataclass
+class Row:
+    section: str
+    what: str
+    value: str
+    baseline: str
+    ratio: str
+    goal: str = ""
+    met: str = ""
+
+
+def median_seconds(action: Callable[[], object], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sh(cmd: str) -> None:
+    subprocess.run(["sh", "-c", cmd], check=True)
+
+
+def doit(cluster: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), *args,
+                           f"config={cluster}", f"out={out}"], capture_output=True, text=True, check=True)
+
+
+def verdict(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+# --- 1. extraction -------------------------------------------------------------------
+
+def bench_extract(work: Path, sizes: Sizes) -> list[Row]:
+    image = work / "extract" / "image.cpio.gz"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    if not image.exists():
+        squash = make_squashfs(image.parent / "usr.squashfs", sizes.extract_mb * MiB)
+        make_cpio_gz(image, {"usr.squashfs": squash})
+        squash.unlink()
+    out = image.parent / "extracted"
+    q = f"'{image}'"
+    t = {
+        "leanvm": median_seconds(lambda: extract_member(image, "usr.squashfs", out), sizes.reps),
+        "zcat | cpio": median_seconds(lambda: sh(f"zcat {q} | cpio -i --quiet --to-stdout usr.squashfs > '{out}'"),
+                                      sizes.reps),
+        "pigz -dc | cpio": median_seconds(
+            lambda: sh(f"pigz -dc {q} | cpio -i --quiet --to-stdout usr.squashfs > '{out}'"), sizes.reps),
+        "zcat > /dev/null": median_seconds(lambda: sh(f"zcat {q} > /dev/null"), sizes.reps),
+    }
+    base = t["zcat | cpio"]
+    mb = image.stat().st_size / MiB
+    rows = [Row("1 extract", f"leanvm extract ({mb:.0f} MiB image)", f"{t['leanvm']:.2f} s", f"{base:.2f} s",
+                f"{t['leanvm'] / base:.2f}x", "<= 0.8x zcat|cpio", verdict(t["leanvm"] <= 0.8 * base))]
+    rows.append(Row("1 extract", "pigz -dc | cpio", f"{t['pigz -dc | cpio']:.2f} s", f"{base:.2f} s",
+                    f"{t['pigz -dc | cpio'] / base:.2f}x"))
+    rows.append(Row("1 extract", "leanvm vs pure decompression (zcat > /dev/null)", f"{t['leanvm']:.2f} s",
+                    f"{t['zcat > /dev/null']:.2f} s", f"{t['leanvm'] / t['zcat > /dev/null']:.2f}x"))
+    return rows
+
+
+# --- 2. download ---------------------------------------------------------------------
+
+def bench_download(work: Path, sizes: Sizes) -> list[Row]:
+    image = work / "extract" / "image.cpio.gz"
+    size = image.stat().st_size
+    server = BenchServer(image.parent).start()
+    url, dest = server.url + image.name, work / "download" / "image.cpio.gz"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ours = median_seconds(lambda: fetch.download(url, dest), sizes.reps)
+        curl = median_seconds(lambda: sh(f"curl -s -f -o '{dest}' '{url}'"), sizes.reps)
+        server.bytes_served, server.cut_next = 0, size // 2
+        fetch.download(url, dest)
+        extra = server.bytes_served - size
+    finally:
+        server.stop()
+    assert dest.stat().st_size == size
+    return [
+        Row("2 download", f"leanvm throughput ({size / MiB:.0f} MiB, loopback)", f"{size / MiB / ours:.0f} MiB/s",
+            f"{size / MiB / curl:.0f} MiB/s (curl -o)", f"{curl / ours:.2f}x", ">= 0.8x curl",
+            verdict(curl / ours >= 0.8)),
+        Row("2 download", "bytes re-sent after a cut at 50 %", f"{extra} B", f"{size} B file",
+            f"{100 * extra / size:.2f} %", "< 5 %", verdict(extra < 0.05 * size)),
+    ]
+
+
+# --- 3, 4, 5. doit: no-op rebuild, adding a VM, disk use -------------------------------
+
+def release_mirror(work: Path, usr_mb: int, keyring: Keyring, signer: str) -> Path:
+    """A signed file:// mirror with a /usr of usr_mb MiB, and a profile for it."""
+    root = work / f"release-{usr_mb}"
+    if not (root / "profile.yaml").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        Mirror(root / "mirror", keyring, signer).add_version("1.0.0", payload_size=usr_mb * MiB)
+        key = keyring.export(root / "key.asc", signer)
+        profile = {"base_url": (root / "mirror").as_uri() + "/", "version": "1.0.0", "kernel": "test_pxe.vmlinuz",
+                   "image": "test_pxe_image.cpio.gz", "usr_member": "usr.squashfs", "signing_key": key.name,
+                   "fingerprints": [signer], "kernel_args": "console=ttyS0"}
+        (root / "profile.yaml").write_text(yaml.safe_dump(profile))
+    return root / "profile.yaml"
+
+
+def write_cluster(path: Path, profile: Path, names: list[str]) -> Path:
+    doc = {"release": str(profile), "defaults": {"disk": "4G", "memory": 512}, "vms": {n: {} for n in names}}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def du(path: Path) -> int:
+    return int(subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, check=True)
+               .stdout.split()[0])
+
+
+def executed(result: subprocess.CompletedProcess) -> list[str]:
+    return [line[3:] for line in result.stdout.splitlines() if line.startswith(".  ")]
+
+
+def bench_doit(work: Path, sizes: Sizes) -> list[Row]:
+    home = work / "gnupg"
+    home.mkdir(mode=0o700, exist_ok=True)
+    keyring = Keyring(home)
+    signer = keyring.fingerprint("bench") if (home / "pubring.kbx").exists() else keyring.generate("bench")
+    names = [f"vm{i:02d}" for i in range(1, sizes.vms + 1)]
+    rows, noop = [], {}
+    for usr_mb in sizes.noop_mb:
+        profile = release_mirror(work, usr_mb, keyring, signer)
+        out = work / f"out-{usr_mb}"
+        shutil.rmtree(out, ignore_errors=True)
+        cluster = write_cluster(work / f"cluster-{usr_mb}.yaml", profile, names)
+        doit(cluster, out)
+        noop[usr_mb] = median_seconds(lambda c=cluster, o=out: doit(c, o), sizes.reps)
+        listing = median_seconds(lambda c=cluster, o=out: doit(c, o, "list"), sizes.reps)
+        rows.append(Row("3 no-op", f"no-op `doit`, {len(names)} VMs, {usr_mb} MiB /usr", f"{noop[usr_mb]:.2f} s",
+                        f"{listing:.2f} s (doit list)", f"{noop[usr_mb] / listing:.2f}x", "<= 1.5x",
+                        verdict(noop[usr_mb] <= 1.5 * listing)))
+    small, big = sizes.noop_mb
+    rows.append(Row("3 no-op", f"no-op time, {big} MiB vs {small} MiB /usr", f"{noop[big]:.2f} s",
+                    f"{noop[small]:.2f} s", f"{noop[big] / noop[small]:.2f}x", "~1x (no re-hash)",
+                    verdict(noop[big] <= 1.3 * noop[small])))
+
+    # 4. one more VM
+    profile, out = release_mirror(work, small, keyring, signer), work / f"out-{small}"
+    add_times, ran = [], []
+    for rep in range(sizes.reps):
+        cluster = write_cluster(work / "cluster-add.yaml", profile, [*names, f"extra{rep}"])
+        start = time.perf_counter()
+        result = doit(cluster, out)
+        add_times.append(time.perf_counter() - start)
+        ran = executed(result)
+    add = statistics.median(add_times)
+    rows.append(Row("4 add VM", f"adding VM {len(names) + 1}: tasks executed", f"{len(ran)}: {', '.join(sorted(ran))}",
+                    "3 expected", "", "only its 3 tasks",
+                    verdict(sorted(t.split(":")[0] for t in ran) == ["configdrive", "launcher", "rootfs"])))
+    rows.append(Row("4 add VM", "adding a VM: wall time", f"{add:.2f} s", f"{noop[small]:.2f} s (no-op)",
+                    f"{add / noop[small]:.2f}x"))
+
+    # 5. disk: leanvm out/ vs the 2016 starting point (own image per VM: two /usr copies + root)
+    out = work / "out-disk"
+    usr_bytes = 0
+    for count in sorted({1, min(5, len(names)), len(names)}):
+        doit(write_cluster(work / "cluster-disk.yaml", profile, names[:count]), out)
+        usr = next(out.glob("images/*/*/usr.squashfs"))
+        usr_bytes = du(usr)
+        lean = du(out)
+        baseline = work / "baseline-2016"
+        shutil.rmtree(baseline, ignore_errors=True)
+        for name in names[:count]:
+            (baseline / name).mkdir(parents=True)
+            for copy in ("usr-a.img", "usr-b.img"):
+                shutil.copyfile(usr, baseline / name / copy)
+            sh(f"cp --sparse=always '{out}/vms/{name}/rootfs.img' '{baseline}/{name}/rootfs.img'")
+        old = du(baseline)
+        rows.append(Row("5 disk", f"du of out/ with {count} VM(s)", f"{lean / MiB:.1f} MiB",
+                        f"{old / MiB:.1f} MiB (2016 layout)", f"{old / lean:.1f}x smaller"))
+        if count == 1:
+            first = lean
+    marginal = (lean - first) / max(len(names) - 1, 1)
+    rows.append(Row("5 disk", "marginal bytes per extra VM", f"{marginal / MiB:.2f} MiB",
+                    f"{(2 * usr_bytes) / MiB:.1f} MiB (/usr twice)", f"{marginal / (2 * usr_bytes):.4f}x"))
+    shutil.rmtree(work / "baseline-2016", ignore_errors=True)
+    return rows
+
+
+# --- 6. boot: squashfs disk vs PXE-style /usr in RAM ----------------------------------
+
+MEASURE = """
+import resource, subprocess, sys, time
+start = time.monotonic(); mark = None
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+for line in p.stdout:
+    if mark is None and b"leanvm: usr mounted" in line:
+        mark = time.monotonic() - start
+p.wait()
+print(mark, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+"""
+
+
+def boot_once(argv: list[str]) -> tuple[float, int]:
+    env = {**os.environ, "LEANVM_ACCEL": os.environ.get("LEANVM_ACCEL", "tcg")}
+    out = subprocess.run([sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, env=env,
+                         timeout=600, check=True).stdout.split()
+    if out[0] == "None":
+        raise RuntimeError(f"{argv[0]} never printed the 'usr mounted' marker")
+    return float(out[0]), int(out[1])
+
+
+def bench_boot(work: Path, sizes: Sizes) -> list[Row]:
+    mini = minirelease.build(work / "mini", pad_mb=sizes.boot_pad_mb)
+    cluster = work / "boot.yaml"
+    cluster.write_text(yaml.safe_dump({"release": str(mini / "mini.yaml"),
+                                       "defaults": {"memory": 1024, "disk": "1G"}, "vms": {"boot": {}}}))
+    out = work / "out-boot"
+    doit(cluster, out)
+    run_sh = out / "vms" / "boot" / "run.sh"
+    images = next(out.glob("images/mini/*"))
+    usr_size = (images / "usr.squashfs").stat().st_size
+    pxe_initrd = work / "pxe.initrd"
+    image = next((mini / "mirror").glob(f"*/{minirelease.IMAGE}"))
+    pxe_initrd.write_bytes((images / "initrd").read_bytes() + image.read_bytes())
+    pxe_args = ["-initrd", str(pxe_initrd), "-append",
+                "mount.usr=/usr.squashfs mount.usrfstype=squashfs mount.usrflags=ro "
+                "root=/dev/disk/by-id/virtio-rootfs rootflags=rw console=ttyS0"]
+    lean, pxe = [], []
+    for _ in range(max(sizes.reps - 2, 1)):
+        lean.append(boot_once([str(run_sh)]))
+        pxe.append(boot_once([str(run_sh), *pxe_args]))
+    lean_t, pxe_t = statistics.median(t for t, _ in lean), statistics.median(t for t, _ in pxe)
+    lean_rss, pxe_rss = statistics.median(r for _, r in lean), statistics.median(r for _, r in pxe)
+    return [
+        Row("6 boot", f"time to 'usr mounted' (TCG, /usr {usr_size / MiB:.0f} MiB)", f"{lean_t:.1f} s",
+            f"{pxe_t:.1f} s (PXE-style)", f"{lean_t / pxe_t:.2f}x", "no slower", verdict(lean_t <= pxe_t * 1.05)),
+        Row("6 boot", "QEMU peak RSS", f"{lean_rss / MiB:.0f} MiB", f"{pxe_rss / MiB:.0f} MiB (PXE-style)",
+            f"{lean_rss / pxe_rss:.2f}x", f"lower by >= /usr ({usr_size / MiB:.0f} MiB)",
+            verdict(pxe_rss - lean_rss >= usr_size)),
+    ]
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| # | measured | leanvm | baseline | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r.section, r.what, r.value, r.baseline, r.ratio, r.goal, r.met]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // (1 << 20)
+    return f"{platform.node() or 'host'}: {os.cpu_count()} cores ({cpu}), {mem} GiB RAM, {platform.platform()}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
+    parser.add_argument("--work", type=Path, default=HERE / "work", help="scratch directory (several GB)")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: extract,download,doit,boot")
+    args = parser.parse_args()
+    sizes = SMOKE if args.smoke else FULL
+    args.work.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    rows: list[Row] = []
+    sections = [("extract", bench_extract), ("download", bench_download), ("doit", bench_doit), ("boot", bench_boot)]
+    for name, bench in sections:
+        if name in skip or (name == "download" and "extract" in skip) or (name == "boot" and not sizes.boot_pad_mb):
+            continue
+        print(f"bench: {name} ...", file=sys.stderr)
+        rows += bench(args.work, sizes)
+    print(f"Machine: {machine()}\nRepetitions: {sizes.reps} (median)\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
