@@ -1,5 +1,6 @@
 """Stream one member out of a (gzip'd cpio) image into a file, atomically."""
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -18,8 +19,10 @@ def _normalise(name: str) -> str:
     return name
 
 
-def extract_member(archive: Path, member: str, dest: Path) -> None:
-    """Write `member` of `archive` to `dest`; only a complete, regular member lands there."""
+def extract_member(archive: Path, member: str, dest: Path) -> str:
+    """Write `member` of `archive` to `dest`; only a complete, regular member lands there.
+
+    Returns the sha256 of what was written (computed on the way, not by re-reading)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dest)
     try:
@@ -29,17 +32,18 @@ def extract_member(archive: Path, member: str, dest: Path) -> None:
                     continue
                 if not entry.isreg:
                     raise LeanvmError(f"{archive}: member {member} is not a regular file", "check usr_member")
-                written = 0
+                written, digest = 0, hashlib.sha256()
                 with open(tmp, "wb") as out:
                     for block in entry.get_blocks(BLOCK):
                         out.write(block)
+                        digest.update(block)
                         written += len(block)
                     out.flush()
                     os.fsync(out.fileno())
                 if entry.size is not None and written != entry.size:
                     raise LeanvmError(f"{archive}: member {member} is truncated", "the image is corrupt")
                 os.replace(tmp, dest)
-                return
+                return digest.hexdigest()
     except libarchive.exception.ArchiveError as e:
         raise LeanvmError(f"{archive}: corrupt archive: {e.msg}", "delete it and download again") from None
     except OSError as e:

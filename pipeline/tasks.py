@@ -17,7 +17,7 @@ from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 from doit.tools import config_changed
 
-from . import configdrive, extract, fetch, launcher, rootfs, verify
+from . import configdrive, extract, fetch, launcher, record, rootfs, verify
 from .config import Cluster, Release, load_cluster
 from .errors import LeanvmError
 
@@ -148,7 +148,7 @@ def context() -> Context:
     try:
         cluster = load_cluster(_var_path("config", PROJECT / "configs" / "cluster.yaml"))
         out = out_dir()
-        state = out / "cache" / cluster.release.name / "current-version"
+        state = out / "images" / cluster.release.name / ".current-version"
         version = fetch.resolve_version(cluster.release, state, online=_building())
     except LeanvmError as e:
         _fail(e)
@@ -156,17 +156,46 @@ def context() -> Context:
 
 
 # --- release stages ----------------------------------------------------------------
+#
+# The proof that a stage is done is its published file in out/images/RELEASE/VERSION/ with
+# a matching recorded digest (record.py): then download, verify and extract are all up to
+# date, with or without doit's database (a CI cache restores only out/images/). Raw
+# downloads in out/cache/ are removed once their bytes are published, so each /usr exists
+# once on disk.
 
-def artifacts(release: Release) -> dict[str, tuple[str, str]]:
-    """kind -> (upstream file name, name of the verified file in out/images/R/V/)."""
-    kinds = {"kernel": (release.kernel, "vmlinuz"), "image": (release.image, "")}
+@dataclass(frozen=True)
+class Artifact:
+    kind: str  # kernel, initrd or image
+    upstream: str  # file name on the mirror
+    published: Path  # what it becomes in out/images/RELEASE/VERSION/
+
+
+def artifacts(release: Release, layout: Layout) -> list[Artifact]:
+    found = [Artifact("kernel", release.kernel, layout.images / "vmlinuz")]
     if release.initrd:
-        kinds["initrd"] = (release.initrd, "initrd")
-    return kinds
+        found.append(Artifact("initrd", release.initrd, layout.images / "initrd"))
+    found.append(Artifact("image", release.image, layout.images / "usr.squashfs"))
+    return found
 
 
-def _verified(layout: Layout, upstream: str, final: str) -> Path:
-    return layout.images / final if final else layout.cache / "verified" / upstream
+def _raw(layout: Layout, artifact: Artifact) -> tuple[Path, Path]:
+    data = layout.cache / artifact.upstream
+    return data, data.with_name(data.name + layout.release.signature_suffix)
+
+
+def _verified_image(layout: Layout) -> Path:
+    return layout.cache / "verified" / layout.release.image
+
+
+def done_when(published: Path, *alternatives: Path) -> bool:
+    """Up to date if the published file is intact, or all the intermediate files exist."""
+    return record.intact(published) or (bool(alternatives) and all(p.exists() for p in alternatives))
+
+
+def remove(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+        record.sidecar(path).unlink(missing_ok=True)
 
 
 def download_pair(url: str, dest: Path, suffix: str) -> None:
@@ -174,8 +203,20 @@ def download_pair(url: str, dest: Path, suffix: str) -> None:
     fetch.download(url, dest)
 
 
-def verify_and_publish(data: Path, sig: Path, release: Release, target: Path) -> None:
-    """Check the signature; publish by hard link, or move the rejected files aside."""
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.link(source, tmp)
+    os.replace(tmp, target)
+
+
+def verify_and_publish(data: Path, sig: Path, release: Release, target: Path, final: bool) -> None:
+    """Check the signature, then publish by hard link; rejected files are moved aside.
+
+    A kernel or initrd is final once published (its raw download is removed); the image
+    goes to cache/verified/ for extraction.
+    """
     try:
         verify.check_signature(data, sig, release.signing_key, release.fingerprints)
     except LeanvmError:
@@ -183,58 +224,62 @@ def verify_and_publish(data: Path, sig: Path, release: Release, target: Path) ->
             if path.exists():
                 os.replace(path, path.with_name(path.name + ".rejected"))
         raise
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.link(data, tmp)
-    os.replace(tmp, target)
+    _link(data, target)
+    if final:
+        remove(data, sig)
+        record.record(target, record.sha256_file(target))
+
+
+def extract_and_publish(image: Path, member: str, target: Path, raw: tuple[Path, Path]) -> None:
+    digest = extract.extract_member(image, member, target)
+    remove(image, *raw)  # the verified image is no longer needed: one copy of /usr on disk
+    record.record(target, digest)
 
 
 def task_download() -> Iterator[dict]:
     ctx = context()
     release, layout = ctx.cluster.release, ctx.layout
-    for kind, (upstream, _) in artifacts(release).items():
-        dest = layout.cache / upstream
-        url = fetch.url_for(release, layout.version, upstream)
+    for artifact in artifacts(release, layout):
+        data, sig = _raw(layout, artifact)
+        url = fetch.url_for(release, layout.version, artifact.upstream)
         yield {
-            "name": f"{release.name}:{kind}",
-            "doc": f"download {upstream} and its signature",
-            "actions": [action(download_pair, url, dest, release.signature_suffix)],
-            "targets": [dest, dest.with_name(dest.name + release.signature_suffix)],
-            "uptodate": [True],
-            "clean": True,
+            "name": f"{release.name}:{artifact.kind}",
+            "doc": f"download {artifact.upstream} and its signature",
+            "actions": [action(download_pair, url, data, release.signature_suffix)],
+            "uptodate": [(done_when, [artifact.published, data, sig])],
+            "clean": [(remove, [data, sig])],
         }
 
 
 def task_verify() -> Iterator[dict]:
     ctx = context()
     release, layout = ctx.cluster.release, ctx.layout
-    for kind, (upstream, final) in artifacts(release).items():
-        data = layout.cache / upstream
-        sig = data.with_name(data.name + release.signature_suffix)
-        target = _verified(layout, upstream, final)
+    for artifact in artifacts(release, layout):
+        data, sig = _raw(layout, artifact)
+        final = artifact.kind != "image"
+        target = artifact.published if final else _verified_image(layout)
         yield {
-            "name": f"{release.name}:{kind}",
-            "doc": f"check the signature of {upstream}",
-            "actions": [action(verify_and_publish, data, sig, release, target)],
-            "file_dep": [data, sig],
-            "targets": [target],
-            "clean": True,
+            "name": f"{release.name}:{artifact.kind}",
+            "doc": f"check the signature of {artifact.upstream}",
+            "actions": [action(verify_and_publish, data, sig, release, target, final)],
+            "task_dep": [f"download:{release.name}:{artifact.kind}"],
+            "uptodate": [(done_when, [artifact.published] if final else [artifact.published, target])],
+            "clean": [(remove, [target])],
         }
 
 
 def task_extract() -> Iterator[dict]:
     ctx = context()
     release, layout = ctx.cluster.release, ctx.layout
-    image = _verified(layout, release.image, "")
-    target = layout.images / "usr.squashfs"
+    image = next(a for a in artifacts(release, layout) if a.kind == "image")
     yield {
         "name": release.name,
         "doc": f"extract {release.usr_member} from the verified image",
-        "actions": [action(extract.extract_member, image, release.usr_member, target)],
-        "file_dep": [image],
-        "targets": [target],
-        "clean": True,
+        "actions": [action(extract_and_publish, _verified_image(layout), release.usr_member, image.published,
+                           _raw(layout, image))],
+        "task_dep": [f"verify:{release.name}:image"],
+        "uptodate": [(done_when, [image.published])],
+        "clean": [(remove, [image.published])],
     }
 
 
