@@ -2,6 +2,7 @@
 
 from pipeline.tasks import (  # noqa: F401  (doit discovers task_* by name)
     doit_config,
+    task_cluster,
     task_configdrive,
     task_download,
     task_extract,

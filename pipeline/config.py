@@ -5,6 +5,8 @@ file and the key path and says how to fix it.
 """
 
 import hashlib
+import ipaddress
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ class Release:
     signing_key: Path
     fingerprints: tuple[str, ...]
     kernel_args: str
+    ignition_fw_cfg: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class VM:
     mac: str
     user_data: Path | None
     ssh_authorized_keys: tuple[str, ...]
+    cluster_mac: str = ""  # the second NIC, on the private cluster network
+    cluster_ip: str | None = None  # with prefix, e.g. 10.77.0.11/24
+    forwards: tuple[tuple[int, int], ...] = ()  # extra (host, guest) TCP forwards
+    ignition: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class Cluster:
     path: Path
     release: Release
     vms: tuple[VM, ...]
+    subnet: str = "10.77.0.0/24"
 
 
 class _Where:
@@ -157,6 +165,42 @@ def _version(value: Any, where: _Where) -> str:
     return version
 
 
+def _forwards(value: Any, where: _Where) -> tuple[tuple[int, int], ...]:
+    pairs = []
+    for i, item in enumerate(_string_list(value, where)):
+        host, sep, guest = item.partition(":")
+        if not (sep and host.isdigit() and guest.isdigit()):
+            raise (where / str(i)).error(f"{item!r} is not HOST:GUEST", "write e.g. '8080:80'")
+        pairs.append((_port(int(host), where / str(i)), _port(int(guest), where / str(i))))
+    return tuple(pairs)
+
+
+def _ipv4(value: Any, where: _Where) -> str:
+    try:
+        return str(ipaddress.IPv4Address(_string(value, where)))
+    except ipaddress.AddressValueError:
+        raise where.error(f"{value!r} is not an IPv4 address", "write e.g. 10.77.0.11") from None
+
+
+def _subnet(value: Any, where: _Where) -> str:
+    try:
+        return str(ipaddress.IPv4Network(_string(value, where)))
+    except ValueError:
+        raise where.error(f"{value!r} is not an IPv4 network", "write e.g. 10.77.0.0/24") from None
+
+
+def _ignition(path: Path, where: _Where) -> None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise where.error(f"cannot read {path}: {e}", "point ignition at a readable JSON file") from None
+    except ValueError as e:
+        raise where.error(f"{path} is not valid JSON: {e}", "fix the Ignition config") from None
+    version = doc.get("ignition", {}).get("version") if isinstance(doc, dict) else None
+    if not isinstance(version, str):
+        raise where.error(f"{path} has no ignition.version", 'write {"ignition": {"version": "3.3.0"}, ...}')
+
+
 # --- tables of allowed keys --------------------------------------------------------
 
 PROFILE_KEYS: dict[str, tuple[bool, Callable[[Any, _Where], Any]]] = {
@@ -173,6 +217,7 @@ PROFILE_KEYS: dict[str, tuple[bool, Callable[[Any, _Where], Any]]] = {
     "signing_key": (True, _string),
     "fingerprints": (True, _fingerprints),
     "kernel_args": (True, _string),
+    "ignition_fw_cfg": (False, _optional_string),
 }
 
 VM_KEYS: dict[str, Callable[[Any, _Where], Any]] = {
@@ -182,9 +227,13 @@ VM_KEYS: dict[str, Callable[[Any, _Where], Any]] = {
     "ssh_port": _port,
     "user_data": _string,
     "ssh_authorized_keys": _string_list,
+    "cluster_ip": _ipv4,
+    "forward": _forwards,
+    "ignition": _string,
 }
 DEFAULTS = {"memory": 1024, "cpus": 1, "disk": 4 << 30}
-CLUSTER_KEYS = {"release", "defaults", "vms"}
+CLUSTER_KEYS = {"release", "defaults", "vms", "network"}
+NETWORK_KEYS = {"subnet": _subnet}
 
 
 def read_yaml(path: Path) -> Any:
@@ -262,6 +311,7 @@ def load_profile(path: Path) -> Release:
         signing_key=key_path,
         fingerprints=values["fingerprints"],
         kernel_args=" ".join(values["kernel_args"].split()),
+        ignition_fw_cfg=values.get("ignition_fw_cfg"),
     )
 
 
@@ -278,12 +328,12 @@ def _release_path(value: Any, where: _Where, cluster_file: Path) -> Path:
     return path
 
 
-def mac_for(name: str, taken: set[str]) -> str:
+def mac_for(name: str, taken: set[str], prefix: str = "52:54:00") -> str:
     """A locally administered MAC derived from the VM name; re-hashed on a collision."""
     salt = 0
     while True:
-        digest = hashlib.sha256(f"{name}/{salt}".encode()).digest()
-        mac = "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+        digest = hashlib.sha256(f"{prefix}/{name}/{salt}".encode()).digest()
+        mac = f"{prefix}:" + ":".join(f"{b:02x}" for b in digest[:3])
         if mac not in taken:
             return mac
         salt += 1
@@ -302,17 +352,21 @@ def _vm_settings(raw: Any, where: _Where, cluster_file: Path) -> dict[str, Any]:
     settings = {}
     for key, value in _mapping(raw, where, VM_KEYS).items():
         settings[key] = VM_KEYS[key](value, where / key)
-        if key == "user_data":
+        if key in ("user_data", "ignition"):
             path = (cluster_file.parent / settings[key]).resolve()
             if not path.exists():
-                raise (where / key).error(f"{path} does not exist", "point user_data at a file")
+                raise (where / key).error(f"{path} does not exist", f"point {key} at a file")
             if not path.is_file():
-                raise (where / key).error(f"{path} is not a regular file", "point user_data at a file")
+                raise (where / key).error(f"{path} is not a regular file", f"point {key} at a file")
+            if key == "ignition":
+                _ignition(path, where / key)
             settings[key] = path
     return settings
 
 
-def load_cluster(path: Path) -> Cluster:
+def load_cluster(path: Path, previous_ports: dict[str, int] | None = None) -> Cluster:
+    """Load and check a cluster file. `previous_ports`: the ssh ports VMs were given by an
+    earlier build, kept so that an omitted ssh_port never moves when VMs are added."""
     path = path.resolve()
     where = _Where(path)
     data = _mapping(read_yaml(path), where, CLUSTER_KEYS)
@@ -325,19 +379,35 @@ def load_cluster(path: Path) -> Cluster:
     if not isinstance(vms_raw, dict) or not vms_raw:
         raise (where / "vms").error("expected a mapping of at least one VM", "add `vms: {core1: {}}`")
 
+    network = _mapping(data.get("network"), where / "network", NETWORK_KEYS)
+    subnet = ipaddress.IPv4Network(_subnet(network.get("subnet", "10.77.0.0/24"), where / "network" / "subnet"))
+
     per_vm: dict[str, dict[str, Any]] = {}
     ports: dict[int, str] = {}
+    addresses: dict[str, str] = {}
     for name, raw in vms_raw.items():
         vm_where = where / "vms" / str(name)
         if not isinstance(name, str) or not VM_NAME.match(name):
             raise vm_where.error("bad VM name", "use lower-case letters, digits and '-', starting with a letter")
-        per_vm[name] = {**defaults, **_vm_settings(raw, vm_where, path)}
-        port = per_vm[name].get("ssh_port")
-        if port is not None:
+        settings = per_vm[name] = {**defaults, **_vm_settings(raw, vm_where, path)}
+        _check_vm(settings, vm_where, release, subnet)
+        wanted = [(settings["ssh_port"], "ssh_port")] if "ssh_port" in settings else []
+        wanted += [(host, "forward") for host, _ in settings.get("forward", ())]
+        for port, key in wanted:
             if port in ports:
-                raise (vm_where / "ssh_port").error(
-                    f"port {port} is also used by VM {ports[port]}", "give each VM its own ssh_port"
+                raise (vm_where / key).error(
+                    f"host port {port} is also used by VM {ports[port]}", "give each forward its own host port"
                 )
+            ports[port] = name
+        ip = settings.get("cluster_ip")
+        if ip in addresses:
+            raise (vm_where / "cluster_ip").error(f"{ip} is also used by VM {addresses[ip]}", "give each VM its own")
+        if ip:
+            addresses[ip] = name
+
+    for name, port in sorted((previous_ports or {}).items()):
+        if name in per_vm and "ssh_port" not in per_vm[name] and port not in ports:
+            per_vm[name]["ssh_port"] = port
             ports[port] = name
 
     macs: set[str] = set()
@@ -348,7 +418,9 @@ def load_cluster(path: Path) -> Cluster:
             settings["ssh_port"] = auto_port(name, set(ports))
             ports[settings["ssh_port"]] = name
         mac = mac_for(name, macs)
-        macs.add(mac)
+        cluster_mac = mac_for(name, macs, prefix="52:54:01")
+        macs |= {mac, cluster_mac}
+        ip = settings.get("cluster_ip")
         vms.append(
             VM(
                 name=name,
@@ -359,6 +431,23 @@ def load_cluster(path: Path) -> Cluster:
                 mac=mac,
                 user_data=settings.get("user_data"),
                 ssh_authorized_keys=settings.get("ssh_authorized_keys", ()),
+                cluster_mac=cluster_mac,
+                cluster_ip=f"{ip}/{subnet.prefixlen}" if ip else None,
+                forwards=settings.get("forward", ()),
+                ignition=settings.get("ignition"),
             )
         )
-    return Cluster(path=path, release=release, vms=tuple(vms))
+    return Cluster(path=path, release=release, vms=tuple(vms), subnet=str(subnet))
+
+
+def _check_vm(settings: dict[str, Any], where: _Where, release: Release, subnet: ipaddress.IPv4Network) -> None:
+    if settings.get("ignition") and settings.get("user_data"):
+        raise where.error("has both ignition and user_data", "give a VM one of them")
+    if settings.get("ignition") and not release.ignition_fw_cfg:
+        raise (where / "ignition").error(
+            f"release profile {release.path} has no ignition_fw_cfg", "add it, e.g. opt/org.flatcar-linux/config"
+        )
+    ip = settings.get("cluster_ip")
+    if ip and (ipaddress.IPv4Address(ip) not in subnet or ip in (str(subnet.network_address),
+                                                                   str(subnet.broadcast_address))):
+        raise (where / "cluster_ip").error(f"{ip} is not a host address in {subnet}", "pick one inside network.subnet")

@@ -1,4 +1,5 @@
-"""The config drive's user_data: the VM's own file, or a generated #cloud-config."""
+"""The config drive's user_data (the VM's own file, or a generated #cloud-config), plus
+the cluster network's systemd-networkd unit and the VM's Ignition config when it has one."""
 
 from pathlib import Path
 
@@ -11,26 +12,39 @@ from .fsutil import write_atomic
 CLOUD_CONFIG = "#cloud-config"
 
 
-def _merge_keys(doc: dict, keys: tuple[str, ...]) -> dict:
-    merged = list(doc.get("ssh_authorized_keys") or [])
-    merged += [k for k in keys if k not in merged]
-    return {**doc, "ssh_authorized_keys": merged}
+NETWORK_UNIT = "/etc/systemd/network/50-leanvm-cluster.network"
+
+
+def _merge(doc: dict, vm: VM) -> dict:
+    """ssh_authorized_keys and the cluster address, merged into a #cloud-config document."""
+    if vm.ssh_authorized_keys:
+        keys = list(doc.get("ssh_authorized_keys") or [])
+        doc = {**doc, "ssh_authorized_keys": keys + [k for k in vm.ssh_authorized_keys if k not in keys]}
+    if vm.cluster_ip:
+        unit = f"[Match]\nMACAddress={vm.cluster_mac}\n\n[Network]\nAddress={vm.cluster_ip}\n"
+        files = [f for f in doc.get("write_files") or [] if f.get("path") != NETWORK_UNIT]
+        doc = {**doc, "write_files": [*files, {"path": NETWORK_UNIT, "permissions": "0644", "content": unit}]}
+    return doc
+
+
+def _needs_merge(vm: VM) -> bool:
+    return bool(vm.ssh_authorized_keys or vm.cluster_ip)
 
 
 def _dump(doc: dict) -> str:
     return CLOUD_CONFIG + "\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
 
-def _from_file(path: Path, keys: tuple[str, ...]) -> str:
+def _from_file(path: Path, vm: VM) -> str:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise LeanvmError(f"{path}: cannot read user_data: {e}", "check the file") from None
     if text.startswith("#!"):
-        if keys:
+        if _needs_merge(vm):
             raise LeanvmError(
-                f"{path}: ssh_authorized_keys cannot be merged into a '#!' script",
-                "put the keys in the script, or use a #cloud-config file",
+                f"{path}: ssh_authorized_keys and cluster_ip cannot be merged into a '#!' script",
+                "configure them in the script, or use a #cloud-config file",
             )
         return text
     if not text.startswith(CLOUD_CONFIG):
@@ -43,19 +57,20 @@ def _from_file(path: Path, keys: tuple[str, ...]) -> str:
         raise LeanvmError(f"{path}: {line}#cloud-config is not valid YAML", "fix the YAML") from None
     if doc is not None and not isinstance(doc, dict):
         raise LeanvmError(f"{path}: #cloud-config must be a YAML mapping", "write KEY: VALUE lines")
-    if not keys:
-        return text
-    return _dump(_merge_keys(doc or {}, keys))
+    if not isinstance((doc or {}).get("write_files", []), list):
+        raise LeanvmError(f"{path}: write_files must be a list", "fix the #cloud-config")
+    return _dump(_merge(doc or {}, vm)) if _needs_merge(vm) else text
 
 
 def render(vm: VM) -> str:
     if vm.user_data is not None:
-        return _from_file(vm.user_data, vm.ssh_authorized_keys)
-    doc: dict = {"hostname": vm.name}
-    if vm.ssh_authorized_keys:
-        doc = _merge_keys(doc, vm.ssh_authorized_keys)
-    return _dump(doc)
+        return _from_file(vm.user_data, vm)
+    return _dump(_merge({"hostname": vm.name}, vm))
 
 
-def write(vm: VM, dest: Path) -> None:
+def write(vm: VM, dest: Path, ignition_dest: Path) -> None:
     write_atomic(dest, render(vm).encode())
+    if vm.ignition:
+        write_atomic(ignition_dest, vm.ignition.read_bytes())
+    else:
+        ignition_dest.unlink(missing_ok=True)

@@ -4,7 +4,9 @@
 # honours (mount.usr=, mount.usrfstype=, mount.usrflags=, root=, rootflags=, rootfstype=),
 # a /usr given as a file in the initramfs is loop-mounted (PXE style);
 # reports what it mounted on the serial console, logs the boot on the root disk, powers off.
-# `leanvm.shell` on the kernel command line keeps a shell instead of powering off.
+# `leanvm.shell` on the kernel command line keeps a shell instead of powering off,
+# `leanvm.hold` keeps the VM up until QEMU is stopped, `leanvm.ping=IP,...` pings peers on
+# the cluster network (configured from the systemd-networkd unit in user_data).
 PATH=/bin
 export PATH
 /bin/busybox mkdir -p /proc /sys /dev /sysroot /mnt/config
@@ -16,7 +18,7 @@ exec </dev/console >/dev/console 2>&1
 
 say() { echo "leanvm: $*"; }
 
-usr="" usrfstype="" usrflags="ro" root="" rootflags="rw" rootfstype="" shell=""
+usr="" usrfstype="" usrflags="ro" root="" rootflags="rw" rootfstype="" shell="" hold="" ping=""
 # shellcheck disable=SC2013  # the command line is split into words on purpose
 for word in $(cat /proc/cmdline); do
   case $word in
@@ -27,6 +29,8 @@ for word in $(cat /proc/cmdline); do
     rootflags=*) rootflags=${word#*=} ;;
     rootfstype=*) rootfstype=${word#*=} ;;
     leanvm.shell) shell=1 ;;
+    leanvm.hold) hold=1 ;;
+    leanvm.ping=*) ping=${word#*=} ;;
   esac
 done
 
@@ -34,6 +38,9 @@ finish() {
   if [ -n "$shell" ]; then
     say "shell requested (leanvm.shell); exit it to power off"
     setsid cttyhack sh
+  elif [ -n "$hold" ]; then
+    say "holding (leanvm.hold) until QEMU is stopped"
+    while :; do sleep 3600; done
   fi
   umount /mnt/config /sysroot/usr /sysroot 2>/dev/null
   sync
@@ -103,6 +110,44 @@ else
   say "warning: no config-2 drive"
 fi
 say "hostname: $(hostname)"
+
+# The cluster network: the NIC with the MACAddress= of the networkd unit gets its Address=.
+ip link set lo up
+mac=$(sed -n 's/^[[:space:]]*MACAddress=//p' "${user_data:-/dev/null}" 2>/dev/null | head -n 1)
+address=$(sed -n 's/^[[:space:]]*Address=//p' "${user_data:-/dev/null}" 2>/dev/null | head -n 1)
+if [ -n "$mac" ] && [ -n "$address" ]; then
+  ifname="" tries=0
+  while [ -z "$ifname" ] && [ "$tries" -lt 50 ]; do
+    for dev in /sys/class/net/*; do
+      [ "$(cat "$dev/address" 2>/dev/null)" = "$mac" ] && ifname=${dev##*/}
+    done
+    [ -n "$ifname" ] || sleep 0.1
+    tries=$((tries + 1))
+  done
+  if [ -n "$ifname" ] && ip addr add "$address" dev "$ifname" && ip link set "$ifname" up; then
+    say "cluster network: $ifname $address"
+  else
+    say "warning: no NIC with MAC $mac for the cluster network"
+  fi
+fi
+for peer in $(echo "$ping" | tr ',' ' '); do
+  tries=0
+  until ping -c 1 -W 1 "$peer" >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    [ "$tries" -ge 90 ] && break
+    sleep 1
+  done
+  if [ "$tries" -lt 90 ]; then say "ping $peer: ok"; else say "ping $peer: failed"; fi
+done
+
+# Ignition configs arrive through QEMU's fw_cfg, as on Flatcar and Fedora CoreOS.
+for key in opt/org.flatcar-linux/config opt/com.coreos/config; do
+  raw=/sys/firmware/qemu_fw_cfg/by_name/$key/raw
+  if [ -r "$raw" ]; then
+    version=$(tr -d ' \n' <"$raw" | sed -n 's/.*"version":"\([^"]*\)".*/\1/p')
+    say "ignition: $key version $version"
+  fi
+done
 
 mkdir -p /sysroot/var/log
 if echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname) booted" >>/sysroot/var/log/leanvm-boots.log; then

@@ -25,7 +25,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 # doit commands that never touch the network, and those that do not even write to out/.
 OFFLINE_COMMANDS = {"list", "info", "clean", "forget", "ignore", "dumpdb", "help", "tabcompletion", "reset-dep"}
 READ_ONLY_COMMANDS = {"list", "info", "dumpdb", "help", "tabcompletion"}
-BUILD_TASKS = ["download", "verify", "extract", "rootfs", "configdrive", "launcher"]
+BUILD_TASKS = ["download", "verify", "extract", "rootfs", "configdrive", "launcher", "cluster"]
+CLUSTER_SCRIPT = Path(__file__).with_name("cluster.sh")
 
 
 class UserFailed(TaskFailed):
@@ -146,8 +147,12 @@ class Context:
 def context() -> Context:
     """Load the cluster once per doit run; a user error ends doit with one line."""
     try:
-        cluster = load_cluster(_var_path("config", PROJECT / "configs" / "cluster.yaml"))
         out = out_dir()
+        previous = {d.name: launcher.assigned_port(d / "run.sh") for d in (out / "vms").glob("*")}
+        cluster = load_cluster(
+            _var_path("config", PROJECT / "configs" / "cluster.yaml"),
+            {name: port for name, port in previous.items() if port is not None},
+        )
         state = out / "images" / cluster.release.name / ".current-version"
         version = fetch.resolve_version(cluster.release, state, online=_building())
     except LeanvmError as e:
@@ -302,13 +307,16 @@ def task_configdrive() -> Iterator[dict]:
     ctx = context()
     for vm in ctx.cluster.vms:
         dest = ctx.layout.vm(vm.name) / "config" / "openstack" / "latest" / "user_data"
+        ignition = ctx.layout.vm(vm.name) / "ignition.json"
+        inputs = {"name": vm.name, "keys": list(vm.ssh_authorized_keys), "ip": vm.cluster_ip, "mac": vm.cluster_mac,
+                  "ignition": str(vm.ignition)}
         yield {
             "name": vm.name,
-            "doc": "write the config drive's user_data",
-            "actions": [action(configdrive.write, vm, dest)],
-            "file_dep": [vm.user_data] if vm.user_data else [],
-            "targets": [dest],
-            "uptodate": [config_changed({"name": vm.name, "keys": list(vm.ssh_authorized_keys)})],
+            "doc": "write the config drive's user_data (and the Ignition config)",
+            "actions": [action(configdrive.write, vm, dest, ignition)],
+            "file_dep": [p for p in (vm.user_data, vm.ignition) if p],
+            "targets": [dest, ignition] if vm.ignition else [dest],
+            "uptodate": [config_changed(inputs)],
             "clean": True,
         }
 
@@ -326,6 +334,22 @@ def task_launcher() -> Iterator[dict]:
             "uptodate": [config_changed(text)],
             "clean": True,
         }
+
+
+def install_script(source: Path, dest: Path) -> None:
+    launcher.write(dest, source.read_text())
+
+
+def task_cluster() -> dict:
+    """out/cluster.sh: up/down/status/console/ssh for every VM (static: it finds the VMs)."""
+    dest = context().layout.out / "cluster.sh"
+    return {
+        "doc": "install out/cluster.sh (up, down, status, console NAME, ssh NAME)",
+        "actions": [action(install_script, CLUSTER_SCRIPT, dest)],
+        "file_dep": [CLUSTER_SCRIPT],
+        "targets": [dest],
+        "clean": True,
+    }
 
 
 def task_reset() -> Iterator[dict]:

@@ -1,10 +1,14 @@
+import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 from fixtures import IMAGE, KERNEL, DoitResult, Keyring, Mirror, MirrorServer, doit, serve
+
+from pipeline import minirelease
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +114,20 @@ def copy_tree():
         return dst
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """leanvm's mini release (Debian kernel + busybox), built once per test session."""
+    return minirelease.build(tmp_path_factory.mktemp("mini"))
+
+
+@pytest.fixture(autouse=True)
+def no_stray_switches(tmp_path: Path):
+    """Stop any cluster switch a test's VMs left running (e.g. after a timeout)."""
+    yield
+    for pidfile in tmp_path.rglob("net/switch.pid"):
+        try:
+            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass

@@ -6,19 +6,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 from fixtures import doit, sh
 
-from pipeline import minirelease
-
 BOOT_TIMEOUT = 90
 ENV = {**os.environ, "LEANVM_ACCEL": "tcg"}
-
-
-@pytest.fixture(scope="module")
-def mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return minirelease.build(tmp_path_factory.mktemp("mini"))
 
 
 def build_cluster(root: Path, profile: Path, vms: dict) -> Path:

@@ -189,3 +189,15 @@ def test_clean_keeps_root_disks_and_reset_recreates(cluster: Project):
     assert cluster.doit("reset:core1").returncode == 0
     assert b"File not found" in subprocess.run(["debugfs", "-R", "cat kept", str(disk)],
                                                capture_output=True).stderr
+
+
+def test_auto_port_never_moves_when_a_colliding_vm_is_added(project: Project):
+    # vm09 and extra4 hash to the same auto port (25414); extra4 sorts first.
+    project.write_cluster({"vm09": {}})
+    assert project.doit().returncode == 0
+    assert "ssh_port=25414" in (project.vm("vm09") / "run.sh").read_text()
+    project.write_cluster({"vm09": {}, "extra4": {}})
+    result = project.doit()
+    assert result.executed == {"rootfs:extra4", "configdrive:extra4", "launcher:extra4"}
+    assert "ssh_port=25414" in (project.vm("vm09") / "run.sh").read_text()
+    assert "ssh_port=25415" in (project.vm("extra4") / "run.sh").read_text()

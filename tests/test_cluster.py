@@ -1,0 +1,139 @@
+"""Issue 7: a private rootless cluster network, port safety, Ignition, cluster.sh up/down."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures import doit, sh
+from test_boot import BOOT_TIMEOUT, ENV, boot, marker
+
+
+def build(root: Path, profile: Path, vms: dict, **extra: object) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    doc = {"release": str(profile), "defaults": {"memory": 256, "disk": "128M"}, "vms": vms, **extra}
+    (root / "cluster.yaml").write_text(yaml.safe_dump(doc))
+    result = doit(f"config={root / 'cluster.yaml'}", f"out={root / 'out'}")
+    assert result.returncode == 0, result.stderr
+    return root / "out"
+
+
+def qemu_pids(out: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and (b"qemu-system" in cmdline or b"vde_switch" in cmdline):
+            pids.append(int(proc.name))
+    return pids
+
+
+def wait_for_text(path: Path, text: str, timeout: float = BOOT_TIMEOUT) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = path.read_text(errors="replace") if path.exists() else ""
+        if text in content:
+            return content
+        time.sleep(0.5)
+    raise AssertionError(f"{text!r} not in {path}:\n{content[-3000:]}")
+
+
+def test_up_status_network_ping_and_down(mini: Path, tmp_path: Path):
+    out = build(tmp_path, mini / "mini.yaml", {
+        "node-a": {"cluster_ip": "10.77.0.11", "ssh_port": 2511},
+        "node-b": {"cluster_ip": "10.77.0.12", "ssh_port": 2512},
+    })
+    cluster_sh = str(out / "cluster.sh")
+    subprocess.run(["shellcheck", cluster_sh], check=True)
+    env = {**ENV, "LEANVM_APPEND": "leanvm.hold leanvm.ping=10.77.0.11,10.77.0.12", "LEANVM_STOP_TIMEOUT": "3"}
+    try:
+        up = subprocess.run([cluster_sh, "up"], capture_output=True, text=True, env=env, timeout=60)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "node-a: started" in up.stdout and "ssh 127.0.0.1:2512" in up.stdout
+        status = subprocess.run([cluster_sh, "status"], capture_output=True, text=True, check=True).stdout
+        assert re.search(r"node-a\s+running\s+\d+\s+127.0.0.1:2511", status), status
+        assert re.search(r"node-b\s+running\s+\d+\s+127.0.0.1:2512", status), status
+        for name, own, peer in (("node-a", "10.77.0.11", "10.77.0.12"), ("node-b", "10.77.0.12", "10.77.0.11")):
+            console = wait_for_text(out / "vms" / name / "console.log", "holding (leanvm.hold)")
+            assert f"leanvm: cluster network: eth1 {own}/24" in console
+            assert f"leanvm: ping {peer}: ok" in console, console[-2000:]
+            assert marker(console, "hostname") == name
+    finally:
+        down = subprocess.run([cluster_sh, "down"], capture_output=True, text=True, env=env, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert qemu_pids(out) == []
+    status = subprocess.run([cluster_sh, "status"], capture_output=True, text=True, check=True).stdout
+    assert "running" not in status
+
+
+def test_port_taken_on_host_is_one_clear_line(mini: Path, tmp_path: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = build(tmp_path, mini / "mini.yaml", {"web": {"ssh_port": 2521, "forward": [f"{port}:80"]}})
+        result = subprocess.run([str(out / "vms" / "web" / "run.sh")], capture_output=True, text=True, env=ENV,
+                                stdin=subprocess.DEVNULL, timeout=30)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"VM web: host port {port}" in lines[0] and "already in use" in lines[0]
+    assert f"hostfwd=tcp:127.0.0.1:{port}-:80" in sh(str(out / "vms" / "web" / "run.sh"), "--print").decode()
+
+
+def test_ignition_reaches_the_guest_through_fw_cfg(mini: Path, tmp_path: Path):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "config.ign").write_text(json.dumps({"ignition": {"version": "3.4.0"}, "storage": {}}))
+    out = build(tmp_path, mini / "mini.yaml", {"ign": {"ignition": "config.ign"}})
+    printed = sh(str(out / "vms" / "ign" / "run.sh"), "--print").decode()
+    assert "name=opt/org.flatcar-linux/config,file=" in printed
+    console = boot(out / "vms" / "ign" / "run.sh")
+    assert marker(console, "ignition") == "opt/org.flatcar-linux/config version 3.4.0"
+
+
+def test_generated_cloud_config_carries_the_cluster_address(mini: Path, tmp_path: Path):
+    out = build(tmp_path, mini / "mini.yaml", {"one": {"cluster_ip": "10.9.0.5"}}, network={"subnet": "10.9.0.0/16"})
+    doc = yaml.safe_load((out / "vms" / "one" / "config/openstack/latest/user_data").read_text())
+    unit = doc["write_files"][0]
+    assert unit["path"] == "/etc/systemd/network/50-leanvm-cluster.network"
+    mac = re.search(r"mac=(52:54:01:[0-9a-f:]+)", sh(str(out / "vms" / "one" / "run.sh"), "--print").decode())[1]
+    assert f"MACAddress={mac}" in unit["content"] and "Address=10.9.0.5/16" in unit["content"]
+
+
+@pytest.mark.parametrize("vms, extra, key", [
+    ({"a": {"cluster_ip": "10.78.0.1"}}, {}, "vms.a.cluster_ip"),
+    ({"a": {"cluster_ip": "10.77.0.5"}, "b": {"cluster_ip": "10.77.0.5"}}, {}, "vms.b.cluster_ip"),
+    ({"a": {"forward": ["80"]}}, {}, "vms.a.forward.0"),
+    ({"a": {"ssh_port": 2600}, "b": {"forward": ["2600:80"]}}, {}, "vms.b.forward"),
+    ({"a": {"ignition": "nope.ign"}}, {}, "vms.a.ignition"),
+    ({"a": {"ignition": "bad.ign"}}, {}, "vms.a.ignition"),
+    ({"a": {"ignition": "ok.ign", "user_data": "ok.ign"}}, {}, "vms.a"),
+    ({"a": {}}, {"network": {"subnet": "10.77.0.0/33"}}, "network.subnet"),
+    ({"a": {}}, {"network": {"mtu": 9000}}, "network.mtu"),
+])
+def test_bad_cluster_settings(mini: Path, tmp_path: Path, vms: dict, extra: dict, key: str):
+    (tmp_path / "bad.ign").write_text('{"storage": {}}')
+    (tmp_path / "ok.ign").write_text('{"ignition": {"version": "3.4.0"}}')
+    doc = {"release": str(mini / "mini.yaml"), "vms": vms, **extra}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(doc))
+    result = doit(f"config={tmp_path / 'cluster.yaml'}", f"out={tmp_path / 'out'}")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cluster.yaml" in lines[0] and key in lines[0], lines
+
+
+def test_cluster_script_is_installed_once_and_relocatable(mini: Path, tmp_path: Path):
+    out = build(tmp_path, mini / "mini.yaml", {"x": {}, "y": {}})
+    moved = tmp_path / "moved"
+    sh("cp", "-a", "--sparse=always", out, moved)
+    status = subprocess.run([str(moved / "cluster.sh"), "status"], capture_output=True, text=True, check=True)
+    assert re.search(r"^x\s+stopped", status.stdout, re.M) and re.search(r"^y\s+stopped", status.stdout, re.M)
+    bad = subprocess.run([str(moved / "cluster.sh"), "console", "nope"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "no VM named 'nope'" in bad.stderr
+    assert os.access(moved / "cluster.sh", os.X_OK)
