@@ -2,11 +2,13 @@
 
 from pipeline.tasks import (  # noqa: F401  (doit discovers task_* by name)
     doit_config,
+    task_bundle,
     task_cluster,
     task_configdrive,
     task_download,
     task_extract,
     task_launcher,
+    task_prune,
     task_reset,
     task_rootfs,
     task_verify,

@@ -206,6 +206,7 @@ def bench_doit(work: Path, sizes: Sizes) -> list[Row]:
 
     # 5. disk: leanvm out/ vs the 2016 starting point (own image per VM: two /usr copies + root)
     out = work / "out-disk"
+    shutil.rmtree(out, ignore_errors=True)
     usr_bytes = 0
     for count in sorted({1, min(5, len(names)), len(names)}):
         doit(write_cluster(work / "cluster-disk.yaml", profile, names[:count]), out)

@@ -6,6 +6,7 @@ from pathlib import Path
 from .errors import LeanvmError
 from .fsutil import temp_path
 from .proc import run
+from .vmstate import running_pid
 
 MKFS_OPTIONS = "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
 
@@ -31,16 +32,6 @@ def create(path: Path, size: int) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
-
-
-def running_pid(vm_dir: Path) -> int | None:
-    """The pid of the QEMU that run.sh started for this VM, if it is still alive."""
-    try:
-        pid = int((vm_dir / "qemu.pid").read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
 
 
 def _refuse_if_running(path: Path, vm: str, doing: str) -> None:

@@ -17,7 +17,7 @@ from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 from doit.tools import config_changed
 
-from . import configdrive, extract, fetch, launcher, record, rootfs, verify
+from . import bundle, configdrive, extract, fetch, launcher, record, rootfs, verify
 from .config import Cluster, Release, load_cluster
 from .errors import LeanvmError
 
@@ -349,6 +349,31 @@ def task_cluster() -> dict:
         "file_dep": [CLUSTER_SCRIPT],
         "targets": [dest],
         "clean": True,
+    }
+
+
+def task_bundle() -> dict:
+    """One archive of the whole built cluster (explicit: `doit bundle`)."""
+    ctx = context()
+    layout, cluster = ctx.layout, ctx.cluster
+    dest = layout.out / "bundles" / f"{cluster.path.stem}-{layout.release.name}-{layout.version}.tar.gz"
+    meta = {"release": layout.release.name, "version": layout.version, "cluster": cluster.path.name}
+    names = [vm.name for vm in cluster.vms]
+    return {
+        "doc": "write out/bundles/CLUSTER-RELEASE-VERSION.tar.gz (images once, every VM, MANIFEST.json)",
+        "actions": [action(bundle.write_bundle, layout.out, layout.images, names, dest, meta)],
+        "task_dep": BUILD_TASKS,
+        "uptodate": [False],
+    }
+
+
+def task_prune() -> dict:
+    """Remove image versions no VM's launcher uses any more (explicit: `doit prune`)."""
+    layout = context().layout
+    return {
+        "doc": "remove out/images/RELEASE/VERSION directories that no VM uses any more",
+        "actions": [action(bundle.prune, layout.out, {layout.images})],
+        "uptodate": [False],
     }
 
 

@@ -88,8 +88,8 @@ class Project:
         doc = {"release": "test", "defaults": {"disk": "64M", "memory": 256}, "vms": vms, **extra}
         self.cluster_file.write_text(yaml.safe_dump(doc))
 
-    def doit(self, *args: str, **kw: object) -> DoitResult:
-        return doit(*args, f"config={self.cluster_file}", f"out={self.out}", **kw)
+    def doit(self, *args: str, out: Path | None = None, **kw: object) -> DoitResult:
+        return doit(*args, f"config={self.cluster_file}", f"out={out or self.out}", **kw)
 
     def images(self, version: str = "100.0.0") -> Path:
         return self.out / "images" / "test" / version

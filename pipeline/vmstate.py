@@ -1,0 +1,14 @@
+"""Is a VM running? (Its launcher's QEMU pidfile, out/vms/NAME/qemu.pid.)"""
+
+import os
+from pathlib import Path
+
+
+def running_pid(vm_dir: Path) -> int | None:
+    """The pid of the QEMU that run.sh started for this VM, if it is still alive."""
+    try:
+        pid = int((vm_dir / "qemu.pid").read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid

@@ -1,0 +1,141 @@
+"""Issue 8: portable bundles, CI caching of out/images, pruning unused versions."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import Project
+from fixtures import Mirror, MirrorServer, sh
+from test_vms import paths_in, printed
+
+
+def bundle_of(project: Project) -> Path:
+    result = project.doit("bundle")
+    assert result.returncode == 0, result.stderr
+    (archive,) = (project.out / "bundles").glob("*.tar.gz")
+    return archive
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def printed_paths(run_sh: Path) -> list[Path]:
+    return [p for p in paths_in(printed(run_sh)) if p.name != "qemu.pid"]
+
+
+def test_bundle_unpacked_with_tar_elsewhere_is_complete_sparse_and_matches(project: Project, tmp_path: Path):
+    project.write_cluster({"big": {"disk": "4G", "ssh_port": 2701}, "small": {}})
+    assert project.doit().returncode == 0
+    archive = bundle_of(project)
+    assert archive.stat().st_size < 10 << 20
+    unpacked = tmp_path / "elsewhere"
+    unpacked.mkdir()
+    sh("tar", "-xf", archive, "-C", unpacked)
+    manifest = json.loads((unpacked / "MANIFEST.json").read_text())
+    assert manifest["release"] == "test" and manifest["version"] == "100.0.0"
+    assert "images/test/100.0.0/usr.squashfs" in manifest["files"] and "vms/big/rootfs.img" in manifest["files"]
+    for rel, digest in manifest["files"].items():
+        assert sha256(unpacked / rel) == digest, rel
+    for vm in ("big", "small"):
+        paths = printed_paths(unpacked / "vms" / vm / "run.sh")
+        assert len(paths) == 4
+        for path in paths:
+            assert path.exists() and str(path).startswith(str(unpacked)), path
+    disk = unpacked / "vms" / "big" / "rootfs.img"
+    assert disk.stat().st_size == 4 << 30 and disk.stat().st_blocks * 512 < 3 << 20
+
+
+def test_unbundle_checks_the_manifest(project: Project, tmp_path: Path):
+    archive = bundle_of(project)
+    result = subprocess.run([sys.executable, "-m", "pipeline.bundle", "unbundle", str(archive), str(tmp_path / "a")],
+                            capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert "match the manifest" in result.stdout
+    damaged = tmp_path / "a" / "vms" / "core1" / "run.sh"
+    damaged.write_text(damaged.read_text() + "# changed\n")
+    from pipeline.bundle import check_manifest
+    from pipeline.errors import LeanvmError
+    try:
+        check_manifest(tmp_path / "a")
+    except LeanvmError as e:
+        assert "run.sh" in str(e)
+    else:
+        raise AssertionError("a damaged file passed the manifest check")
+
+
+def test_bundle_refused_while_a_vm_runs(project: Project):
+    assert project.doit().returncode == 0
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        (project.vm("core1") / "qemu.pid").write_text(f"{sleeper.pid}\n")
+        result = project.doit("bundle")
+        assert result.returncode != 0 and "VM core1 is running" in result.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def restore_images_only(project: Project, target: Path) -> None:
+    """What a CI cache does: out/images/ comes back (new inodes), nothing else."""
+    target.mkdir()
+    shutil.copytree(project.out / "images", target / "images")
+
+
+def test_ci_cache_restore_without_doit_db_needs_no_mirror(project: Project, server: MirrorServer, tmp_path: Path):
+    assert project.doit().returncode == 0
+    restored = tmp_path / "restored"
+    restore_images_only(project, restored)
+    server.shutdown()
+    server.server_close()
+    requests_before = len(server.requests)
+    result = project.doit(out=restored)
+    assert result.returncode == 0, result.stderr
+    assert not {t for t in result.executed if t.split(":")[0] in ("download", "verify", "extract")}
+    assert {"rootfs:core1", "configdrive:core1", "launcher:core1"} <= result.executed
+    bundled = project.doit("bundle", out=restored)
+    assert bundled.returncode == 0, bundled.stderr
+    assert list((restored / "bundles").glob("*.tar.gz"))
+    assert len(server.requests) == requests_before
+
+
+def test_corrupted_cached_squashfs_is_detected_and_rebuilt(project: Project, mirror: Mirror, tmp_path: Path):
+    assert project.doit().returncode == 0
+    restored = tmp_path / "restored"
+    restore_images_only(project, restored)
+    squash = restored / "images" / "test" / "100.0.0" / "usr.squashfs"
+    data = bytearray(squash.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    squash.write_bytes(bytes(data))
+    stat = (project.images() / "usr.squashfs").stat()
+    os.utime(squash, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: only the digest tells
+    result = project.doit(out=restored)
+    assert result.returncode == 0, result.stderr
+    assert {"download:test:image", "verify:test:image", "extract:test"} <= result.executed
+    assert "download:test:kernel" not in result.executed
+    assert squash.read_bytes() == mirror.squashfs("100.0.0").read_bytes()
+
+
+def test_no_op_run_does_not_rehash_published_images(project: Project):
+    assert project.doit().returncode == 0
+    squash = project.images() / "usr.squashfs"
+    sidecar = squash.with_name(".usr.squashfs.sha256")
+    before = sidecar.stat().st_mtime_ns
+    assert project.doit().executed == set()
+    assert sidecar.stat().st_mtime_ns == before
+
+
+def test_prune_removes_versions_no_vm_uses(project: Project, mirror: Mirror):
+    assert project.doit().returncode == 0
+    mirror.add_version("101.0.0")
+    assert project.doit().returncode == 0
+    assert project.images("100.0.0").exists() and project.images("101.0.0").exists()
+    result = project.doit("prune")
+    assert result.returncode == 0, result.stderr
+    assert not project.images("100.0.0").exists()
+    assert (project.images("101.0.0") / "usr.squashfs").exists()
+    assert project.doit().executed == set()
