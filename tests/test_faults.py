@@ -46,13 +46,18 @@ def final_files(project: Project) -> set[str]:
     return {p.name for p in project.out.rglob("*") if p.is_file()}
 
 
-# --- interruptions -------------------------------------------------------------------
-
-def test_kill9_during_download_then_rebuild(project: Project, mirror: Mirror, server: MirrorServer):
+def stall_image_download(project: Project, mirror: Mirror, server: MirrorServer) -> tuple[int, threading.Event, Path]:
+    """The server sends half the image, then stalls until the returned event is set."""
     size = (mirror.root / "100.0.0" / IMAGE).stat().st_size
     release = threading.Event()
     server.stall[f"/100.0.0/{IMAGE}"] = (size // 2, release, 60)
-    part = project.out / "cache" / "test" / "100.0.0" / f"{IMAGE}.part"
+    return size, release, project.out / "cache" / "test" / "100.0.0" / f"{IMAGE}.part"
+
+
+# --- interruptions -------------------------------------------------------------------
+
+def test_kill9_during_download_then_rebuild(project: Project, mirror: Mirror, server: MirrorServer):
+    size, release, part = stall_image_download(project, mirror, server)
     proc = start_doit(project)
     wait_until(lambda: part.exists() and part.stat().st_size >= size // 2, proc)
     kill_group(proc)
@@ -96,10 +101,7 @@ def test_kill9_during_mkfs_then_rebuild(project: Project, tmp_path: Path):
 
 
 def test_second_concurrent_run_refuses_and_first_finishes(project: Project, mirror: Mirror, server: MirrorServer):
-    size = (mirror.root / "100.0.0" / IMAGE).stat().st_size
-    release = threading.Event()
-    server.stall[f"/100.0.0/{IMAGE}"] = (size // 2, release, 60)
-    part = project.out / "cache" / "test" / "100.0.0" / f"{IMAGE}.part"
+    _, release, part = stall_image_download(project, mirror, server)
     first = start_doit(project)
     try:
         wait_until(part.exists, first)
