@@ -24,6 +24,7 @@ name={name}
 # shellcheck disable=SC2034  # read by out/cluster.sh
 ssh_port={ssh_port}
 host_ports={host_ports}
+cluster_mac={cluster_mac}
 qemu=${{LEANVM_QEMU:-qemu-system-x86_64}}
 kernel_args={kernel_args}${{LEANVM_APPEND:+ $LEANVM_APPEND}}
 """
@@ -45,8 +46,6 @@ port_in_use() {
 ensure_switch() {
   pid=$(cat "$out/net/switch.pid" 2>/dev/null || true)
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then return 0; fi
-  command -v vde_switch >/dev/null 2>&1 ||
-    die "vde_switch not found: install it (apt-get install vde2); it carries the private cluster network"
   mkdir -p "$out/net"
   (cd "$out/net" && vde_switch --sock switch --pidfile "$out/net/switch.pid" --daemon) 2>/dev/null || true
   pid=$(cat "$out/net/switch.pid" 2>/dev/null || true)
@@ -79,6 +78,18 @@ case ${1-} in
   --detach) mode=detach; shift ;;
 esac
 
+# NIC 2, the private cluster network, needs vde_switch (Debian: vde2); without it the VM
+# still starts, with a warning.
+cluster_net=true
+if [ "$mode" != print ] && ! command -v vde_switch >/dev/null 2>&1; then
+  printf 'run.sh: warning: %s\n' \
+    "vde_switch not found (apt-get install vde2): VM $name starts without the cluster network" >&2
+  cluster_net=false
+fi
+if [ "$cluster_net" = true ]; then
+  set -- -netdev vde,id=cluster,sock=switch -device "virtio-net-pci,netdev=cluster,mac=$cluster_mac" "$@"
+fi
+
 if [ "$mode" = detach ]; then
   rm -f "$here/monitor.in" "$here/monitor.out"
   mkfifo "$here/monitor.in" "$here/monitor.out"
@@ -110,8 +121,10 @@ for port in $host_ports; do
     die "VM $name: host port $port (127.0.0.1) is already in use; stop what uses it or change the VM's ports"
   fi
 done
-ensure_switch
-cd "$out/net"  # QEMU finds the switch as ./switch: short socket paths, wherever out/ is
+if [ "$cluster_net" = true ]; then
+  ensure_switch
+  cd "$out/net"  # QEMU finds the switch as ./switch: short socket paths, wherever out/ is
+fi
 [ "$mode" = detach ] && exec "$@"  # cluster.sh down stops the switch
 status=0
 "$@" || status=$?
@@ -131,7 +144,6 @@ def qemu_args(vm: VM, release: Release) -> list[str]:
         f"-m {vm.memory}",
         '-pidfile "$here/qemu.pid"',
         *user_network(vm),
-        *cluster_network(vm),
         *disk("usr", '"$images/usr.squashfs"', "usr.readonly", "readonly=on"),
         *disk("root", '"$here/rootfs.img"', "rootfs", "discard=unmap"),
         *config_drive(),
@@ -151,11 +163,6 @@ def user_network(vm: VM) -> list[str]:
     hostfwd = ",".join(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in forwards)
     netdev = f"user,id=net0,{hostfwd},hostname={vm.name}"
     return [f"-netdev {quote(netdev)}", f"-device {quote(f'virtio-net-pci,netdev=net0,mac={vm.mac}')}"]
-
-
-def cluster_network(vm: VM) -> list[str]:
-    """NIC 2: the private cluster network (the VDE switch ./switch in out/net/)."""
-    return ["-netdev vde,id=cluster,sock=switch", f"-device virtio-net-pci,netdev=cluster,mac={vm.cluster_mac}"]
 
 
 def disk(drive_id: str, path_word: str, serial: str, option: str) -> list[str]:
@@ -185,6 +192,7 @@ def render(vm: VM, release: Release, version: str) -> str:
         version=version,
         images=quote(f"images/{release.name}/{version}"),
         ssh_port=vm.ssh_port,
+        cluster_mac=vm.cluster_mac,
         host_ports=quote(" ".join(str(p) for p in [vm.ssh_port, *(h for h, _ in vm.forwards)])),
         kernel_args=quote(release.kernel_args),
     )
