@@ -21,7 +21,8 @@ def bundle_of(project: Project) -> Path:
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def printed_paths(run_sh: Path) -> list[Path]:
