@@ -51,12 +51,15 @@ class Kernel:
 
 def kernel_package() -> str:
     """The versioned package that linux-image-amd64 currently depends on."""
-    out = run(["apt-cache", "depends", "linux-image-amd64"]).stdout.decode()
-    for line in out.splitlines():
-        name = line.strip().removeprefix("Depends:").strip()
-        if line.strip().startswith("Depends:") and name.startswith("linux-image-"):
-            return name
-    raise LeanvmError("apt-cache knows no linux-image-amd64", "run `apt-get update` first")
+    for attempt in range(2):
+        out = run(["apt-cache", "depends", "linux-image-amd64"], check=False).stdout.decode()
+        for line in out.splitlines():
+            name = line.strip().removeprefix("Depends:").strip()
+            if line.strip().startswith("Depends:") and name.startswith("linux-image-"):
+                return name
+        if attempt == 0:
+            run(["apt-get", "update", "-q"])  # a fresh machine may have no package lists yet
+    raise LeanvmError("apt-cache knows no linux-image-amd64", "check /etc/apt/sources.list and the network")
 
 
 def _apt_download(package: str, where: Path) -> Path:
