@@ -29,9 +29,9 @@ from .proc import run
 PROJECT = Path(__file__).resolve().parent.parent
 INIT_SCRIPT = Path(__file__).with_name("minirelease_init.sh")
 # loop: for PXE-style boots that mount /usr from a squashfs file held in the initramfs.
-# qemu_fw_cfg: Ignition configs passed with -fw_cfg.
+# qemu_fw_cfg: Ignition configs passed with -fw_cfg; button, evdev: the ACPI power button.
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "ext4", "9p", "9pnet_virtio", "loop",
-                  "qemu_fw_cfg")
+                  "qemu_fw_cfg", "button", "evdev")
 KERNEL, INITRD, IMAGE = "mini.vmlinuz", "mini.initrd.cpio.gz", "mini_image.cpio.gz"
 BY_ID_ARGS = (
     "mount.usr=/dev/disk/by-id/virtio-usr.readonly mount.usrfstype=squashfs mount.usrflags=ro "

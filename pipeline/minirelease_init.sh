@@ -39,13 +39,24 @@ finish() {
     say "shell requested (leanvm.shell); exit it to power off"
     setsid cttyhack sh
   elif [ -n "$hold" ]; then
-    say "holding (leanvm.hold) until QEMU is stopped"
-    while :; do sleep 3600; done
+    say "holding (leanvm.hold) until powered off"
+    wait_for_power_button
   fi
   umount /mnt/config /sysroot/usr /sysroot 2>/dev/null
   sync
   say "powering off"
   poweroff -f
+}
+
+# Block until the ACPI power button is pressed (QEMU's system_powerdown), or forever when
+# there is no such input device.
+wait_for_power_button() {
+  for input in /sys/class/input/event*; do
+    if [ "$(cat "$input/device/name" 2>/dev/null)" = "Power Button" ]; then
+      dd if="/dev/input/${input##*/}" bs=24 count=1 >/dev/null 2>&1 && say "power button pressed" && return 0
+    fi
+  done
+  while :; do sleep 3600; done
 }
 
 fail() { say "FAILED: $*"; finish; }

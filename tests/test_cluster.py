@@ -52,7 +52,7 @@ def test_up_status_network_ping_and_down(mini: Path, tmp_path: Path):
     })
     cluster_sh = str(out / "cluster.sh")
     subprocess.run(["shellcheck", cluster_sh], check=True)
-    env = {**ENV, "LEANVM_APPEND": "leanvm.hold leanvm.ping=10.77.0.11,10.77.0.12", "LEANVM_STOP_TIMEOUT": "3"}
+    env = {**ENV, "LEANVM_APPEND": "leanvm.hold leanvm.ping=10.77.0.11,10.77.0.12", "LEANVM_STOP_TIMEOUT": "60"}
     try:
         up = subprocess.run([cluster_sh, "up"], capture_output=True, text=True, env=env, timeout=60)
         assert up.returncode == 0, up.stdout + up.stderr
@@ -68,6 +68,10 @@ def test_up_status_network_ping_and_down(mini: Path, tmp_path: Path):
     finally:
         down = subprocess.run([cluster_sh, "down"], capture_output=True, text=True, env=env, timeout=120)
     assert down.returncode == 0, down.stderr
+    assert "did not power off" not in down.stdout  # graceful: ACPI power button, guest powers off
+    for name in ("node-a", "node-b"):
+        console = (out / "vms" / name / "console.log").read_text(errors="replace")
+        assert "leanvm: power button pressed" in console and "leanvm: powering off" in console
     assert qemu_pids(out) == []
     status = subprocess.run([cluster_sh, "status"], capture_output=True, text=True, check=True).stdout
     assert "running" not in status
@@ -137,3 +141,17 @@ def test_cluster_script_is_installed_once_and_relocatable(mini: Path, tmp_path: 
     bad = subprocess.run([str(moved / "cluster.sh"), "console", "nope"], capture_output=True, text=True)
     assert bad.returncode != 0 and "no VM named 'nope'" in bad.stderr
     assert os.access(moved / "cluster.sh", os.X_OK)
+
+
+def test_down_stops_a_guest_that_ignores_the_power_button(mini: Path, tmp_path: Path):
+    out = build(tmp_path, mini / "mini.yaml", {"stubborn": {}})
+    cluster_sh = str(out / "cluster.sh")
+    # leanvm.shell with no terminal: the guest sits in a shell and never reads the button.
+    env = {**ENV, "LEANVM_APPEND": "leanvm.shell", "LEANVM_STOP_TIMEOUT": "2"}
+    try:
+        assert subprocess.run([cluster_sh, "up"], capture_output=True, env=env, timeout=60).returncode == 0
+        wait_for_text(out / "vms" / "stubborn" / "console.log", "shell requested")
+    finally:
+        down = subprocess.run([cluster_sh, "down"], capture_output=True, text=True, env=env, timeout=120)
+    assert "stubborn: did not power off within 2s; stopping QEMU" in down.stdout
+    assert qemu_pids(out) == []
