@@ -59,12 +59,15 @@ def main() -> int:
     (run_sh.parent / "console.log").write_text(console)
     print("".join(line + "\n" for line in console.splitlines() if line.startswith("leanvm: ")), end="")
     relative = run_sh.relative_to(PROJECT)
+    env = "LEANVM_ACCEL=tcg " if accel == "tcg" and os.environ.get("LEANVM_ACCEL", "auto") == "auto" else ""
     print(f"""
 demo1 booted under {accel.upper()}: /usr is the shared read-only squashfs disk, / its own root disk.
 Launchers: {OUT / 'vms'}/demo{{1,2,3}}/run.sh   (console log: {relative.parent / 'console.log'})
 Start one interactively (a shell instead of power-off; Ctrl-a x quits QEMU):
-    LEANVM_APPEND=leanvm.shell {relative}
-Show its QEMU command line:
+    {env}LEANVM_APPEND=leanvm.shell {relative}
+Start the whole cluster in the background, see it, stop it:
+    {env}LEANVM_APPEND=leanvm.hold out/cluster.sh up; out/cluster.sh status; out/cluster.sh down
+Show a QEMU command line:
     {relative} --print""")
     return 0
 
