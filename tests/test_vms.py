@@ -201,3 +201,12 @@ def test_auto_port_never_moves_when_a_colliding_vm_is_added(project: Project):
     assert result.executed == {"rootfs:extra4", "configdrive:extra4", "launcher:extra4"}
     assert "ssh_port=25414" in (project.vm("vm09") / "run.sh").read_text()
     assert "ssh_port=25415" in (project.vm("extra4") / "run.sh").read_text()
+
+
+def test_parallel_build_with_doit_n_2(project: Project, mirror: Mirror):
+    project.write_cluster({"p1": {}, "p2": {}, "p3": {}})
+    result = project.doit("-n", "2")
+    assert result.returncode == 0, result.stderr
+    assert (project.images() / "usr.squashfs").read_bytes() == mirror.squashfs("100.0.0").read_bytes()
+    assert all((project.vm(n) / "run.sh").exists() for n in ("p1", "p2", "p3"))
+    assert project.doit("-n", "2").executed == set()
