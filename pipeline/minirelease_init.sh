@@ -39,7 +39,6 @@ finish() {
     say "shell requested (leanvm.shell); exit it to power off"
     setsid cttyhack sh
   elif [ -n "$hold" ]; then
-    say "holding (leanvm.hold) until powered off"
     wait_for_power_button
   fi
   umount /mnt/config /sysroot/usr /sysroot 2>/dev/null
@@ -48,15 +47,28 @@ finish() {
   poweroff -f
 }
 
-# Block until the ACPI power button is pressed (QEMU's system_powerdown), or forever when
-# there is no such input device.
+# Block until an ACPI power button is pressed (QEMU's system_powerdown), or forever when
+# there is none. There can be more than one "Power Button" input device: watch them all.
 wait_for_power_button() {
+  buttons=""
   for input in /sys/class/input/event*; do
     if [ "$(cat "$input/device/name" 2>/dev/null)" = "Power Button" ]; then
-      dd if="/dev/input/${input##*/}" bs=24 count=1 >/dev/null 2>&1 && say "power button pressed" && return 0
+      buttons="$buttons /dev/input/${input##*/}"
     fi
   done
-  while :; do sleep 3600; done
+  if [ -z "$buttons" ]; then
+    say "holding (leanvm.hold) until QEMU is stopped: no power button"
+    while :; do sleep 3600; done
+  fi
+  pressed=""
+  trap 'pressed=1' USR1
+  for button in $buttons; do
+    (dd if="$button" bs=24 count=1 >/dev/null 2>&1 && kill -USR1 $$) &
+  done
+  sleep 1  # let the watchers open their devices before saying we are ready for a press
+  say "holding (leanvm.hold) until powered off (power button:$buttons)"
+  while [ -z "$pressed" ]; do sleep 1; done
+  say "power button pressed"
 }
 
 fail() { say "FAILED: $*"; finish; }
