@@ -10,6 +10,7 @@ from pipeline.tasks import (  # noqa: F401  (doit discovers task_* by name)
     task_launcher,
     task_prune,
     task_reset,
+    task_retire,
     task_rootfs,
     task_verify,
 )

@@ -5,6 +5,7 @@
 """
 
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -17,7 +18,7 @@ from .config import Cluster, Release, load_cluster
 from .doitenv import PROJECT, action, building, fail, out_dir, var_path
 from .errors import LeanvmError
 
-BUILD_TASKS = ["download", "verify", "extract", "rootfs", "configdrive", "launcher", "cluster"]
+BUILD_TASKS = ["download", "verify", "extract", "rootfs", "configdrive", "launcher", "cluster", "retire"]
 CLUSTER_SCRIPT = Path(__file__).with_name("cluster.sh")
 
 
@@ -257,6 +258,26 @@ def task_cluster() -> dict:
         "file_dep": [CLUSTER_SCRIPT],
         "targets": [dest],
         "clean": True,
+    }
+
+
+def retire(vm_dirs: list[Path]) -> None:
+    """VMs gone from the cluster file keep their disks, but lose their launcher, so that
+    cluster.sh no longer starts them; adding a VM back renders it again."""
+    for vm_dir in vm_dirs:
+        os.replace(vm_dir / "run.sh", vm_dir / "run.sh.retired")
+        print(f"leanvm: VM {vm_dir.name} is no longer in the cluster file: its launcher is now "
+              f"{vm_dir / 'run.sh.retired'}; its root disk is kept", file=sys.stderr)
+
+
+def task_retire() -> dict:
+    ctx = context()
+    current = {vm.name for vm in ctx.cluster.vms}
+    stale = sorted(d for d in (ctx.layout.out / "vms").glob("*") if (d / "run.sh").exists() and d.name not in current)
+    return {
+        "doc": "retire the launchers of VMs removed from the cluster file (their disks stay)",
+        "actions": [action(retire, stale)],
+        "uptodate": [not stale],
     }
 
 

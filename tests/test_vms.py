@@ -210,3 +210,20 @@ def test_parallel_build_with_doit_n_2(project: Project, mirror: Mirror):
     assert (project.images() / "usr.squashfs").read_bytes() == mirror.squashfs("100.0.0").read_bytes()
     assert all((project.vm(n) / "run.sh").exists() for n in ("p1", "p2", "p3"))
     assert project.doit("-n", "2").executed == set()
+
+
+def test_removed_vm_is_retired_from_cluster_sh_and_keeps_its_disk(cluster: Project):
+    disk = cluster.vm("core2") / "rootfs.img"
+    payload = cluster.root / "payload"
+    payload.write_bytes(os.urandom(20_000))
+    sh("debugfs", "-w", "-R", f"write {payload} kept", disk)
+    cluster.write_cluster({"core1": {"ssh_port": 2222, "user_data": "core1.yaml"}, "core3": {}})
+    result = cluster.doit()
+    assert result.executed == {"retire"} and "core2 is no longer in the cluster file" in result.stderr
+    assert not (cluster.vm("core2") / "run.sh").exists() and (cluster.vm("core2") / "run.sh.retired").exists()
+    status = subprocess.run([str(cluster.out / "cluster.sh"), "status"], capture_output=True, text=True).stdout
+    assert "core1" in status and "core2" not in status
+    assert cluster.doit().executed == set()
+    cluster.write_cluster(THREE | {"core1": {"ssh_port": 2222, "user_data": "core1.yaml"}})
+    assert cluster.doit().executed == {"launcher:core2"}
+    assert sh("debugfs", "-R", "cat kept", disk) == payload.read_bytes()
