@@ -72,20 +72,34 @@ def _apt_download(package: str, where: Path) -> Path:
 
 
 def fetch_kernel(cache: Path) -> Kernel:
-    """Download and unpack Debian's kernel once; later calls reuse the cache."""
+    """Download and unpack Debian's kernel once; later calls reuse the cache.
+
+    Only the kernel, the modules.* indexes and the modules the initrd needs are kept (a few
+    MB instead of the package's ~400 MB); the cache is made again if that set changes.
+    """
     done = cache / "kernel.ready"
-    if not done.exists():
+    wanted = " ".join(WANTED_MODULES)
+    if not done.exists() or done.read_text().split("\n")[1:2] != [wanted]:
         shutil.rmtree(cache, ignore_errors=True)
         (cache / "deb").mkdir(parents=True)
         deb = _apt_download(kernel_package(), cache / "deb")
         run(["dpkg-deb", "-x", deb, cache / "root"])
-        deb.unlink()
+        shutil.rmtree(cache / "deb")
         version = next((cache / "root" / "lib" / "modules").iterdir()).name
         run(["depmod", "-b", cache / "root", version])
-        done.write_text(version + "\n")
-    version = done.read_text().strip()
+        _keep_only(cache / "root" / "lib" / "modules" / version, resolve_modules(
+            cache / "root" / "lib" / "modules" / version, WANTED_MODULES))
+        done.write_text(f"{version}\n{wanted}\n")
+    version = done.read_text().split("\n")[0]
     root = cache / "root"
     return Kernel(root / "boot" / f"vmlinuz-{version}", root / "lib" / "modules" / version, version)
+
+
+def _keep_only(modules: Path, needed: list[str]) -> None:
+    keep = {modules / m for m in needed}
+    for ko in modules.rglob("*.ko*"):
+        if ko not in keep:
+            ko.unlink()
 
 
 def _module_name(path: str) -> str:
