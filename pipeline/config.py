@@ -236,6 +236,13 @@ CLUSTER_KEYS = {"release", "defaults", "vms", "network"}
 NETWORK_KEYS = {"subnet": _subnet}
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """'line N: PROBLEM' for a YAML error, as users see it in their editor."""
+    mark = getattr(error, "problem_mark", None)
+    line = f"line {mark.line + 1}: " if mark else ""
+    return line + (getattr(error, "problem", None) or "invalid YAML")
+
+
 def read_yaml(path: Path) -> Any:
     try:
         text = path.read_text()
@@ -246,10 +253,7 @@ def read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        raise LeanvmError(f"{path}: {line}YAML syntax error: {problem}", "fix the YAML") from None
+        raise LeanvmError(f"{path}: YAML syntax error: {yaml_problem(e)}", "fix the YAML") from None
 
 
 def _mapping(value: Any, where: _Where, allowed: set[str] | dict) -> dict:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import VM
+from .config import VM, yaml_problem
 from .errors import LeanvmError
 from .fsutil import write_atomic
 
@@ -52,9 +52,7 @@ def _from_file(path: Path, vm: VM) -> str:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
-        raise LeanvmError(f"{path}: {line}#cloud-config is not valid YAML", "fix the YAML") from None
+        raise LeanvmError(f"{path}: #cloud-config is not valid YAML: {yaml_problem(e)}", "fix the YAML") from None
     if doc is not None and not isinstance(doc, dict):
         raise LeanvmError(f"{path}: #cloud-config must be a YAML mapping", "write KEY: VALUE lines")
     if not isinstance((doc or {}).get("write_files", []), list):

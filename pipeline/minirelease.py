@@ -251,6 +251,8 @@ def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> P
     version = f"1.{pad_mb}.{digest[:8]}"
     mirror = out / "mirror"
     vdir = mirror / version
+    home = out / "gnupg"
+    fingerprint = demo_key(home)
     if not (vdir / f"{IMAGE}.sig").exists():
         work = out / "work"
         work.mkdir(parents=True, exist_ok=True)
@@ -260,12 +262,8 @@ def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> P
         make_initrd(vdir / INITRD, kernel, busybox)
         write_cpio_gz(vdir / IMAGE, {"usr.squashfs": work / "usr.squashfs"})
         (work / "usr.squashfs").unlink()
-        home = out / "gnupg"
-        fingerprint = demo_key(home)
         for name in (KERNEL, INITRD, IMAGE):
             sign(home, fingerprint, vdir / name)
-    home = out / "gnupg"
-    fingerprint = demo_key(home)
     key = out / "demo-signing-key.asc"
     key.write_bytes(run(["gpg", "--homedir", home, "--armor", "--export", fingerprint]).stdout)
     write_atomic(mirror / "current" / "version.txt", f"MINI_VERSION={version}\n".encode())

@@ -17,6 +17,7 @@ from . import bundle, configdrive, doitenv, extract, fetch, launcher, record, ro
 from .config import Cluster, Release, load_cluster
 from .doitenv import PROJECT, action, building, fail, out_dir, var_path
 from .errors import LeanvmError
+from .fsutil import write_atomic
 
 BUILD_TASKS = ["download", "verify", "extract", "rootfs", "configdrive", "launcher", "cluster", "retire"]
 CLUSTER_SCRIPT = Path(__file__).with_name("cluster.sh")
@@ -44,6 +45,9 @@ class Layout:
 
     def vm(self, name: str) -> Path:
         return self.out / "vms" / name
+
+    def rootfs(self, name: str) -> Path:
+        return self.vm(name) / "rootfs.img"
 
 
 @dataclass(frozen=True)
@@ -202,7 +206,7 @@ def task_extract() -> Iterator[dict]:
 def task_rootfs() -> Iterator[dict]:
     ctx = context()
     for vm in ctx.cluster.vms:
-        disk = ctx.layout.vm(vm.name) / "rootfs.img"
+        disk = ctx.layout.rootfs(vm.name)
         yield {
             "name": vm.name,
             "doc": "create or grow the sparse ext4 root disk (VM state: never recreated)",
@@ -246,7 +250,7 @@ def task_launcher() -> Iterator[dict]:
 
 
 def install_script(source: Path, dest: Path) -> None:
-    launcher.write(dest, source.read_text())
+    write_atomic(dest, source.read_bytes(), mode=0o755)
 
 
 def task_cluster() -> dict:
@@ -309,7 +313,7 @@ def task_prune() -> dict:
 def task_reset() -> Iterator[dict]:
     ctx = context()
     for vm in ctx.cluster.vms:
-        disk = ctx.layout.vm(vm.name) / "rootfs.img"
+        disk = ctx.layout.rootfs(vm.name)
         yield {
             "name": vm.name,
             "doc": "recreate the root disk EMPTY (explicit only; all VM state is lost)",

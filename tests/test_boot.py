@@ -13,10 +13,11 @@ BOOT_TIMEOUT = 90
 ENV = {**os.environ, "LEANVM_ACCEL": "tcg"}
 
 
-def build_cluster(root: Path, profile: Path, vms: dict) -> Path:
+def build_cluster(root: Path, profile: Path, vms: dict, **extra: object) -> Path:
+    """A cluster file (small VMs, plus alpha.yaml user_data beside it) built by doit into root/out."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "alpha.yaml").write_text("#cloud-config\nhostname: alpha-from-user-data\n")
-    cluster = {"release": str(profile), "defaults": {"memory": 256, "disk": "128M"}, "vms": vms}
+    cluster = {"release": str(profile), "defaults": {"memory": 256, "disk": "128M"}, "vms": vms, **extra}
     (root / "cluster.yaml").write_text(yaml.safe_dump(cluster))
     result = doit(f"config={root / 'cluster.yaml'}", f"out={root / 'out'}")
     assert result.returncode == 0, result.stderr

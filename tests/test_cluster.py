@@ -12,15 +12,7 @@ import pytest
 import yaml
 from fixtures import doit, sh
 from test_boot import BOOT_TIMEOUT, ENV, boot, marker
-
-
-def build(root: Path, profile: Path, vms: dict, **extra: object) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    doc = {"release": str(profile), "defaults": {"memory": 256, "disk": "128M"}, "vms": vms, **extra}
-    (root / "cluster.yaml").write_text(yaml.safe_dump(doc))
-    result = doit(f"config={root / 'cluster.yaml'}", f"out={root / 'out'}")
-    assert result.returncode == 0, result.stderr
-    return root / "out"
+from test_boot import build_cluster as build
 
 
 def qemu_pids(out: Path) -> list[int]:
