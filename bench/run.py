@@ -27,7 +27,7 @@ from fixtures import Keyring, Mirror, make_cpio_gz, make_squashfs  # noqa: E402
 from server import BenchServer  # noqa: E402
 
 from pipeline import fetch, minirelease  # noqa: E402
-from pipeline.extract import extract_member  # noqa: E402
+from pipeline.extract import extract_usr_disk  # noqa: E402
 
 MiB = 1 << 20
 
@@ -90,7 +90,7 @@ def bench_extract(work: Path, sizes: Sizes) -> list[Row]:
     out = image.parent / "extracted"
     q = f"'{image}'"
     t = {
-        "leanvm": median_seconds(lambda: extract_member(image, "usr.squashfs", out), sizes.reps),
+        "leanvm": median_seconds(lambda: extract_usr_disk(image, "usr.squashfs", out), sizes.reps),
         "zcat | cpio": median_seconds(lambda: sh(f"zcat {q} | cpio -i --quiet --to-stdout usr.squashfs > '{out}'"),
                                       sizes.reps),
         "pigz -dc | cpio": median_seconds(
@@ -210,7 +210,7 @@ def bench_doit(work: Path, sizes: Sizes) -> list[Row]:
     usr_bytes = 0
     for count in sorted({1, min(5, len(names)), len(names)}):
         doit(write_cluster(work / "cluster-disk.yaml", profile, names[:count]), out)
-        usr = next(out.glob("images/*/*/usr.squashfs"))
+        usr = next(out.glob("images/*/*/usr.img"))
         usr_bytes = du(usr)
         lean = du(out)
         baseline = work / "baseline-2016"
@@ -264,13 +264,13 @@ def bench_boot(work: Path, sizes: Sizes) -> list[Row]:
     doit(cluster, out)
     run_sh = out / "vms" / "boot" / "run.sh"
     images = next(out.glob("images/mini/*"))
-    usr_size = (images / "usr.squashfs").stat().st_size
+    usr_size = (images / "usr.img").stat().st_size
     pxe_initrd = work / "pxe.initrd"
     image = next((mini / "mirror").glob(f"*/{minirelease.IMAGE}"))
     pxe_initrd.write_bytes((images / "initrd").read_bytes() + image.read_bytes())
     pxe_args = ["-initrd", str(pxe_initrd), "-append",
                 "mount.usr=/usr.squashfs mount.usrfstype=squashfs mount.usrflags=ro "
-                "root=/dev/disk/by-id/virtio-rootfs rootflags=rw console=ttyS0"]
+                "root=LABEL=ROOT rootflags=rw console=ttyS0"]
     lean, pxe = [], []
     for _ in range(max(sizes.reps - 2, 1)):
         lean.append(boot_once([str(run_sh)]))

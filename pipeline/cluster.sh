@@ -58,6 +58,27 @@ still_running() {
   return 0
 }
 
+# The cluster network's switch stops once no VM of this out/ runs or starts (under the
+# lock that every run.sh takes to start or leave it).
+stop_switch_if_unused() {
+  [ -d "$out/net" ] || return 0
+  (
+    flock 9 || exit 1
+    for vm in $(vms); do vm_pid "$vm" >/dev/null && exit 0; done
+    for entry in "$out"/net/users/*; do
+      [ -e "$entry" ] || continue
+      pid=$(cat "$entry" 2>/dev/null) && kill -0 "$pid" 2>/dev/null && exit 0
+      rm -f "$entry"
+    done
+    pid=$(cat "$out/net/switch.pid" 2>/dev/null) || pid=""
+    if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then
+      tries=0
+      while kill -0 "$pid" 2>/dev/null && [ "$tries" -lt 100 ]; do sleep 0.05; tries=$((tries + 1)); done
+    fi
+    rm -rf "$out/net/switch" "$out/net/switch.pid"
+  ) 9>"$out/net/lock"
+}
+
 down() {
   timeout=${LEANVM_STOP_TIMEOUT:-60}
   for vm in $(still_running); do monitor "$vm" system_powerdown; done
@@ -76,14 +97,7 @@ down() {
       sleep 1
     done
   done
-  if pid=$(cat "$out/net/switch.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; then
-    kill "$pid"
-    waited=0
-    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 50 ]; do
-      sleep 0.1
-      waited=$((waited + 1))
-    done
-  fi
+  stop_switch_if_unused
   for vm in $(vms); do echo "$vm: stopped"; done
 }
 

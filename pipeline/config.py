@@ -45,6 +45,7 @@ class Release:
     fingerprints: tuple[str, ...]
     kernel_args: str
     ignition_fw_cfg: str | None = None
+    first_boot_args: str | None = None  # kernel args for boots whose root has no Ignition result
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,7 @@ PROFILE_KEYS: dict[str, tuple[bool, Callable[[Any, _Where], Any]]] = {
     "fingerprints": (True, _fingerprints),
     "kernel_args": (True, _string),
     "ignition_fw_cfg": (False, _optional_string),
+    "first_boot_args": (False, _optional_string),
 }
 
 VM_KEYS: dict[str, Callable[[Any, _Where], Any]] = {
@@ -316,6 +318,7 @@ def load_profile(path: Path) -> Release:
         fingerprints=values["fingerprints"],
         kernel_args=" ".join(values["kernel_args"].split()),
         ignition_fw_cfg=values.get("ignition_fw_cfg"),
+        first_boot_args=" ".join(values["first_boot_args"].split()) if values.get("first_boot_args") else None,
     )
 
 

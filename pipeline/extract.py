@@ -1,14 +1,17 @@
-"""Stream one member out of a (gzip'd cpio) image into a file, atomically."""
+"""Stream the /usr member of a (gzip'd cpio) image into the partition of usr.img, atomically."""
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import libarchive
 import libarchive.exception
 
 from .errors import LeanvmError
 from .fsutil import temp_path
+from .usrdisk import UsrDisk, write_table
 
 BLOCK = 1 << 20
 
@@ -19,10 +22,25 @@ def _normalise(name: str) -> str:
     return name
 
 
-def extract_member(archive: Path, member: str, dest: Path) -> str:
-    """Write `member` of `archive` to `dest`; only a complete, regular member lands there.
+def _stream_into(out: BinaryIO, blocks: Iterable[bytes], disk: UsrDisk, digest: Any) -> int:
+    """Write the member at the partition's offset; hash usr.img's bytes in file order."""
+    out.seek(0)
+    digest.update(out.read(disk.offset))  # the primary GPT, already written
+    written = 0
+    for block in blocks:
+        out.write(block)
+        digest.update(block)
+        written += len(block)
+    if written == disk.member_size:
+        digest.update(bytes(disk.backup_offset - disk.offset - written))  # the partition's zero tail
+        out.seek(disk.backup_offset)
+        digest.update(out.read())  # the backup GPT
+    return written
 
-    Returns the sha256 of what was written (computed on the way, not by re-reading)."""
+
+def extract_usr_disk(archive: Path, member: str, dest: Path) -> str:
+    """Write `member` of `archive` as the USR-A partition of the GPT disk `dest`; only a
+    complete, regular member lands there. Returns the sha256 of `dest`, computed on the way."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dest)
     try:
@@ -32,15 +50,19 @@ def extract_member(archive: Path, member: str, dest: Path) -> str:
                     continue
                 if not entry.isreg:
                     raise LeanvmError(f"{archive}: member {member} is not a regular file", "check usr_member")
-                written, digest = 0, hashlib.sha256()
+                if not entry.size:
+                    raise LeanvmError(f"{archive}: member {member} is empty", "the image is corrupt")
+                disk = UsrDisk(entry.size)
                 with open(tmp, "wb") as out:
-                    for block in entry.get_blocks(BLOCK):
-                        out.write(block)
-                        digest.update(block)
-                        written += len(block)
+                    out.truncate(disk.size)
+                write_table(tmp, disk)
+                digest = hashlib.sha256()
+                with open(tmp, "r+b") as out:
+                    out.seek(disk.offset)
+                    written = _stream_into(out, entry.get_blocks(BLOCK), disk, digest)
                     out.flush()
                     os.fsync(out.fileno())
-                if entry.size is not None and written != entry.size:
+                if written != disk.member_size:
                     raise LeanvmError(f"{archive}: member {member} is truncated", "the image is corrupt")
                 os.replace(tmp, dest)
                 return digest.hexdigest()

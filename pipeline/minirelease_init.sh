@@ -1,9 +1,12 @@
 #!/bin/busybox sh
 # shellcheck shell=sh
-# /init of leanvm's mini release. Honours the kernel arguments a CoreOS/Flatcar initrd
-# honours (mount.usr=, mount.usrfstype=, mount.usrflags=, root=, rootflags=, rootfstype=),
-# a /usr given as a file in the initramfs is loop-mounted (PXE style);
-# reports what it mounted on the serial console, logs the boot on the root disk, powers off.
+# /init of leanvm's mini release. It follows the contract of Flatcar's initrd:
+# mount.usr= (a path, LABEL=, UUID= or PARTLABEL=, found as Flatcar's busybox stage 1 finds
+# it), mount.usrfstype=, mount.usrflags=, root=, rootflags=, rootfstype=; it mounts the disk
+# labelled OEM on /oem; and with flatcar.first_boot= it does what Ignition does on a first
+# boot: reads the config from fw_cfg and writes /etc/.ignition-result.json on the root.
+# A /usr given as a file in the initramfs is loop-mounted (PXE style).
+# It reports what it did on the serial console, logs the boot on the root disk, powers off.
 # `leanvm.shell` on the kernel command line keeps a shell instead of powering off,
 # `leanvm.hold` keeps the VM up until QEMU is stopped, `leanvm.ping=IP,...` pings peers on
 # the cluster network (configured from the systemd-networkd unit in user_data).
@@ -18,7 +21,7 @@ exec </dev/console >/dev/console 2>&1
 
 say() { echo "leanvm: $*"; }
 
-usr="" usrfstype="" usrflags="ro" root="" rootflags="rw" rootfstype="" shell="" hold="" ping=""
+usr="" usrfstype="" usrflags="ro" root="" rootflags="rw" rootfstype="" shell="" hold="" ping="" first_boot=""
 # shellcheck disable=SC2013  # the command line is split into words on purpose
 for word in $(cat /proc/cmdline); do
   case $word in
@@ -31,6 +34,7 @@ for word in $(cat /proc/cmdline); do
     leanvm.shell) shell=1 ;;
     leanvm.hold) hold=1 ;;
     leanvm.ping=*) ping=${word#*=} ;;
+    flatcar.first_boot=*|coreos.first_boot=*) first_boot=${word#*=} ;;
   esac
 done
 
@@ -41,7 +45,7 @@ finish() {
   elif [ -n "$hold" ]; then
     wait_for_power_button
   fi
-  umount /mnt/config /sysroot/usr /sysroot 2>/dev/null
+  umount /mnt/config /sysroot/oem /sysroot/usr /sysroot 2>/dev/null
   sync
   say "powering off"
   poweroff -f
@@ -77,20 +81,19 @@ while read -r module; do
   insmod "/lib/modules/$module" 2>/dev/null || say "warning: insmod $module failed"
 done </lib/modules/load.order
 
-# A by-id name is resolved the way udev makes the link: /dev/disk/by-id/virtio-SERIAL is
-# the disk whose /sys/block/*/serial is SERIAL. A plain /dev/vdX is used as it is.
+# A device named the way Flatcar's stage 1 names it. There is no udev: a PARTLABEL= is the
+# partition whose uevent has PARTNAME=LABEL; LABEL= and UUID= are found by findfs.
 resolve() {
   case $1 in
-    /dev/disk/by-id/virtio-*)
-      for serial_file in /sys/block/*/serial; do
-        [ -r "$serial_file" ] || continue
-        if [ "$(cat "$serial_file")" = "${1#/dev/disk/by-id/virtio-}" ]; then
-          block=${serial_file%/serial}
-          echo "/dev/${block##*/}"
+    PARTLABEL=*)
+      for uevent in /sys/class/block/*/uevent; do
+        if grep -qx "PARTNAME=${1#PARTLABEL=}" "$uevent"; then
+          echo "/dev/$(sed -n 's/^DEVNAME=//p' "$uevent")"
           return 0
         fi
       done
       return 1 ;;
+    LABEL=*|UUID=*) findfs "$1" 2>/dev/null ;;
     *) [ -b "$1" ] || [ -f "$1" ] && echo "$1" ;;  # a file: PXE-style, /usr held in RAM
   esac
 }
@@ -120,6 +123,12 @@ if [ -n "$usr" ]; then
   [ -f "$usrdev" ] && usrflags="$usrflags,loop"
   mount_fs "$usrdev" /sysroot/usr "$usrfstype" "$usrflags" || fail "cannot mount $usrdev on /usr"
   say "usr mounted: $(grep ' /sysroot/usr ' /proc/mounts)"
+fi
+mkdir -p /sysroot/oem /sysroot/etc
+if oemdev=$(wait_for LABEL=OEM) && mount -t ext4 -o nodev "$oemdev" /sysroot/oem; then
+  say "oem mounted: $(grep ' /sysroot/oem ' /proc/mounts)"
+else
+  say "warning: no OEM disk (LABEL=OEM)"
 fi
 if touch /sysroot/usr/.leanvm-write-test 2>/dev/null; then say "usr writable: yes"; else say "usr writable: no"; fi
 say "release: $(chroot /sysroot /usr/bin/busybox cat /usr/lib/os-release | grep '^PRETTY_NAME=')"
@@ -163,14 +172,24 @@ for peer in $(echo "$ping" | tr ',' ' '); do
   if [ "$tries" -lt 90 ]; then say "ping $peer: ok"; else say "ping $peer: failed"; fi
 done
 
-# Ignition configs arrive through QEMU's fw_cfg, as on Flatcar and Fedora CoreOS.
-for key in opt/org.flatcar-linux/config opt/com.coreos/config; do
-  raw=/sys/firmware/qemu_fw_cfg/by_name/$key/raw
-  if [ -r "$raw" ]; then
-    version=$(tr -d ' \n' <"$raw" | sed -n 's/.*"version":"\([^"]*\)".*/\1/p')
-    say "ignition: $key version $version"
-  fi
-done
+# Ignition: only on a first boot (flatcar.first_boot=), as Flatcar's ignition-generator
+# decides; the config arrives through QEMU's fw_cfg; the result file marks the root done.
+if [ -n "$first_boot" ] && [ "$first_boot" != 0 ]; then
+  say "first boot: yes (flatcar.first_boot=$first_boot)"
+  provided=false
+  for key in opt/org.flatcar-linux/config opt/com.coreos/config; do
+    raw=/sys/firmware/qemu_fw_cfg/by_name/$key/raw
+    if [ -r "$raw" ]; then
+      version=$(tr -d ' \n' <"$raw" | sed -n 's/.*"version":"\([^"]*\)".*/\1/p')
+      say "ignition: $key version $version"
+      provided=true
+    fi
+  done
+  printf '{"provisioningDate":"%s","userConfigProvided":%s}\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$provided" \
+    >/sysroot/etc/.ignition-result.json && sync && say "ignition: result written"
+else
+  say "first boot: no"
+fi
 
 mkdir -p /sysroot/var/log
 if echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname) booted" >>/sysroot/var/log/leanvm-boots.log; then

@@ -17,6 +17,8 @@ PACKAGES = {
     "e2fsck": "e2fsprogs",
     "resize2fs": "e2fsprogs",
     "chattr": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "sfdisk": "fdisk",
     "mksquashfs": "squashfs-tools",
     "cpio": "cpio",
     "qemu-system-x86_64": "qemu-system-x86",

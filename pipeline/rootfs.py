@@ -1,4 +1,8 @@
-"""Sparse ext4 root disks. They are VM state: created once, grown in place, never shrunk."""
+"""A VM's own disks, sparse ext4: the root disk (label ROOT) and the OEM disk (label OEM).
+
+They are VM state: created once, the root disk grown in place, never shrunk. Flatcar's
+initrd mounts both by label (root=LABEL=ROOT, /oem from /dev/disk/by-label/OEM).
+"""
 
 import os
 from pathlib import Path
@@ -9,6 +13,7 @@ from .proc import run
 from .vmstate import running_pid
 
 MKFS_OPTIONS = "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
+OEM_SIZE = 128 << 20  # Flatcar's OEM partition is 128 MiB
 
 
 def human(size: int) -> str:
@@ -18,7 +23,7 @@ def human(size: int) -> str:
     return f"{size} bytes"
 
 
-def create(path: Path, size: int) -> None:
+def create(path: Path, size: int, label: str = "ROOT") -> None:
     """A sparse file, copy-on-write off where supported, with an ext4 filesystem."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -27,7 +32,7 @@ def create(path: Path, size: int) -> None:
     run(["chattr", "+C", tmp], check=False)  # only btrfs and friends support it
     os.truncate(tmp, size)
     try:
-        run(["mkfs.ext4", "-q", "-F", "-L", "ROOT", "-E", MKFS_OPTIONS, tmp])
+        run(["mkfs.ext4", "-q", "-F", "-L", label, "-E", MKFS_OPTIONS, tmp])
     except LeanvmError:
         tmp.unlink(missing_ok=True)
         raise
@@ -62,8 +67,16 @@ def ensure(path: Path, size: int, vm: str) -> None:
         )
 
 
-def reset(path: Path, size: int, vm: str) -> None:
-    """Recreate the disk empty (explicit `reset:NAME` only)."""
+def ensure_oem(path: Path) -> None:
+    """Create the OEM disk if missing (it has a fixed size)."""
+    if not path.exists():
+        create(path, OEM_SIZE, "OEM")
+
+
+def reset(path: Path, size: int, oem: Path, vm: str) -> None:
+    """Recreate the root and OEM disks empty (explicit `reset:NAME` only)."""
     _refuse_if_running(path, vm, "reset")
-    path.unlink(missing_ok=True)
+    for disk in (path, oem):
+        disk.unlink(missing_ok=True)
     create(path, size)
+    create(oem, OEM_SIZE, "OEM")

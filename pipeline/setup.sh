@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname -- "$0")/.."
 
-packages="python3 python3-venv gnupg libarchive13 e2fsprogs squashfs-tools cpio gzip pigz curl
+packages="python3 python3-venv gnupg libarchive13 e2fsprogs fdisk squashfs-tools cpio gzip pigz curl
 qemu-system-x86 qemu-utils shellcheck busybox-static kmod vde2 dpkg apt"
 missing=""
 for package in $packages; do

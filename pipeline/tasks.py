@@ -49,6 +49,9 @@ class Layout:
     def rootfs(self, name: str) -> Path:
         return self.vm(name) / "rootfs.img"
 
+    def oem(self, name: str) -> Path:
+        return self.vm(name) / "oem.img"
+
 
 @dataclass(frozen=True)
 class Context:
@@ -92,7 +95,7 @@ def artifacts(release: Release, layout: Layout) -> list[Artifact]:
     found = [Artifact("kernel", release.kernel, layout.images / "vmlinuz")]
     if release.initrd:
         found.append(Artifact("initrd", release.initrd, layout.images / "initrd"))
-    found.append(Artifact("image", release.image, layout.images / "usr.squashfs"))
+    found.append(Artifact("image", release.image, layout.images / "usr.img"))
     return found
 
 
@@ -149,7 +152,7 @@ def verify_and_publish(data: Path, sig: Path, release: Release, target: Path, fi
 
 
 def extract_and_publish(image: Path, member: str, target: Path, raw: tuple[Path, Path]) -> None:
-    digest = extract.extract_member(image, member, target)
+    digest = extract.extract_usr_disk(image, member, target)
     remove(image, *raw)  # the verified image is no longer needed: one copy of /usr on disk
     record.record(target, digest)
 
@@ -192,7 +195,7 @@ def task_extract() -> Iterator[dict]:
     image = next(a for a in artifacts(release, layout) if a.kind == "image")
     yield {
         "name": release.name,
-        "doc": f"extract {release.usr_member} from the verified image",
+        "doc": f"write {release.usr_member} of the verified image into the USR-A partition of usr.img",
         "actions": [action(extract_and_publish, _verified_image(layout), release.usr_member, image.published,
                            _raw(layout, image))],
         "task_dep": [f"verify:{release.name}:image"],
@@ -206,12 +209,12 @@ def task_extract() -> Iterator[dict]:
 def task_rootfs() -> Iterator[dict]:
     ctx = context()
     for vm in ctx.cluster.vms:
-        disk = ctx.layout.rootfs(vm.name)
+        disk, oem = ctx.layout.rootfs(vm.name), ctx.layout.oem(vm.name)
         yield {
             "name": vm.name,
-            "doc": "create or grow the sparse ext4 root disk (VM state: never recreated)",
-            "actions": [action(rootfs.ensure, disk, vm.disk, vm.name)],
-            "targets": [disk],
+            "doc": "create or grow the sparse ext4 root disk (ROOT) and the OEM disk (VM state: never recreated)",
+            "actions": [action(rootfs.ensure, disk, vm.disk, vm.name), action(rootfs.ensure_oem, oem)],
+            "targets": [disk, oem],
             "uptodate": [config_changed({"disk": vm.disk})],
         }
 
@@ -313,10 +316,10 @@ def task_prune() -> dict:
 def task_reset() -> Iterator[dict]:
     ctx = context()
     for vm in ctx.cluster.vms:
-        disk = ctx.layout.rootfs(vm.name)
+        disk, oem = ctx.layout.rootfs(vm.name), ctx.layout.oem(vm.name)
         yield {
             "name": vm.name,
-            "doc": "recreate the root disk EMPTY (explicit only; all VM state is lost)",
-            "actions": [action(rootfs.reset, disk, vm.disk, vm.name)],
+            "doc": "recreate the root and OEM disks EMPTY (explicit only; all VM state is lost)",
+            "actions": [action(rootfs.reset, disk, vm.disk, oem, vm.name)],
             "uptodate": [False],
         }

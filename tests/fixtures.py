@@ -1,5 +1,6 @@
 """Real parts for the tests: a signed mirror like Flatcar's, served over loopback HTTP."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -45,6 +46,14 @@ class Keyring:
 
 
 # --- mirror --------------------------------------------------------------------------
+
+def usr_partition(usr_img: Path) -> bytes:
+    """The bytes of usr.img's one partition, found through its GPT (read by sfdisk)."""
+    (part,) = json.loads(sh("sfdisk", "--json", usr_img))["partitiontable"]["partitions"]
+    with open(usr_img, "rb") as f:
+        f.seek(part["start"] * 512)
+        return f.read(part["size"] * 512)
+
 
 def make_squashfs(dest: Path, payload_size: int = 200_000) -> Path:
     tree = dest.parent / "usr-tree"

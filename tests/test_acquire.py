@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 from conftest import Project
-from fixtures import IMAGE, KERNEL, Mirror, MirrorServer
+from fixtures import IMAGE, KERNEL, Mirror, MirrorServer, usr_partition
 
 
 def test_clean_build_is_byte_identical_and_second_run_executes_nothing(project: Project, mirror: Mirror):
@@ -12,7 +12,7 @@ def test_clean_build_is_byte_identical_and_second_run_executes_nothing(project: 
     assert first.returncode == 0, first.stderr
     images = project.images()
     assert (images / "vmlinuz").read_bytes() == (mirror.root / "100.0.0" / KERNEL).read_bytes()
-    assert (images / "usr.squashfs").read_bytes() == mirror.squashfs("100.0.0").read_bytes()
+    assert usr_partition(images / "usr.img") == mirror.squashfs("100.0.0").read_bytes()
     assert {"download:test:kernel", "verify:test:image", "extract:test"} <= first.executed
     second = project.doit()
     assert second.returncode == 0, second.stderr
@@ -35,7 +35,7 @@ def test_flipped_byte_fails_names_file_and_fixed_mirror_builds(project: Project,
     image.write_bytes(good)
     fixed = project.doit()
     assert fixed.returncode == 0, fixed.stderr
-    assert (project.images() / "usr.squashfs").read_bytes() == mirror.squashfs("100.0.0").read_bytes()
+    assert usr_partition(project.images() / "usr.img") == mirror.squashfs("100.0.0").read_bytes()
 
 
 def test_signature_by_other_key_in_same_keyring_is_rejected(project: Project, mirror: Mirror, other: str):
@@ -64,14 +64,14 @@ def test_cut_download_resumes_with_range(project: Project, mirror: Mirror, serve
     result = project.doit()
     assert result.returncode == 0, result.stderr
     assert size <= server.served(IMAGE) < 1.6 * size
-    assert (project.images() / "usr.squashfs").read_bytes() == mirror.squashfs("100.0.0").read_bytes()
+    assert usr_partition(project.images() / "usr.img") == mirror.squashfs("100.0.0").read_bytes()
 
 
 def test_server_errors_are_retried(project: Project, server: MirrorServer):
     server.fail_next = 2
     result = project.doit()
     assert result.returncode == 0, result.stderr
-    assert (project.images() / "usr.squashfs").exists()
+    assert (project.images() / "usr.img").exists()
 
 
 def test_file_mirror_and_current_resolves_from_version_txt(project: Project, mirror: Mirror):
@@ -79,7 +79,7 @@ def test_file_mirror_and_current_resolves_from_version_txt(project: Project, mir
     project.write_profile(mirror.root.as_uri())
     result = project.doit()
     assert result.returncode == 0, result.stderr
-    assert (project.images("101.0.0") / "usr.squashfs").read_bytes() == mirror.squashfs("101.0.0").read_bytes()
+    assert usr_partition(project.images("101.0.0") / "usr.img") == mirror.squashfs("101.0.0").read_bytes()
     assert not project.images("100.0.0").exists()
 
 
@@ -120,6 +120,9 @@ def test_real_flatcar_profiles_pin_the_real_key():
         profile = yaml.safe_load((configs / "releases" / f"flatcar-{channel}.yaml").read_text())
         assert profile["fingerprints"] == ["F88CFEDEFF29A5B4D9523864E25D9AED0593B34A"]
         assert profile["base_url"] == f"https://{channel}.release.flatcar-linux.net/amd64-usr/"
-        assert "mount.usr=/dev/vda" in profile["kernel_args"]
+        assert profile["kernel_args"].split() == [
+            "mount.usr=PARTLABEL=USR-A", "mount.usrfstype=squashfs", "mount.usrflags=ro", "root=LABEL=ROOT",
+            "rootflags=rw", "console=ttyS0,115200n8", "flatcar.autologin"]
+        assert profile["first_boot_args"] == "flatcar.first_boot=1"
         key = (configs / "releases" / profile["signing_key"]).resolve()
         assert "BEGIN PGP PUBLIC KEY BLOCK" in key.read_text()

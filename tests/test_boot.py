@@ -43,9 +43,10 @@ def marker(console: str, name: str) -> str:
 def assert_lean_boot(console: str, hostname: str) -> None:
     usr = marker(console, "usr mounted").split()
     assert usr[1:3] == ["/sysroot/usr", "squashfs"] and usr[3].split(",")[0] == "ro", usr
-    assert usr[0] == "/dev/vda"  # the usr disk is attached first
+    assert usr[0] == "/dev/vda1"  # the USR-A partition of the usr disk, attached first
     root = marker(console, "root mounted").split()
     assert root[:3] == ["/dev/vdb", "/sysroot", "ext4"] and root[3].split(",")[0] == "rw", root
+    assert marker(console, "oem mounted").split()[:3] == ["/dev/vdc", "/sysroot/oem", "ext4"]
     assert marker(console, "usr writable") == "no"
     assert marker(console, "root writable") == "yes"
     assert marker(console, "hostname") == hostname
@@ -107,7 +108,7 @@ def test_two_vms_boot_together_with_shared_readonly_usr_and_persistent_state(min
 def test_vdx_profile_boots(mini: Path, tmp_path: Path):
     out = build_cluster(tmp_path, mini / "mini-vdx.yaml", {"plain": {}})
     run_sh = out / "vms" / "plain" / "run.sh"
-    assert "mount.usr=/dev/vda" in sh(str(run_sh), "--print").decode()
+    assert "mount.usr=/dev/vda1" in sh(str(run_sh), "--print").decode()
     console = boot(run_sh)
     assert_lean_boot(console, "plain")
     assert boot_log(out / "vms" / "plain" / "rootfs.img")[0].endswith("plain booted")

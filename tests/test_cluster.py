@@ -1,6 +1,5 @@
 """Issue 7: a private rootless cluster network, port safety, Ignition, cluster.sh up/down."""
 
-import json
 import os
 import re
 import socket
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fixtures import doit, sh
-from test_boot import BOOT_TIMEOUT, ENV, boot, marker
+from test_boot import BOOT_TIMEOUT, ENV, marker
 from test_boot import build_cluster as build
 
 
@@ -81,16 +80,6 @@ def test_port_taken_on_host_is_one_clear_line(mini: Path, tmp_path: Path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"VM web: host port {port}" in lines[0] and "already in use" in lines[0]
     assert f"hostfwd=tcp:127.0.0.1:{port}-:80" in sh(str(out / "vms" / "web" / "run.sh"), "--print").decode()
-
-
-def test_ignition_reaches_the_guest_through_fw_cfg(mini: Path, tmp_path: Path):
-    tmp_path.mkdir(exist_ok=True)
-    (tmp_path / "config.ign").write_text(json.dumps({"ignition": {"version": "3.4.0"}, "storage": {}}))
-    out = build(tmp_path, mini / "mini.yaml", {"ign": {"ignition": "config.ign"}})
-    printed = sh(str(out / "vms" / "ign" / "run.sh"), "--print").decode()
-    assert "name=opt/org.flatcar-linux/config,file=" in printed
-    console = boot(out / "vms" / "ign" / "run.sh")
-    assert marker(console, "ignition") == "opt/org.flatcar-linux/config version 3.4.0"
 
 
 def test_generated_cloud_config_carries_the_cluster_address(mini: Path, tmp_path: Path):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from conftest import Project
-from fixtures import IMAGE, KERNEL, PROJECT, Keyring, Mirror, MirrorServer, newc, sh
+from fixtures import IMAGE, KERNEL, PROJECT, Keyring, Mirror, MirrorServer, newc, sh, usr_partition
 
 from pipeline.errors import LeanvmError
-from pipeline.extract import extract_member
+from pipeline.extract import extract_usr_disk
 from pipeline.verify import check_signature
 
 
@@ -62,23 +62,23 @@ def test_kill9_during_download_then_rebuild(project: Project, mirror: Mirror, se
     wait_until(lambda: part.exists() and part.stat().st_size >= size // 2, proc)
     kill_group(proc)
     release.set()
-    assert IMAGE not in final_files(project) and "usr.squashfs" not in final_files(project)
+    assert IMAGE not in final_files(project) and "usr.img" not in final_files(project)
     result = project.doit()
     assert result.returncode == 0, result.stderr
-    assert (project.images() / "usr.squashfs").read_bytes() == mirror.squashfs("100.0.0").read_bytes()
+    assert usr_partition(project.images() / "usr.img") == mirror.squashfs("100.0.0").read_bytes()
 
 
 def test_kill9_during_extraction_then_rebuild(project: Project, mirror: Mirror, server: MirrorServer):
     mirror.add_version("200.0.0", payload_size=120 << 20)
-    tmp = project.images("200.0.0") / ".usr.squashfs.tmp"
+    tmp = project.images("200.0.0") / ".usr.img.tmp"
     proc = start_doit(project)
     wait_until(lambda: tmp.exists(), proc, timeout=120)
     os.kill(proc.pid, signal.SIGSTOP)  # freeze it mid-extraction, then kill it there
-    assert tmp.exists() and not (project.images("200.0.0") / "usr.squashfs").exists()
+    assert tmp.exists() and not (project.images("200.0.0") / "usr.img").exists()
     kill_group(proc)
     result = project.doit()
     assert result.returncode == 0, result.stderr
-    digest = hashlib.sha256((project.images("200.0.0") / "usr.squashfs").read_bytes()).digest()
+    digest = hashlib.sha256(usr_partition(project.images("200.0.0") / "usr.img")).digest()
     assert digest == hashlib.sha256(mirror.squashfs("200.0.0").read_bytes()).digest()
     assert not tmp.exists()
 
@@ -115,7 +115,7 @@ def test_second_concurrent_run_refuses_and_first_finishes(project: Project, mirr
         release.set()
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
-    assert (project.images() / "usr.squashfs").read_bytes() == mirror.squashfs("100.0.0").read_bytes()
+    assert usr_partition(project.images() / "usr.img") == mirror.squashfs("100.0.0").read_bytes()
 
 
 def test_stale_lock_from_dead_process_is_taken_over(project: Project):
@@ -141,9 +141,9 @@ def test_disk_full_while_extracting(project: Project, mirror: Mirror, tmp_path: 
              f"config={project.cluster_file}", f"out={small / 'out'}"], capture_output=True, text=True)
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "No space left on device" in lines[0] and "usr.squashfs" in lines[0], lines
+        assert len(lines) == 1 and "No space left on device" in lines[0] and "usr.img" in lines[0], lines
         images = small / "out" / "images" / "test" / "300.0.0"
-        assert not (images / "usr.squashfs").exists() and not (images / ".usr.squashfs.tmp").exists()
+        assert not (images / "usr.img").exists() and not (images / ".usr.img.tmp").exists()
     finally:
         sh("umount", small)
 
@@ -179,7 +179,7 @@ def test_html_error_page_instead_of_image_is_caught_by_signature(project: Projec
     result = project.doit()
     assert result.returncode != 0
     assert IMAGE in result.stderr and "signature check failed" in result.stderr
-    assert "usr.squashfs" not in final_files(project)
+    assert "usr.img" not in final_files(project)
     assert (project.out / "cache" / "test" / "100.0.0" / f"{IMAGE}.rejected").exists()
 
 
@@ -191,7 +191,7 @@ def test_redirect_is_followed(project: Project, mirror: Mirror, server: MirrorSe
         server.redirect[f"/100.0.0/{name}"] = f"/moved/{name}"
     result = project.doit()
     assert result.returncode == 0, result.stderr
-    assert (project.images() / "usr.squashfs").read_bytes() == mirror.squashfs("100.0.0").read_bytes()
+    assert usr_partition(project.images() / "usr.img") == mirror.squashfs("100.0.0").read_bytes()
 
 
 def test_server_that_ignores_range_restarts_cleanly(project: Project, mirror: Mirror, server: MirrorServer):
@@ -200,7 +200,7 @@ def test_server_that_ignores_range_restarts_cleanly(project: Project, mirror: Mi
     server.cut[f"/100.0.0/{IMAGE}"] = size // 2
     result = project.doit()
     assert result.returncode == 0, result.stderr
-    assert (project.images() / "usr.squashfs").read_bytes() == mirror.squashfs("100.0.0").read_bytes()
+    assert usr_partition(project.images() / "usr.img") == mirror.squashfs("100.0.0").read_bytes()
 
 
 # --- hostile or broken archives ------------------------------------------------------
@@ -211,10 +211,10 @@ SQUASH = b"hsqs" + os.urandom(5000)
 def extract_fails(tmp_path: Path, archive_bytes: bytes, expect: str) -> None:
     archive = tmp_path / "image.cpio.gz"
     archive.write_bytes(archive_bytes)
-    dest = tmp_path / "out" / "usr.squashfs"
+    dest = tmp_path / "out" / "usr.img"
     before = set(tmp_path.rglob("*"))
     with pytest.raises(LeanvmError) as error:
-        extract_member(archive, "usr.squashfs", dest)
+        extract_usr_disk(archive, "usr.squashfs", dest)
     assert expect in str(error.value) and str(archive) in str(error.value)
     assert set(tmp_path.rglob("*")) - before <= {dest.parent}
     assert not dest.exists()
@@ -259,7 +259,7 @@ def test_hostile_image_through_the_pipeline(project: Project, mirror: Mirror):
     result = project.doit()
     assert result.returncode != 0
     assert "not a regular file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert "usr.squashfs" not in final_files(project)
+    assert "usr.img" not in final_files(project)
 
 
 # --- keys ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import Project
-from fixtures import Mirror, sh
+from fixtures import Mirror, sh, usr_partition
 
 THREE = {"core1": {"ssh_port": 2222}, "core2": {"ssh_port": 2223}, "core3": {}}
 
@@ -25,9 +25,12 @@ def cluster(project: Project) -> Project:
 
 
 def printed(run_sh: Path, env: dict | None = None) -> list[str]:
+    """The QEMU argv that `run.sh --print` shows (after its comment and its `cd DIR &&`)."""
     out = subprocess.run([str(run_sh), "--print"], capture_output=True, text=True, check=True,
                          env={**os.environ, **(env or {})})
-    return shlex.split(out.stdout)
+    words = shlex.split(out.stdout, comments=True)
+    assert words[0] == "cd" and words[2] == "&&", words
+    return words[3:]
 
 
 def paths_in(argv: list[str]) -> list[Path]:
@@ -69,10 +72,14 @@ def test_print_shows_distinct_macs_ports_and_existing_paths(cluster: Project):
         assert argv.index("-name") + 1 == argv.index(name)
         usr = next(a for a in argv if "serial=usr.readonly" in a)
         root = next(a for a in argv if "serial=rootfs" in a)
-        assert argv.index(usr) < argv.index(root)
+        oem = next(a for a in argv if "serial=oem" in a)
+        assert argv.index(usr) < argv.index(root) < argv.index(oem)
+        drives = [a for a in argv if a.startswith("if=none,")]
+        assert "readonly=on" in drives[0] and drives[0].endswith("/usr.img")
+        assert drives[1].endswith("/rootfs.img") and drives[2].endswith("/oem.img")
         for path in paths_in(argv):
             assert path.exists() or path.name == "qemu.pid", path
-        assert len([p for p in paths_in(argv) if p.name != "qemu.pid"]) == 4
+        assert len([p for p in paths_in(argv) if p.name != "qemu.pid"]) == 5
     assert len(macs) == 3 and len(ports) == 3 and {"2222", "2223"} <= ports
 
 
@@ -141,7 +148,7 @@ def test_new_release_version_builds_new_images_and_keeps_root_disks(cluster: Pro
     mirror.add_version("101.0.0")
     result = cluster.doit()
     assert result.returncode == 0, result.stderr
-    assert (cluster.images("101.0.0") / "usr.squashfs").read_bytes() == mirror.squashfs("101.0.0").read_bytes()
+    assert usr_partition(cluster.images("101.0.0") / "usr.img") == mirror.squashfs("101.0.0").read_bytes()
     assert {f"launcher:{n}" for n in THREE} <= result.executed
     assert not any(t.startswith("rootfs:") for t in result.executed)
     assert "images/test/101.0.0" in (cluster.vm("core1") / "run.sh").read_text()
@@ -207,7 +214,7 @@ def test_parallel_build_with_doit_n_2(project: Project, mirror: Mirror):
     project.write_cluster({"p1": {}, "p2": {}, "p3": {}})
     result = project.doit("-n", "2")
     assert result.returncode == 0, result.stderr
-    assert (project.images() / "usr.squashfs").read_bytes() == mirror.squashfs("100.0.0").read_bytes()
+    assert usr_partition(project.images() / "usr.img") == mirror.squashfs("100.0.0").read_bytes()
     assert all((project.vm(n) / "run.sh").exists() for n in ("p1", "p2", "p3"))
     assert project.doit("-n", "2").executed == set()
 
