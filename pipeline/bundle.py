@@ -19,12 +19,13 @@ import libarchive
 import libarchive.exception
 from libarchive.extract import EXTRACT_PERM, EXTRACT_SPARSE, EXTRACT_TIME
 
+from . import identity
 from .errors import LeanvmError
 from .record import sha256_file
 from .vmstate import running_pid
 
 MANIFEST = "MANIFEST.json"
-RUNTIME_FILES = {"qemu.pid", "console.log", "monitor.in", "monitor.out"}
+RUNTIME_FILES = {"qemu.pid", "console.log", "monitor.in", "monitor.out", "run.sh.retired"}
 
 
 def cluster_files(out: Path, images: Path, vm_names: list[str]) -> list[Path]:
@@ -38,6 +39,7 @@ def cluster_files(out: Path, images: Path, vm_names: list[str]) -> list[Path]:
     for name in vm_names:
         vm_dir = out / "vms" / name
         files += sorted(p for p in vm_dir.rglob("*") if p.is_file() and p.name not in RUNTIME_FILES)
+        files.append(identity.env_file(out, name))
     return [p.relative_to(out) for p in files]
 
 
@@ -75,11 +77,12 @@ def check_manifest(root: Path) -> dict:
 
 def unbundle(archive: Path, dest: Path) -> dict:
     """Unpack a bundle (keeping holes) into `dest` and check it against its manifest."""
+    archive = archive.resolve()  # before changing into dest: a relative path means the caller's
     dest.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(dest)
     try:
-        libarchive.extract_file(str(archive.resolve()), flags=EXTRACT_SPARSE | EXTRACT_PERM | EXTRACT_TIME)
+        libarchive.extract_file(str(archive), flags=EXTRACT_SPARSE | EXTRACT_PERM | EXTRACT_TIME)
     except libarchive.exception.ArchiveError as e:
         raise LeanvmError(f"{archive}: cannot unpack: {e.msg}", "check the file") from None
     finally:
@@ -88,12 +91,8 @@ def unbundle(archive: Path, dest: Path) -> dict:
 
 
 def unused_versions(out: Path, keep: set[Path]) -> list[Path]:
-    """Image version directories that no VM's launcher refers to (and not in `keep`)."""
-    used = set(keep)
-    for run_sh in (out / "vms").glob("*/run.sh"):
-        for line in run_sh.read_text().splitlines():
-            if line.startswith("images=$out/"):
-                used.add(out / line.removeprefix("images=$out/").strip("'\""))
+    """Image version directories that no VM (retired ones included) was built for, and not in `keep`."""
+    used = set(keep) | {out / i.image_dir for i in identity.load(out).values() if i.image_dir}
     return [v for v in sorted((out / "images").glob("*/*")) if v.is_dir() and v not in used]
 
 

@@ -26,7 +26,8 @@ vm_pid() {
   kill -0 "$pid" 2>/dev/null && echo "$pid"
 }
 
-ssh_port() { sed -n 's/^ssh_port=//p' "$out/vms/$1/run.sh"; }
+# VM $1's ssh port, from the identity doit recorded for it (out/state/vms/NAME.env).
+ssh_port() { sed -n 's/^ssh_port=//p' "$out/state/vms/$1.env" 2>/dev/null; }
 
 check_vm() { [ -x "$out/vms/$1/run.sh" ] || die "no VM named '$1' in $out/vms"; }
 

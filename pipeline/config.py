@@ -4,7 +4,6 @@ Every key is checked against a table (as doit checks task fields); an error name
 file and the key path and says how to fix it.
 """
 
-import hashlib
 import ipaddress
 import json
 import re
@@ -16,6 +15,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from . import identity
 from .errors import LeanvmError
 
 VM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -24,8 +24,6 @@ FINGERPRINT = re.compile(r"^[0-9A-F]{40}$")
 SIZE = re.compile(r"^([1-9][0-9]*)([KMGT])$")
 SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MIN_DISK = 64 << 20
-AUTO_PORT_BASE = 22000
-AUTO_PORT_SPAN = 10000
 
 
 @dataclass(frozen=True)
@@ -59,9 +57,10 @@ class VM:
     user_data: Path | None
     ssh_authorized_keys: tuple[str, ...]
     cluster_mac: str = ""  # the second NIC, on the private cluster network
-    cluster_ip: str | None = None  # with prefix, e.g. 10.77.0.11/24
+    cluster_ip: str = ""  # with prefix, e.g. 10.77.0.11/24 (assigned when the file gives none)
     forwards: tuple[tuple[int, int], ...] = ()  # extra (host, guest) TCP forwards
     ignition: Path | None = None
+    cluster_ip_given: bool = False  # cluster_ip comes from the cluster file, not assigned
 
 
 @dataclass(frozen=True)
@@ -118,9 +117,15 @@ def _int_at_least(minimum: int) -> Callable[[Any, _Where], int]:
 
 def _port(value: Any, where: _Where) -> int:
     port = _int_at_least(1)(value, where)
-    if port > 65535:
-        raise where.error(f"{port} is not a TCP port", "use a port from 1024 to 65535")
+    if not 1024 <= port <= 65535:
+        raise where.error(f"{port} is not a usable host port", "use a port from 1024 to 65535")
     return port
+
+
+def _guest_port(value: int, where: _Where) -> int:
+    if not 1 <= value <= 65535:
+        raise where.error(f"{value} is not a TCP port", "use a guest port from 1 to 65535")
+    return value
 
 
 def _size(value: Any, where: _Where) -> int:
@@ -172,7 +177,7 @@ def _forwards(value: Any, where: _Where) -> tuple[tuple[int, int], ...]:
         host, sep, guest = item.partition(":")
         if not (sep and host.isdigit() and guest.isdigit()):
             raise (where / str(i)).error(f"{item!r} is not HOST:GUEST", "write e.g. '8080:80'")
-        pairs.append((_port(int(host), where / str(i)), _port(int(guest), where / str(i))))
+        pairs.append((_port(int(host), where / str(i)), _guest_port(int(guest), where / str(i))))
     return tuple(pairs)
 
 
@@ -335,26 +340,6 @@ def _release_path(value: Any, where: _Where, cluster_file: Path) -> Path:
     return path
 
 
-def mac_for(name: str, taken: set[str], prefix: str = "52:54:00") -> str:
-    """A locally administered MAC derived from the VM name; re-hashed on a collision."""
-    salt = 0
-    while True:
-        digest = hashlib.sha256(f"{prefix}/{name}/{salt}".encode()).digest()
-        mac = f"{prefix}:" + ":".join(f"{b:02x}" for b in digest[:3])
-        if mac not in taken:
-            return mac
-        salt += 1
-
-
-def auto_port(name: str, taken: set[int]) -> int:
-    """A port derived from the VM name, so it stays the same across rebuilds."""
-    digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
-    port = AUTO_PORT_BASE + digest % AUTO_PORT_SPAN
-    while port in taken:
-        port = AUTO_PORT_BASE + (port - AUTO_PORT_BASE + 1) % AUTO_PORT_SPAN
-    return port
-
-
 def _vm_settings(raw: Any, where: _Where, cluster_file: Path) -> dict[str, Any]:
     settings = {}
     for key, value in _mapping(raw, where, VM_KEYS).items():
@@ -371,33 +356,57 @@ def _vm_settings(raw: Any, where: _Where, cluster_file: Path) -> dict[str, Any]:
     return settings
 
 
-def load_cluster(path: Path, previous_ports: dict[str, int] | None = None) -> Cluster:
-    """Load and check a cluster file. `previous_ports`: the ssh ports VMs were given by an
-    earlier build, kept so that an omitted ssh_port never moves when VMs are added."""
+def load_cluster(path: Path, previous: dict[str, identity.Identity] | None = None, avoid: set[int] | None = None,
+                 in_use: Callable[[int], bool] = lambda port: False) -> Cluster:
+    """Load and check a cluster file, then give each VM its identity (identity.assign):
+    what `previous` recorded for it is kept, new ports avoid `avoid` and ports `in_use`."""
     path = path.resolve()
     where = _Where(path)
     data = _mapping(read_yaml(path), where, CLUSTER_KEYS)
     if "release" not in data:
         raise (where / "release").error("missing", "add `release: PROFILE-NAME`")
     release = load_profile(_release_path(data["release"], where / "release", path))
-    defaults = {**DEFAULTS, **_vm_settings(data.get("defaults"), where / "defaults", path)}
-    defaults.pop("ssh_port", None)
+    network = _mapping(data.get("network"), where / "network", NETWORK_KEYS)
+    subnet = ipaddress.IPv4Network(_subnet(network.get("subnet", "10.77.0.0/24"), where / "network" / "subnet"))
+    per_vm = _parse_vms(data, where, path, release, subnet)
+    _check_unique(per_vm, where)
+    wanted = [identity.Wanted(name, s.get("ssh_port"), s.get("cluster_ip"), tuple(h for h, _ in s.get("forward", ())))
+              for name, s in per_vm.items()]
+    try:
+        ids = identity.assign(wanted, previous or {}, subnet, avoid or set(), in_use)
+    except ValueError as e:
+        raise (where / "network" / "subnet").error(str(e), "use a larger subnet") from None
+    vms = tuple(_vm(name, per_vm[name], ids[name]) for name in sorted(per_vm))
+    return Cluster(path=path, release=release, vms=vms, subnet=str(subnet))
+
+
+def _parse_vms(data: dict, where: _Where, path: Path, release: Release,
+               subnet: ipaddress.IPv4Network) -> dict[str, dict[str, Any]]:
+    """Each VM's settings, defaults applied, every key checked."""
+    raw_defaults = _mapping(data.get("defaults"), where / "defaults", VM_KEYS)
+    if "ssh_port" in raw_defaults:
+        raise (where / "defaults" / "ssh_port").error(
+            "a port cannot be a default: every VM needs its own", "set ssh_port per VM, or leave it out to assign one")
+    defaults = {**DEFAULTS, **_vm_settings(raw_defaults, where / "defaults", path)}
     vms_raw = data.get("vms")
     if not isinstance(vms_raw, dict) or not vms_raw:
         raise (where / "vms").error("expected a mapping of at least one VM", "add `vms: {core1: {}}`")
-
-    network = _mapping(data.get("network"), where / "network", NETWORK_KEYS)
-    subnet = ipaddress.IPv4Network(_subnet(network.get("subnet", "10.77.0.0/24"), where / "network" / "subnet"))
-
     per_vm: dict[str, dict[str, Any]] = {}
-    ports: dict[int, str] = {}
-    addresses: dict[str, str] = {}
     for name, raw in vms_raw.items():
         vm_where = where / "vms" / str(name)
         if not isinstance(name, str) or not VM_NAME.match(name):
             raise vm_where.error("bad VM name", "use lower-case letters, digits and '-', starting with a letter")
-        settings = per_vm[name] = {**defaults, **_vm_settings(raw, vm_where, path)}
-        _check_vm(settings, vm_where, release, subnet)
+        per_vm[name] = {**defaults, **_vm_settings(raw, vm_where, path)}
+        _check_vm(per_vm[name], vm_where, release, subnet)
+    return per_vm
+
+
+def _check_unique(per_vm: dict[str, dict[str, Any]], where: _Where) -> None:
+    """No host port or cluster address is given to two VMs."""
+    ports: dict[int, str] = {}
+    addresses: dict[str, str] = {}
+    for name, settings in per_vm.items():
+        vm_where = where / "vms" / name
         wanted = [(settings["ssh_port"], "ssh_port")] if "ssh_port" in settings else []
         wanted += [(host, "forward") for host, _ in settings.get("forward", ())]
         for port, key in wanted:
@@ -412,39 +421,23 @@ def load_cluster(path: Path, previous_ports: dict[str, int] | None = None) -> Cl
         if ip:
             addresses[ip] = name
 
-    for name, port in sorted((previous_ports or {}).items()):
-        if name in per_vm and "ssh_port" not in per_vm[name] and port not in ports:
-            per_vm[name]["ssh_port"] = port
-            ports[port] = name
 
-    macs: set[str] = set()
-    vms = []
-    for name in sorted(per_vm):
-        settings = per_vm[name]
-        if "ssh_port" not in settings:
-            settings["ssh_port"] = auto_port(name, set(ports))
-            ports[settings["ssh_port"]] = name
-        mac = mac_for(name, macs)
-        cluster_mac = mac_for(name, macs, prefix="52:54:01")
-        macs |= {mac, cluster_mac}
-        ip = settings.get("cluster_ip")
-        vms.append(
-            VM(
-                name=name,
-                memory=settings["memory"],
-                cpus=settings["cpus"],
-                disk=settings["disk"],
-                ssh_port=settings["ssh_port"],
-                mac=mac,
-                user_data=settings.get("user_data"),
-                ssh_authorized_keys=settings.get("ssh_authorized_keys", ()),
-                cluster_mac=cluster_mac,
-                cluster_ip=f"{ip}/{subnet.prefixlen}" if ip else None,
-                forwards=settings.get("forward", ()),
-                ignition=settings.get("ignition"),
-            )
-        )
-    return Cluster(path=path, release=release, vms=tuple(vms), subnet=str(subnet))
+def _vm(name: str, settings: dict[str, Any], ident: identity.Identity) -> VM:
+    return VM(
+        name=name,
+        memory=settings["memory"],
+        cpus=settings["cpus"],
+        disk=settings["disk"],
+        ssh_port=ident.ssh_port,
+        mac=ident.mac,
+        user_data=settings.get("user_data"),
+        ssh_authorized_keys=settings.get("ssh_authorized_keys", ()),
+        cluster_mac=ident.cluster_mac,
+        cluster_ip=ident.cluster_ip,
+        forwards=settings.get("forward", ()),
+        ignition=settings.get("ignition"),
+        cluster_ip_given="cluster_ip" in settings,
+    )
 
 
 def _check_vm(settings: dict[str, Any], where: _Where, release: Release, subnet: ipaddress.IPv4Network) -> None:

@@ -27,8 +27,9 @@ def _merge(doc: dict, vm: VM) -> dict:
     return doc
 
 
-def _needs_merge(vm: VM) -> bool:
-    return bool(vm.ssh_authorized_keys or vm.cluster_ip)
+def _script_conflicts(vm: VM) -> bool:
+    """A '#!' script cannot take keys or a given address; an assigned address is left out."""
+    return bool(vm.ssh_authorized_keys or vm.cluster_ip_given)
 
 
 def _dump(doc: dict) -> str:
@@ -41,7 +42,7 @@ def _from_file(path: Path, vm: VM) -> str:
     except (OSError, UnicodeDecodeError) as e:
         raise LeanvmError(f"{path}: cannot read user_data: {e}", "check the file") from None
     if text.startswith("#!"):
-        if _needs_merge(vm):
+        if _script_conflicts(vm):
             raise LeanvmError(
                 f"{path}: ssh_authorized_keys and cluster_ip cannot be merged into a '#!' script",
                 "configure them in the script, or use a #cloud-config file",
@@ -57,7 +58,7 @@ def _from_file(path: Path, vm: VM) -> str:
         raise LeanvmError(f"{path}: #cloud-config must be a YAML mapping", "write KEY: VALUE lines")
     if not isinstance((doc or {}).get("write_files", []), list):
         raise LeanvmError(f"{path}: write_files must be a list", "fix the #cloud-config")
-    return _dump(_merge(doc or {}, vm)) if _needs_merge(vm) else text
+    return _dump(_merge(doc or {}, vm))
 
 
 def render(vm: VM) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from . import bundle, configdrive, doitenv, extract, fetch, launcher, record, rootfs, verify
+from . import bundle, configdrive, doitenv, extract, fetch, identity, launcher, record, rootfs, verify
 from .config import Cluster, Release, load_cluster
 from .doitenv import PROJECT, action, building, fail, out_dir, var_path
 from .errors import LeanvmError
@@ -64,11 +64,13 @@ def context() -> Context:
     """Load the cluster once per doit run; a user error ends doit with one line."""
     try:
         out = out_dir()
-        previous = {d.name: launcher.assigned_port(d / "run.sh") for d in (out / "vms").glob("*")}
-        cluster = load_cluster(
-            var_path("config", PROJECT / "configs" / "cluster.yaml"),
-            {name: port for name, port in previous.items() if port is not None},
-        )
+        config = var_path("config", PROJECT / "configs" / "cluster.yaml")
+        if building():
+            cluster = load_cluster(config, identity.load(out), identity.ports_of_other_outs(out),
+                                   identity.port_in_use)
+            identity.register(out)
+        else:
+            cluster = load_cluster(config, identity.load(out))
         state = out / "images" / cluster.release.name / ".current-version"
         version = fetch.resolve_version(cluster.release, state, online=building())
     except LeanvmError as e:
@@ -225,7 +227,7 @@ def task_configdrive() -> Iterator[dict]:
         dest = ctx.layout.vm(vm.name) / "config" / "openstack" / "latest" / "user_data"
         ignition = ctx.layout.vm(vm.name) / "ignition.json"
         inputs = {"name": vm.name, "keys": list(vm.ssh_authorized_keys), "ip": vm.cluster_ip, "mac": vm.cluster_mac,
-                  "ignition": str(vm.ignition)}
+                  "ip_given": vm.cluster_ip_given, "ignition": str(vm.ignition)}
         yield {
             "name": vm.name,
             "doc": "write the config drive's user_data (and the Ignition config)",
@@ -242,12 +244,14 @@ def task_launcher() -> Iterator[dict]:
     for vm in ctx.cluster.vms:
         dest = ctx.layout.vm(vm.name) / "run.sh"
         text = launcher.render(vm, ctx.cluster.release, ctx.layout.version)
+        ident = launcher.vm_identity(vm, ctx.cluster.release, ctx.layout.version)
         yield {
             "name": vm.name,
-            "doc": "render the QEMU launcher run.sh",
-            "actions": [action(launcher.write, dest, text)],
-            "targets": [dest],
-            "uptodate": [config_changed(text)],
+            "doc": "render the QEMU launcher run.sh and record the VM's identity in out/state/vms/NAME.env",
+            "actions": [action(launcher.write, dest, text, ctx.layout.out, vm.name, ident)],
+            "targets": [dest],  # not the identity: clean never deletes it
+            "uptodate": [config_changed(text + identity.render(vm.name, ident)),
+                         (os.path.exists, [identity.env_file(ctx.layout.out, vm.name)])],
             "clean": True,
         }
 

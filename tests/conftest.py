@@ -123,6 +123,13 @@ def mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def own_host_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test has its own registry of leanvm out/ directories (identity.register), so
+    that clusters of other tests and earlier runs do not move its auto ports."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
+@pytest.fixture(autouse=True)
 def no_stray_switches(tmp_path: Path):
     """Stop any cluster switch a test's VMs left running (e.g. after a timeout)."""
     yield

@@ -51,6 +51,18 @@ def test_bundle_unpacked_with_tar_elsewhere_is_complete_sparse_and_matches(proje
     assert disk.stat().st_size == 4 << 30 and disk.stat().st_blocks * 512 < 3 << 20
 
 
+def test_unbundle_takes_paths_relative_to_where_it_is_run(project: Project, tmp_path: Path):
+    archive = bundle_of(project)
+    result = subprocess.run([sys.executable, "-m", "pipeline.bundle", "unbundle",
+                             os.path.relpath(archive, tmp_path), "unpacked"],
+                            capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "unpacked" / "vms" / "core1" / "run.sh").exists()
+    assert (tmp_path / "unpacked" / "state" / "vms" / "core1.env").exists()
+    assert printed_paths(tmp_path / "unpacked" / "vms" / "core1" / "run.sh")
+
+
 def test_unbundle_checks_the_manifest(project: Project, tmp_path: Path):
     archive = bundle_of(project)
     result = subprocess.run([sys.executable, "-m", "pipeline.bundle", "unbundle", str(archive), str(tmp_path / "a")],

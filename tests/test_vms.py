@@ -3,6 +3,7 @@
 import os
 import re
 import shlex
+import socket
 import subprocess
 from pathlib import Path
 
@@ -56,9 +57,11 @@ def test_files_modes_and_shell_checks(cluster: Project):
         subprocess.run(["sh", "-n", str(run_sh)], check=True)
         subprocess.run(["shellcheck", "-s", "sh", str(run_sh)], check=True)
     assert "hostname: first" in (cluster.vm("core1") / "config/openstack/latest/user_data").read_text()
-    assert yaml.safe_load((cluster.vm("core2") / "config/openstack/latest/user_data").read_text()) == {
-        "hostname": "core2"
-    }
+    generated = yaml.safe_load((cluster.vm("core2") / "config/openstack/latest/user_data").read_text())
+    assert generated["hostname"] == "core2"
+    # every VM gets a cluster address (assigned from 10.77.0.11 on, in name order)
+    (unit,) = generated["write_files"]
+    assert "Address=10.77.0.12/24" in unit["content"]
 
 
 def test_print_shows_distinct_macs_ports_and_existing_paths(cluster: Project):
@@ -113,12 +116,12 @@ def test_root_disk_is_sparse(project: Project):
 
 
 def test_second_run_executes_nothing_and_ports_are_stable(cluster: Project):
-    port = re.search(r"hostfwd=tcp:127.0.0.1:(\d+)", (cluster.vm("core3") / "run.sh").read_text()).group(1)
+    port = re.search(r"hostfwd=tcp:127.0.0.1:(\d+)", " ".join(printed(cluster.vm("core3") / "run.sh"))).group(1)
     result = cluster.doit()
     assert result.returncode == 0 and result.executed == set()
     cluster.doit("forget")
     assert cluster.doit().returncode == 0
-    assert f"127.0.0.1:{port}-" in (cluster.vm("core3") / "run.sh").read_text()
+    assert f"127.0.0.1:{port}-" in " ".join(printed(cluster.vm("core3") / "run.sh"))
 
 
 def test_editing_user_data_reruns_only_that_configdrive(cluster: Project):
@@ -198,16 +201,57 @@ def test_clean_keeps_root_disks_and_reset_recreates(cluster: Project):
                                                capture_output=True).stderr
 
 
+def identity_of(project: Project, name: str) -> dict[str, str]:
+    text = (project.out / "state" / "vms" / f"{name}.env").read_text()
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+
+
 def test_auto_port_never_moves_when_a_colliding_vm_is_added(project: Project):
     # vm09 and extra4 hash to the same auto port (25414); extra4 sorts first.
     project.write_cluster({"vm09": {}})
     assert project.doit().returncode == 0
-    assert "ssh_port=25414" in (project.vm("vm09") / "run.sh").read_text()
+    assert identity_of(project, "vm09")["ssh_port"] == "25414"
     project.write_cluster({"vm09": {}, "extra4": {}})
     result = project.doit()
     assert result.executed == {"rootfs:extra4", "configdrive:extra4", "launcher:extra4"}
-    assert "ssh_port=25414" in (project.vm("vm09") / "run.sh").read_text()
-    assert "ssh_port=25415" in (project.vm("extra4") / "run.sh").read_text()
+    assert identity_of(project, "vm09")["ssh_port"] == "25414"
+    assert identity_of(project, "extra4")["ssh_port"] == "25415"
+    before = {name: identity_of(project, name) for name in ("vm09", "extra4")}
+
+    # clean deletes the launchers, not the identities: nothing moves (issue 12, defect 2)
+    assert project.doit("clean").returncode == 0
+    assert not (project.vm("vm09") / "run.sh").exists()
+    assert project.doit("forget").returncode == 0
+    assert project.doit().returncode == 0
+    assert {name: identity_of(project, name) for name in ("vm09", "extra4")} == before
+    assert "hostfwd=tcp:127.0.0.1:25414-:22" in " ".join(printed(project.vm("vm09") / "run.sh"))
+
+    # a retired VM keeps its entry and its port; a new VM does not take it
+    project.write_cluster({"extra4": {}, "vm09b": {}})
+    assert project.doit().returncode == 0
+    assert identity_of(project, "vm09") == before["vm09"]
+    assert identity_of(project, "vm09b")["ssh_port"] not in ("25414", "25415")
+    project.write_cluster({"vm09": {}, "extra4": {}, "vm09b": {}})
+    assert project.doit().returncode == 0
+    assert identity_of(project, "vm09") == before["vm09"]
+
+
+def test_auto_ports_avoid_other_clusters_and_ports_in_use(project: Project, tmp_path: Path):
+    # Two out/ directories with a VM of the same name: the second picks another port.
+    project.write_cluster({"core1": {}, "core2": {}})
+    assert project.doit().returncode == 0
+    first = identity_of(project, "core1")["ssh_port"]
+    other = tmp_path / "other-out"
+    assert project.doit(out=other).returncode == 0
+    second = (other / "state" / "vms" / "core1.env").read_text()
+    assert f"ssh_port={first}\n" not in second
+    # A port in use at build time is skipped too.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 25414))  # vm09's derived port
+        busy.listen()
+        project.write_cluster({"core1": {}, "core2": {}, "vm09": {}})
+        assert project.doit().returncode == 0
+    assert identity_of(project, "vm09")["ssh_port"] == "25415"
 
 
 def test_parallel_build_with_doit_n_2(project: Project, mirror: Mirror):
