@@ -20,10 +20,17 @@ vms() {
   return 0
 }
 
+# True if process $1 runs: a zombie (killed, not yet reaped by init) does not count.
+alive() {
+  [ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 1
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ "${state%% *}" != Z ]
+}
+
 # The pid of VM $1's QEMU, if it runs.
 vm_pid() {
   pid=$(cat "$out/vms/$1/qemu.pid" 2>/dev/null) || return 1
-  kill -0 "$pid" 2>/dev/null && echo "$pid"
+  alive "$pid" && echo "$pid"
 }
 
 # VM $1's ssh port, from the identity doit recorded for it (out/state/vms/NAME.env).
@@ -32,12 +39,21 @@ ssh_port() { sed -n 's/^ssh_port=//p' "$out/state/vms/$1.env" 2>/dev/null; }
 check_vm() { [ -x "$out/vms/$1/run.sh" ] || die "no VM named '$1' in $out/vms"; }
 
 # Send one monitor command to VM $1 through its FIFO, never blocking on a dead QEMU.
+# Send monitor command $1 to each VM named after it through its FIFO, all at once, never
+# blocking on a dead QEMU (a writer that cannot open the FIFO is killed after a second).
 monitor() {
-  printf '%s\n' "$2" >"$out/vms/$1/monitor.in" &
-  writer=$!
+  command=$1
+  shift
+  writers=""
+  for vm; do
+    printf '%s\n' "$command" >"$out/vms/$vm/monitor.in" &
+    writers="$writers $!"
+  done
   sleep 1
-  kill "$writer" 2>/dev/null || true
-  wait "$writer" 2>/dev/null || true
+  for writer in $writers; do
+    kill "$writer" 2>/dev/null || true
+    wait "$writer" 2>/dev/null || true
+  done
 }
 
 up() {
@@ -68,13 +84,13 @@ stop_switch_if_unused() {
     for vm in $(vms); do vm_pid "$vm" >/dev/null && exit 0; done
     for entry in "$out"/net/users/*; do
       [ -e "$entry" ] || continue
-      pid=$(cat "$entry" 2>/dev/null) && kill -0 "$pid" 2>/dev/null && exit 0
+      pid=$(cat "$entry" 2>/dev/null) && alive "$pid" && exit 0
       rm -f "$entry"
     done
     pid=$(cat "$out/net/switch.pid" 2>/dev/null) || pid=""
     if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then
       tries=0
-      while kill -0 "$pid" 2>/dev/null && [ "$tries" -lt 100 ]; do sleep 0.05; tries=$((tries + 1)); done
+      while alive "$pid" && [ "$tries" -lt 100 ]; do sleep 0.05; tries=$((tries + 1)); done
     fi
     rm -rf "$out/net/switch" "$out/net/switch.pid"
   ) 9>"$out/net/lock"
@@ -82,16 +98,22 @@ stop_switch_if_unused() {
 
 down() {
   timeout=${LEANVM_STOP_TIMEOUT:-60}
-  for vm in $(still_running); do monitor "$vm" system_powerdown; done
+  # Press the power button every few seconds: a guest that is still booting only watches
+  # it once booted (systemd-logind, or the mini release's init).
   waited=0
   while [ -n "$(still_running)" ] && [ "$waited" -lt "$timeout" ]; do
+    if [ $((waited % 5)) -eq 0 ]; then
+      # shellcheck disable=SC2046  # one word per VM name
+      monitor system_powerdown $(still_running)
+      waited=$((waited + 1))  # monitor() takes a second
+    fi
     sleep 1
     waited=$((waited + 1))
   done
-  for vm in $(still_running); do
-    echo "$vm: did not power off within ${timeout}s; stopping QEMU"
-    monitor "$vm" quit
-  done
+  stubborn=$(still_running)
+  for vm in $stubborn; do echo "$vm: did not power off within ${timeout}s; stopping QEMU"; done
+  # shellcheck disable=SC2086  # one word per VM name
+  [ -z "$stubborn" ] || monitor quit $stubborn
   for signal in TERM KILL; do
     for vm in $(still_running); do
       pid=$(vm_pid "$vm") && kill "-$signal" "$pid" 2>/dev/null
@@ -99,7 +121,10 @@ down() {
     done
   done
   stop_switch_if_unused
-  for vm in $(vms); do echo "$vm: stopped"; done
+  for vm in $(vms); do
+    rm -f "$out/vms/$vm/monitor.in" "$out/vms/$vm/monitor.out"
+    echo "$vm: stopped"
+  done
 }
 
 status() {

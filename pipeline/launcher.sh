@@ -37,7 +37,12 @@ port_in_use() {
     /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
 
-alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+# True if process $1 runs: a zombie (killed, not yet reaped by init) does not count.
+alive() {
+  [ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 1
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ "${state%% *}" != Z ]
+}
 
 qemu_pid() { cat "$1/qemu.pid" 2>/dev/null || true; }
 

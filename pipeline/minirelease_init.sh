@@ -9,7 +9,8 @@
 # It reports what it did on the serial console, logs the boot on the root disk, powers off.
 # `leanvm.shell` on the kernel command line keeps a shell instead of powering off,
 # `leanvm.hold` keeps the VM up until QEMU is stopped, `leanvm.ping=IP,...` pings peers on
-# the cluster network (configured from the systemd-networkd unit in user_data).
+# the cluster network (configured from the systemd-networkd unit in user_data) for up to
+# 90 s each, `leanvm.unreachable=IP,...` checks for 10 s each that they do not answer.
 PATH=/bin
 export PATH
 /bin/busybox mkdir -p /proc /sys /dev /sysroot /mnt/config
@@ -22,6 +23,7 @@ exec </dev/console >/dev/console 2>&1
 say() { echo "leanvm: $*"; }
 
 usr="" usrfstype="" usrflags="ro" root="" rootflags="rw" rootfstype="" shell="" hold="" ping="" first_boot=""
+unreachable=""
 # shellcheck disable=SC2013  # the command line is split into words on purpose
 for word in $(cat /proc/cmdline); do
   case $word in
@@ -34,6 +36,7 @@ for word in $(cat /proc/cmdline); do
     leanvm.shell) shell=1 ;;
     leanvm.hold) hold=1 ;;
     leanvm.ping=*) ping=${word#*=} ;;
+    leanvm.unreachable=*) unreachable=${word#*=} ;;
     flatcar.first_boot=*|coreos.first_boot=*) first_boot=${word#*=} ;;
   esac
 done
@@ -162,14 +165,20 @@ if [ -n "$mac" ] && [ -n "$address" ]; then
     say "warning: no NIC with MAC $mac for the cluster network"
   fi
 fi
-for peer in $(echo "$ping" | tr ',' ' '); do
+# True once $1 answers a ping, trying for $2 seconds.
+answers() {
   tries=0
-  until ping -c 1 -W 1 "$peer" >/dev/null 2>&1; do
+  until ping -c 1 -W 1 "$1" >/dev/null 2>&1; do
     tries=$((tries + 1))
-    [ "$tries" -ge 90 ] && break
+    [ "$tries" -ge "$2" ] && return 1
     sleep 1
   done
-  if [ "$tries" -lt 90 ]; then say "ping $peer: ok"; else say "ping $peer: failed"; fi
+}
+for peer in $(echo "$ping" | tr ',' ' '); do
+  if answers "$peer" 90; then say "ping $peer: ok"; else say "ping $peer: failed"; fi
+done
+for peer in $(echo "$unreachable" | tr ',' ' '); do
+  if answers "$peer" 10; then say "unreachable $peer: no, it answers"; else say "unreachable $peer: yes"; fi
 done
 
 # Ignition: only on a first boot (flatcar.first_boot=), as Flatcar's ignition-generator

@@ -9,6 +9,7 @@ def running_pid(vm_dir: Path) -> int | None:
     try:
         pid = int((vm_dir / "qemu.pid").read_text().strip())
         os.kill(pid, 0)
-    except (OSError, ValueError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
         return None
-    return pid
+    return None if state == "Z" else pid  # a zombie: killed, not yet reaped by init

@@ -136,3 +136,31 @@ def test_down_stops_a_guest_that_ignores_the_power_button(mini: Path, tmp_path: 
         down = subprocess.run([cluster_sh, "down"], capture_output=True, text=True, env=env, timeout=120)
     assert "stubborn: did not power off within 2s; stopping QEMU" in down.stdout
     assert qemu_pids(out) == []
+
+
+def test_two_clusters_coexist_with_distinct_ports_and_isolated_networks(mini: Path, tmp_path: Path):
+    # Both clusters have a core1 with an assigned port; B's core1 sits on A's subnet address
+    # range, so only the separate switches keep the two apart.
+    a = build(tmp_path / "a", mini / "mini.yaml", {"core1": {"cluster_ip": "10.77.0.11"},
+                                                   "core2": {"cluster_ip": "10.77.0.12"}})
+    b = build(tmp_path / "b", mini / "mini.yaml", {"core1": {"cluster_ip": "10.77.0.13"}})
+    port_a = (a / "state" / "vms" / "core1.env").read_text()
+    port_b = (b / "state" / "vms" / "core1.env").read_text()
+    assert re.search(r"^ssh_port=(\d+)$", port_a, re.M)[1] != re.search(r"^ssh_port=(\d+)$", port_b, re.M)[1]
+    hold = {**ENV, "LEANVM_APPEND": "leanvm.hold"}
+    check = {**ENV, "LEANVM_APPEND": "leanvm.hold leanvm.ping=10.77.0.11,10.77.0.12 leanvm.unreachable=10.77.0.13"}
+    try:
+        up_b = subprocess.run([str(b / "cluster.sh"), "up"], capture_output=True, text=True, env=hold, timeout=60)
+        assert up_b.returncode == 0, up_b.stdout + up_b.stderr
+        wait_for_text(b / "vms" / "core1" / "console.log", "holding (leanvm.hold)")
+        up_a = subprocess.run([str(a / "cluster.sh"), "up"], capture_output=True, text=True, env=check, timeout=60)
+        assert up_a.returncode == 0, up_a.stdout + up_a.stderr
+        for name in ("core1", "core2"):
+            console = wait_for_text(a / "vms" / name / "console.log", "holding (leanvm.hold)", timeout=180)
+            assert "leanvm: ping 10.77.0.11: ok" in console and "leanvm: ping 10.77.0.12: ok" in console
+            assert "leanvm: unreachable 10.77.0.13: yes" in console, console[-2000:]
+        assert qemu_pids(b)  # B was up all along: its VM just is not on A's network
+    finally:
+        for out in (a, b):
+            subprocess.run([str(out / "cluster.sh"), "down"], capture_output=True, env=ENV, timeout=120)
+    assert qemu_pids(a) == [] and qemu_pids(b) == []

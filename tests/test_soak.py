@@ -1,0 +1,70 @@
+"""Issue 12: soak and load on real TCG boots (slow: .ci/run runs them with -m slow)."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from fixtures import sh
+from test_boot import ENV, build_cluster
+from test_cluster import qemu_pids, wait_for_text
+
+pytestmark = pytest.mark.slow
+HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "90"}
+NAMES = ("s1", "s2", "s3")
+
+
+def cluster(cmd: str, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(out / "cluster.sh"), cmd], capture_output=True, text=True, env=HOLD, timeout=240)
+
+
+def assert_nothing_left(out: Path) -> None:
+    assert qemu_pids(out) == []
+    leftovers = [p for p in out.rglob("*") if p.is_socket() or p.is_fifo() or p.name in ("qemu.pid", "switch.pid")]
+    assert leftovers == []
+    for name in NAMES:
+        sh("e2fsck", "-n", "-f", out / "vms" / name / "rootfs.img")
+        sh("e2fsck", "-n", "-f", out / "vms" / name / "oem.img")
+
+
+def wait_all_holding(out: Path) -> None:
+    for name in NAMES:
+        wait_for_text(out / "vms" / name / "console.log", "holding (leanvm.hold)", timeout=240)
+
+
+def test_twenty_up_down_cycles_of_a_three_vm_cluster(mini: Path, tmp_path: Path):
+    out = build_cluster(tmp_path, mini / "mini.yaml", {name: {} for name in NAMES})
+    for cycle in range(20):
+        up = cluster("up", out)
+        assert up.returncode == 0, (cycle, up.stdout, up.stderr)
+        wait_all_holding(out)
+        down = cluster("down", out)
+        assert down.returncode == 0 and "did not power off" not in down.stdout, (cycle, down.stdout, down.stderr)
+        assert qemu_pids(out) == [], cycle
+    assert_nothing_left(out)
+    log = sh("debugfs", "-R", "cat /var/log/leanvm-boots.log", out / "vms" / "s1" / "rootfs.img").decode()
+    assert len(log.splitlines()) == 20
+
+
+def test_down_while_booting_and_kill9_during_boot(mini: Path, tmp_path: Path):
+    out = build_cluster(tmp_path, mini / "mini.yaml", {name: {} for name in NAMES})
+    # down right after up: the guests are still booting; down keeps pressing the button
+    assert cluster("up", out).returncode == 0
+    time.sleep(2)
+    down = cluster("down", out)
+    assert down.returncode == 0 and "did not power off" not in down.stdout, down.stdout
+    assert_nothing_left(out)
+    # kill -9 one QEMU mid-boot: the next up starts it again, next to the two still running
+    assert cluster("up", out).returncode == 0
+    time.sleep(3)
+    os.kill(int((out / "vms" / "s2" / "qemu.pid").read_text()), signal.SIGKILL)
+    time.sleep(1)
+    up = cluster("up", out)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "s2: started" in up.stdout and "s1: already running" in up.stdout
+    wait_all_holding(out)
+    down = cluster("down", out)
+    assert down.returncode == 0 and "did not power off" not in down.stdout, down.stdout
+    assert_nothing_left(out)

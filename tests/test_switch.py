@@ -1,0 +1,94 @@
+"""Issue 12, defect 1: the cluster switch starts and stops race-free, whatever the timing.
+
+Each VM here is a real QEMU started through its run.sh with `-S` (CPUs stopped, so no boot)
+and told `quit` on its monitor (Ctrl-a c) once it runs: a start and a stop take a second.
+"""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_boot import ENV, build_cluster
+
+QUIT = b"\x01cquit\n"  # -nographic: Ctrl-a c switches stdio to the monitor
+
+
+def switch_processes(out: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"vde_switch") and str(out / "net").encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def start(run_sh: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(run_sh), "-S"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=ENV)
+
+
+def wait_running(vm: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while not (vm / "qemu.pid").exists() or proc.poll() is not None:
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, "QEMU did not start"
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen) -> str:
+    _, err = proc.communicate(QUIT, timeout=30)
+    assert proc.returncode == 0, err.decode()
+    return err.decode()
+
+
+def assert_switch_gone(out: Path) -> None:
+    assert switch_processes(out) == []
+    assert not (out / "net" / "switch").exists() and not (out / "net" / "switch.pid").exists()
+    assert list((out / "net" / "users").iterdir()) == []
+
+
+@pytest.fixture
+def pair(mini: Path, tmp_path: Path) -> Path:
+    return build_cluster(tmp_path, mini / "mini.yaml", {"one": {}, "two": {}})
+
+
+@pytest.mark.slow
+def test_thirty_quick_stop_start_cycles_of_one_vm(pair: Path):
+    vm = pair / "vms" / "one"
+    for cycle in range(30):
+        proc = start(vm / "run.sh")
+        wait_running(vm, proc)
+        assert len(switch_processes(pair)) == 1, cycle
+        err = stop(proc)
+        assert "cannot start" not in err, (cycle, err)
+        assert_switch_gone(pair)
+
+
+def test_two_vms_started_at_the_same_instant_ten_times(pair: Path):
+    vms = [pair / "vms" / "one", pair / "vms" / "two"]
+    for cycle in range(10):
+        procs = [start(vm / "run.sh") for vm in vms]
+        for vm, proc in zip(vms, procs, strict=True):
+            wait_running(vm, proc)
+        assert len(switch_processes(pair)) == 1, cycle
+        assert sorted(os.listdir(pair / "net" / "users")) == ["one", "two"]
+        errors = [stop(proc) for proc in procs]
+        assert not any("cannot start" in e for e in errors), errors
+        assert_switch_gone(pair)
+
+
+def test_a_stale_switch_directory_is_cleared(pair: Path):
+    net = pair / "net"
+    (net / "switch").mkdir(parents=True)
+    (net / "switch" / "ctl").write_text("left by a switch killed with -9")
+    (net / "switch.pid").write_text("999999\n")
+    vm = pair / "vms" / "one"
+    proc = start(vm / "run.sh")
+    wait_running(vm, proc)
+    stop(proc)
+    assert_switch_gone(pair)
