@@ -28,6 +28,7 @@ from server import BenchServer  # noqa: E402
 
 from pipeline import fetch, minirelease  # noqa: E402
 from pipeline.extract import extract_usr_disk  # noqa: E402
+from pipeline.proc import stop_gpg_agent  # noqa: E402
 
 MiB = 1 << 20
 
@@ -38,11 +39,12 @@ class Sizes:
     extract_mb: int
     noop_mb: tuple[int, int]
     vms: int
-    boot_pad_mb: int  # 0: skip the boot benchmark
+    boot_pad_mb: int  # 0: skip the boot benchmarks (6, 7, 8)
+    scale: tuple[int, ...] = ()  # cluster sizes for the scale benchmark
 
 
-FULL = Sizes(reps=5, extract_mb=300, noop_mb=(100, 1000), vms=10, boot_pad_mb=150)
-SMOKE = Sizes(reps=1, extract_mb=8, noop_mb=(4, 16), vms=3, boot_pad_mb=0)
+FULL = Sizes(reps=5, extract_mb=300, noop_mb=(100, 1000), vms=10, boot_pad_mb=150, scale=(1, 2, 4, 8))
+SMOKE = Sizes(reps=1, extract_mb=8, noop_mb=(4, 16), vms=3, boot_pad_mb=0, scale=())
 
 
 @dataclass
@@ -230,6 +232,7 @@ def bench_doit(work: Path, sizes: Sizes) -> list[Row]:
     rows.append(Row("5 disk", "marginal bytes per extra VM", f"{marginal / MiB:.2f} MiB",
                     f"{(2 * usr_bytes) / MiB:.1f} MiB (/usr twice)", f"{marginal / (2 * usr_bytes):.4f}x"))
     shutil.rmtree(work / "baseline-2016", ignore_errors=True)
+    stop_gpg_agent(home)
     return rows
 
 
@@ -256,7 +259,7 @@ def boot_once(argv: list[str]) -> tuple[float, int]:
     return float(out[0]), int(out[1])
 
 
-def bench_boot(work: Path, sizes: Sizes) -> list[Row]:
+def bench_boot(work: Path, sizes: Sizes) -> tuple[list[Row], int]:
     mini = minirelease.build(work / "mini", pad_mb=sizes.boot_pad_mb)
     cluster = work / "boot.yaml"
     cluster.write_text(yaml.safe_dump({"release": str(mini / "mini.yaml"),
@@ -284,6 +287,99 @@ def bench_boot(work: Path, sizes: Sizes) -> list[Row]:
         Row("6 boot", "QEMU peak RSS", f"{lean_rss / MiB:.0f} MiB", f"{pxe_rss / MiB:.0f} MiB (PXE-style)",
             f"{lean_rss / pxe_rss:.2f}x", f"lower by >= /usr ({usr_size / MiB:.0f} MiB)",
             verdict(pxe_rss - lean_rss >= usr_size)),
+    ], pxe_rss
+
+
+def bench_vms(work: Path, sizes: Sizes) -> list[Row]:
+    rows, pxe_rss = bench_boot(work, sizes)
+    return rows + bench_scale(work, sizes) + bench_balloon(work, sizes, pxe_rss)
+
+
+# --- 7. scale: N VMs up at once; 8. host RAM of an idle VM, with and without free page reporting ---
+
+def qemu_rss(out: Path) -> int:
+    """Total resident memory of the QEMUs of out/'s VMs."""
+    total = 0
+    for pidfile in out.glob("vms/*/qemu.pid"):
+        status = Path(f"/proc/{pidfile.read_text().strip()}/status").read_text()
+        total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+    return total
+
+
+def wait_console(out: Path, names: list[str], text: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    for name in names:
+        log = out / "vms" / name / "console.log"
+        while not (log.exists() and text in log.read_text(errors="replace")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{log}: no {text!r} within {timeout} s")
+            time.sleep(0.2)
+
+
+def cluster_sh(out: Path, command: str, env: dict[str, str]) -> None:
+    subprocess.run([str(out / "cluster.sh"), command], check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "LEANVM_ACCEL": os.environ.get("LEANVM_ACCEL", "tcg"), **env})
+
+
+def up_until(out: Path, names: list[str], append: str, marker: str, env: dict[str, str] | None = None) -> float:
+    """Seconds from `cluster.sh up` until every VM printed `marker`."""
+    start = time.monotonic()
+    cluster_sh(out, "up", {"LEANVM_APPEND": append, **(env or {})})
+    wait_console(out, names, marker)
+    return time.monotonic() - start
+
+
+def bench_scale(work: Path, sizes: Sizes) -> list[Row]:
+    mini = minirelease.build(work / "mini", pad_mb=sizes.boot_pad_mb)
+    rows, rss, ready = [], {}, {}
+    for count in sizes.scale:
+        names = [f"n{i}" for i in range(1, count + 1)]
+        cluster = work / f"scale-{count}.yaml"
+        cluster.write_text(yaml.safe_dump({"release": str(mini / "mini.yaml"),
+                                           "defaults": {"memory": 512, "disk": "1G"}, "vms": {n: {} for n in names}}))
+        out = work / f"out-scale-{count}"
+        shutil.rmtree(out, ignore_errors=True)
+        doit(cluster, out)
+        try:
+            ready[count] = up_until(out, names, "leanvm.hold", "holding (leanvm.hold)")
+            time.sleep(5)
+            rss[count] = qemu_rss(out)
+        finally:
+            cluster_sh(out, "down", {"LEANVM_STOP_TIMEOUT": "60"})
+        rows.append(Row("7 scale", f"{count} VM(s) up at once: all ready; host RSS", f"{ready[count]:.1f} s",
+                        f"{rss[count] / MiB:.0f} MiB", f"{rss[count] / count / MiB:.0f} MiB/VM"))
+    low, high = min(sizes.scale), max(sizes.scale)
+    if high > low:
+        marginal = (rss[high] - rss[low]) / (high - low)
+        rows.append(Row("7 scale", f"marginal host RSS per VM ({low} -> {high} VMs)", f"{marginal / MiB:.0f} MiB",
+                        f"{ready[high] / ready[low]:.1f}x the time to ready"))
+    return rows
+
+
+def bench_balloon(work: Path, sizes: Sizes, pxe_rss: int) -> list[Row]:
+    """An idle VM's host RAM after the guest read all of /usr and dropped its page cache."""
+    mini = minirelease.build(work / "mini", pad_mb=sizes.boot_pad_mb)
+    cluster = work / "balloon.yaml"
+    cluster.write_text(yaml.safe_dump({"release": str(mini / "mini.yaml"),
+                                       "defaults": {"memory": 1024, "disk": "1G"}, "vms": {"idle": {}}}))
+    out = work / "out-balloon"
+    shutil.rmtree(out, ignore_errors=True)
+    doit(cluster, out)
+    idle = {}
+    for balloon in ("off", "on"):
+        try:
+            up_until(out, ["idle"], "leanvm.hold leanvm.fillcache", "holding (leanvm.hold)",
+                     {"LEANVM_BALLOON": balloon})
+            time.sleep(15)  # free page reporting batches its reports every few seconds
+            idle[balloon] = qemu_rss(out)
+        finally:
+            cluster_sh(out, "down", {"LEANVM_STOP_TIMEOUT": "60"})
+    on, off = idle["on"], idle["off"]
+    return [
+        Row("8 idle RAM", "idle VM after filling and dropping its page cache, free page reporting on",
+            f"{on / MiB:.0f} MiB", f"{off / MiB:.0f} MiB (off)", f"{on / off:.2f}x", "lower", verdict(on < off)),
+        Row("8 idle RAM", "the same VM vs the PXE-style boot's peak", f"{on / MiB:.0f} MiB",
+            f"{pxe_rss / MiB:.0f} MiB (PXE-style)", f"{on / pxe_rss:.2f}x"),
     ]
 
 
@@ -314,7 +410,7 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     rows: list[Row] = []
-    sections = [("extract", bench_extract), ("download", bench_download), ("doit", bench_doit), ("boot", bench_boot)]
+    sections = [("extract", bench_extract), ("download", bench_download), ("doit", bench_doit), ("boot", bench_vms)]
     for name, bench in sections:
         if name in skip or (name == "download" and "extract" in skip) or (name == "boot" and not sizes.boot_pad_mb):
             continue

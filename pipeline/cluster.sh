@@ -111,7 +111,10 @@ down() {
     waited=$((waited + 1))
   done
   stubborn=$(still_running)
-  for vm in $stubborn; do echo "$vm: did not power off within ${timeout}s; stopping QEMU"; done
+  for vm in $stubborn; do
+    echo "$vm: did not power off within ${timeout}s; stopping QEMU"
+    echo "cluster.sh down: no power-off within ${timeout}s" >"$out/vms/$vm/forced-stop"
+  done
   # shellcheck disable=SC2086  # one word per VM name
   [ -z "$stubborn" ] || monitor quit $stubborn
   for signal in TERM KILL; do

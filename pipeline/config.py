@@ -263,6 +263,33 @@ def read_yaml(path: Path) -> Any:
         raise LeanvmError(f"{path}: YAML syntax error: {yaml_problem(e)}", "fix the YAML") from None
 
 
+def read_user_data(path: Path, needs_merge: bool) -> tuple[str, dict | None]:
+    """A user_data file's text and, for a #cloud-config, its document (None for a '#!' script).
+    `needs_merge`: keys or a given cluster address must be merged in, which a script cannot take."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LeanvmError(f"{path}: cannot read user_data: {e}", "check the file") from None
+    if text.startswith("#!"):
+        if needs_merge:
+            raise LeanvmError(
+                f"{path}: ssh_authorized_keys and cluster_ip cannot be merged into a '#!' script",
+                "configure them in the script, or use a #cloud-config file",
+            )
+        return text, None
+    if not text.startswith("#cloud-config"):
+        raise LeanvmError(f"{path}: user_data is neither '#cloud-config' nor a '#!' script", "fix its first line")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise LeanvmError(f"{path}: #cloud-config is not valid YAML: {yaml_problem(e)}", "fix the YAML") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise LeanvmError(f"{path}: #cloud-config must be a YAML mapping", "write KEY: VALUE lines")
+    if not isinstance((doc or {}).get("write_files", []), list):
+        raise LeanvmError(f"{path}: write_files must be a list", "fix the #cloud-config")
+    return text, doc or {}
+
+
 def _mapping(value: Any, where: _Where, allowed: set[str] | dict) -> dict:
     if value is None:
         value = {}
@@ -443,6 +470,12 @@ def _vm(name: str, settings: dict[str, Any], ident: identity.Identity) -> VM:
 def _check_vm(settings: dict[str, Any], where: _Where, release: Release, subnet: ipaddress.IPv4Network) -> None:
     if settings.get("ignition") and settings.get("user_data"):
         raise where.error("has both ignition and user_data", "give a VM one of them")
+    if settings.get("user_data"):
+        extras = bool(settings.get("ssh_authorized_keys") or settings.get("cluster_ip"))
+        try:
+            read_user_data(settings["user_data"], extras)
+        except LeanvmError as e:
+            raise (where / "user_data").error(e.message, e.hint) from None
     if settings.get("ignition") and not release.ignition_fw_cfg:
         raise (where / "ignition").error(
             f"release profile {release.path} has no ignition_fw_cfg", "add it, e.g. opt/org.flatcar-linux/config"

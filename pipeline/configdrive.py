@@ -5,13 +5,10 @@ from pathlib import Path
 
 import yaml
 
-from .config import VM, yaml_problem
-from .errors import LeanvmError
+from .config import VM, read_user_data
 from .fsutil import write_atomic
 
 CLOUD_CONFIG = "#cloud-config"
-
-
 NETWORK_UNIT = "/etc/systemd/network/50-leanvm-cluster.network"
 
 
@@ -37,28 +34,8 @@ def _dump(doc: dict) -> str:
 
 
 def _from_file(path: Path, vm: VM) -> str:
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LeanvmError(f"{path}: cannot read user_data: {e}", "check the file") from None
-    if text.startswith("#!"):
-        if _script_conflicts(vm):
-            raise LeanvmError(
-                f"{path}: ssh_authorized_keys and cluster_ip cannot be merged into a '#!' script",
-                "configure them in the script, or use a #cloud-config file",
-            )
-        return text
-    if not text.startswith(CLOUD_CONFIG):
-        raise LeanvmError(f"{path}: user_data is neither '#cloud-config' nor a '#!' script", "fix its first line")
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise LeanvmError(f"{path}: #cloud-config is not valid YAML: {yaml_problem(e)}", "fix the YAML") from None
-    if doc is not None and not isinstance(doc, dict):
-        raise LeanvmError(f"{path}: #cloud-config must be a YAML mapping", "write KEY: VALUE lines")
-    if not isinstance((doc or {}).get("write_files", []), list):
-        raise LeanvmError(f"{path}: write_files must be a list", "fix the #cloud-config")
-    return _dump(_merge(doc or {}, vm))
+    text, doc = read_user_data(path, _script_conflicts(vm))
+    return text if doc is None else _dump(_merge(doc, vm))
 
 
 def render(vm: VM) -> str:

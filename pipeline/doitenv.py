@@ -1,17 +1,19 @@
 """How leanvm runs inside doit: the command in use, the out/ lock, one-line user errors."""
 
 import fcntl
+import functools
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from doit import get_initial_workdir, get_var
+from doit import cmd_info, get_initial_workdir, get_var
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
 from .errors import LeanvmError
+from .vmstate import running_pid
 
 PROJECT = Path(__file__).resolve().parent.parent
 # doit commands that never touch the network, and those that do not even write to out/.
@@ -79,11 +81,40 @@ def lock_out(out: Path) -> None:
     _lock_fd = fd
 
 
+def running_vms(out: Path) -> list[str]:
+    """'NAME (pid N)' for every VM of out/ whose QEMU runs."""
+    found = ((vm.name, running_pid(vm)) for vm in sorted((out / "vms").glob("*")))
+    return [f"{name} (pid {pid})" for name, pid in found if pid is not None]
+
+
+def refuse_while_running(out: Path, doing: str) -> None:
+    running = running_vms(out)
+    if running:
+        raise LeanvmError(f"cannot {doing} while VMs of {out} run: {', '.join(running)}",
+                          f"stop them first ({out / 'cluster.sh'} down)")
+
+
+def check_command(argv: list[str], out: Path) -> None:
+    """Commands that would break VMs are refused before doit does anything."""
+    words = _words(argv)
+    command = _command(argv)
+    if "reset" in words:
+        raise LeanvmError("`reset` alone would recreate every VM's disks",
+                          "name the VM whose disks to recreate: doit reset:NAME")
+    if command in ("clean", "forget"):
+        refuse_while_running(out, f"`doit {command}`")
+
+
 def doit_config(default_tasks: list[str]) -> dict:
     out = out_dir()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_command(sys.argv[1:], out)
+    except LeanvmError as e:
+        fail(e)
     if _command(sys.argv[1:]) not in READ_ONLY_COMMANDS:
         lock_out(out)
+    _one_line_info_errors()
     return {
         "default_tasks": default_tasks,
         "check_file_uptodate": "timestamp",  # never re-hash big images on a no-op run
@@ -93,14 +124,37 @@ def doit_config(default_tasks: list[str]) -> dict:
     }
 
 
-def _command(argv: list[str]) -> str:
-    """The doit command, found as doit finds it: after loader options, ignoring VAR=VALUE."""
+def _words(argv: list[str]) -> list[str]:
+    """The command line after loader options, without VAR=VALUE."""
     words = [a for a in argv if "=" not in a or a.startswith("-")]
     while words and words[0] in ("-f", "--file", "-d", "--dir", "-k", "--seek-file"):
         words = words[1:] if words[0] in ("-k", "--seek-file") else words[2:]
     while words and words[0].startswith(("--file=", "--dir=")):
         words = words[1:]
+    return words
+
+
+def _command(argv: list[str]) -> str:
+    """The doit command, found as doit finds it."""
+    words = _words(argv)
     return words[0] if words else "run"
+
+
+def _one_line_info_errors() -> None:
+    """`doit info NOSUCH` ends in a KeyError traceback inside doit: make it one line."""
+    original = cmd_info.Info._execute
+    if getattr(original, "leanvm", False):
+        return
+
+    @functools.wraps(original)  # doit passes parameters by the names in its signature
+    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        except KeyError as e:
+            fail(LeanvmError(f"no task named {e.args[0]!r}", "see the task names with `doit list --all`"))
+
+    execute.leanvm = True  # type: ignore[attr-defined]
+    cmd_info.Info._execute = execute
 
 
 def building() -> bool:

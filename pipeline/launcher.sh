@@ -14,10 +14,11 @@ Usage: $0 [--print | --detach | --help] [QEMU ARGS...]
 Start VM $name ($release $version).
   (no option)  foreground, serial console on this terminal (Ctrl-a x quits)
   --print      print the QEMU command line (runnable as printed) instead of running it
-  --detach     run in the background: console in console.log, monitor FIFOs monitor.in/.out
+  --detach     run in the background: console in console.log
+The QEMU monitor is reachable through the FIFOs monitor.in/.out beside run.sh.
   --help       this text
 Environment: LEANVM_ACCEL=auto|kvm|tcg (default auto), LEANVM_QEMU=BINARY,
-  LEANVM_APPEND="ARGS" (extra kernel arguments)
+  LEANVM_APPEND="ARGS" (extra kernel arguments), LEANVM_BALLOON=on|off (default on)
 EOF
 }
 
@@ -149,11 +150,20 @@ fi
 if [ "$cluster_net" = true ]; then
   set -- -netdev vde,id=cluster,sock=switch -device "virtio-net-pci,netdev=cluster,mac=$cluster_mac" "$@"
 fi
+# Free page reporting hands the pages a guest frees back to the host (Flatcar's kernel has
+# virtio_balloon with it): an idle VM's host RAM shrinks once its page cache is dropped.
+case ${LEANVM_BALLOON:-on} in
+  on) set -- -device virtio-balloon-pci,free-page-reporting=on "$@" ;;
+  off) ;;
+  *) die "LEANVM_BALLOON must be on or off, not '$LEANVM_BALLOON'" ;;
+esac
+# The monitor FIFOs monitor.in/.out let cluster.sh down press the power button, in both modes.
+if [ "$mode" != print ]; then
+  set -- -chardev "pipe,id=monitor,path=$(qpath "$here/monitor")" -mon chardev=monitor,mode=readline "$@"
+fi
 if [ "$mode" = detach ]; then
   set -- -display none \
-    -chardev "file,id=console,path=$(qpath "$here/console.log")" -serial chardev:console \
-    -chardev "pipe,id=monitor,path=$(qpath "$here/monitor")" -mon chardev=monitor,mode=readline \
-    -daemonize "$@"
+    -chardev "file,id=console,path=$(qpath "$here/console.log")" -serial chardev:console -daemonize "$@"
 else
   set -- -nographic "$@"
 fi
@@ -183,14 +193,15 @@ if [ "$cluster_net" = true ]; then
   with_net_lock ensure_switch || exit 1
   cd "$net" || exit 1  # QEMU finds the switch as ./switch: short socket paths, wherever out/ is
 fi
+rm -f "$here/monitor.in" "$here/monitor.out" "$here/forced-stop"
+mkfifo "$here/monitor.in" "$here/monitor.out"
 if [ "$mode" = detach ]; then
-  rm -f "$here/monitor.in" "$here/monitor.out"
-  mkfifo "$here/monitor.in" "$here/monitor.out"
   vm_qemu exec "$@"  # cluster.sh down stops the switch
 fi
 
 leave() {
   trap - EXIT INT TERM HUP
+  rm -f "$here/monitor.in" "$here/monitor.out"
   if [ "$cluster_net" = true ]; then with_net_lock leave_switch; fi
 }
 trap leave EXIT
@@ -199,4 +210,9 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 status=0
 vm_qemu command "$@" || status=$?
+if [ -f "$here/forced-stop" ]; then  # QEMU exits 0 after a monitor quit or a SIGTERM
+  printf 'run.sh: VM %s was stopped by force: %s\n' "$name" "$(cat "$here/forced-stop")" >&2
+  rm -f "$here/forced-stop"
+  [ "$status" -ne 0 ] || status=143
+fi
 exit "$status"

@@ -24,14 +24,15 @@ from libarchive.entry import FileType
 
 from .errors import LeanvmError
 from .fsutil import write_atomic
-from .proc import run
+from .proc import run, stop_gpg_agent
 
 PROJECT = Path(__file__).resolve().parent.parent
 INIT_SCRIPT = Path(__file__).with_name("minirelease_init.sh")
 # loop: for PXE-style boots that mount /usr from a squashfs file held in the initramfs.
-# qemu_fw_cfg: Ignition configs passed with -fw_cfg; button, evdev: the ACPI power button.
+# qemu_fw_cfg: Ignition configs passed with -fw_cfg; button, evdev: the ACPI power button;
+# virtio_balloon: free page reporting.
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "ext4", "9p", "9pnet_virtio", "loop",
-                  "qemu_fw_cfg", "button", "evdev")
+                  "qemu_fw_cfg", "button", "evdev", "virtio_balloon")
 KERNEL, INITRD, IMAGE = "mini.vmlinuz", "mini.initrd.cpio.gz", "mini_image.cpio.gz"
 # The Flatcar profiles' arguments, word for word; and the same disks named by /dev/vdX.
 FLATCAR_ARGS = (
@@ -269,6 +270,7 @@ def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> P
             sign(home, fingerprint, vdir / name)
     key = out / "demo-signing-key.asc"
     key.write_bytes(run(["gpg", "--homedir", home, "--armor", "--export", fingerprint]).stdout)
+    stop_gpg_agent(home)
     write_atomic(mirror / "current" / "version.txt", f"MINI_VERSION={version}\n".encode())
     write_profile(out / "mini.yaml", mirror, key, fingerprint, FLATCAR_ARGS)
     write_profile(out / "mini-vdx.yaml", mirror, key, fingerprint, VDX_ARGS)

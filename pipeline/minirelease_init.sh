@@ -10,7 +10,8 @@
 # `leanvm.shell` on the kernel command line keeps a shell instead of powering off,
 # `leanvm.hold` keeps the VM up until QEMU is stopped, `leanvm.ping=IP,...` pings peers on
 # the cluster network (configured from the systemd-networkd unit in user_data) for up to
-# 90 s each, `leanvm.unreachable=IP,...` checks for 10 s each that they do not answer.
+# 90 s each, `leanvm.unreachable=IP,...` checks for 10 s each that they do not answer,
+# `leanvm.fillcache` reads all of /usr into the page cache and drops it again (benchmarks).
 PATH=/bin
 export PATH
 /bin/busybox mkdir -p /proc /sys /dev /sysroot /mnt/config
@@ -23,7 +24,7 @@ exec </dev/console >/dev/console 2>&1
 say() { echo "leanvm: $*"; }
 
 usr="" usrfstype="" usrflags="ro" root="" rootflags="rw" rootfstype="" shell="" hold="" ping="" first_boot=""
-unreachable=""
+unreachable="" fillcache=""
 # shellcheck disable=SC2013  # the command line is split into words on purpose
 for word in $(cat /proc/cmdline); do
   case $word in
@@ -37,6 +38,7 @@ for word in $(cat /proc/cmdline); do
     leanvm.hold) hold=1 ;;
     leanvm.ping=*) ping=${word#*=} ;;
     leanvm.unreachable=*) unreachable=${word#*=} ;;
+    leanvm.fillcache) fillcache=1 ;;
     flatcar.first_boot=*|coreos.first_boot=*) first_boot=${word#*=} ;;
   esac
 done
@@ -205,5 +207,12 @@ if echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname) booted" >>/sysroot/var/log/l
   say "root writable: yes"
 fi
 say "boots logged: $(wc -l </sysroot/var/log/leanvm-boots.log)"
+if [ -n "$fillcache" ]; then
+  find /sysroot/usr -type f -exec cat {} + >/dev/null 2>&1
+  say "cache filled: $(sed -n 's/^Cached: *//p' /proc/meminfo)"
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+  say "cache dropped: $(sed -n 's/^Cached: *//p' /proc/meminfo)"
+fi
 say "ready"
 finish

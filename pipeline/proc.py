@@ -13,6 +13,7 @@ log = logging.getLogger("leanvm")
 # Debian package that provides each external command we call.
 PACKAGES = {
     "gpg": "gnupg",
+    "gpgconf": "gnupg",
     "mkfs.ext4": "e2fsprogs",
     "e2fsck": "e2fsprogs",
     "resize2fs": "e2fsprogs",
@@ -67,3 +68,8 @@ def run(
             f"{shlex.join(args)} failed with exit code {result.returncode}: {detail}"
         )
     return result
+
+
+def stop_gpg_agent(home: Path | str) -> None:
+    """Stop the gpg-agent that gpg started for a GNUPGHOME of ours (it outlives gpg)."""
+    run(["gpgconf", "--homedir", home, "--kill", "gpg-agent"], check=False)

@@ -18,6 +18,7 @@ from .config import Cluster, Release, load_cluster
 from .doitenv import PROJECT, action, building, fail, out_dir, var_path
 from .errors import LeanvmError
 from .fsutil import write_atomic
+from .vmstate import running_pid
 
 BUILD_TASKS = ["download", "verify", "extract", "rootfs", "configdrive", "launcher", "cluster", "retire"]
 CLUSTER_SCRIPT = Path(__file__).with_name("cluster.sh")
@@ -187,7 +188,8 @@ def task_verify() -> Iterator[dict]:
             "actions": [action(verify_and_publish, data, sig, release, target, final)],
             "task_dep": [f"download:{release.name}:{artifact.kind}"],
             "uptodate": [(done_when, [artifact.published] if final else [artifact.published, target])],
-            "clean": [(remove, [target])],
+            # published images are kept by `doit clean`: `doit prune` removes unused versions
+            "clean": [] if final else [(remove, [target])],
         }
 
 
@@ -202,7 +204,6 @@ def task_extract() -> Iterator[dict]:
                            _raw(layout, image))],
         "task_dep": [f"verify:{release.name}:image"],
         "uptodate": [(done_when, [image.published])],
-        "clean": [(remove, [image.published])],
     }
 
 
@@ -272,9 +273,15 @@ def task_cluster() -> dict:
     }
 
 
-def retire(vm_dirs: list[Path]) -> None:
+def retire(vm_dirs: list[Path], config: Path) -> None:
     """VMs gone from the cluster file keep their disks, but lose their launcher, so that
-    cluster.sh no longer starts them; adding a VM back renders it again."""
+    cluster.sh no longer starts them; adding a VM back renders it again. A running VM is
+    not retired: cluster.sh could no longer stop it."""
+    for vm_dir in vm_dirs:
+        pid = running_pid(vm_dir)
+        if pid is not None:
+            raise LeanvmError(f"VM {vm_dir.name} is running (pid {pid}) but is no longer in {config}",
+                              f"stop it first ({vm_dir / 'run.sh'} or cluster.sh down), or put it back")
     for vm_dir in vm_dirs:
         os.replace(vm_dir / "run.sh", vm_dir / "run.sh.retired")
         print(f"leanvm: VM {vm_dir.name} is no longer in the cluster file: its launcher is now "
@@ -287,7 +294,7 @@ def task_retire() -> dict:
     stale = sorted(d for d in (ctx.layout.out / "vms").glob("*") if (d / "run.sh").exists() and d.name not in current)
     return {
         "doc": "retire the launchers of VMs removed from the cluster file (their disks stay)",
-        "actions": [action(retire, stale)],
+        "actions": [action(retire, stale, ctx.cluster.path)],
         "uptodate": [not stale],
     }
 
@@ -312,7 +319,8 @@ def task_prune() -> dict:
     layout = context().layout
     return {
         "doc": "remove out/images/RELEASE/VERSION directories that no VM uses any more",
-        "actions": [action(bundle.prune, layout.out, {layout.images})],
+        "actions": [action(doitenv.refuse_while_running, layout.out, "`doit prune`"),
+                    action(bundle.prune, layout.out, {layout.images})],
         "uptodate": [False],
     }
 

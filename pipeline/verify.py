@@ -8,6 +8,7 @@ from pathlib import Path
 import gnupg
 
 from .errors import LeanvmError
+from .proc import stop_gpg_agent
 
 EXPIRED_KEY = "signing key has expired"
 
@@ -50,12 +51,15 @@ def check_signature(data: Path, signature: Path, key_file: Path, fingerprints: t
     if not signature.is_file():
         raise LeanvmError(f"{data}: signature {signature.name} is missing", "the mirror must serve it")
     with tempfile.TemporaryDirectory(prefix="leanvm-gpg-") as home:
-        gpg = gnupg.GPG(gnupghome=home)
-        imported = gpg.import_keys_file(str(key_file))
-        if not imported.fingerprints:
-            raise LeanvmError(f"{key_file}: holds no usable public key", "point signing_key at an armored key")
-        result = gpg.verify_file(str(signature), str(data))
-        expired_but_valid = not result.valid and _signed_while_valid(gpg, result)
+        try:
+            gpg = gnupg.GPG(gnupghome=home)
+            imported = gpg.import_keys_file(str(key_file))
+            if not imported.fingerprints:
+                raise LeanvmError(f"{key_file}: holds no usable public key", "point signing_key at an armored key")
+            result = gpg.verify_file(str(signature), str(data))
+            expired_but_valid = not result.valid and _signed_while_valid(gpg, result)
+        finally:
+            stop_gpg_agent(home)
     primary = (result.pubkey_fingerprint or "").upper()
     if not result.valid and not expired_but_valid:
         reason = result.key_status or result.status or "unreadable signature"

@@ -9,16 +9,18 @@ import yaml
 from fixtures import IMAGE, KERNEL, DoitResult, Keyring, Mirror, MirrorServer, doit, serve
 
 from pipeline import minirelease
+from pipeline.proc import stop_gpg_agent
 
 
 @pytest.fixture(scope="session")
-def keyring(tmp_path_factory: pytest.TempPathFactory) -> Keyring:
+def keyring(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("gnupg")
     home.chmod(0o700)
     ring = Keyring(home)
     ring.generate("leanvm test signer <signer@leanvm.invalid>")
     ring.generate("someone else <other@leanvm.invalid>")
-    return ring
+    yield ring
+    stop_gpg_agent(home)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ CLUSTER_CASES = {
     "VM name with shell chars": ({"release": "test", "vms": {"a;rm": {}}}, "vms.a;rm"),
     "duplicate port": ({"release": "test", "vms": {"a": {"ssh_port": 2222}, "b": {"ssh_port": 2222}}}, "ssh_port"),
     "port out of range": ({"release": "test", "vms": {"a": {"ssh_port": 70000}}}, "vms.a.ssh_port"),
+    "privileged port": ({"release": "test", "vms": {"a": {"ssh_port": 22}}}, "vms.a.ssh_port"),
+    "port as a default": ({"release": "test", "defaults": {"ssh_port": 2400}, "vms": {"a": {}}}, "defaults.ssh_port"),
     "missing profile": ({"release": "nope", "vms": {"a": {}}}, "release"),
     "unparseable size": ({"release": "test", "vms": {"a": {"disk": "4 gigs"}}}, "vms.a.disk"),
     "negative size": ({"release": "test", "vms": {"a": {"disk": "-4G"}}}, "vms.a.disk"),
@@ -89,6 +91,7 @@ def test_unreadable_user_data_content(built: Project):
     result = built.doit()
     assert result.returncode != 0
     assert "bad.txt" in result.stderr and "cloud-config" in result.stderr
+    assert "vms.core1.user_data" in result.stderr and result.returncode == 2  # found when loading, like any key
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -97,5 +100,24 @@ def test_invalid_cloud_config_yaml(built: Project):
     built.write_cluster({"core1": {"ssh_port": 2222, "user_data": "cc.yaml"}})
     result = built.doit()
     assert result.returncode != 0
-    assert "cc.yaml" in result.stderr and "YAML" in result.stderr
+    assert "cc.yaml" in result.stderr and "YAML" in result.stderr and "vms.core1.user_data" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_script_user_data_with_keys_is_refused_when_loading(built: Project):
+    (built.root / "boot.sh").write_text("#!/bin/sh\necho hi\n")
+    built.write_cluster({"core1": {"user_data": "boot.sh", "ssh_authorized_keys": ["ssh-ed25519 AAAA me"]}})
+    result = built.doit()
+    assert result.returncode == 2 and "vms.core1.user_data" in result.stderr and "'#!' script" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    # without keys or a given address a script is used as it is
+    built.write_cluster({"core1": {"user_data": "boot.sh"}})
+    assert built.doit().returncode == 0
+    assert (built.vm("core1") / "config/openstack/latest/user_data").read_text() == "#!/bin/sh\necho hi\n"
+
+
+def test_info_on_an_unknown_task_is_one_line(built: Project):
+    result = built.doit("info", "nosuch")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "leanvm: error: no task named 'nosuch'; see the task names with `doit list --all`"]

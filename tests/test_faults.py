@@ -17,6 +17,7 @@ from fixtures import IMAGE, KERNEL, PROJECT, Keyring, Mirror, MirrorServer, newc
 
 from pipeline.errors import LeanvmError
 from pipeline.extract import extract_usr_disk
+from pipeline.proc import stop_gpg_agent
 from pipeline.verify import check_signature
 
 
@@ -265,7 +266,7 @@ def test_hostile_image_through_the_pipeline(project: Project, mirror: Mirror):
 # --- keys ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def subkeys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Keyring, str, Path, Path, Path]:
+def subkeys(tmp_path_factory: pytest.TempPathFactory):
     """A primary key with two signing subkeys made in 2020: one expired since, one revoked."""
     home = tmp_path_factory.mktemp("subkeys")
     home.chmod(0o700)
@@ -286,7 +287,8 @@ def subkeys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Keyring, str, Pat
                     "--command-fd", "0", "--edit-key", primary],
                    input=f"key {revoked}\nrevkey\ny\n0\n\ny\nsave\n".encode(), check=True, capture_output=True)
     key = ring.export(home / "key.asc", primary)
-    return ring, primary, data, key, home
+    yield ring, primary, data, key, home
+    stop_gpg_agent(home)
 
 
 def test_signature_by_revoked_subkey_is_rejected(subkeys):
