@@ -12,6 +12,7 @@ from pipeline.tasks import (  # noqa: F401  (doit discovers task_* by name)
     task_reset,
     task_retire,
     task_rootfs,
+    task_sshkey,
     task_verify,
 )
 

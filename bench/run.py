@@ -292,7 +292,7 @@ def bench_boot(work: Path, sizes: Sizes) -> tuple[list[Row], int]:
 
 def bench_vms(work: Path, sizes: Sizes) -> list[Row]:
     rows, pxe_rss = bench_boot(work, sizes)
-    return rows + bench_scale(work, sizes) + bench_balloon(work, sizes, pxe_rss)
+    return rows + bench_scale(work, sizes, pxe_rss) + bench_balloon(work, sizes, pxe_rss)
 
 
 # --- 7. scale: N VMs up at once; 8. host RAM of an idle VM, with and without free page reporting ---
@@ -329,7 +329,7 @@ def up_until(out: Path, names: list[str], append: str, marker: str, env: dict[st
     return time.monotonic() - start
 
 
-def bench_scale(work: Path, sizes: Sizes) -> list[Row]:
+def bench_scale(work: Path, sizes: Sizes, pxe_rss: int) -> list[Row]:
     mini = minirelease.build(work / "mini", pad_mb=sizes.boot_pad_mb)
     rows, rss, ready = [], {}, {}
     for count in sizes.scale:
@@ -346,13 +346,15 @@ def bench_scale(work: Path, sizes: Sizes) -> list[Row]:
             rss[count] = qemu_rss(out)
         finally:
             cluster_sh(out, "down", {"LEANVM_STOP_TIMEOUT": "60"})
-        rows.append(Row("7 scale", f"{count} VM(s) up at once: all ready; host RSS", f"{ready[count]:.1f} s",
-                        f"{rss[count] / MiB:.0f} MiB", f"{rss[count] / count / MiB:.0f} MiB/VM"))
+        one = min(sizes.scale)
+        rows.append(Row("7 scale", f"{count} VM(s) up at once: all ready / host RSS of all QEMUs",
+                        f"{ready[count]:.1f} s / {rss[count] / MiB:.0f} MiB",
+                        f"{ready[one]:.1f} s / {rss[one] / MiB:.0f} MiB ({one} VM)",
+                        f"{ready[count] / ready[one]:.1f}x / {rss[count] / rss[one]:.1f}x"))
     low, high = min(sizes.scale), max(sizes.scale)
-    if high > low:
-        marginal = (rss[high] - rss[low]) / (high - low)
-        rows.append(Row("7 scale", f"marginal host RSS per VM ({low} -> {high} VMs)", f"{marginal / MiB:.0f} MiB",
-                        f"{ready[high] / ready[low]:.1f}x the time to ready"))
+    marginal = (rss[high] - rss[low]) / (high - low)
+    rows.append(Row("7 scale", f"marginal host RSS per extra VM ({low} -> {high} VMs)", f"{marginal / MiB:.0f} MiB",
+                    f"{pxe_rss / MiB:.0f} MiB (one PXE-style VM, peak)", f"{marginal / pxe_rss:.2f}x"))
     return rows
 
 

@@ -1,17 +1,56 @@
 #!/bin/sh
 # leanvm cluster control for every VM in this out/ directory (copied here by `doit`).
-# Usage: cluster.sh up | down | status | console NAME | ssh NAME [SSH ARGS...]
-#   up       start every VM detached (serial console in vms/NAME/console.log)
-#   down     power every VM off (ACPI), then stop QEMU after LEANVM_STOP_TIMEOUT seconds (60)
-#   status   which VMs run, their pids and ssh ports
-#   console  follow a detached VM's serial console (Ctrl-c stops following)
-#   ssh      ssh into a VM as LEANVM_SSH_USER (default core) through its forwarded port
-# LEANVM_ACCEL and LEANVM_APPEND are passed on to each run.sh.
+# Usage: cluster.sh COMMAND; see `cluster.sh help`.
 set -eu
 
 out=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
 
 die() { printf 'cluster.sh: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+  cat <<EOF
+Usage: $0 COMMAND
+  up [--wait [SECONDS]]  start every VM detached (console in vms/NAME/console.log); with
+                         --wait, return once every VM's sshd answers (default 300 s)
+  down                   power every VM off (ACPI button, pressed every 5 s), then stop QEMU
+                         after LEANVM_STOP_TIMEOUT seconds (60)
+  status                 which VMs run, their pids and ssh ports
+  console NAME           follow a detached VM's serial console (Ctrl-c stops following)
+  ssh NAME [-- CMD...]   ssh into a VM as LEANVM_SSH_USER (default core) with the cluster key
+                         (ssh/id_ed25519); the remote command's exit status is passed through
+  help                   this text
+LEANVM_ACCEL and LEANVM_APPEND are passed on to each run.sh.
+EOF
+}
+
+# ssh to VM $1 with the cluster key; host keys in ssh/known_hosts under the alias leanvm-NAME.
+vm_ssh() {
+  vm=$1
+  shift
+  port=$(ssh_port "$vm")
+  [ -n "$port" ] || die "VM $vm has no recorded ssh port: run doit"
+  [ -r "$out/ssh/id_ed25519" ] || die "no cluster key $out/ssh/id_ed25519: run doit"
+  ssh -i "$out/ssh/id_ed25519" -p "$port" -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR \
+    -o UserKnownHostsFile="$out/ssh/known_hosts" -o StrictHostKeyChecking=accept-new \
+    -o HostKeyAlias="leanvm-$vm" -o ConnectTimeout=10 "${LEANVM_SSH_USER:-core}@127.0.0.1" "$@"
+}
+
+# Wait until every VM's sshd answers, at most $1 seconds; one line naming those that did not.
+wait_for_ssh() {
+  deadline=$(($(date +%s) + $1))
+  pending=$(vms)
+  while [ -n "$pending" ]; do
+    still=""
+    for vm in $pending; do
+      vm_ssh "$vm" true </dev/null >/dev/null 2>&1 || still="$still $vm"
+    done
+    pending=${still# }
+    [ -z "$pending" ] && break
+    [ "$(date +%s)" -lt "$deadline" ] || die "no sshd answered within $1 s on:$still"
+    sleep 2
+  done
+  echo "every VM answers ssh"
+}
 
 vms() {
   for dir in "$out"/vms/*/; do
@@ -139,7 +178,17 @@ status() {
 }
 
 case ${1-} in
-  up) up ;;
+  up)
+    up_status=0
+    up || up_status=$?
+    if [ "${2-}" = --wait ]; then
+      seconds=${3:-300}
+      case $seconds in ''|*[!0-9]*) die "up --wait takes a number of seconds, not '$seconds'" ;; esac
+      [ "$up_status" -eq 0 ] || die "some VMs did not start; not waiting for ssh"
+      wait_for_ssh "$seconds"
+    fi
+    exit "$up_status" ;;
+  help|--help|-h) usage ;;
   down) down ;;
   status) status ;;
   console)
@@ -148,11 +197,11 @@ case ${1-} in
     [ -f "$out/vms/$2/console.log" ] || die "VM $2 has no console.log: start it with 'cluster.sh up'"
     exec tail -n +1 -f "$out/vms/$2/console.log" ;;
   ssh)
-    [ $# -ge 2 ] || die "usage: cluster.sh ssh NAME [SSH ARGS...]"
+    [ $# -ge 2 ] || die "usage: cluster.sh ssh NAME [-- CMD...]"
     check_vm "$2"
-    port=$(ssh_port "$2")
+    name=$2
     shift 2
-    exec ssh -p "$port" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
-      "${LEANVM_SSH_USER:-core}@127.0.0.1" "$@" ;;
-  *) die "usage: cluster.sh up | down | status | console NAME | ssh NAME [SSH ARGS...]" ;;
+    [ "${1-}" != -- ] || shift
+    vm_ssh "$name" "$@" ;;
+  *) usage >&2; exit 1 ;;
 esac

@@ -2,9 +2,9 @@
 
 Kernel and modules come from Debian's linux-image-amd64; the initrd is busybox plus the
 modules for virtio, squashfs, ext4 and 9p (resolved through modules.dep); usr.squashfs holds
-busybox and an os-release; the image is a gzip'd newc cpio holding it, like Flatcar's PXE
-image. Every file is signed by a demo key made locally, published as a file:// mirror with
-release profiles that point at it.
+busybox, Debian's dropbear sshd with its libraries, and an os-release; the image is a
+gzip'd newc cpio holding it, like Flatcar's PXE image. Every file is signed by a demo key
+made locally, published as a file:// mirror with release profiles that point at it.
 
     python -m pipeline.minirelease [--out DIR] [--pad-mb N]
 """
@@ -34,6 +34,7 @@ INIT_SCRIPT = Path(__file__).with_name("minirelease_init.sh")
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "ext4", "9p", "9pnet_virtio", "loop",
                   "qemu_fw_cfg", "button", "evdev", "virtio_balloon")
 KERNEL, INITRD, IMAGE = "mini.vmlinuz", "mini.initrd.cpio.gz", "mini_image.cpio.gz"
+DROPBEAR = Path("/usr/sbin/dropbear")  # Debian's dropbear-bin: the mini release's sshd
 # The Flatcar profiles' arguments, word for word; and the same disks named by /dev/vdX.
 FLATCAR_ARGS = (
     "mount.usr=PARTLABEL=USR-A mount.usrfstype=squashfs mount.usrflags=ro "
@@ -190,13 +191,32 @@ def make_initrd(dest: Path, kernel: Kernel, busybox: Path) -> None:
     write_cpio_gz(dest, files, {"init": 0o755, "bin/busybox": 0o755})
 
 
+def shared_libraries(binary: Path) -> list[Path]:
+    """The shared libraries `binary` loads (ldd), the dynamic loader included."""
+    libs = []
+    for line in run(["ldd", binary]).stdout.decode().splitlines():
+        words = line.split()
+        path = words[2] if len(words) >= 3 and words[1] == "=>" else words[0]
+        if path.startswith("/"):
+            libs.append(Path(path))
+    return libs
+
+
 def make_usr(dest: Path, busybox: Path, version: str, pad_mb: int) -> None:
-    """usr.squashfs: busybox, an os-release and optional incompressible padding."""
+    """usr.squashfs: busybox and its applets, Debian's dropbear sshd with the libraries it
+    loads, an os-release and optional incompressible padding."""
     tree = dest.with_name("usr-tree")
     shutil.rmtree(tree, ignore_errors=True)
-    (tree / "bin").mkdir(parents=True)
-    (tree / "lib").mkdir()
+    for d in ("bin", "sbin", "lib64", "lib/x86_64-linux-gnu"):
+        (tree / d).mkdir(parents=True)
     shutil.copy2(busybox, tree / "bin" / "busybox")
+    for applet in run([busybox, "--list"]).stdout.decode().split():
+        if applet != "busybox":
+            (tree / "bin" / applet).symlink_to("busybox")
+    shutil.copy2(DROPBEAR, tree / "sbin" / "dropbear")
+    for lib in shared_libraries(DROPBEAR):
+        where = tree / ("lib64" if lib.name.startswith("ld-linux") else "lib/x86_64-linux-gnu")
+        shutil.copy2(lib.resolve(), where / lib.name)
     (tree / "lib" / "os-release").write_text(
         f'NAME="leanvm mini"\nID=leanvm-mini\nVERSION_ID={version}\nPRETTY_NAME="leanvm mini release {version}"\n'
     )
@@ -251,7 +271,10 @@ def write_profile(dest: Path, mirror: Path, key: Path, fingerprint: str, kernel_
 def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> Path:
     """Build the mini release under `out`; returns the directory holding its profiles."""
     kernel = fetch_kernel(out / "kernel")
-    digest = hashlib.sha256(INIT_SCRIPT.read_bytes() + f"{kernel.version}/{pad_mb}".encode()).hexdigest()
+    if not DROPBEAR.exists():
+        raise LeanvmError(f"{DROPBEAR}: not found", "install it: apt-get install dropbear-bin")
+    inputs = INIT_SCRIPT.read_bytes() + DROPBEAR.read_bytes() + f"{kernel.version}/{pad_mb}".encode()
+    digest = hashlib.sha256(inputs).hexdigest()
     version = f"1.{pad_mb}.{digest[:8]}"
     mirror = out / "mirror"
     vdir = mirror / version

@@ -50,6 +50,8 @@ finish() {
   elif [ -n "$hold" ]; then
     wait_for_power_button
   fi
+  [ -f /sysroot/run/dropbear.pid ] && kill "$(cat /sysroot/run/dropbear.pid)" 2>/dev/null
+  umount /sysroot/dev/pts /sysroot/dev /sysroot/proc 2>/dev/null
   umount /mnt/config /sysroot/oem /sysroot/usr /sysroot 2>/dev/null
   sync
   say "powering off"
@@ -183,6 +185,27 @@ for peer in $(echo "$unreachable" | tr ',' ' '); do
   if answers "$peer" 10; then say "unreachable $peer: no, it answers"; else say "unreachable $peer: yes"; fi
 done
 
+# A blank root is set up the way Flatcar's initrd-setup-root does it from /usr: the
+# merged-/usr links, /etc with the users root and core.
+for dir in bin sbin lib lib64; do
+  [ -e "/sysroot/$dir" ] || ln -s "usr/$dir" "/sysroot/$dir"
+done
+mkdir -p /sysroot/etc /sysroot/run /sysroot/tmp /sysroot/root /sysroot/home/core/.ssh /sysroot/etc/dropbear
+[ -s /sysroot/etc/passwd ] ||
+  printf 'root:*:0:0:root:/root:/bin/sh\ncore:*:500:500:Flatcar user:/home/core:/bin/sh\n' >/sysroot/etc/passwd
+[ -s /sysroot/etc/group ] || printf 'root:x:0:\ncore:x:500:\n' >/sysroot/etc/group
+[ -s /sysroot/etc/shells ] || echo /bin/sh >/sysroot/etc/shells
+
+# NIC 1 is QEMU's user network (MAC 52:54:00:...): its fixed address, as its DHCP would give.
+for dev in /sys/class/net/*; do
+  case $(cat "$dev/address" 2>/dev/null) in
+    52:54:00:*)
+      ip addr add 10.0.2.15/24 dev "${dev##*/}" && ip link set "${dev##*/}" up &&
+        ip route add default via 10.0.2.2 && say "user network: ${dev##*/} 10.0.2.15/24" ;;
+  esac
+done
+echo "0 2147483647" >/proc/sys/net/ipv4/ping_group_range  # ping for every user, as systemd sets it
+
 # Ignition: only on a first boot (flatcar.first_boot=), as Flatcar's ignition-generator
 # decides; the config arrives through QEMU's fw_cfg; the result file marks the root done.
 if [ -n "$first_boot" ] && [ "$first_boot" != 0 ]; then
@@ -194,6 +217,8 @@ if [ -n "$first_boot" ] && [ "$first_boot" != 0 ]; then
       version=$(tr -d ' \n' <"$raw" | sed -n 's/.*"version":"\([^"]*\)".*/\1/p')
       say "ignition: $key version $version"
       provided=true
+      mkdir -p /sysroot/home/core/.ssh/authorized_keys.d
+      grep -o '"ssh-[a-z0-9-]* [^"]*"' "$raw" | tr -d '"' >/sysroot/home/core/.ssh/authorized_keys.d/ignition
     fi
   done
   printf '{"provisioningDate":"%s","userConfigProvided":%s}\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$provided" \
@@ -201,6 +226,31 @@ if [ -n "$first_boot" ] && [ "$first_boot" != 0 ]; then
 else
   say "first boot: no"
 fi
+
+# core's authorized keys: the config drive's on every boot (coreos-cloudinit), Ignition's
+# from the first boot (kept), merged as Flatcar's update-ssh-keys does.
+keys=/sysroot/home/core/.ssh/authorized_keys.d
+mkdir -p "$keys"
+sed -n '/^ssh_authorized_keys:/,/^[^ -]/s/^ *- *//p' "${user_data:-/dev/null}" 2>/dev/null | tr -d "\"'" \
+  >"$keys/coreos-cloudinit"
+cat "$keys"/* >/sysroot/home/core/.ssh/authorized_keys 2>/dev/null
+chmod 700 /sysroot/home/core/.ssh && chmod 600 /sysroot/home/core/.ssh/authorized_keys
+chown -R 500:500 /sysroot/home/core
+say "ssh keys for core: $(grep -c . /sysroot/home/core/.ssh/authorized_keys)"
+
+# sshd for a VM that stays up: Debian's dropbear from /usr, host keys made on the first
+# start and kept on the root disk (/etc/dropbear).
+start_sshd() {
+  mkdir -p /sysroot/dev /sysroot/proc /sysroot/sys
+  mount --bind /dev /sysroot/dev && mkdir -p /sysroot/dev/pts && mount -t devpts devpts /sysroot/dev/pts
+  mount -t proc proc /sysroot/proc
+  if chroot /sysroot /usr/sbin/dropbear -R -p 22 -P /run/dropbear.pid; then
+    say "sshd: listening on port 22"
+  else
+    say "warning: sshd did not start"
+  fi
+}
+if [ -n "$hold" ] || [ -n "$shell" ]; then start_sshd; fi
 
 mkdir -p /sysroot/var/log
 if echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname) booted" >>/sysroot/var/log/leanvm-boots.log; then

@@ -14,6 +14,7 @@ log = logging.getLogger("leanvm")
 PACKAGES = {
     "gpg": "gnupg",
     "gpgconf": "gnupg",
+    "ssh-keygen": "openssh-client",
     "mkfs.ext4": "e2fsprogs",
     "e2fsck": "e2fsprogs",
     "resize2fs": "e2fsprogs",

@@ -13,14 +13,14 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from . import bundle, configdrive, doitenv, extract, fetch, identity, launcher, record, rootfs, verify
+from . import bundle, configdrive, doitenv, extract, fetch, identity, launcher, record, rootfs, sshkey, verify
 from .config import Cluster, Release, load_cluster
 from .doitenv import PROJECT, action, building, fail, out_dir, var_path
 from .errors import LeanvmError
 from .fsutil import write_atomic
 from .vmstate import running_pid
 
-BUILD_TASKS = ["download", "verify", "extract", "rootfs", "configdrive", "launcher", "cluster", "retire"]
+BUILD_TASKS = ["download", "verify", "extract", "rootfs", "sshkey", "configdrive", "launcher", "cluster", "retire"]
 CLUSTER_SCRIPT = Path(__file__).with_name("cluster.sh")
 
 
@@ -232,12 +232,23 @@ def task_configdrive() -> Iterator[dict]:
         yield {
             "name": vm.name,
             "doc": "write the config drive's user_data (and the Ignition config)",
-            "actions": [action(configdrive.write, vm, dest, ignition)],
-            "file_dep": [p for p in (vm.user_data, vm.ignition) if p],
+            "actions": [action(configdrive.write, vm, dest, ignition, sshkey.public_key(ctx.layout.out))],
+            "file_dep": [p for p in (vm.user_data, vm.ignition) if p] + [sshkey.public_key(ctx.layout.out)],
             "targets": [dest, ignition] if vm.ignition else [dest],
             "uptodate": [config_changed(inputs)],
             "clean": True,
         }
+
+
+def task_sshkey() -> dict:
+    """out/ssh/id_ed25519: made once per out/, authorized in every VM; clean keeps it."""
+    out = context().layout.out
+    return {
+        "doc": "make the cluster's ssh key out/ssh/id_ed25519 once (kept by clean)",
+        "actions": [action(sshkey.create, out)],
+        "targets": [sshkey.private_key(out), sshkey.public_key(out)],
+        "uptodate": [(os.path.exists, [sshkey.private_key(out)]), (os.path.exists, [sshkey.public_key(out)])],
+    }
 
 
 def task_launcher() -> Iterator[dict]:
@@ -332,6 +343,7 @@ def task_reset() -> Iterator[dict]:
         yield {
             "name": vm.name,
             "doc": "recreate the root and OEM disks EMPTY (explicit only; all VM state is lost)",
-            "actions": [action(rootfs.reset, disk, vm.disk, oem, vm.name)],
+            "actions": [action(rootfs.reset, disk, vm.disk, oem, vm.name),
+                        action(sshkey.forget_host, ctx.layout.out, vm.name)],
             "uptodate": [False],
         }
