@@ -36,6 +36,9 @@ def cluster_files(out: Path, images: Path, vm_names: list[str]) -> list[Path]:
              if p.is_file() and (not p.name.startswith(".") or p.name.endswith(".sha256"))]
     if (out / "cluster.sh").exists():
         files.append(out / "cluster.sh")
+    # The cluster key travels: whoever unpacks the bundle logs in with `cluster.sh ssh`, as
+    # here. known_hosts does not: host keys are learnt anew where the VMs run.
+    files += [p for p in (out / "ssh" / "id_ed25519", out / "ssh" / "id_ed25519.pub") if p.exists()]
     for name in vm_names:
         vm_dir = out / "vms" / name
         files += sorted(p for p in vm_dir.rglob("*") if p.is_file() and p.name not in RUNTIME_FILES)

@@ -32,7 +32,7 @@ vm_ssh() {
   [ -r "$out/ssh/id_ed25519" ] || die "no cluster key $out/ssh/id_ed25519: run doit"
   ssh -i "$out/ssh/id_ed25519" -p "$port" -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR \
     -o UserKnownHostsFile="$out/ssh/known_hosts" -o StrictHostKeyChecking=accept-new \
-    -o HostKeyAlias="leanvm-$vm" -o ConnectTimeout=10 "${LEANVM_SSH_USER:-core}@127.0.0.1" "$@"
+    -o HostKeyAlias="leanvm-$vm" -o HashKnownHosts=no -o ConnectTimeout=10 "${LEANVM_SSH_USER:-core}@127.0.0.1" "$@"
 }
 
 # Wait until every VM's sshd answers, at most $1 seconds; one line naming those that did not.

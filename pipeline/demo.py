@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import minirelease
@@ -41,6 +42,24 @@ def boot_with_fallback(run_sh: Path) -> tuple[str, str]:
     return accel, console
 
 
+def ssh_round_trip(run_sh: Path, accel: str) -> str:
+    """Start the VM detached, run one command in it over ssh with the cluster key, stop it."""
+    env = {**os.environ, "LEANVM_ACCEL": accel, "LEANVM_APPEND": "leanvm.hold"}
+    cluster_sh = OUT / "cluster.sh"
+    run([run_sh, "--detach"], env=env)
+    try:
+        deadline = time.monotonic() + (KVM_TIMEOUT if accel == "kvm" else TCG_TIMEOUT)
+        while True:
+            result = run([cluster_sh, "ssh", "demo1", "--", "grep ' /usr ' /proc/mounts"], check=False)
+            if result.returncode == 0:
+                return result.stdout.decode()
+            if time.monotonic() > deadline:
+                raise LeanvmError("demo1's sshd did not answer", f"see {run_sh.parent / 'console.log'}")
+            time.sleep(2)
+    finally:
+        run([cluster_sh, "down"], env=env, check=False)
+
+
 def main() -> int:
     try:
         print("demo: building the mini release (Debian kernel + busybox) ...", file=sys.stderr)
@@ -53,11 +72,14 @@ def main() -> int:
         run_sh = OUT / "vms" / "demo1" / "run.sh"
         print(f"demo: booting demo1 non-interactively ({run_sh}) ...", file=sys.stderr)
         accel, console = boot_with_fallback(run_sh)
+        (run_sh.parent / "console.log").write_text(console)
+        print("demo: starting demo1 in the background and running one command in it over ssh ...", file=sys.stderr)
+        over_ssh = ssh_round_trip(run_sh, accel)
     except LeanvmError as e:
         print(f"leanvm: error: {e}", file=sys.stderr)
         return 2
-    (run_sh.parent / "console.log").write_text(console)
     print("".join(line + "\n" for line in console.splitlines() if line.startswith("leanvm: ")), end="")
+    print(f"\n$ out/cluster.sh ssh demo1 -- grep ' /usr ' /proc/mounts\n{over_ssh}", end="")
     relative = run_sh.relative_to(PROJECT)
     env = "LEANVM_ACCEL=tcg " if accel == "tcg" and os.environ.get("LEANVM_ACCEL", "auto") == "auto" else ""
     print(f"""
@@ -65,8 +87,10 @@ demo1 booted under {accel.upper()}: /usr is the shared read-only squashfs disk, 
 Launchers: {OUT / 'vms'}/demo{{1,2,3}}/run.sh   (console log: {relative.parent / 'console.log'})
 Start one interactively (a shell instead of power-off; Ctrl-a x quits QEMU):
     {env}LEANVM_APPEND=leanvm.shell {relative}
-Start the whole cluster in the background, see it, stop it:
-    {env}LEANVM_APPEND=leanvm.hold out/cluster.sh up; out/cluster.sh status; out/cluster.sh down
+Start the whole cluster in the background, log in, stop it:
+    {env}LEANVM_APPEND=leanvm.hold out/cluster.sh up --wait; out/cluster.sh status
+    out/cluster.sh ssh demo1
+    out/cluster.sh down
 Show a QEMU command line:
     {relative} --print""")
     return 0

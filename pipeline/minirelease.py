@@ -35,6 +35,7 @@ WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "ext4", 
                   "qemu_fw_cfg", "button", "evdev", "virtio_balloon")
 KERNEL, INITRD, IMAGE = "mini.vmlinuz", "mini.initrd.cpio.gz", "mini_image.cpio.gz"
 DROPBEAR = Path("/usr/sbin/dropbear")  # Debian's dropbear-bin: the mini release's sshd
+PROGRAMS = {DROPBEAR: "sbin/dropbear"}  # host file -> place in /usr
 # The Flatcar profiles' arguments, word for word; and the same disks named by /dev/vdX.
 FLATCAR_ARGS = (
     "mount.usr=PARTLABEL=USR-A mount.usrfstype=squashfs mount.usrflags=ro "
@@ -213,10 +214,14 @@ def make_usr(dest: Path, busybox: Path, version: str, pad_mb: int) -> None:
     for applet in run([busybox, "--list"]).stdout.decode().split():
         if applet != "busybox":
             (tree / "bin" / applet).symlink_to("busybox")
-    shutil.copy2(DROPBEAR, tree / "sbin" / "dropbear")
-    for lib in shared_libraries(DROPBEAR):
-        where = tree / ("lib64" if lib.name.startswith("ld-linux") else "lib/x86_64-linux-gnu")
-        shutil.copy2(lib.resolve(), where / lib.name)
+    # busybox sh runs its own applets, ping included, in-process: core's shell needs raw
+    # sockets for ping, as Flatcar's ping has (squashfs keeps the capability xattr).
+    run(["setcap", "cap_net_raw+ep", tree / "bin" / "busybox"])
+    for program, place in PROGRAMS.items():
+        shutil.copy2(program, tree / place)
+        for lib in shared_libraries(program):
+            where = tree / ("lib64" if lib.name.startswith("ld-linux") else "lib/x86_64-linux-gnu")
+            shutil.copy2(lib.resolve(), where / lib.name)
     (tree / "lib" / "os-release").write_text(
         f'NAME="leanvm mini"\nID=leanvm-mini\nVERSION_ID={version}\nPRETTY_NAME="leanvm mini release {version}"\n'
     )
@@ -273,7 +278,8 @@ def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> P
     kernel = fetch_kernel(out / "kernel")
     if not DROPBEAR.exists():
         raise LeanvmError(f"{DROPBEAR}: not found", "install it: apt-get install dropbear-bin")
-    inputs = INIT_SCRIPT.read_bytes() + DROPBEAR.read_bytes() + f"{kernel.version}/{pad_mb}".encode()
+    programs = b"".join(p.read_bytes() for p in PROGRAMS)
+    inputs = Path(__file__).read_bytes() + INIT_SCRIPT.read_bytes() + programs + f"{kernel.version}/{pad_mb}".encode()
     digest = hashlib.sha256(inputs).hexdigest()
     version = f"1.{pad_mb}.{digest[:8]}"
     mirror = out / "mirror"

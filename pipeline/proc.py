@@ -15,6 +15,7 @@ PACKAGES = {
     "gpg": "gnupg",
     "gpgconf": "gnupg",
     "ssh-keygen": "openssh-client",
+    "setcap": "libcap2-bin",
     "mkfs.ext4": "e2fsprogs",
     "e2fsck": "e2fsprogs",
     "resize2fs": "e2fsprogs",

@@ -40,6 +40,8 @@ def test_bundle_unpacked_with_tar_elsewhere_is_complete_sparse_and_matches(proje
     manifest = json.loads((unpacked / "MANIFEST.json").read_text())
     assert manifest["release"] == "test" and manifest["version"] == "100.0.0"
     assert "images/test/100.0.0/usr.img" in manifest["files"] and "vms/big/rootfs.img" in manifest["files"]
+    assert "ssh/id_ed25519" in manifest["files"] and "ssh/known_hosts" not in manifest["files"]
+    assert oct((unpacked / "ssh" / "id_ed25519").stat().st_mode & 0o777) == "0o600"  # ssh accepts it
     for rel, digest in manifest["files"].items():
         assert sha256(unpacked / rel) == digest, rel
     for vm in ("big", "small"):
