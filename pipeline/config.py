@@ -17,6 +17,7 @@ import yaml
 
 from . import identity
 from .errors import LeanvmError
+from .paths import CONFIGS
 
 VM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -355,16 +356,22 @@ def load_profile(path: Path) -> Release:
 
 
 def _release_path(value: Any, where: _Where, cluster_file: Path) -> Path:
+    """A path as given, or a bare profile NAME: releases/NAME.yaml beside the cluster file,
+    else leanvm's own configs/releases/NAME.yaml."""
     ref = _string(value, where)
     if "/" in ref or ref.endswith((".yaml", ".yml")):
         path = (cluster_file.parent / ref).resolve()
-    else:
-        if not RELEASE_NAME.match(ref):
-            raise where.error(f"{ref!r} is not a profile name", "name a file in configs/releases/")
-        path = (cluster_file.parent / "releases" / f"{ref}.yaml").resolve()
-    if not path.is_file():
-        raise where.error(f"release profile {path} does not exist", "name a profile in configs/releases/ or a path")
-    return path
+        if not path.is_file():
+            raise where.error(f"release profile {path} does not exist", "give the path of a profile file")
+        return path
+    if not RELEASE_NAME.match(ref):
+        raise where.error(f"{ref!r} is not a profile name", "name a profile in releases/ or give a path")
+    places = [(cluster_file.parent / "releases" / f"{ref}.yaml").resolve(), CONFIGS / "releases" / f"{ref}.yaml"]
+    found = next((p for p in places if p.is_file()), None)
+    if found is None:
+        raise where.error(f"no release profile {ref!r}: looked for {places[0]} and {places[1]}",
+                          "name one of those, or give a path")
+    return found
 
 
 def _vm_settings(raw: Any, where: _Where, cluster_file: Path) -> dict[str, Any]:

@@ -47,7 +47,8 @@ def action(step: Callable[..., None], *args: Any) -> tuple:
 
 def var_path(name: str, default: Path) -> Path:
     value = get_var(name, None)
-    return default if value is None else Path(get_initial_workdir(), value).resolve()
+    # doit's dodo loader records the directory it started in; the `leanvm` command's loader does not
+    return default if value is None else Path(get_initial_workdir() or os.getcwd(), value).resolve()
 
 
 def out_dir() -> Path:
@@ -159,3 +160,8 @@ def _one_line_info_errors() -> None:
 
 def building() -> bool:
     return _command(sys.argv[1:]) not in OFFLINE_COMMANDS
+
+
+def writing() -> bool:
+    """True unless the command only reads (list, info, ...)."""
+    return _command(sys.argv[1:]) not in READ_ONLY_COMMANDS

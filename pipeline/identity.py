@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import LeanvmError
 from .fsutil import write_atomic
 
 AUTO_PORT_BASE = 22000
@@ -85,6 +86,23 @@ def render(name: str, identity: Identity) -> str:
 
 def save(out: Path, name: str, identity: Identity) -> None:
     write_atomic(env_file(out, name), render(name, identity).encode())
+
+
+# --- one cluster per out/ ------------------------------------------------------------
+
+def check_owner(out: Path, cluster_file: Path, record: bool) -> None:
+    """out/ holds one cluster: building another cluster file into it is refused (it would
+    retire every VM of the first). `record`: remember `cluster_file` as the owner."""
+    owner = out / "state" / "cluster-file"
+    try:
+        recorded = owner.read_text().strip()
+    except OSError:
+        recorded = ""
+    if recorded and recorded != str(cluster_file):
+        raise LeanvmError(f"{out} holds the cluster of {recorded}, not of {cluster_file}",
+                          "build this cluster file into its own directory: out=DIR")
+    if record and not recorded:
+        write_atomic(owner, f"{cluster_file}\n".encode())
 
 
 # --- the host's other clusters -------------------------------------------------------

@@ -15,9 +15,10 @@ from doit.tools import config_changed
 
 from . import bundle, configdrive, doitenv, extract, fetch, identity, launcher, record, rootfs, sshkey, verify
 from .config import Cluster, Release, load_cluster
-from .doitenv import PROJECT, action, building, fail, out_dir, var_path
+from .doitenv import action, building, fail, out_dir, var_path, writing
 from .errors import LeanvmError
 from .fsutil import write_atomic
+from .paths import DEFAULT_CLUSTER
 from .vmstate import running_pid
 
 BUILD_TASKS = ["download", "verify", "extract", "rootfs", "sshkey", "configdrive", "launcher", "cluster", "retire"]
@@ -65,7 +66,9 @@ def context() -> Context:
     """Load the cluster once per doit run; a user error ends doit with one line."""
     try:
         out = out_dir()
-        config = var_path("config", PROJECT / "configs" / "cluster.yaml")
+        config = var_path("config", DEFAULT_CLUSTER)
+        if writing():
+            identity.check_owner(out, config, record=building())
         if building():
             cluster = load_cluster(config, identity.load(out), identity.ports_of_other_outs(out),
                                    identity.port_in_use)
@@ -162,6 +165,7 @@ def extract_and_publish(image: Path, member: str, target: Path, raw: tuple[Path,
 
 def task_download() -> Iterator[dict]:
     ctx = context()
+    yield {"name": None, "doc": "download the release's kernel, initrd and image, each with its signature"}
     release, layout = ctx.cluster.release, ctx.layout
     for artifact in artifacts(release, layout):
         data, sig = _raw(layout, artifact)
@@ -177,6 +181,7 @@ def task_download() -> Iterator[dict]:
 
 def task_verify() -> Iterator[dict]:
     ctx = context()
+    yield {"name": None, "doc": "check each download's signature against the pinned key; publish it into out/images"}
     release, layout = ctx.cluster.release, ctx.layout
     for artifact in artifacts(release, layout):
         data, sig = _raw(layout, artifact)
@@ -195,6 +200,7 @@ def task_verify() -> Iterator[dict]:
 
 def task_extract() -> Iterator[dict]:
     ctx = context()
+    yield {"name": None, "doc": "write the verified usr.squashfs into the USR-A partition of out/images/.../usr.img"}
     release, layout = ctx.cluster.release, ctx.layout
     image = next(a for a in artifacts(release, layout) if a.kind == "image")
     yield {
@@ -211,6 +217,7 @@ def task_extract() -> Iterator[dict]:
 
 def task_rootfs() -> Iterator[dict]:
     ctx = context()
+    yield {"name": None, "doc": "per VM: create or grow its root disk (ROOT) and create its OEM disk; never recreated"}
     for vm in ctx.cluster.vms:
         disk, oem = ctx.layout.rootfs(vm.name), ctx.layout.oem(vm.name)
         yield {
@@ -224,6 +231,7 @@ def task_rootfs() -> Iterator[dict]:
 
 def task_configdrive() -> Iterator[dict]:
     ctx = context()
+    yield {"name": None, "doc": "per VM: write its config drive (user_data with keys and network) and Ignition config"}
     for vm in ctx.cluster.vms:
         dest = ctx.layout.vm(vm.name) / "config" / "openstack" / "latest" / "user_data"
         ignition = ctx.layout.vm(vm.name) / "ignition.json"
@@ -253,6 +261,7 @@ def task_sshkey() -> dict:
 
 def task_launcher() -> Iterator[dict]:
     ctx = context()
+    yield {"name": None, "doc": "per VM: render run.sh and record its identity in out/state/vms/NAME.env"}
     for vm in ctx.cluster.vms:
         dest = ctx.layout.vm(vm.name) / "run.sh"
         text = launcher.render(vm, ctx.cluster.release, ctx.layout.version)
@@ -338,6 +347,7 @@ def task_prune() -> dict:
 
 def task_reset() -> Iterator[dict]:
     ctx = context()
+    yield {"name": None, "doc": "reset:NAME recreates VM NAME's root and OEM disks EMPTY (bare `reset` is refused)"}
     for vm in ctx.cluster.vms:
         disk, oem = ctx.layout.rootfs(vm.name), ctx.layout.oem(vm.name)
         yield {

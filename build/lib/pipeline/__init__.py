@@ -1,0 +1,1 @@
+"""leanvm: CoreOS-family test VMs sharing one read-only /usr squashfs."""

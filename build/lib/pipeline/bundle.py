@@ -1,0 +1,128 @@
+"""Ship and cache: one archive of a built cluster, and pruning of unused image versions.
+
+A bundle is a pax tar (gzip) of the self-contained out/: the shared images once, every
+VM's directory, out/cluster.sh and MANIFEST.json (sha256 of every file, release,
+version). Root disks are stored sparse (libarchive finds the holes), so a 4G disk stays
+a few MB in the archive and after `tar -xf` (GNU tar or bsdtar) or `unbundle`.
+
+    python -m pipeline.bundle unbundle ARCHIVE DIR   # unpack sparse and check the manifest
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import libarchive
+import libarchive.exception
+from libarchive.extract import EXTRACT_PERM, EXTRACT_SPARSE, EXTRACT_TIME
+
+from . import identity
+from .errors import LeanvmError
+from .record import sha256_file
+from .vmstate import running_pid
+
+MANIFEST = "MANIFEST.json"
+RUNTIME_FILES = {"qemu.pid", "console.log", "monitor.in", "monitor.out", "run.sh.retired"}
+
+
+def cluster_files(out: Path, images: Path, vm_names: list[str]) -> list[Path]:
+    """The files a bundle carries, relative to out/."""
+    # The images with their recorded digests (.NAME.sha256), so an unpacked bundle is also a
+    # ready out/images cache.
+    files = [p for p in sorted(images.iterdir())
+             if p.is_file() and (not p.name.startswith(".") or p.name.endswith(".sha256"))]
+    if (out / "cluster.sh").exists():
+        files.append(out / "cluster.sh")
+    # The cluster key travels: whoever unpacks the bundle logs in with `cluster.sh ssh`, as
+    # here. known_hosts does not: host keys are learnt anew where the VMs run.
+    files += [p for p in (out / "ssh" / "id_ed25519", out / "ssh" / "id_ed25519.pub") if p.exists()]
+    for name in vm_names:
+        vm_dir = out / "vms" / name
+        files += sorted(p for p in vm_dir.rglob("*") if p.is_file() and p.name not in RUNTIME_FILES)
+        files.append(identity.env_file(out, name))
+    return [p.relative_to(out) for p in files]
+
+
+def write_bundle(out: Path, images: Path, vm_names: list[str], dest: Path, meta: dict[str, str]) -> None:
+    for name in vm_names:
+        pid = running_pid(out / "vms" / name)
+        if pid is not None:
+            raise LeanvmError(f"VM {name} is running (pid {pid}); its root disk would be inconsistent",
+                              "stop it (out/cluster.sh down) before bundling")
+    files = cluster_files(out, images, vm_names)
+    manifest = {**meta, "files": {str(rel): sha256_file(out / rel) for rel in files}}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    with libarchive.file_writer(str(tmp), "pax", "gzip") as archive:
+        archive.add_file_from_memory(MANIFEST, len(data), data, permission=0o644)
+        for rel in files:
+            archive.add_files(str(out / rel), pathname=str(rel), recursive=False)
+    os.replace(tmp, dest)
+    print(f"leanvm: bundle {dest} ({dest.stat().st_size >> 20} MiB, {len(files)} files)", file=sys.stderr)
+
+
+def check_manifest(root: Path) -> dict:
+    """Every file the manifest names exists in `root` with its sha256."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise LeanvmError(f"{root / MANIFEST}: unreadable manifest: {e}", "unpack a complete bundle") from None
+    for rel, digest in manifest["files"].items():
+        path = root / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            raise LeanvmError(f"{path}: does not match {MANIFEST}", "the bundle is damaged; copy it again")
+    return manifest
+
+
+def unbundle(archive: Path, dest: Path) -> dict:
+    """Unpack a bundle (keeping holes) into `dest` and check it against its manifest."""
+    archive = archive.resolve()  # before changing into dest: a relative path means the caller's
+    dest.mkdir(parents=True, exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(dest)
+    try:
+        libarchive.extract_file(str(archive), flags=EXTRACT_SPARSE | EXTRACT_PERM | EXTRACT_TIME)
+    except libarchive.exception.ArchiveError as e:
+        raise LeanvmError(f"{archive}: cannot unpack: {e.msg}", "check the file") from None
+    finally:
+        os.chdir(cwd)
+    return check_manifest(dest)
+
+
+def unused_versions(out: Path, keep: set[Path]) -> list[Path]:
+    """Image version directories that no VM (retired ones included) was built for, and not in `keep`."""
+    used = set(keep) | {out / i.image_dir for i in identity.load(out).values() if i.image_dir}
+    return [v for v in sorted((out / "images").glob("*/*")) if v.is_dir() and v not in used]
+
+
+def prune(out: Path, keep: set[Path]) -> None:
+    for version in unused_versions(out, keep):
+        release = version.parent.name
+        shutil.rmtree(version)
+        shutil.rmtree(out / "cache" / release / version.name, ignore_errors=True)
+        print(f"leanvm: pruned {version.relative_to(out)}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bundle", description="unpack a leanvm bundle")
+    sub = parser.add_subparsers(dest="command", required=True)
+    unpack = sub.add_parser("unbundle", help="unpack ARCHIVE into DIR and check its manifest")
+    unpack.add_argument("archive", type=Path)
+    unpack.add_argument("dir", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        manifest = unbundle(args.archive, args.dir)
+    except LeanvmError as e:
+        print(f"leanvm: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.dir}: {len(manifest['files'])} files match the manifest "
+          f"({manifest.get('release')} {manifest.get('version')}); start a VM with {args.dir}/vms/NAME/run.sh")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

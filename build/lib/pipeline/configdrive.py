@@ -1,0 +1,69 @@
+"""The config drive's user_data (the VM's own file, or a generated #cloud-config), plus
+the cluster network's systemd-networkd unit and the VM's Ignition config when it has one.
+The cluster key joins the user's keys in both."""
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .config import VM, read_user_data
+from .fsutil import write_atomic
+
+CLOUD_CONFIG = "#cloud-config"
+NETWORK_UNIT = "/etc/systemd/network/50-leanvm-cluster.network"
+
+
+def _merge(doc: dict, vm: VM, keys: tuple[str, ...]) -> dict:
+    """ssh_authorized_keys and the cluster address, merged into a #cloud-config document."""
+    if keys:
+        have = list(doc.get("ssh_authorized_keys") or [])
+        doc = {**doc, "ssh_authorized_keys": have + [k for k in keys if k not in have]}
+    if vm.cluster_ip:
+        unit = f"[Match]\nMACAddress={vm.cluster_mac}\n\n[Network]\nAddress={vm.cluster_ip}\n"
+        files = [f for f in doc.get("write_files") or [] if f.get("path") != NETWORK_UNIT]
+        doc = {**doc, "write_files": [*files, {"path": NETWORK_UNIT, "permissions": "0644", "content": unit}]}
+    return doc
+
+
+def _script_conflicts(vm: VM) -> bool:
+    """A '#!' script cannot take keys or a given address; an assigned address and the
+    cluster key are left out of it (the script owns the VM's set-up)."""
+    return bool(vm.ssh_authorized_keys or vm.cluster_ip_given)
+
+
+def _dump(doc: dict) -> str:
+    # width: a key stays on one line, as cloud-init readers and the mini release expect
+    return CLOUD_CONFIG + "\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 16)
+
+
+def render(vm: VM, cluster_key: str | None = None) -> str:
+    keys = tuple(vm.ssh_authorized_keys) + ((cluster_key,) if cluster_key else ())
+    if vm.user_data is None:
+        return _dump(_merge({"hostname": vm.name}, vm, keys))
+    text, doc = read_user_data(vm.user_data, _script_conflicts(vm))
+    return text if doc is None else _dump(_merge(doc, vm, keys))
+
+
+def ignition_with_keys(config: dict, keys: tuple[str, ...]) -> dict:
+    """The Ignition config with `keys` in passwd.users -> core -> sshAuthorizedKeys; all else kept."""
+    passwd = dict(config.get("passwd") or {})
+    users = [dict(u) for u in passwd.get("users") or []]
+    core = next((u for u in users if u.get("name") == "core"), None)
+    if core is None:
+        core = {"name": "core"}
+        users.append(core)
+    have = list(core.get("sshAuthorizedKeys") or [])
+    core["sshAuthorizedKeys"] = have + [k for k in keys if k not in have]
+    return {**config, "passwd": {**passwd, "users": users}}
+
+
+def write(vm: VM, dest: Path, ignition_dest: Path, cluster_key_file: Path | None = None) -> None:
+    cluster_key = cluster_key_file.read_text().strip() if cluster_key_file else None
+    write_atomic(dest, render(vm, cluster_key).encode())
+    if vm.ignition:
+        config = json.loads(vm.ignition.read_text())  # checked when the cluster file was loaded
+        keys = tuple(vm.ssh_authorized_keys) + ((cluster_key,) if cluster_key else ())
+        write_atomic(ignition_dest, (json.dumps(ignition_with_keys(config, keys), indent=2) + "\n").encode())
+    else:
+        ignition_dest.unlink(missing_ok=True)

@@ -1,0 +1,218 @@
+# shellcheck shell=sh
+# shellcheck disable=SC2154  # name, kernel_args, ... are set by the generated head of run.sh
+# shellcheck disable=SC2034  # accel, cpu, append are read by the head's vm_qemu
+# shellcheck disable=SC2317  # functions run through with_net_lock and traps
+# The fixed body of every out/vms/NAME/run.sh. `doit` writes run.sh as a head holding this
+# VM's values and its QEMU command (vm_qemu), followed by this file.
+
+die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
+warn() { printf 'run.sh: warning: %s\n' "$*" >&2; }
+
+usage() {
+  cat <<EOF
+Usage: $0 [--print | --detach | --help] [QEMU ARGS...]
+Start VM $name ($release $version).
+  (no option)  foreground, serial console on this terminal (Ctrl-a x quits)
+  --print      print the QEMU command line (runnable as printed) instead of running it
+  --detach     run in the background: console in console.log
+The QEMU monitor is reachable through the FIFOs monitor.in/.out beside run.sh.
+  --help       this text
+Environment: LEANVM_ACCEL=auto|kvm|tcg (default auto), LEANVM_QEMU=BINARY,
+  LEANVM_APPEND="ARGS" (extra kernel arguments), LEANVM_BALLOON=on|off (default on)
+EOF
+}
+
+# QEMU separates option values with ','; a literal comma in a path is written ',,'.
+qpath() { printf '%s' "$1" | sed 's/,/,,/g'; }
+
+# One sh word per argument, so that the printed line can be pasted into a shell.
+print_command() {
+  for arg; do printf "'%s' " "$(printf '%s' "$arg" | sed "s/'/'\\\\''/g")"; done
+  echo
+}
+
+# True if something on this host listens on TCP port $1 (any address).
+port_in_use() {
+  hex=$(printf ':%04X' "$1")
+  awk -v port="$hex" '$4 == "0A" && substr($2, length($2) - 4) == port { found = 1 } END { exit !found }' \
+    /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+# True if process $1 runs: a zombie (killed, not yet reaped by init) does not count.
+alive() {
+  [ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 1
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ "${state%% *}" != Z ]
+}
+
+qemu_pid() { cat "$1/qemu.pid" 2>/dev/null || true; }
+
+# --- the private cluster network: a rootless VDE switch shared by the VMs of this out/ ---
+# Starting and stopping it happen under one lock (out/net/lock). Every VM that uses it has
+# an entry in out/net/users/; the last one to leave stops it.
+net=$out/net
+
+with_net_lock() {
+  mkdir -p "$net/users"
+  (
+    flock 9 || exit 1
+    "$@"
+  ) 9>"$net/lock"
+}
+
+switch_alive() { alive "$(cat "$net/switch.pid" 2>/dev/null || true)" && [ -S "$net/switch/ctl" ]; }
+
+ensure_switch() {
+  echo "$$" >"$net/users/$name"
+  switch_alive && return 0
+  stop_switch  # whatever a dead or half-started switch left behind
+  # The switch must not inherit the lock (fd 9) or this script's output.
+  (cd "$net" && vde_switch --sock switch --pidfile "$net/switch.pid" --daemon) </dev/null >/dev/null 2>&1 9>&- ||
+    true
+  tries=0
+  until switch_alive; do
+    tries=$((tries + 1))
+    [ "$tries" -le 100 ] || die "cannot start the cluster network switch in $net (vde_switch)"
+    sleep 0.05
+  done
+}
+
+# True if VM $1 (an entry in users/) still runs or is still starting.
+net_user_alive() {
+  alive "$(cat "$net/users/$1" 2>/dev/null || true)" || alive "$(qemu_pid "$out/vms/$1")"
+}
+
+stop_switch() {
+  pid=$(cat "$net/switch.pid" 2>/dev/null || true)
+  if alive "$pid"; then
+    kill "$pid" 2>/dev/null || true
+    tries=0
+    while alive "$pid" && [ "$tries" -lt 100 ]; do sleep 0.05; tries=$((tries + 1)); done
+  fi
+  rm -rf "$net/switch" "$net/switch.pid"
+}
+
+leave_switch() {
+  rm -f "$net/users/$name"
+  for entry in "$net"/users/*; do
+    [ -e "$entry" ] || continue
+    net_user_alive "${entry##*/}" && return 0
+    rm -f "$entry"
+  done
+  stop_switch
+}
+
+# --- first boot: Ignition runs only while the root disk has no /etc/.ignition-result.json ---
+first_boot() {
+  [ -n "$first_boot_args" ] || return 1
+  command -v debugfs >/dev/null 2>&1 || die "debugfs not found: install it (apt-get install e2fsprogs)"
+  found=$(DEBUGFS_PAGER=__none__ debugfs -R 'stat /etc/.ignition-result.json' "$here/rootfs.img" 2>&1) ||
+    die "cannot read $here/rootfs.img: $found"
+  case $found in
+    *Inode:*) return 1 ;;
+    *"File not found"*) return 0 ;;
+    *) die "cannot read $here/rootfs.img with debugfs: $(printf '%s' "$found" | tail -n 1)" ;;
+  esac
+}
+
+# --- options -----------------------------------------------------------------------------
+mode=foreground
+case ${1-} in
+  --print) mode=print; shift ;;
+  --detach) mode=detach; shift ;;
+  --help|-h) usage; exit 0 ;;
+esac
+
+accel=${LEANVM_ACCEL:-auto}
+case $accel in
+  auto) if [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then accel=kvm; else accel=tcg; fi ;;
+  kvm|tcg) ;;
+  *) die "LEANVM_ACCEL must be auto, kvm or tcg, not '$accel'" ;;
+esac
+if [ "$accel" = kvm ]; then cpu=host; else cpu=max; fi
+
+if first_boot; then
+  boot_rule="first boot: $here/rootfs.img has no /etc/.ignition-result.json, so '$first_boot_args' is added"
+  append="$kernel_args $first_boot_args"
+else
+  boot_rule="not a first boot${first_boot_args:+: $here/rootfs.img has /etc/.ignition-result.json}"
+  append=$kernel_args
+fi
+append="$append${LEANVM_APPEND:+ $LEANVM_APPEND}"
+
+# NIC 2, the private cluster network, needs vde_switch (Debian: vde2); without it the VM
+# still starts, with a warning.
+cluster_net=true
+if [ "$mode" != print ] && ! command -v vde_switch >/dev/null 2>&1; then
+  warn "vde_switch not found (apt-get install vde2): VM $name starts without the cluster network"
+  cluster_net=false
+fi
+if [ "$cluster_net" = true ]; then
+  set -- -netdev vde,id=cluster,sock=switch -device "virtio-net-pci,netdev=cluster,mac=$cluster_mac" "$@"
+fi
+# Free page reporting hands the pages a guest frees back to the host (Flatcar's kernel has
+# virtio_balloon with it): an idle VM's host RAM shrinks once its page cache is dropped.
+case ${LEANVM_BALLOON:-on} in
+  on) set -- -device virtio-balloon-pci,free-page-reporting=on "$@" ;;
+  off) ;;
+  *) die "LEANVM_BALLOON must be on or off, not '$LEANVM_BALLOON'" ;;
+esac
+# The monitor FIFOs monitor.in/.out let cluster.sh down press the power button, in both modes.
+if [ "$mode" != print ]; then
+  set -- -chardev "pipe,id=monitor,path=$(qpath "$here/monitor")" -mon chardev=monitor,mode=readline "$@"
+fi
+if [ "$mode" = detach ]; then
+  set -- -display none \
+    -chardev "file,id=console,path=$(qpath "$here/console.log")" -serial chardev:console -daemonize "$@"
+else
+  set -- -nographic "$@"
+fi
+
+if [ "$mode" = print ]; then
+  echo "# VM $name: $boot_rule"
+  printf 'cd %s && ' "$(print_command "$net" | sed 's/ $//')"  # QEMU finds the switch as ./switch
+  vm_qemu print_command "$@"
+  exit 0
+fi
+
+# --- checks, before anything is touched ----------------------------------------------------
+command -v "$qemu" >/dev/null 2>&1 ||
+  die "$qemu not found: install it (apt-get install qemu-system-x86) or set LEANVM_QEMU"
+pid=$(qemu_pid "$here")
+if alive "$pid"; then
+  die "VM $name is already running (pid $pid); stop it before starting it again"
+fi
+for port in $host_ports; do
+  if port_in_use "$port"; then
+    die "VM $name: host port $port (127.0.0.1) is already in use; stop what uses it or change the VM's ports"
+  fi
+done
+
+# --- start ------------------------------------------------------------------------------
+if [ "$cluster_net" = true ]; then
+  with_net_lock ensure_switch || exit 1
+  cd "$net" || exit 1  # QEMU finds the switch as ./switch: short socket paths, wherever out/ is
+fi
+rm -f "$here/monitor.in" "$here/monitor.out" "$here/forced-stop"
+mkfifo "$here/monitor.in" "$here/monitor.out"
+if [ "$mode" = detach ]; then
+  vm_qemu exec "$@"  # cluster.sh down stops the switch
+fi
+
+leave() {
+  trap - EXIT INT TERM HUP
+  rm -f "$here/monitor.in" "$here/monitor.out"
+  if [ "$cluster_net" = true ]; then with_net_lock leave_switch; fi
+}
+trap leave EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
+status=0
+vm_qemu command "$@" || status=$?
+if [ -f "$here/forced-stop" ]; then  # QEMU exits 0 after a monitor quit or a SIGTERM
+  printf 'run.sh: VM %s was stopped by force: %s\n' "$name" "$(cat "$here/forced-stop")" >&2
+  rm -f "$here/forced-stop"
+  [ "$status" -ne 0 ] || status=143
+fi
+exit "$status"

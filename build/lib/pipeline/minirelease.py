@@ -1,0 +1,324 @@
+"""Build a tiny release that boots the way Flatcar does, from Debian parts (offline demo).
+
+Kernel and modules come from Debian's linux-image-amd64; the initrd is busybox plus the
+modules for virtio, squashfs, ext4 and 9p (resolved through modules.dep); usr.squashfs holds
+busybox, Debian's dropbear sshd with its libraries, and an os-release; the image is a
+gzip'd newc cpio holding it, like Flatcar's PXE image. Every file is signed by a demo key
+made locally, published as a file:// mirror with release profiles that point at it.
+
+    python -m pipeline.minirelease [--out DIR] [--pad-mb N]
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import libarchive
+import yaml
+from libarchive.entry import FileType
+
+from .errors import LeanvmError
+from .fsutil import write_atomic
+from .proc import run, stop_gpg_agent
+
+PROJECT = Path(__file__).resolve().parent.parent
+INIT_SCRIPT = Path(__file__).with_name("minirelease_init.sh")
+# loop: for PXE-style boots that mount /usr from a squashfs file held in the initramfs.
+# qemu_fw_cfg: Ignition configs passed with -fw_cfg; button, evdev: the ACPI power button;
+# virtio_balloon: free page reporting.
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "ext4", "9p", "9pnet_virtio", "loop",
+                  "qemu_fw_cfg", "button", "evdev", "virtio_balloon")
+KERNEL, INITRD, IMAGE = "mini.vmlinuz", "mini.initrd.cpio.gz", "mini_image.cpio.gz"
+DROPBEAR = Path("/usr/sbin/dropbear")  # Debian's dropbear-bin: the mini release's sshd
+PROGRAMS = {DROPBEAR: "sbin/dropbear"}  # host file -> place in /usr
+# The Flatcar profiles' arguments, word for word; and the same disks named by /dev/vdX.
+FLATCAR_ARGS = (
+    "mount.usr=PARTLABEL=USR-A mount.usrfstype=squashfs mount.usrflags=ro "
+    "root=LABEL=ROOT rootflags=rw console=ttyS0,115200n8 flatcar.autologin"
+)
+VDX_ARGS = "mount.usr=/dev/vda1 mount.usrfstype=squashfs mount.usrflags=ro root=/dev/vdb rootflags=rw console=ttyS0"
+FIRST_BOOT_ARGS = "flatcar.first_boot=1"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    vmlinuz: Path
+    modules: Path  # lib/modules/VERSION, with modules.dep made by depmod
+    version: str
+
+
+# --- kernel --------------------------------------------------------------------------
+
+def kernel_package() -> str:
+    """The versioned package that linux-image-amd64 currently depends on."""
+    for attempt in range(2):
+        out = run(["apt-cache", "depends", "linux-image-amd64"], check=False).stdout.decode()
+        for line in out.splitlines():
+            name = line.strip().removeprefix("Depends:").strip()
+            if line.strip().startswith("Depends:") and name.startswith("linux-image-"):
+                return name
+        if attempt == 0:
+            run(["apt-get", "update", "-q"])  # a fresh machine may have no package lists yet
+    raise LeanvmError("apt-cache knows no linux-image-amd64", "check /etc/apt/sources.list and the network")
+
+
+def _apt_download(package: str, where: Path) -> Path:
+    try:
+        run(["apt-get", "download", package], cwd=where)
+    except LeanvmError:
+        run(["apt-get", "update", "-q"])
+        run(["apt-get", "download", package], cwd=where)
+    return next(where.glob(f"{package}_*.deb"))
+
+
+def fetch_kernel(cache: Path) -> Kernel:
+    """Download and unpack Debian's kernel once; later calls reuse the cache.
+
+    Only the kernel, the modules.* indexes and the modules the initrd needs are kept (a few
+    MB instead of the package's ~400 MB); the cache is made again if that set changes.
+    """
+    done = cache / "kernel.ready"
+    wanted = " ".join(WANTED_MODULES)
+    if not done.exists() or done.read_text().split("\n")[1:2] != [wanted]:
+        shutil.rmtree(cache, ignore_errors=True)
+        (cache / "deb").mkdir(parents=True)
+        deb = _apt_download(kernel_package(), cache / "deb")
+        run(["dpkg-deb", "-x", deb, cache / "root"])
+        shutil.rmtree(cache / "deb")
+        version = next((cache / "root" / "lib" / "modules").iterdir()).name
+        run(["depmod", "-b", cache / "root", version])
+        _keep_only(cache / "root" / "lib" / "modules" / version, resolve_modules(
+            cache / "root" / "lib" / "modules" / version, WANTED_MODULES))
+        done.write_text(f"{version}\n{wanted}\n")
+    version = done.read_text().split("\n")[0]
+    root = cache / "root"
+    return Kernel(root / "boot" / f"vmlinuz-{version}", root / "lib" / "modules" / version, version)
+
+
+def _keep_only(modules: Path, needed: list[str]) -> None:
+    keep = {modules / m for m in needed}
+    for ko in modules.rglob("*.ko*"):
+        if ko not in keep:
+            ko.unlink()
+
+
+def _module_name(path: str) -> str:
+    return Path(path).name.split(".ko")[0].replace("-", "_")
+
+
+def resolve_modules(modules: Path, wanted: Iterable[str]) -> list[str]:
+    """Module files (relative to `modules`) in load order: dependencies first.
+
+    Follows modules.dep, and the `pre:` soft dependencies of modules.softdep through
+    modules.alias (ext4 needs crc32c that way). Built-in modules need no file.
+    """
+    deps: dict[str, tuple[str, list[str]]] = {}
+    for line in (modules / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[_module_name(path)] = (path, [_module_name(p) for p in rest.split()])
+    builtin = {_module_name(p) for p in (modules / "modules.builtin").read_text().split()}
+    aliases: dict[str, list[str]] = {}
+    for line in (modules / "modules.alias").read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "alias":
+            aliases.setdefault(parts[1], []).append(parts[2].replace("-", "_"))
+    softdeps: dict[str, list[str]] = {}
+    softdep_file = modules / "modules.softdep"
+    for line in softdep_file.read_text().splitlines() if softdep_file.exists() else []:
+        words = line.split()
+        if len(words) > 3 and words[0] == "softdep" and "pre:" in words:
+            pre = words[words.index("pre:") + 1:]
+            pre = pre[: pre.index("post:")] if "post:" in pre else pre
+            softdeps[words[1].replace("-", "_")] = [m for name in pre for m in aliases.get(name, [name])]
+
+    order: list[str] = []
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        name = name.replace("-", "_")
+        if name in builtin or deps.get(name, ("",))[0] in order or name in trail:
+            return
+        if name not in deps:
+            raise LeanvmError(f"{modules}: no module {name}", "the kernel package lacks it")
+        for dep in softdeps.get(name, []) + deps[name][1]:
+            if dep in deps or dep in builtin:
+                visit(dep, (*trail, name))
+        order.append(deps[name][0])
+
+    for name in wanted:
+        visit(name, ())
+    return order
+
+
+# --- archives ------------------------------------------------------------------------
+
+def _file_blocks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            yield block
+
+
+def write_cpio_gz(dest: Path, files: dict[str, Path | bytes], mode: dict[str, int] | None = None) -> None:
+    """A gzip'd newc cpio (the initramfs format) with parent directories, via libarchive."""
+    mode = mode or {}
+    dirs = sorted({str(Path(name).parents[i]) for name in files for i in range(len(Path(name).parents) - 1)})
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with libarchive.file_writer(str(tmp), "cpio_newc", "gzip") as archive:
+        for d in dirs:
+            archive.add_file_from_memory(d, 0, b"", filetype=FileType.DIRECTORY, permission=0o755)
+        for name, content in files.items():
+            if isinstance(content, Path):
+                size, data = content.stat().st_size, _file_blocks(content)
+            else:
+                size, data = len(content), content
+            archive.add_file_from_memory(name, size, data, permission=mode.get(name, 0o644))
+    os.replace(tmp, dest)
+
+
+def make_initrd(dest: Path, kernel: Kernel, busybox: Path) -> None:
+    order = resolve_modules(kernel.modules, WANTED_MODULES)
+    files: dict[str, Path | bytes] = {
+        "init": INIT_SCRIPT.read_bytes(),
+        "bin/busybox": busybox,
+        "lib/modules/load.order": "".join(f"{m}\n" for m in order).encode(),
+    }
+    files.update({f"lib/modules/{m}": kernel.modules / m for m in order})
+    for empty in ("dev", "proc", "sys", "sysroot", "mnt/config"):
+        files[f"{empty}/.keep"] = b""
+    write_cpio_gz(dest, files, {"init": 0o755, "bin/busybox": 0o755})
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """The shared libraries `binary` loads (ldd), the dynamic loader included."""
+    libs = []
+    for line in run(["ldd", binary]).stdout.decode().splitlines():
+        words = line.split()
+        path = words[2] if len(words) >= 3 and words[1] == "=>" else words[0]
+        if path.startswith("/"):
+            libs.append(Path(path))
+    return libs
+
+
+def make_usr(dest: Path, busybox: Path, version: str, pad_mb: int) -> None:
+    """usr.squashfs: busybox and its applets, Debian's dropbear sshd with the libraries it
+    loads, an os-release and optional incompressible padding."""
+    tree = dest.with_name("usr-tree")
+    shutil.rmtree(tree, ignore_errors=True)
+    for d in ("bin", "sbin", "lib64", "lib/x86_64-linux-gnu"):
+        (tree / d).mkdir(parents=True)
+    shutil.copy2(busybox, tree / "bin" / "busybox")
+    for applet in run([busybox, "--list"]).stdout.decode().split():
+        if applet != "busybox":
+            (tree / "bin" / applet).symlink_to("busybox")
+    # busybox sh runs its own applets, ping included, in-process: core's shell needs raw
+    # sockets for ping, as Flatcar's ping has (squashfs keeps the capability xattr).
+    run(["setcap", "cap_net_raw+ep", tree / "bin" / "busybox"])
+    for program, place in PROGRAMS.items():
+        shutil.copy2(program, tree / place)
+        for lib in shared_libraries(program):
+            where = tree / ("lib64" if lib.name.startswith("ld-linux") else "lib/x86_64-linux-gnu")
+            shutil.copy2(lib.resolve(), where / lib.name)
+    (tree / "lib" / "os-release").write_text(
+        f'NAME="leanvm mini"\nID=leanvm-mini\nVERSION_ID={version}\nPRETTY_NAME="leanvm mini release {version}"\n'
+    )
+    if pad_mb:
+        (tree / "share").mkdir()
+        with open(tree / "share" / "padding", "wb") as f:
+            for _ in range(pad_mb):
+                f.write(os.urandom(1 << 20))
+    run(["mksquashfs", tree, dest, "-noappend", "-quiet", "-all-root"])
+    shutil.rmtree(tree)
+
+
+# --- signing and publishing ----------------------------------------------------------
+
+def demo_key(home: Path) -> str:
+    """The fingerprint of the local demo signing key, made on first use."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    gpg = ["gpg", "--homedir", home, "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
+    listing = run([*gpg, "--with-colons", "--list-secret-keys"], check=False).stdout.decode()
+    if "fpr:" not in listing:
+        run([*gpg, "--quick-gen-key", "leanvm mini release demo key", "ed25519", "sign", "0"])
+        listing = run([*gpg, "--with-colons", "--list-secret-keys"]).stdout.decode()
+    return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+
+
+def sign(home: Path, fingerprint: str, path: Path) -> None:
+    run(["gpg", "--homedir", home, "--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", "",
+         "--local-user", fingerprint, "--detach-sign", "--output", f"{path}.sig", path])
+
+
+def write_profile(dest: Path, mirror: Path, key: Path, fingerprint: str, kernel_args: str) -> None:
+    profile = {
+        "base_url": mirror.as_uri() + "/",
+        "version": "current",
+        "version_file": "version.txt",
+        "version_key": "MINI_VERSION",
+        "kernel": KERNEL,
+        "initrd": INITRD,
+        "image": IMAGE,
+        "usr_member": "usr.squashfs",
+        "signature_suffix": ".sig",
+        "signing_key": os.path.relpath(key, dest.parent),
+        "fingerprints": [fingerprint],
+        "kernel_args": kernel_args,
+        "ignition_fw_cfg": "opt/org.flatcar-linux/config",
+        "first_boot_args": FIRST_BOOT_ARGS,
+    }
+    header = "# leanvm mini release (generated by python -m pipeline.minirelease)\n"
+    write_atomic(dest, (header + yaml.safe_dump(profile, sort_keys=False)).encode())
+
+
+def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> Path:
+    """Build the mini release under `out`; returns the directory holding its profiles."""
+    kernel = fetch_kernel(out / "kernel")
+    if not DROPBEAR.exists():
+        raise LeanvmError(f"{DROPBEAR}: not found", "install it: apt-get install dropbear-bin")
+    programs = b"".join(p.read_bytes() for p in PROGRAMS)
+    inputs = Path(__file__).read_bytes() + INIT_SCRIPT.read_bytes() + programs + f"{kernel.version}/{pad_mb}".encode()
+    digest = hashlib.sha256(inputs).hexdigest()
+    version = f"1.{pad_mb}.{digest[:8]}"
+    mirror = out / "mirror"
+    vdir = mirror / version
+    home = out / "gnupg"
+    fingerprint = demo_key(home)
+    if not (vdir / f"{IMAGE}.sig").exists():
+        work = out / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        make_usr(work / "usr.squashfs", busybox, version, pad_mb)
+        vdir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kernel.vmlinuz, vdir / KERNEL)
+        make_initrd(vdir / INITRD, kernel, busybox)
+        write_cpio_gz(vdir / IMAGE, {"usr.squashfs": work / "usr.squashfs"})
+        (work / "usr.squashfs").unlink()
+        for name in (KERNEL, INITRD, IMAGE):
+            sign(home, fingerprint, vdir / name)
+    key = out / "demo-signing-key.asc"
+    key.write_bytes(run(["gpg", "--homedir", home, "--armor", "--export", fingerprint]).stdout)
+    stop_gpg_agent(home)
+    write_atomic(mirror / "current" / "version.txt", f"MINI_VERSION={version}\n".encode())
+    write_profile(out / "mini.yaml", mirror, key, fingerprint, FLATCAR_ARGS)
+    write_profile(out / "mini-vdx.yaml", mirror, key, fingerprint, VDX_ARGS)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.minirelease", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=PROJECT / "out" / "minirelease")
+    parser.add_argument("--pad-mb", type=int, default=0, help="pad /usr with N MiB of random data")
+    args = parser.parse_args(argv)
+    try:
+        out = build(args.out.resolve(), args.pad_mb)
+    except LeanvmError as e:
+        print(f"leanvm: error: {e}", file=sys.stderr)
+        return 2
+    print(f"mini release profiles: {out / 'mini.yaml'} (Flatcar's arguments), {out / 'mini-vdx.yaml'} (/dev/vdX)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

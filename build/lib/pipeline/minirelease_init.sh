@@ -1,0 +1,268 @@
+#!/bin/busybox sh
+# shellcheck shell=sh
+# /init of leanvm's mini release. It follows the contract of Flatcar's initrd:
+# mount.usr= (a path, LABEL=, UUID= or PARTLABEL=, found as Flatcar's busybox stage 1 finds
+# it), mount.usrfstype=, mount.usrflags=, root=, rootflags=, rootfstype=; it mounts the disk
+# labelled OEM on /oem; and with flatcar.first_boot= it does what Ignition does on a first
+# boot: reads the config from fw_cfg and writes /etc/.ignition-result.json on the root.
+# A /usr given as a file in the initramfs is loop-mounted (PXE style).
+# It reports what it did on the serial console, logs the boot on the root disk, powers off.
+# `leanvm.shell` on the kernel command line keeps a shell instead of powering off,
+# `leanvm.hold` keeps the VM up until QEMU is stopped, `leanvm.ping=IP,...` pings peers on
+# the cluster network (configured from the systemd-networkd unit in user_data) for up to
+# 90 s each, `leanvm.unreachable=IP,...` checks for 10 s each that they do not answer,
+# `leanvm.fillcache` reads all of /usr into the page cache and drops it again (benchmarks).
+PATH=/bin
+export PATH
+/bin/busybox mkdir -p /proc /sys /dev /sysroot /mnt/config
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+
+say() { echo "leanvm: $*"; }
+
+usr="" usrfstype="" usrflags="ro" root="" rootflags="rw" rootfstype="" shell="" hold="" ping="" first_boot=""
+unreachable="" fillcache=""
+# shellcheck disable=SC2013  # the command line is split into words on purpose
+for word in $(cat /proc/cmdline); do
+  case $word in
+    mount.usr=*) usr=${word#*=} ;;
+    mount.usrfstype=*) usrfstype=${word#*=} ;;
+    mount.usrflags=*) usrflags=${word#*=} ;;
+    root=*) root=${word#*=} ;;
+    rootflags=*) rootflags=${word#*=} ;;
+    rootfstype=*) rootfstype=${word#*=} ;;
+    leanvm.shell) shell=1 ;;
+    leanvm.hold) hold=1 ;;
+    leanvm.ping=*) ping=${word#*=} ;;
+    leanvm.unreachable=*) unreachable=${word#*=} ;;
+    leanvm.fillcache) fillcache=1 ;;
+    flatcar.first_boot=*|coreos.first_boot=*) first_boot=${word#*=} ;;
+  esac
+done
+
+finish() {
+  if [ -n "$shell" ]; then
+    say "shell requested (leanvm.shell); exit it to power off"
+    setsid cttyhack sh
+  elif [ -n "$hold" ]; then
+    wait_for_power_button
+  fi
+  [ -f /sysroot/run/dropbear.pid ] && kill "$(cat /sysroot/run/dropbear.pid)" 2>/dev/null
+  umount /sysroot/dev/pts /sysroot/dev /sysroot/proc 2>/dev/null
+  umount /mnt/config /sysroot/oem /sysroot/usr /sysroot 2>/dev/null
+  sync
+  say "powering off"
+  poweroff -f
+}
+
+# Block until an ACPI power button is pressed (QEMU's system_powerdown), or forever when
+# there is none. There can be more than one "Power Button" input device: watch them all.
+wait_for_power_button() {
+  buttons=""
+  for input in /sys/class/input/event*; do
+    if [ "$(cat "$input/device/name" 2>/dev/null)" = "Power Button" ]; then
+      buttons="$buttons /dev/input/${input##*/}"
+    fi
+  done
+  if [ -z "$buttons" ]; then
+    say "holding (leanvm.hold) until QEMU is stopped: no power button"
+    while :; do sleep 3600; done
+  fi
+  pressed=""
+  trap 'pressed=1' USR1
+  for button in $buttons; do
+    (dd if="$button" bs=24 count=1 >/dev/null 2>&1 && kill -USR1 $$) &
+  done
+  sleep 1  # let the watchers open their devices before saying we are ready for a press
+  say "holding (leanvm.hold) until powered off (power button:$buttons)"
+  while [ -z "$pressed" ]; do sleep 1; done
+  say "power button pressed"
+}
+
+fail() { say "FAILED: $*"; finish; }
+
+while read -r module; do
+  insmod "/lib/modules/$module" 2>/dev/null || say "warning: insmod $module failed"
+done </lib/modules/load.order
+
+# A device named the way Flatcar's stage 1 names it. There is no udev: a PARTLABEL= is the
+# partition whose uevent has PARTNAME=LABEL; LABEL= and UUID= are found by findfs.
+resolve() {
+  case $1 in
+    PARTLABEL=*)
+      for uevent in /sys/class/block/*/uevent; do
+        if grep -qx "PARTNAME=${1#PARTLABEL=}" "$uevent"; then
+          echo "/dev/$(sed -n 's/^DEVNAME=//p' "$uevent")"
+          return 0
+        fi
+      done
+      return 1 ;;
+    LABEL=*|UUID=*) findfs "$1" 2>/dev/null ;;
+    *) [ -b "$1" ] || [ -f "$1" ] && echo "$1" ;;  # a file: PXE-style, /usr held in RAM
+  esac
+}
+
+wait_for() {
+  tries=0
+  while [ "$tries" -lt 100 ]; do
+    resolve "$1" && return 0
+    sleep 0.1
+    tries=$((tries + 1))
+  done
+  return 1
+}
+
+mount_fs() { # DEVICE MOUNTPOINT FSTYPE FLAGS
+  if [ -n "$3" ]; then mount -t "$3" -o "$4" "$1" "$2"; else mount -o "$4" "$1" "$2"; fi
+}
+
+[ -n "$root" ] || fail "no root= on the kernel command line"
+rootdev=$(wait_for "$root") || fail "root device $root not found"
+mount_fs "$rootdev" /sysroot "$rootfstype" "$rootflags" || fail "cannot mount $rootdev on /"
+say "root mounted: $(grep ' /sysroot ' /proc/mounts)"
+
+if [ -n "$usr" ]; then
+  usrdev=$(wait_for "$usr") || fail "usr device $usr not found"
+  mkdir -p /sysroot/usr
+  [ -f "$usrdev" ] && usrflags="$usrflags,loop"
+  mount_fs "$usrdev" /sysroot/usr "$usrfstype" "$usrflags" || fail "cannot mount $usrdev on /usr"
+  say "usr mounted: $(grep ' /sysroot/usr ' /proc/mounts)"
+fi
+mkdir -p /sysroot/oem /sysroot/etc
+if oemdev=$(wait_for LABEL=OEM) && mount -t ext4 -o nodev "$oemdev" /sysroot/oem; then
+  say "oem mounted: $(grep ' /sysroot/oem ' /proc/mounts)"
+else
+  say "warning: no OEM disk (LABEL=OEM)"
+fi
+if touch /sysroot/usr/.leanvm-write-test 2>/dev/null; then say "usr writable: yes"; else say "usr writable: no"; fi
+say "release: $(chroot /sysroot /usr/bin/busybox cat /usr/lib/os-release | grep '^PRETTY_NAME=')"
+
+if mount -t 9p -o trans=virtio,version=9p2000.L,ro config-2 /mnt/config 2>/dev/null; then
+  user_data=/mnt/config/openstack/latest/user_data
+  name=$(sed -n 's/^hostname:[[:space:]]*//p' "$user_data" 2>/dev/null | head -n 1 | tr -d "\"' ")
+  [ -n "$name" ] && hostname "$name"
+  say "config drive mounted: $(head -n 1 "$user_data" 2>/dev/null)"
+else
+  say "warning: no config-2 drive"
+fi
+say "hostname: $(hostname)"
+
+# The cluster network: the NIC with the MACAddress= of the networkd unit gets its Address=.
+ip link set lo up
+mac=$(sed -n 's/^[[:space:]]*MACAddress=//p' "${user_data:-/dev/null}" 2>/dev/null | head -n 1)
+address=$(sed -n 's/^[[:space:]]*Address=//p' "${user_data:-/dev/null}" 2>/dev/null | head -n 1)
+if [ -n "$mac" ] && [ -n "$address" ]; then
+  ifname="" tries=0
+  while [ -z "$ifname" ] && [ "$tries" -lt 50 ]; do
+    for dev in /sys/class/net/*; do
+      [ "$(cat "$dev/address" 2>/dev/null)" = "$mac" ] && ifname=${dev##*/}
+    done
+    [ -n "$ifname" ] || sleep 0.1
+    tries=$((tries + 1))
+  done
+  if [ -n "$ifname" ] && ip addr add "$address" dev "$ifname" && ip link set "$ifname" up; then
+    say "cluster network: $ifname $address"
+  else
+    say "warning: no NIC with MAC $mac for the cluster network"
+  fi
+fi
+# True once $1 answers a ping, trying for $2 seconds.
+answers() {
+  tries=0
+  until ping -c 1 -W 1 "$1" >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    [ "$tries" -ge "$2" ] && return 1
+    sleep 1
+  done
+}
+for peer in $(echo "$ping" | tr ',' ' '); do
+  if answers "$peer" 90; then say "ping $peer: ok"; else say "ping $peer: failed"; fi
+done
+for peer in $(echo "$unreachable" | tr ',' ' '); do
+  if answers "$peer" 10; then say "unreachable $peer: no, it answers"; else say "unreachable $peer: yes"; fi
+done
+
+# A blank root is set up the way Flatcar's initrd-setup-root does it from /usr: the
+# merged-/usr links, /etc with the users root and core.
+for dir in bin sbin lib lib64; do
+  [ -e "/sysroot/$dir" ] || ln -s "usr/$dir" "/sysroot/$dir"
+done
+mkdir -p /sysroot/etc /sysroot/run /sysroot/tmp /sysroot/root /sysroot/home/core/.ssh /sysroot/etc/dropbear
+[ -s /sysroot/etc/passwd ] ||
+  printf 'root:*:0:0:root:/root:/bin/sh\ncore:*:500:500:Flatcar user:/home/core:/bin/sh\n' >/sysroot/etc/passwd
+[ -s /sysroot/etc/group ] || printf 'root:x:0:\ncore:x:500:\n' >/sysroot/etc/group
+[ -s /sysroot/etc/shells ] || echo /bin/sh >/sysroot/etc/shells
+
+# NIC 1 is QEMU's user network (MAC 52:54:00:...): its fixed address, as its DHCP would give.
+for dev in /sys/class/net/*; do
+  case $(cat "$dev/address" 2>/dev/null) in
+    52:54:00:*)
+      ip addr add 10.0.2.15/24 dev "${dev##*/}" && ip link set "${dev##*/}" up &&
+        ip route add default via 10.0.2.2 && say "user network: ${dev##*/} 10.0.2.15/24" ;;
+  esac
+done
+echo "0 2147483647" >/proc/sys/net/ipv4/ping_group_range  # ping for every user, as systemd sets it
+
+# Ignition: only on a first boot (flatcar.first_boot=), as Flatcar's ignition-generator
+# decides; the config arrives through QEMU's fw_cfg; the result file marks the root done.
+if [ -n "$first_boot" ] && [ "$first_boot" != 0 ]; then
+  say "first boot: yes (flatcar.first_boot=$first_boot)"
+  provided=false
+  for key in opt/org.flatcar-linux/config opt/com.coreos/config; do
+    raw=/sys/firmware/qemu_fw_cfg/by_name/$key/raw
+    if [ -r "$raw" ]; then
+      version=$(tr -d ' \n' <"$raw" | sed -n 's/.*"version":"\([^"]*\)".*/\1/p')
+      say "ignition: $key version $version"
+      provided=true
+      mkdir -p /sysroot/home/core/.ssh/authorized_keys.d
+      grep -o '"ssh-[a-z0-9-]* [^"]*"' "$raw" | tr -d '"' >/sysroot/home/core/.ssh/authorized_keys.d/ignition
+    fi
+  done
+  printf '{"provisioningDate":"%s","userConfigProvided":%s}\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$provided" \
+    >/sysroot/etc/.ignition-result.json && sync && say "ignition: result written"
+else
+  say "first boot: no"
+fi
+
+# core's authorized keys: the config drive's on every boot (coreos-cloudinit), Ignition's
+# from the first boot (kept), merged as Flatcar's update-ssh-keys does.
+keys=/sysroot/home/core/.ssh/authorized_keys.d
+mkdir -p "$keys"
+sed -n '/^ssh_authorized_keys:/,/^[^ -]/s/^ *- *//p' "${user_data:-/dev/null}" 2>/dev/null | tr -d "\"'" \
+  >"$keys/coreos-cloudinit"
+cat "$keys"/* >/sysroot/home/core/.ssh/authorized_keys 2>/dev/null
+chmod 700 /sysroot/home/core/.ssh && chmod 600 /sysroot/home/core/.ssh/authorized_keys
+chown -R 500:500 /sysroot/home/core
+say "ssh keys for core: $(grep -c . /sysroot/home/core/.ssh/authorized_keys)"
+
+# sshd for a VM that stays up: Debian's dropbear from /usr, host keys made on the first
+# start and kept on the root disk (/etc/dropbear).
+start_sshd() {
+  mkdir -p /sysroot/dev /sysroot/proc /sysroot/sys
+  mount --bind /dev /sysroot/dev && mkdir -p /sysroot/dev/pts && mount -t devpts devpts /sysroot/dev/pts
+  mount -t proc proc /sysroot/proc
+  if chroot /sysroot /usr/sbin/dropbear -R -p 22 -P /run/dropbear.pid; then
+    say "sshd: listening on port 22"
+  else
+    say "warning: sshd did not start"
+  fi
+}
+if [ -n "$hold" ] || [ -n "$shell" ]; then start_sshd; fi
+
+mkdir -p /sysroot/var/log
+if echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname) booted" >>/sysroot/var/log/leanvm-boots.log; then
+  say "root writable: yes"
+fi
+say "boots logged: $(wc -l </sysroot/var/log/leanvm-boots.log)"
+if [ -n "$fillcache" ]; then
+  find /sysroot/usr -type f -exec cat {} + >/dev/null 2>&1
+  say "cache filled: $(sed -n 's/^Cached: *//p' /proc/meminfo)"
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+  say "cache dropped: $(sed -n 's/^Cached: *//p' /proc/meminfo)"
+fi
+say "ready"
+finish

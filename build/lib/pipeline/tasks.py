@@ -1,0 +1,351 @@
+"""The task DAG: one generator per stage, wired from the cluster file.
+
+    download -> verify -> extract -> (per VM) rootfs, configdrive, launcher; cluster.sh
+    explicit only: bundle, prune, reset:NAME
+"""
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from . import bundle, configdrive, doitenv, extract, fetch, identity, launcher, record, rootfs, sshkey, verify
+from .config import Cluster, Release, load_cluster
+from .doitenv import action, building, fail, out_dir, var_path
+from .errors import LeanvmError
+from .fsutil import write_atomic
+from .paths import DEFAULT_CLUSTER
+from .vmstate import running_pid
+
+BUILD_TASKS = ["download", "verify", "extract", "rootfs", "sshkey", "configdrive", "launcher", "cluster", "retire"]
+CLUSTER_SCRIPT = Path(__file__).with_name("cluster.sh")
+
+
+def doit_config() -> dict:
+    return doitenv.doit_config(BUILD_TASKS)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything lives under out/."""
+
+    out: Path
+    release: Release
+    version: str
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache" / self.release.name / self.version
+
+    @property
+    def images(self) -> Path:
+        return self.out / "images" / self.release.name / self.version
+
+    def vm(self, name: str) -> Path:
+        return self.out / "vms" / name
+
+    def rootfs(self, name: str) -> Path:
+        return self.vm(name) / "rootfs.img"
+
+    def oem(self, name: str) -> Path:
+        return self.vm(name) / "oem.img"
+
+
+@dataclass(frozen=True)
+class Context:
+    cluster: Cluster
+    layout: Layout
+
+
+@cache
+def context() -> Context:
+    """Load the cluster once per doit run; a user error ends doit with one line."""
+    try:
+        out = out_dir()
+        config = var_path("config", DEFAULT_CLUSTER)
+        identity.check_owner(out, config, record=building())
+        if building():
+            cluster = load_cluster(config, identity.load(out), identity.ports_of_other_outs(out),
+                                   identity.port_in_use)
+            identity.register(out)
+        else:
+            cluster = load_cluster(config, identity.load(out))
+        state = out / "images" / cluster.release.name / ".current-version"
+        version = fetch.resolve_version(cluster.release, state, online=building())
+    except LeanvmError as e:
+        fail(e)
+    return Context(cluster, Layout(out, cluster.release, version))
+
+
+# --- release stages ----------------------------------------------------------------
+#
+# The proof that a stage is done is its published file in out/images/RELEASE/VERSION/ with
+# a matching recorded digest (record.py): then download, verify and extract are all up to
+# date, with or without doit's database (a CI cache restores only out/images/). Raw
+# downloads in out/cache/ are removed once their bytes are published, so each /usr exists
+# once on disk.
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: str  # kernel, initrd or image
+    upstream: str  # file name on the mirror
+    published: Path  # what it becomes in out/images/RELEASE/VERSION/
+
+
+def artifacts(release: Release, layout: Layout) -> list[Artifact]:
+    found = [Artifact("kernel", release.kernel, layout.images / "vmlinuz")]
+    if release.initrd:
+        found.append(Artifact("initrd", release.initrd, layout.images / "initrd"))
+    found.append(Artifact("image", release.image, layout.images / "usr.img"))
+    return found
+
+
+def _raw(layout: Layout, artifact: Artifact) -> tuple[Path, Path]:
+    data = layout.cache / artifact.upstream
+    return data, data.with_name(data.name + layout.release.signature_suffix)
+
+
+def _verified_image(layout: Layout) -> Path:
+    return layout.cache / "verified" / layout.release.image
+
+
+def done_when(published: Path, *alternatives: Path) -> bool:
+    """Up to date if the published file is intact, or all the intermediate files exist."""
+    return record.intact(published) or (bool(alternatives) and all(p.exists() for p in alternatives))
+
+
+def remove(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+        record.sidecar(path).unlink(missing_ok=True)
+
+
+def download_pair(url: str, dest: Path, suffix: str) -> None:
+    fetch.download(url + suffix, dest.with_name(dest.name + suffix))
+    fetch.download(url, dest)
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.link(source, tmp)
+    os.replace(tmp, target)
+
+
+def verify_and_publish(data: Path, sig: Path, release: Release, target: Path, final: bool) -> None:
+    """Check the signature, then publish by hard link; rejected files are moved aside.
+
+    A kernel or initrd is final once published (its raw download is removed); the image
+    goes to cache/verified/ for extraction.
+    """
+    try:
+        verify.check_signature(data, sig, release.signing_key, release.fingerprints)
+    except LeanvmError:
+        for path in (data, sig):
+            if path.exists():
+                os.replace(path, path.with_name(path.name + ".rejected"))
+        raise
+    _link(data, target)
+    if final:
+        remove(data, sig)
+        record.record(target, record.sha256_file(target))
+
+
+def extract_and_publish(image: Path, member: str, target: Path, raw: tuple[Path, Path]) -> None:
+    digest = extract.extract_usr_disk(image, member, target)
+    remove(image, *raw)  # the verified image is no longer needed: one copy of /usr on disk
+    record.record(target, digest)
+
+
+def task_download() -> Iterator[dict]:
+    ctx = context()
+    release, layout = ctx.cluster.release, ctx.layout
+    for artifact in artifacts(release, layout):
+        data, sig = _raw(layout, artifact)
+        url = fetch.url_for(release, layout.version, artifact.upstream)
+        yield {
+            "name": f"{release.name}:{artifact.kind}",
+            "doc": f"download {artifact.upstream} and its signature",
+            "actions": [action(download_pair, url, data, release.signature_suffix)],
+            "uptodate": [(done_when, [artifact.published, data, sig])],
+            "clean": [(remove, [data, sig])],
+        }
+
+
+def task_verify() -> Iterator[dict]:
+    ctx = context()
+    release, layout = ctx.cluster.release, ctx.layout
+    for artifact in artifacts(release, layout):
+        data, sig = _raw(layout, artifact)
+        final = artifact.kind != "image"
+        target = artifact.published if final else _verified_image(layout)
+        yield {
+            "name": f"{release.name}:{artifact.kind}",
+            "doc": f"check the signature of {artifact.upstream}",
+            "actions": [action(verify_and_publish, data, sig, release, target, final)],
+            "task_dep": [f"download:{release.name}:{artifact.kind}"],
+            "uptodate": [(done_when, [artifact.published] if final else [artifact.published, target])],
+            # published images are kept by `doit clean`: `doit prune` removes unused versions
+            "clean": [] if final else [(remove, [target])],
+        }
+
+
+def task_extract() -> Iterator[dict]:
+    ctx = context()
+    release, layout = ctx.cluster.release, ctx.layout
+    image = next(a for a in artifacts(release, layout) if a.kind == "image")
+    yield {
+        "name": release.name,
+        "doc": f"write {release.usr_member} of the verified image into the USR-A partition of usr.img",
+        "actions": [action(extract_and_publish, _verified_image(layout), release.usr_member, image.published,
+                           _raw(layout, image))],
+        "task_dep": [f"verify:{release.name}:image"],
+        "uptodate": [(done_when, [image.published])],
+    }
+
+
+# --- per-VM stages -------------------------------------------------------------------
+
+def task_rootfs() -> Iterator[dict]:
+    ctx = context()
+    for vm in ctx.cluster.vms:
+        disk, oem = ctx.layout.rootfs(vm.name), ctx.layout.oem(vm.name)
+        yield {
+            "name": vm.name,
+            "doc": "create or grow the sparse ext4 root disk (ROOT) and the OEM disk (VM state: never recreated)",
+            "actions": [action(rootfs.ensure, disk, vm.disk, vm.name), action(rootfs.ensure_oem, oem)],
+            "targets": [disk, oem],
+            "uptodate": [config_changed({"disk": vm.disk})],
+        }
+
+
+def task_configdrive() -> Iterator[dict]:
+    ctx = context()
+    for vm in ctx.cluster.vms:
+        dest = ctx.layout.vm(vm.name) / "config" / "openstack" / "latest" / "user_data"
+        ignition = ctx.layout.vm(vm.name) / "ignition.json"
+        inputs = {"name": vm.name, "keys": list(vm.ssh_authorized_keys), "ip": vm.cluster_ip, "mac": vm.cluster_mac,
+                  "ip_given": vm.cluster_ip_given, "ignition": str(vm.ignition)}
+        yield {
+            "name": vm.name,
+            "doc": "write the config drive's user_data (and the Ignition config)",
+            "actions": [action(configdrive.write, vm, dest, ignition, sshkey.public_key(ctx.layout.out))],
+            "file_dep": [p for p in (vm.user_data, vm.ignition) if p] + [sshkey.public_key(ctx.layout.out)],
+            "targets": [dest, ignition] if vm.ignition else [dest],
+            "uptodate": [config_changed(inputs)],
+            "clean": True,
+        }
+
+
+def task_sshkey() -> dict:
+    """out/ssh/id_ed25519: made once per out/, authorized in every VM; clean keeps it."""
+    out = context().layout.out
+    return {
+        "doc": "make the cluster's ssh key out/ssh/id_ed25519 once (kept by clean)",
+        "actions": [action(sshkey.create, out)],
+        "targets": [sshkey.private_key(out), sshkey.public_key(out)],
+        "uptodate": [(os.path.exists, [sshkey.private_key(out)]), (os.path.exists, [sshkey.public_key(out)])],
+    }
+
+
+def task_launcher() -> Iterator[dict]:
+    ctx = context()
+    for vm in ctx.cluster.vms:
+        dest = ctx.layout.vm(vm.name) / "run.sh"
+        text = launcher.render(vm, ctx.cluster.release, ctx.layout.version)
+        ident = launcher.vm_identity(vm, ctx.cluster.release, ctx.layout.version)
+        yield {
+            "name": vm.name,
+            "doc": "render the QEMU launcher run.sh and record the VM's identity in out/state/vms/NAME.env",
+            "actions": [action(launcher.write, dest, text, ctx.layout.out, vm.name, ident)],
+            "targets": [dest],  # not the identity: clean never deletes it
+            "uptodate": [config_changed(text + identity.render(vm.name, ident)),
+                         (os.path.exists, [identity.env_file(ctx.layout.out, vm.name)])],
+            "clean": True,
+        }
+
+
+def install_script(source: Path, dest: Path) -> None:
+    write_atomic(dest, source.read_bytes(), mode=0o755)
+
+
+def task_cluster() -> dict:
+    """out/cluster.sh: up/down/status/console/ssh for every VM (static: it finds the VMs)."""
+    dest = context().layout.out / "cluster.sh"
+    return {
+        "doc": "install out/cluster.sh (up, down, status, console NAME, ssh NAME)",
+        "actions": [action(install_script, CLUSTER_SCRIPT, dest)],
+        "file_dep": [CLUSTER_SCRIPT],
+        "targets": [dest],
+        "clean": True,
+    }
+
+
+def retire(vm_dirs: list[Path], config: Path) -> None:
+    """VMs gone from the cluster file keep their disks, but lose their launcher, so that
+    cluster.sh no longer starts them; adding a VM back renders it again. A running VM is
+    not retired: cluster.sh could no longer stop it."""
+    for vm_dir in vm_dirs:
+        pid = running_pid(vm_dir)
+        if pid is not None:
+            raise LeanvmError(f"VM {vm_dir.name} is running (pid {pid}) but is no longer in {config}",
+                              f"stop it first ({vm_dir / 'run.sh'} or cluster.sh down), or put it back")
+    for vm_dir in vm_dirs:
+        os.replace(vm_dir / "run.sh", vm_dir / "run.sh.retired")
+        print(f"leanvm: VM {vm_dir.name} is no longer in the cluster file: its launcher is now "
+              f"{vm_dir / 'run.sh.retired'}; its root disk is kept", file=sys.stderr)
+
+
+def task_retire() -> dict:
+    ctx = context()
+    current = {vm.name for vm in ctx.cluster.vms}
+    stale = sorted(d for d in (ctx.layout.out / "vms").glob("*") if (d / "run.sh").exists() and d.name not in current)
+    return {
+        "doc": "retire the launchers of VMs removed from the cluster file (their disks stay)",
+        "actions": [action(retire, stale, ctx.cluster.path)],
+        "uptodate": [not stale],
+    }
+
+
+def task_bundle() -> dict:
+    """One archive of the whole built cluster (explicit: `doit bundle`)."""
+    ctx = context()
+    layout, cluster = ctx.layout, ctx.cluster
+    dest = layout.out / "bundles" / f"{cluster.path.stem}-{layout.release.name}-{layout.version}.tar.gz"
+    meta = {"release": layout.release.name, "version": layout.version, "cluster": cluster.path.name}
+    names = [vm.name for vm in cluster.vms]
+    return {
+        "doc": "write out/bundles/CLUSTER-RELEASE-VERSION.tar.gz (images once, every VM, MANIFEST.json)",
+        "actions": [action(bundle.write_bundle, layout.out, layout.images, names, dest, meta)],
+        "task_dep": BUILD_TASKS,
+        "uptodate": [False],
+    }
+
+
+def task_prune() -> dict:
+    """Remove image versions no VM's launcher uses any more (explicit: `doit prune`)."""
+    layout = context().layout
+    return {
+        "doc": "remove out/images/RELEASE/VERSION directories that no VM uses any more",
+        "actions": [action(doitenv.refuse_while_running, layout.out, "`doit prune`"),
+                    action(bundle.prune, layout.out, {layout.images})],
+        "uptodate": [False],
+    }
+
+
+def task_reset() -> Iterator[dict]:
+    ctx = context()
+    for vm in ctx.cluster.vms:
+        disk, oem = ctx.layout.rootfs(vm.name), ctx.layout.oem(vm.name)
+        yield {
+            "name": vm.name,
+            "doc": "recreate the root and OEM disks EMPTY (explicit only; all VM state is lost)",
+            "actions": [action(rootfs.reset, disk, vm.disk, oem, vm.name),
+                        action(sshkey.forget_host, ctx.layout.out, vm.name)],
+            "uptodate": [False],
+        }
