@@ -194,8 +194,8 @@ def bench_doit(work: Path, sizes: Sizes) -> list[Row]:
     profile, out = release_mirror(work, small, keyring, signer), work / f"out-{small}"
     add_times, ran = [], []
     for rep in range(sizes.reps):
-        doit(write_cluster(work / "cluster-add.yaml", profile, names), out)  # back to the base cluster, untimed
-        cluster = write_cluster(work / "cluster-add.yaml", profile, [*names, f"extra{rep}"])
+        doit(write_cluster(work / f"cluster-{small}.yaml", profile, names), out)  # back to the base cluster, untimed
+        cluster = write_cluster(work / f"cluster-{small}.yaml", profile, [*names, f"extra{rep}"])
         start = time.perf_counter()
         result = doit(cluster, out)
         add_times.append(time.perf_counter() - start)

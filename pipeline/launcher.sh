@@ -131,14 +131,18 @@ case $accel in
 esac
 if [ "$accel" = kvm ]; then cpu=host; else cpu=max; fi
 
-if first_boot; then
-  boot_rule="first boot: $here/rootfs.img has no /etc/.ignition-result.json, so '$first_boot_args' is added"
-  append="$kernel_args $first_boot_args"
-else
-  boot_rule="not a first boot${first_boot_args:+: $here/rootfs.img has /etc/.ignition-result.json}"
-  append=$kernel_args
-fi
-append="$append${LEANVM_APPEND:+ $LEANVM_APPEND}"
+# The kernel command line, with the first-boot arguments if this is a first boot (decided
+# once nothing else stands in the way: a running VM's disk is not ours to read).
+decide_boot() {
+  if first_boot; then
+    boot_rule="first boot: $here/rootfs.img has no /etc/.ignition-result.json, so '$first_boot_args' is added"
+    append="$kernel_args $first_boot_args"
+  else
+    boot_rule="not a first boot${first_boot_args:+: $here/rootfs.img has /etc/.ignition-result.json}"
+    append=$kernel_args
+  fi
+  append="$append${LEANVM_APPEND:+ $LEANVM_APPEND}"
+}
 
 # NIC 2, the private cluster network, needs vde_switch (Debian: vde2); without it the VM
 # still starts, with a warning.
@@ -165,10 +169,12 @@ if [ "$mode" = detach ]; then
   set -- -display none \
     -chardev "file,id=console,path=$(qpath "$here/console.log")" -serial chardev:console -daemonize "$@"
 else
-  set -- -nographic "$@"
+  # an explicit -mon would take the monitor off stdio: keep it multiplexed (Ctrl-a x, Ctrl-a c)
+  set -- -nographic -serial mon:stdio "$@"
 fi
 
 if [ "$mode" = print ]; then
+  decide_boot
   echo "# VM $name: $boot_rule"
   printf 'cd %s && ' "$(print_command "$net" | sed 's/ $//')"  # QEMU finds the switch as ./switch
   vm_qemu print_command "$@"
@@ -187,6 +193,8 @@ for port in $host_ports; do
     die "VM $name: host port $port (127.0.0.1) is already in use; stop what uses it or change the VM's ports"
   fi
 done
+
+decide_boot
 
 # --- start ------------------------------------------------------------------------------
 if [ "$cluster_net" = true ]; then
