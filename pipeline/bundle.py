@@ -1,4 +1,4 @@
-"""Ship and cache: one archive of a built cluster, and pruning of unused image versions.
+"""Ship: one archive of a built cluster, and unpacking it with its manifest checked.
 
 A bundle is a pax tar (gzip) of the self-contained out/: the shared images once, every
 VM's directory, out/cluster.sh and MANIFEST.json (sha256 of every file, release,
@@ -11,7 +11,6 @@ a few MB in the archive and after `tar -xf` (GNU tar or bsdtar) or `unbundle`.
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import libarchive.exception
 from libarchive.extract import EXTRACT_PERM, EXTRACT_SPARSE, EXTRACT_TIME
 
 from . import identity
-from .errors import LeanvmError
+from .errors import LeanvmError, note, report
+from .fsutil import temp_path
 from .record import sha256_file
 from .vmstate import running_pid
 
@@ -55,14 +55,19 @@ def write_bundle(out: Path, images: Path, vm_names: list[str], dest: Path, meta:
     files = cluster_files(out, images, vm_names)
     manifest = {**meta, "files": {str(rel): sha256_file(out / rel) for rel in files}}
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp = temp_path(dest)
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    with libarchive.file_writer(str(tmp), "pax", "gzip") as archive:
-        archive.add_file_from_memory(MANIFEST, len(data), data, permission=0o644)
-        for rel in files:
-            archive.add_files(str(out / rel), pathname=str(rel), recursive=False)
-    os.replace(tmp, dest)
-    print(f"leanvm: bundle {dest} ({dest.stat().st_size >> 20} MiB, {len(files)} files)", file=sys.stderr)
+    try:
+        with libarchive.file_writer(str(tmp), "pax", "gzip") as archive:
+            archive.add_file_from_memory(MANIFEST, len(data), data, permission=0o644)
+            for rel in files:
+                archive.add_files(str(out / rel), pathname=str(rel), recursive=False)
+        os.replace(tmp, dest)
+    except libarchive.exception.ArchiveError as e:
+        raise LeanvmError(f"{dest}: cannot write the bundle: {e.msg}", "check free space and retry") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    note(f"bundle {dest} ({dest.stat().st_size >> 20} MiB, {len(files)} files)")
 
 
 def check_manifest(root: Path) -> dict:
@@ -71,7 +76,10 @@ def check_manifest(root: Path) -> dict:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise LeanvmError(f"{root / MANIFEST}: unreadable manifest: {e}", "unpack a complete bundle") from None
-    for rel, digest in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise LeanvmError(f"{root / MANIFEST}: has no list of files", "unpack a bundle made by `doit bundle`")
+    for rel, digest in files.items():
         path = root / rel
         if not path.is_file() or sha256_file(path) != digest:
             raise LeanvmError(f"{path}: does not match {MANIFEST}", "the bundle is damaged; copy it again")
@@ -93,20 +101,6 @@ def unbundle(archive: Path, dest: Path) -> dict:
     return check_manifest(dest)
 
 
-def unused_versions(out: Path, keep: set[Path]) -> list[Path]:
-    """Image version directories that no VM (retired ones included) was built for, and not in `keep`."""
-    used = set(keep) | {out / i.image_dir for i in identity.load(out).values() if i.image_dir}
-    return [v for v in sorted((out / "images").glob("*/*")) if v.is_dir() and v not in used]
-
-
-def prune(out: Path, keep: set[Path]) -> None:
-    for version in unused_versions(out, keep):
-        release = version.parent.name
-        shutil.rmtree(version)
-        shutil.rmtree(out / "cache" / release / version.name, ignore_errors=True)
-        print(f"leanvm: pruned {version.relative_to(out)}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bundle", description="unpack a leanvm bundle")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = unbundle(args.archive, args.dir)
     except LeanvmError as e:
-        print(f"leanvm: error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(f"{args.dir}: {len(manifest['files'])} files match the manifest "
           f"({manifest.get('release')} {manifest.get('version')}); start a VM with {args.dir}/vms/NAME/run.sh")
     return 0

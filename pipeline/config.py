@@ -52,7 +52,7 @@ class VM:
     name: str
     memory: int
     cpus: int
-    disk: int
+    disk_size: int  # bytes of the sparse root disk (the cluster file's `disk`)
     ssh_port: int
     mac: str
     user_data: Path | None
@@ -461,7 +461,7 @@ def _vm(name: str, settings: dict[str, Any], ident: identity.Identity) -> VM:
         name=name,
         memory=settings["memory"],
         cpus=settings["cpus"],
-        disk=settings["disk"],
+        disk_size=settings["disk"],
         ssh_port=ident.ssh_port,
         mac=ident.mac,
         user_data=settings.get("user_data"),

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from . import minirelease
-from .errors import LeanvmError
+from .errors import LeanvmError, report
 from .proc import run
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -76,8 +76,7 @@ def main() -> int:
         print("demo: starting demo1 in the background and running one command in it over ssh ...", file=sys.stderr)
         over_ssh = ssh_round_trip(run_sh, accel)
     except LeanvmError as e:
-        print(f"leanvm: error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print("".join(line + "\n" for line in console.splitlines() if line.startswith("leanvm: ")), end="")
     print(f"\n$ out/cluster.sh ssh demo1 -- grep ' /usr ' /proc/mounts\n{over_ssh}", end="")
     relative = run_sh.relative_to(PROJECT)

@@ -12,7 +12,7 @@ from doit import cmd_info, get_initial_workdir, get_var
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
-from .errors import LeanvmError
+from .errors import LeanvmError, report
 from .vmstate import running_pid
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ class UserFailed(TaskFailed):
 class Reporter(ConsoleReporter):
     def add_failure(self, task: Any, failure: Any) -> None:
         if isinstance(failure, UserFailed):
-            sys.stderr.write(f"leanvm: error: {task.name}: {failure.message}\n")
+            report(f"{task.name}: {failure.message}")
         else:
             super().add_failure(task, failure)
 
@@ -56,8 +56,7 @@ def out_dir() -> Path:
 
 
 def fail(error: LeanvmError) -> NoReturn:
-    sys.stderr.write(f"leanvm: error: {error}\n")
-    sys.exit(2)
+    sys.exit(report(error))
 
 
 _lock_fd: int | None = None

@@ -1,4 +1,13 @@
-"""The one user-error type: a one-line message plus how to fix it, never a traceback."""
+"""The one user-error type and the one place that writes leanvm's lines on stderr.
+
+A user error is one line plus how to fix it, never a traceback; `report` writes it and gives
+the exit status (2) every entry point returns. Warnings and notes go through `warn`/`note`.
+"""
+
+import os
+import sys
+
+EXIT_USER_ERROR = 2
 
 
 class LeanvmError(Exception):
@@ -11,3 +20,23 @@ class LeanvmError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message}; {self.hint}" if self.hint else self.message
+
+
+def report(error: LeanvmError | str) -> int:
+    """Write `leanvm: error: ...` (one line) and return the exit status for it."""
+    sys.stderr.write(f"leanvm: error: {error}\n")
+    return EXIT_USER_ERROR
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(f"leanvm: warning: {message}\n")
+
+
+def note(message: str) -> None:
+    sys.stderr.write(f"leanvm: {message}\n")
+
+
+def debug(message: str) -> None:
+    """Only with LEANVM_DEBUG set (e.g. every external command line)."""
+    if os.environ.get("LEANVM_DEBUG"):
+        sys.stderr.write(f"leanvm: debug: {message}\n")

@@ -4,7 +4,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urljoin, urlparse
 from urllib.request import url2pathname
 
@@ -12,8 +14,10 @@ import requests
 import urllib3
 
 from .config import RELEASE_NAME, Release
-from .errors import LeanvmError
+from .errors import LeanvmError, warn
 from .fsutil import write_atomic
+
+T = TypeVar("T")
 
 CHUNK = 1 << 20
 CONNECT_TIMEOUT = 10
@@ -49,6 +53,21 @@ def _backoff(attempt: int) -> None:
     time.sleep(min(0.2 * 2**attempt, 5.0))
 
 
+def _retrying(attempts: int, once: Callable[[], T]) -> T:
+    """once() until it returns; a _Retry or a network error is retried with backoff.
+    Raises _Retry with the last reason when every attempt failed."""
+    last = ""
+    for attempt in range(attempts):
+        try:
+            return once()
+        except _Retry as e:
+            last = str(e)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            last = type(e).__name__
+        _backoff(attempt)
+    raise _Retry(last)
+
+
 def fetch_small(url: str, attempts: int = 4) -> str:
     """A small text file (version.txt), with retries."""
     if url.startswith("file:"):
@@ -56,21 +75,20 @@ def fetch_small(url: str, attempts: int = 4) -> str:
             return _local_path(url).read_text()
         except OSError as e:
             raise LeanvmError(f"{url}: {e.strerror}", "check base_url") from None
-    last = ""
     with _session() as session:
-        for attempt in range(attempts):
-            try:
-                response = session.get(url, timeout=(CONNECT_TIMEOUT, read_timeout()))
-            except requests.RequestException as e:
-                last = type(e).__name__
-            else:
-                if response.status_code == 200:
-                    return response.text
-                last = f"HTTP {response.status_code}"
-                if response.status_code not in RETRYABLE_STATUS:
-                    break
-            _backoff(attempt)
-    raise LeanvmError(f"{url}: {last}", "check base_url and the network")
+
+        def once() -> str:
+            response = session.get(url, timeout=(CONNECT_TIMEOUT, read_timeout()))
+            if response.status_code == 200:
+                return response.text
+            if response.status_code in RETRYABLE_STATUS:
+                raise _Retry(f"HTTP {response.status_code}")
+            raise LeanvmError(f"{url}: HTTP {response.status_code}", "check base_url and the network")
+
+        try:
+            return _retrying(attempts, once)
+        except _Retry as e:
+            raise LeanvmError(f"{url}: {e}", "check base_url and the network") from None
 
 
 def parse_version(text: str, key: str, url: str) -> str:
@@ -97,7 +115,7 @@ def resolve_version(release: Release, state_file: Path, online: bool) -> str:
     except LeanvmError as e:
         if cached is None:
             raise
-        print(f"leanvm: warning: {e}; using the last resolved version {cached}", file=sys.stderr)
+        warn(f"{e}; using the last resolved version {cached}")
         return cached
     if version != cached:
         write_atomic(state_file, f"{version}\n".encode())
@@ -193,18 +211,11 @@ def download(url: str, dest: Path) -> None:
         _copy_local(url, dest, part)
         return
     progress = _Progress(dest.name, None)
-    last = ""
     with _session() as session:
-        for attempt in range(ATTEMPTS):
-            try:
-                _get_once(session, url, part, progress)
-            except _Retry as e:
-                last = str(e)
-            except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-                last = type(e).__name__
-            else:
-                progress.update(part.stat().st_size, force=True)
-                os.replace(part, dest)
-                return
-            _backoff(attempt)
-    raise LeanvmError(f"{url}: download failed after {ATTEMPTS} attempts ({last})", "check the network and retry")
+        try:
+            _retrying(ATTEMPTS, lambda: _get_once(session, url, part, progress))
+        except _Retry as e:
+            raise LeanvmError(f"{url}: download failed after {ATTEMPTS} attempts ({e})",
+                              "check the network and retry") from None
+    progress.update(part.stat().st_size, force=True)
+    os.replace(part, dest)

@@ -14,7 +14,7 @@ import hashlib
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +22,9 @@ import libarchive
 import yaml
 from libarchive.entry import FileType
 
-from .errors import LeanvmError
-from .fsutil import write_atomic
+from . import kmod
+from .errors import LeanvmError, report
+from .fsutil import temp_path, write_atomic
 from .proc import run, stop_gpg_agent
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -92,66 +93,12 @@ def fetch_kernel(cache: Path) -> Kernel:
         shutil.rmtree(cache / "deb")
         version = next((cache / "root" / "lib" / "modules").iterdir()).name
         run(["depmod", "-b", cache / "root", version])
-        _keep_only(cache / "root" / "lib" / "modules" / version, resolve_modules(
+        kmod.keep_only(cache / "root" / "lib" / "modules" / version, kmod.resolve_modules(
             cache / "root" / "lib" / "modules" / version, WANTED_MODULES))
         done.write_text(f"{version}\n{wanted}\n")
     version = done.read_text().split("\n")[0]
     root = cache / "root"
     return Kernel(root / "boot" / f"vmlinuz-{version}", root / "lib" / "modules" / version, version)
-
-
-def _keep_only(modules: Path, needed: list[str]) -> None:
-    keep = {modules / m for m in needed}
-    for ko in modules.rglob("*.ko*"):
-        if ko not in keep:
-            ko.unlink()
-
-
-def _module_name(path: str) -> str:
-    return Path(path).name.split(".ko")[0].replace("-", "_")
-
-
-def resolve_modules(modules: Path, wanted: Iterable[str]) -> list[str]:
-    """Module files (relative to `modules`) in load order: dependencies first.
-
-    Follows modules.dep, and the `pre:` soft dependencies of modules.softdep through
-    modules.alias (ext4 needs crc32c that way). Built-in modules need no file.
-    """
-    deps: dict[str, tuple[str, list[str]]] = {}
-    for line in (modules / "modules.dep").read_text().splitlines():
-        path, _, rest = line.partition(":")
-        deps[_module_name(path)] = (path, [_module_name(p) for p in rest.split()])
-    builtin = {_module_name(p) for p in (modules / "modules.builtin").read_text().split()}
-    aliases: dict[str, list[str]] = {}
-    for line in (modules / "modules.alias").read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == "alias":
-            aliases.setdefault(parts[1], []).append(parts[2].replace("-", "_"))
-    softdeps: dict[str, list[str]] = {}
-    softdep_file = modules / "modules.softdep"
-    for line in softdep_file.read_text().splitlines() if softdep_file.exists() else []:
-        words = line.split()
-        if len(words) > 3 and words[0] == "softdep" and "pre:" in words:
-            pre = words[words.index("pre:") + 1:]
-            pre = pre[: pre.index("post:")] if "post:" in pre else pre
-            softdeps[words[1].replace("-", "_")] = [m for name in pre for m in aliases.get(name, [name])]
-
-    order: list[str] = []
-
-    def visit(name: str, trail: tuple[str, ...]) -> None:
-        name = name.replace("-", "_")
-        if name in builtin or deps.get(name, ("",))[0] in order or name in trail:
-            return
-        if name not in deps:
-            raise LeanvmError(f"{modules}: no module {name}", "the kernel package lacks it")
-        for dep in softdeps.get(name, []) + deps[name][1]:
-            if dep in deps or dep in builtin:
-                visit(dep, (*trail, name))
-        order.append(deps[name][0])
-
-    for name in wanted:
-        visit(name, ())
-    return order
 
 
 # --- archives ------------------------------------------------------------------------
@@ -166,7 +113,7 @@ def write_cpio_gz(dest: Path, files: dict[str, Path | bytes], mode: dict[str, in
     """A gzip'd newc cpio (the initramfs format) with parent directories, via libarchive."""
     mode = mode or {}
     dirs = sorted({str(Path(name).parents[i]) for name in files for i in range(len(Path(name).parents) - 1)})
-    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp = temp_path(dest)
     with libarchive.file_writer(str(tmp), "cpio_newc", "gzip") as archive:
         for d in dirs:
             archive.add_file_from_memory(d, 0, b"", filetype=FileType.DIRECTORY, permission=0o755)
@@ -180,7 +127,7 @@ def write_cpio_gz(dest: Path, files: dict[str, Path | bytes], mode: dict[str, in
 
 
 def make_initrd(dest: Path, kernel: Kernel, busybox: Path) -> None:
-    order = resolve_modules(kernel.modules, WANTED_MODULES)
+    order = kmod.resolve_modules(kernel.modules, WANTED_MODULES)
     files: dict[str, Path | bytes] = {
         "init": INIT_SCRIPT.read_bytes(),
         "bin/busybox": busybox,
@@ -236,20 +183,23 @@ def make_usr(dest: Path, busybox: Path, version: str, pad_mb: int) -> None:
 
 # --- signing and publishing ----------------------------------------------------------
 
+def gpg(home: Path) -> list[str | Path]:
+    """gpg on a GNUPGHOME of ours, never prompting (the demo key has no passphrase)."""
+    return ["gpg", "--homedir", home, "--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", ""]
+
+
 def demo_key(home: Path) -> str:
     """The fingerprint of the local demo signing key, made on first use."""
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    gpg = ["gpg", "--homedir", home, "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
-    listing = run([*gpg, "--with-colons", "--list-secret-keys"], check=False).stdout.decode()
+    listing = run([*gpg(home), "--with-colons", "--list-secret-keys"], check=False).stdout.decode()
     if "fpr:" not in listing:
-        run([*gpg, "--quick-gen-key", "leanvm mini release demo key", "ed25519", "sign", "0"])
-        listing = run([*gpg, "--with-colons", "--list-secret-keys"]).stdout.decode()
+        run([*gpg(home), "--quick-gen-key", "leanvm mini release demo key", "ed25519", "sign", "0"])
+        listing = run([*gpg(home), "--with-colons", "--list-secret-keys"]).stdout.decode()
     return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
 
 
 def sign(home: Path, fingerprint: str, path: Path) -> None:
-    run(["gpg", "--homedir", home, "--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", "",
-         "--local-user", fingerprint, "--detach-sign", "--output", f"{path}.sig", path])
+    run([*gpg(home), "--local-user", fingerprint, "--detach-sign", "--output", f"{path}.sig", path])
 
 
 def write_profile(dest: Path, mirror: Path, key: Path, fingerprint: str, kernel_args: str) -> None:
@@ -298,7 +248,7 @@ def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> P
         for name in (KERNEL, INITRD, IMAGE):
             sign(home, fingerprint, vdir / name)
     key = out / "demo-signing-key.asc"
-    key.write_bytes(run(["gpg", "--homedir", home, "--armor", "--export", fingerprint]).stdout)
+    key.write_bytes(run([*gpg(home), "--armor", "--export", fingerprint]).stdout)
     stop_gpg_agent(home)
     write_atomic(mirror / "current" / "version.txt", f"MINI_VERSION={version}\n".encode())
     write_profile(out / "mini.yaml", mirror, key, fingerprint, FLATCAR_ARGS)
@@ -314,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = build(args.out.resolve(), args.pad_mb)
     except LeanvmError as e:
-        print(f"leanvm: error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(f"mini release profiles: {out / 'mini.yaml'} (Flatcar's arguments), {out / 'mini-vdx.yaml'} (/dev/vdX)")
     return 0
 

@@ -1,14 +1,11 @@
 """The one helper through which every external command runs (as mkosi/run.py does)."""
 
-import logging
 import shlex
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import LeanvmError
-
-log = logging.getLogger("leanvm")
+from .errors import LeanvmError, debug
 
 # Debian package that provides each external command we call.
 PACKAGES = {
@@ -45,7 +42,7 @@ def run(
     """Run argv (output captured unless `capture` is False); a missing binary, a failure or a
     timeout becomes a LeanvmError."""
     args = [str(a) for a in argv]
-    log.debug("+ %s", shlex.join(args))
+    debug(f"+ {shlex.join(args)}")
     try:
         result = subprocess.run(
             args,

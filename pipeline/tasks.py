@@ -5,18 +5,18 @@
 """
 
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 
 from doit.tools import config_changed
 
-from . import bundle, configdrive, doitenv, extract, fetch, identity, launcher, record, rootfs, sshkey, verify
+from . import bundle, configdrive, doitenv, fetch, identity, launcher, prune, publish, rootfs, sshkey
 from .config import Cluster, Release, load_cluster
 from .doitenv import action, building, fail, out_dir, var_path, writing
-from .errors import LeanvmError
+from .errors import LeanvmError, warn
 from .fsutil import write_atomic
 from .paths import DEFAULT_CLUSTER
 from .vmstate import running_pid
@@ -82,26 +82,28 @@ def context() -> Context:
     return Context(cluster, Layout(out, cluster.release, version))
 
 
-# --- release stages ----------------------------------------------------------------
-#
-# The proof that a stage is done is its published file in out/images/RELEASE/VERSION/ with
-# a matching recorded digest (record.py): then download, verify and extract are all up to
-# date, with or without doit's database (a CI cache restores only out/images/). Raw
-# downloads in out/cache/ are removed once their bytes are published, so each /usr exists
-# once on disk.
+# --- release stages (what "done" means for them: publish.py) -------------------------
+
+class Kind(StrEnum):
+    """What a release file is; also the last part of its task names (download:RELEASE:KIND)."""
+
+    KERNEL = "kernel"
+    INITRD = "initrd"
+    IMAGE = "image"
+
 
 @dataclass(frozen=True)
 class Artifact:
-    kind: str  # kernel, initrd or image
+    kind: Kind
     upstream: str  # file name on the mirror
     published: Path  # what it becomes in out/images/RELEASE/VERSION/
 
 
 def artifacts(release: Release, layout: Layout) -> list[Artifact]:
-    found = [Artifact("kernel", release.kernel, layout.images / "vmlinuz")]
+    found = [Artifact(Kind.KERNEL, release.kernel, layout.images / "vmlinuz")]
     if release.initrd:
-        found.append(Artifact("initrd", release.initrd, layout.images / "initrd"))
-    found.append(Artifact("image", release.image, layout.images / "usr.img"))
+        found.append(Artifact(Kind.INITRD, release.initrd, layout.images / "initrd"))
+    found.append(Artifact(Kind.IMAGE, release.image, layout.images / "usr.img"))
     return found
 
 
@@ -114,55 +116,6 @@ def _verified_image(layout: Layout) -> Path:
     return layout.cache / "verified" / layout.release.image
 
 
-def done_when(published: Path, *alternatives: Path) -> bool:
-    """Up to date if the published file is intact, or all the intermediate files exist."""
-    return record.intact(published) or (bool(alternatives) and all(p.exists() for p in alternatives))
-
-
-def remove(*paths: Path) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
-        record.sidecar(path).unlink(missing_ok=True)
-
-
-def download_pair(url: str, dest: Path, suffix: str) -> None:
-    fetch.download(url + suffix, dest.with_name(dest.name + suffix))
-    fetch.download(url, dest)
-
-
-def _link(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.link(source, tmp)
-    os.replace(tmp, target)
-
-
-def verify_and_publish(data: Path, sig: Path, release: Release, target: Path, final: bool) -> None:
-    """Check the signature, then publish by hard link; rejected files are moved aside.
-
-    A kernel or initrd is final once published (its raw download is removed); the image
-    goes to cache/verified/ for extraction.
-    """
-    try:
-        verify.check_signature(data, sig, release.signing_key, release.fingerprints)
-    except LeanvmError:
-        for path in (data, sig):
-            if path.exists():
-                os.replace(path, path.with_name(path.name + ".rejected"))
-        raise
-    _link(data, target)
-    if final:
-        remove(data, sig)
-        record.record(target, record.sha256_file(target))
-
-
-def extract_and_publish(image: Path, member: str, target: Path, raw: tuple[Path, Path]) -> None:
-    digest = extract.extract_usr_disk(image, member, target)
-    remove(image, *raw)  # the verified image is no longer needed: one copy of /usr on disk
-    record.record(target, digest)
-
-
 def task_download() -> Iterator[dict]:
     ctx = context()
     yield {"name": None, "doc": "download the release's kernel, initrd and image, each with its signature"}
@@ -173,9 +126,9 @@ def task_download() -> Iterator[dict]:
         yield {
             "name": f"{release.name}:{artifact.kind}",
             "doc": f"download {artifact.upstream} and its signature",
-            "actions": [action(download_pair, url, data, release.signature_suffix)],
-            "uptodate": [(done_when, [artifact.published, data, sig])],
-            "clean": [(remove, [data, sig])],
+            "actions": [action(publish.download_pair, url, data, release.signature_suffix)],
+            "uptodate": [(publish.done_when, [artifact.published, data, sig])],
+            "clean": [(publish.remove, [data, sig])],
         }
 
 
@@ -185,16 +138,16 @@ def task_verify() -> Iterator[dict]:
     release, layout = ctx.cluster.release, ctx.layout
     for artifact in artifacts(release, layout):
         data, sig = _raw(layout, artifact)
-        final = artifact.kind != "image"
+        final = artifact.kind is not Kind.IMAGE
         target = artifact.published if final else _verified_image(layout)
         yield {
             "name": f"{release.name}:{artifact.kind}",
             "doc": f"check the signature of {artifact.upstream}",
-            "actions": [action(verify_and_publish, data, sig, release, target, final)],
+            "actions": [action(publish.verify_and_publish, data, sig, release, target, final)],
             "task_dep": [f"download:{release.name}:{artifact.kind}"],
-            "uptodate": [(done_when, [artifact.published] if final else [artifact.published, target])],
+            "uptodate": [(publish.done_when, [artifact.published] if final else [artifact.published, target])],
             # published images are kept by `doit clean`: `doit prune` removes unused versions
-            "clean": [] if final else [(remove, [target])],
+            "clean": [] if final else [(publish.remove, [target])],
         }
 
 
@@ -202,14 +155,14 @@ def task_extract() -> Iterator[dict]:
     ctx = context()
     yield {"name": None, "doc": "write the verified usr.squashfs into the USR-A partition of out/images/.../usr.img"}
     release, layout = ctx.cluster.release, ctx.layout
-    image = next(a for a in artifacts(release, layout) if a.kind == "image")
+    image = next(a for a in artifacts(release, layout) if a.kind is Kind.IMAGE)
     yield {
         "name": release.name,
         "doc": f"write {release.usr_member} of the verified image into the USR-A partition of usr.img",
-        "actions": [action(extract_and_publish, _verified_image(layout), release.usr_member, image.published,
+        "actions": [action(publish.extract_and_publish, _verified_image(layout), release.usr_member, image.published,
                            _raw(layout, image))],
         "task_dep": [f"verify:{release.name}:image"],
-        "uptodate": [(done_when, [image.published])],
+        "uptodate": [(publish.done_when, [image.published])],
     }
 
 
@@ -219,13 +172,13 @@ def task_rootfs() -> Iterator[dict]:
     ctx = context()
     yield {"name": None, "doc": "per VM: create or grow its root disk (ROOT) and create its OEM disk; never recreated"}
     for vm in ctx.cluster.vms:
-        disk, oem = ctx.layout.rootfs(vm.name), ctx.layout.oem(vm.name)
+        root_disk, oem_disk = ctx.layout.rootfs(vm.name), ctx.layout.oem(vm.name)
         yield {
             "name": vm.name,
             "doc": "create or grow the sparse ext4 root disk (ROOT) and the OEM disk (VM state: never recreated)",
-            "actions": [action(rootfs.ensure, disk, vm.disk, vm.name), action(rootfs.ensure_oem, oem)],
-            "targets": [disk, oem],
-            "uptodate": [config_changed({"disk": vm.disk})],
+            "actions": [action(rootfs.ensure, root_disk, vm.disk_size, vm.name), action(rootfs.ensure_oem, oem_disk)],
+            "targets": [root_disk, oem_disk],
+            "uptodate": [config_changed({"disk": vm.disk_size})],
         }
 
 
@@ -304,8 +257,8 @@ def retire(vm_dirs: list[Path], config: Path) -> None:
                               f"stop it first ({vm_dir / 'run.sh'} or cluster.sh down), or put it back")
     for vm_dir in vm_dirs:
         os.replace(vm_dir / "run.sh", vm_dir / "run.sh.retired")
-        print(f"leanvm: VM {vm_dir.name} is no longer in the cluster file: its launcher is now "
-              f"{vm_dir / 'run.sh.retired'}; its root disk is kept", file=sys.stderr)
+        warn(f"VM {vm_dir.name} is no longer in the cluster file: its launcher is now "
+             f"{vm_dir / 'run.sh.retired'}; its root disk is kept")
 
 
 def task_retire() -> dict:
@@ -340,7 +293,7 @@ def task_prune() -> dict:
     return {
         "doc": "remove out/images/RELEASE/VERSION directories that no VM uses any more",
         "actions": [action(doitenv.refuse_while_running, layout.out, "`doit prune`"),
-                    action(bundle.prune, layout.out, {layout.images})],
+                    action(prune.prune, layout.out, {layout.images})],
         "uptodate": [False],
     }
 
@@ -349,11 +302,11 @@ def task_reset() -> Iterator[dict]:
     ctx = context()
     yield {"name": None, "doc": "reset:NAME recreates VM NAME's root and OEM disks EMPTY (bare `reset` is refused)"}
     for vm in ctx.cluster.vms:
-        disk, oem = ctx.layout.rootfs(vm.name), ctx.layout.oem(vm.name)
+        root_disk, oem_disk = ctx.layout.rootfs(vm.name), ctx.layout.oem(vm.name)
         yield {
             "name": vm.name,
             "doc": "recreate the root and OEM disks EMPTY (explicit only; all VM state is lost)",
-            "actions": [action(rootfs.reset, disk, vm.disk, oem, vm.name),
+            "actions": [action(rootfs.reset, root_disk, vm.disk_size, oem_disk, vm.name),
                         action(sshkey.forget_host, ctx.layout.out, vm.name)],
             "uptodate": [False],
         }

@@ -1,13 +1,12 @@
 """Check a detached signature against the profile's key and pinned fingerprints only."""
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import gnupg
 
-from .errors import LeanvmError
+from .errors import LeanvmError, warn
 from .proc import stop_gpg_agent
 
 EXPIRED_KEY = "signing key has expired"
@@ -70,9 +69,8 @@ def check_signature(data: Path, signature: Path, key_file: Path, fingerprints: t
             "the file will be downloaded again",
         )
     if expired_but_valid:
-        print(
-            f"leanvm: warning: {data.name}: signed on {_date(int(result.sig_timestamp))} by subkey "
-            f"{result.fingerprint}, which has expired since; accepted (it was valid then)",
-            file=sys.stderr,
+        warn(
+            f"{data.name}: signed on {_date(int(result.sig_timestamp))} by subkey "
+            f"{result.fingerprint}, which has expired since; accepted (it was valid then)"
         )
     return primary

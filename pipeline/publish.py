@@ -1,0 +1,65 @@
+"""Publishing into out/images/RELEASE/VERSION/: what the download, verify and extract tasks do.
+
+The proof that a stage is done is its published file with a matching recorded digest
+(record.py): then download, verify and extract are all up to date, with or without doit's
+database (a CI cache restores only out/images/). Raw downloads in out/cache/ are removed
+once their bytes are published, so each /usr exists once on disk. Unverified bytes are
+never published: a file whose signature fails is moved aside as *.rejected.
+"""
+
+import os
+from pathlib import Path
+
+from . import extract, fetch, record, verify
+from .config import Release
+from .errors import LeanvmError
+from .fsutil import temp_path
+
+
+def done_when(published: Path, *alternatives: Path) -> bool:
+    """Up to date if the published file is intact, or all the intermediate files exist."""
+    return record.intact(published) or (bool(alternatives) and all(p.exists() for p in alternatives))
+
+
+def remove(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+        record.sidecar(path).unlink(missing_ok=True)
+
+
+def download_pair(url: str, dest: Path, suffix: str) -> None:
+    fetch.download(url + suffix, dest.with_name(dest.name + suffix))
+    fetch.download(url, dest)
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(target)
+    tmp.unlink(missing_ok=True)
+    os.link(source, tmp)
+    os.replace(tmp, target)
+
+
+def verify_and_publish(data: Path, sig: Path, release: Release, target: Path, final: bool) -> None:
+    """Check the signature, then publish by hard link; rejected files are moved aside.
+
+    A kernel or initrd is final once published (its raw download is removed); the image
+    goes to cache/verified/ for extraction.
+    """
+    try:
+        verify.check_signature(data, sig, release.signing_key, release.fingerprints)
+    except LeanvmError:
+        for path in (data, sig):
+            if path.exists():
+                os.replace(path, path.with_name(path.name + ".rejected"))
+        raise
+    _link(data, target)
+    if final:
+        remove(data, sig)
+        record.record(target, record.sha256_file(target))
+
+
+def extract_and_publish(image: Path, member: str, target: Path, raw: tuple[Path, Path]) -> None:
+    digest = extract.extract_usr_disk(image, member, target)
+    remove(image, *raw)  # the verified image is no longer needed: one copy of /usr on disk
+    record.record(target, digest)
