@@ -23,8 +23,8 @@ PROJECT = HERE.parent
 sys.path[:0] = [str(PROJECT), str(PROJECT / "tests"), str(HERE)]
 
 import yaml  # noqa: E402
-from fixtures import Keyring, Mirror, make_cpio_gz, make_squashfs  # noqa: E402
 from server import BenchServer  # noqa: E402
+from support import Keyring, Mirror, make_cpio_gz, make_squashfs  # noqa: E402
 
 from pipeline import fetch, minirelease  # noqa: E402
 from pipeline.extract import extract_usr_disk  # noqa: E402

@@ -3,8 +3,7 @@
 from pathlib import Path
 
 import yaml
-from conftest import Project
-from fixtures import IMAGE, KERNEL, Mirror, MirrorServer, usr_partition
+from support import IMAGE, KERNEL, Mirror, MirrorServer, Project, usr_partition
 
 
 def test_clean_build_is_byte_identical_and_second_run_executes_nothing(project: Project, mirror: Mirror):

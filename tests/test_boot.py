@@ -1,43 +1,10 @@
 """Issue 4: the generated launchers boot a real kernel (the mini release) under QEMU/TCG."""
 
-import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
-import yaml
-from fixtures import doit, sh
-
-BOOT_TIMEOUT = 90
-ENV = {**os.environ, "LEANVM_ACCEL": "tcg"}
-
-
-def build_cluster(root: Path, profile: Path, vms: dict, **extra: object) -> Path:
-    """A cluster file (small VMs, plus alpha.yaml user_data beside it) built by doit into root/out."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "alpha.yaml").write_text("#cloud-config\nhostname: alpha-from-user-data\n")
-    cluster = {"release": str(profile), "defaults": {"memory": 256, "disk": "128M"}, "vms": vms, **extra}
-    (root / "cluster.yaml").write_text(yaml.safe_dump(cluster))
-    result = doit(f"config={root / 'cluster.yaml'}", f"out={root / 'out'}")
-    assert result.returncode == 0, result.stderr
-    return root / "out"
-
-
-def boot(run_sh: Path, append: str = "") -> str:
-    """Boot to power-off; the serial console text."""
-    proc = subprocess.run([str(run_sh)], stdin=subprocess.DEVNULL, capture_output=True, timeout=BOOT_TIMEOUT,
-                          env={**ENV, "LEANVM_APPEND": append})
-    console = proc.stdout.decode(errors="replace")
-    assert proc.returncode == 0, console[-2000:] + proc.stderr.decode()
-    assert "leanvm: ready" in console, console[-3000:]
-    return console
-
-
-def marker(console: str, name: str) -> str:
-    match = re.search(rf"^leanvm: {name}: (.*?)\r?$", console, re.M)
-    assert match, f"no '{name}' marker in:\n{console[-3000:]}"
-    return match.group(1)
+from support import BOOT_TIMEOUT, ENV, boot, build_cluster, marker, sh, wait_for_text
 
 
 def assert_lean_boot(console: str, hostname: str) -> None:
@@ -57,14 +24,6 @@ def boot_log(disk: Path) -> list[str]:
     return sh("debugfs", "-R", "cat /var/log/leanvm-boots.log", disk).decode().splitlines()
 
 
-def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = BOOT_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return
-        assert proc.poll() is None, path.read_text(errors="replace")[-3000:]
-        time.sleep(0.2)
-    raise AssertionError(f"{text!r} not seen in {path}")
 
 
 def test_two_vms_boot_together_with_shared_readonly_usr_and_persistent_state(mini: Path, tmp_path: Path):
@@ -78,7 +37,7 @@ def test_two_vms_boot_together_with_shared_readonly_usr_and_persistent_state(min
         first = subprocess.Popen([str(alpha / "run.sh")], stdin=subprocess.PIPE, stdout=log, stderr=log,
                                  env={**ENV, "LEANVM_APPEND": "leanvm.shell"})
     try:
-        wait_for(console, "shell requested", first)
+        wait_for_text(console, "shell requested", proc=first)
         assert_lean_boot(console.read_text(errors="replace"), "alpha-from-user-data")
 
         assert_lean_boot(boot(beta / "run.sh"), "beta")
@@ -95,9 +54,9 @@ def test_two_vms_boot_together_with_shared_readonly_usr_and_persistent_state(min
     assert "powering off" in console.read_text(errors="replace")
 
     # Distinct MACs and ports, as the running pair had.
-    printed = [sh(str(vm / "run.sh"), "--print").decode() for vm in (alpha, beta)]
-    macs = {re.search(r"mac=([0-9a-f:]+)", p).group(1) for p in printed}
-    assert len(macs) == 2 and "127.0.0.1:2401-:22" in printed[0] and "127.0.0.1:2402-:22" in printed[1]
+    shown = [sh(str(vm / "run.sh"), "--print").decode() for vm in (alpha, beta)]
+    macs = {re.search(r"mac=([0-9a-f:]+)", p).group(1) for p in shown}
+    assert len(macs) == 2 and "127.0.0.1:2401-:22" in shown[0] and "127.0.0.1:2402-:22" in shown[1]
 
     # Boot alpha a second time: its root disk remembers the first boot.
     assert marker(boot(alpha / "run.sh"), "boots logged") == "2"

@@ -4,40 +4,15 @@ import os
 import re
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from fixtures import doit, sh
-from test_boot import BOOT_TIMEOUT, ENV, marker
-from test_boot import build_cluster as build
-
-
-def qemu_pids(out: Path) -> list[int]:
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(out).encode() in cmdline and (b"qemu-system" in cmdline or b"vde_switch" in cmdline):
-            pids.append(int(proc.name))
-    return pids
-
-
-def wait_for_text(path: Path, text: str, timeout: float = BOOT_TIMEOUT) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        content = path.read_text(errors="replace") if path.exists() else ""
-        if text in content:
-            return content
-        time.sleep(0.5)
-    raise AssertionError(f"{text!r} not in {path}:\n{content[-3000:]}")
+from support import ENV, build_cluster, doit, marker, qemu_pids, sh, wait_for_text
 
 
 def test_up_status_network_ping_and_down(mini: Path, tmp_path: Path):
-    out = build(tmp_path, mini / "mini.yaml", {
+    out = build_cluster(tmp_path, mini / "mini.yaml", {
         "node-a": {"cluster_ip": "10.77.0.11", "ssh_port": 2511},
         "node-b": {"cluster_ip": "10.77.0.12", "ssh_port": 2512},
     })
@@ -73,7 +48,7 @@ def test_port_taken_on_host_is_one_clear_line(mini: Path, tmp_path: Path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        out = build(tmp_path, mini / "mini.yaml", {"web": {"ssh_port": 2521, "forward": [f"{port}:80"]}})
+        out = build_cluster(tmp_path, mini / "mini.yaml", {"web": {"ssh_port": 2521, "forward": [f"{port}:80"]}})
         result = subprocess.run([str(out / "vms" / "web" / "run.sh")], capture_output=True, text=True, env=ENV,
                                 stdin=subprocess.DEVNULL, timeout=30)
     assert result.returncode != 0
@@ -83,7 +58,8 @@ def test_port_taken_on_host_is_one_clear_line(mini: Path, tmp_path: Path):
 
 
 def test_generated_cloud_config_carries_the_cluster_address(mini: Path, tmp_path: Path):
-    out = build(tmp_path, mini / "mini.yaml", {"one": {"cluster_ip": "10.9.0.5"}}, network={"subnet": "10.9.0.0/16"})
+    out = build_cluster(tmp_path, mini / "mini.yaml", {"one": {"cluster_ip": "10.9.0.5"}},
+                        network={"subnet": "10.9.0.0/16"})
     doc = yaml.safe_load((out / "vms" / "one" / "config/openstack/latest/user_data").read_text())
     unit = doc["write_files"][0]
     assert unit["path"] == "/etc/systemd/network/50-leanvm-cluster.network"
@@ -114,7 +90,7 @@ def test_bad_cluster_settings(mini: Path, tmp_path: Path, vms: dict, extra: dict
 
 
 def test_cluster_script_is_installed_once_and_relocatable(mini: Path, tmp_path: Path):
-    out = build(tmp_path, mini / "mini.yaml", {"x": {}, "y": {}})
+    out = build_cluster(tmp_path, mini / "mini.yaml", {"x": {}, "y": {}})
     moved = tmp_path / "moved"
     sh("cp", "-a", "--sparse=always", out, moved)
     status = subprocess.run([str(moved / "cluster.sh"), "status"], capture_output=True, text=True, check=True)
@@ -125,7 +101,7 @@ def test_cluster_script_is_installed_once_and_relocatable(mini: Path, tmp_path: 
 
 
 def test_down_stops_a_guest_that_ignores_the_power_button(mini: Path, tmp_path: Path):
-    out = build(tmp_path, mini / "mini.yaml", {"stubborn": {}})
+    out = build_cluster(tmp_path, mini / "mini.yaml", {"stubborn": {}})
     cluster_sh = str(out / "cluster.sh")
     # leanvm.shell with no terminal: the guest sits in a shell and never reads the button.
     env = {**ENV, "LEANVM_APPEND": "leanvm.shell", "LEANVM_STOP_TIMEOUT": "2"}
@@ -141,9 +117,9 @@ def test_down_stops_a_guest_that_ignores_the_power_button(mini: Path, tmp_path: 
 def test_two_clusters_coexist_with_distinct_ports_and_isolated_networks(mini: Path, tmp_path: Path):
     # Both clusters have a core1 with an assigned port; B's core1 sits on A's subnet address
     # range, so only the separate switches keep the two apart.
-    a = build(tmp_path / "a", mini / "mini.yaml", {"core1": {"cluster_ip": "10.77.0.11"},
+    a = build_cluster(tmp_path / "a", mini / "mini.yaml", {"core1": {"cluster_ip": "10.77.0.11"},
                                                    "core2": {"cluster_ip": "10.77.0.12"}})
-    b = build(tmp_path / "b", mini / "mini.yaml", {"core1": {"cluster_ip": "10.77.0.13"}})
+    b = build_cluster(tmp_path / "b", mini / "mini.yaml", {"core1": {"cluster_ip": "10.77.0.13"}})
     port_a = (a / "state" / "vms" / "core1.env").read_text()
     port_b = (b / "state" / "vms" / "core1.env").read_text()
     assert re.search(r"^ssh_port=(\d+)$", port_a, re.M)[1] != re.search(r"^ssh_port=(\d+)$", port_b, re.M)[1]

@@ -1,8 +1,13 @@
 """Bad configs: non-zero exit, one line naming the file and the key, no traceback."""
 
+from pathlib import Path
+
 import pytest
 import yaml
-from conftest import Project
+from support import Project
+
+from pipeline.config import load_cluster
+from pipeline.errors import LeanvmError
 
 CLUSTER_CASES = {
     "unknown top-level key": ({"release": "test", "vms": {"a": {}}, "extra": 1}, "cluster.yaml: extra"),
@@ -62,22 +67,43 @@ def built(project: Project) -> Project:
     return project
 
 
+def _load_error(cluster_file: Path) -> str:
+    """The one-line message load_cluster gives (in-process: milliseconds a case)."""
+    with pytest.raises(LeanvmError) as error:
+        load_cluster(cluster_file)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
 @pytest.mark.parametrize("case", sorted(CLUSTER_CASES))
-def test_bad_cluster_file(built: Project, case: str):
+def test_bad_cluster_file(project: Project, case: str):
     doc, key = CLUSTER_CASES[case]
-    built.cluster_file.write_text(yaml.safe_dump(doc))
-    _assert_one_line_error(built, "cluster.yaml", key)
+    project.cluster_file.write_text(yaml.safe_dump(doc))
+    message = _load_error(project.cluster_file)
+    assert str(project.cluster_file) in message and key in message, message
 
 
 @pytest.mark.parametrize("case", sorted(PROFILE_CASES))
-def test_bad_profile(built: Project, server, case: str):
+def test_bad_profile(project: Project, server, case: str):
     overrides, key = PROFILE_CASES[case]
-    built.write_profile(**{"base_url": server.url, **overrides})
+    project.write_profile(**{"base_url": server.url, **overrides})
     if overrides.get("kernel", "") is None:
-        doc = yaml.safe_load(built.profile_file.read_text())
+        doc = yaml.safe_load(project.profile_file.read_text())
         del doc["kernel"]
-        built.profile_file.write_text(yaml.safe_dump(doc))
-    _assert_one_line_error(built, "test.yaml", key)
+        project.profile_file.write_text(yaml.safe_dump(doc))
+    message = _load_error(project.cluster_file)
+    assert "test.yaml" in message and key in message, message
+
+
+def test_a_bad_cluster_file_is_one_stderr_line_and_leaves_out_untouched(built: Project):
+    built.cluster_file.write_text(yaml.safe_dump(CLUSTER_CASES["duplicate port"][0]))
+    _assert_one_line_error(built, "cluster.yaml", "ssh_port")
+
+
+def test_a_bad_profile_is_one_stderr_line_and_leaves_out_untouched(built: Project, server):
+    built.write_profile(server.url, fingerprints=["F88CFEDE"])
+    _assert_one_line_error(built, "test.yaml", "fingerprints.0")
 
 
 def test_yaml_syntax_error_names_line(built: Project):

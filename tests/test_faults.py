@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Project
-from fixtures import IMAGE, KERNEL, PROJECT, Keyring, Mirror, MirrorServer, newc, sh, usr_partition
+from support import IMAGE, KERNEL, PROJECT, Keyring, Mirror, MirrorServer, Project, newc, sh, usr_partition
 
 from pipeline.errors import LeanvmError
 from pipeline.extract import extract_usr_disk

@@ -5,10 +5,7 @@ import json
 import re
 from pathlib import Path
 
-from conftest import Project
-from fixtures import doit, sh, usr_partition
-from test_boot import boot, build_cluster, marker
-from test_vms import printed
+from support import Project, boot, build_cluster, doit, marker, printed, sh, usr_partition
 
 from pipeline.usrdisk import BASE_DISK_GUID
 

@@ -7,11 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures import doit, sh
-from test_boot import ENV, build_cluster
-from test_cluster import qemu_pids, wait_for_text
-from test_switch import QUIT, switch_processes
-from test_vms import printed
+from support import ENV, QUIT, build_cluster, doit, printed, qemu_pids, sh, switch_processes, wait_for_text
 
 
 def run_doit(root: Path, *args: str) -> subprocess.CompletedProcess:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Project
-from fixtures import PROJECT, doit, sh
+from support import PROJECT, Project, doit, sh
 
 from pipeline.config import load_cluster
 from pipeline.errors import LeanvmError

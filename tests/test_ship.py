@@ -1,6 +1,5 @@
 """Issue 8: portable bundles, CI caching of out/images, pruning unused versions."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -8,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Project
-from fixtures import Mirror, MirrorServer, sh, usr_partition
-from test_vms import paths_in, printed
+from support import Mirror, MirrorServer, Project, paths_in, printed, sh, usr_partition
+
+from pipeline.record import sha256_file
 
 
 def bundle_of(project: Project) -> Path:
@@ -18,11 +17,6 @@ def bundle_of(project: Project) -> Path:
     assert result.returncode == 0, result.stderr
     (archive,) = (project.out / "bundles").glob("*.tar.gz")
     return archive
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def printed_paths(run_sh: Path) -> list[Path]:
@@ -43,7 +37,7 @@ def test_bundle_unpacked_with_tar_elsewhere_is_complete_sparse_and_matches(proje
     assert "ssh/id_ed25519" in manifest["files"] and "ssh/known_hosts" not in manifest["files"]
     assert oct((unpacked / "ssh" / "id_ed25519").stat().st_mode & 0o777) == "0o600"  # ssh accepts it
     for rel, digest in manifest["files"].items():
-        assert sha256(unpacked / rel) == digest, rel
+        assert sha256_file(unpacked / rel) == digest, rel
     for vm in ("big", "small"):
         paths = printed_paths(unpacked / "vms" / vm / "run.sh")
         assert len(paths) == 5

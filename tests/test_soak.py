@@ -7,9 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures import sh
-from test_boot import ENV, build_cluster
-from test_cluster import qemu_pids, wait_for_text
+from support import ENV, build_cluster, qemu_pids, sh, wait_for_text
 
 pytestmark = pytest.mark.slow
 HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "90"}

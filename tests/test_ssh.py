@@ -5,10 +5,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from conftest import Project
-from fixtures import doit, sh
-from test_boot import ENV, build_cluster
-from test_cluster import qemu_pids
+from support import ENV, Project, build_cluster, doit, qemu_pids, sh
 
 HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "60"}
 

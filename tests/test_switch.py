@@ -10,21 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_boot import ENV, build_cluster
-
-QUIT = b"\x01cquit\n"  # -nographic: Ctrl-a c switches stdio to the monitor
-
-
-def switch_processes(out: Path) -> list[int]:
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.startswith(b"vde_switch") and str(out / "net").encode() in cmdline:
-            pids.append(int(proc.name))
-    return pids
+from support import ENV, QUIT, build_cluster, switch_processes
 
 
 def start(run_sh: Path) -> subprocess.Popen:

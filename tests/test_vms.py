@@ -2,15 +2,13 @@
 
 import os
 import re
-import shlex
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Project
-from fixtures import Mirror, sh, usr_partition
+from support import Mirror, Project, paths_in, printed, sh, usr_partition
 
 THREE = {"core1": {"ssh_port": 2222}, "core2": {"ssh_port": 2223}, "core3": {}}
 
@@ -25,25 +23,8 @@ def cluster(project: Project) -> Project:
     return project
 
 
-def printed(run_sh: Path, env: dict | None = None) -> list[str]:
-    """The QEMU argv that `run.sh --print` shows (after its comment and its `cd DIR &&`)."""
-    out = subprocess.run([str(run_sh), "--print"], capture_output=True, text=True, check=True,
-                         env={**os.environ, **(env or {})})
-    words = shlex.split(out.stdout, comments=True)
-    assert words[0] == "cd" and words[2] == "&&", words
-    return words[3:]
 
 
-def paths_in(argv: list[str]) -> list[Path]:
-    paths = []
-    for flag, value in zip(argv, argv[1:], strict=False):
-        if flag in ("-kernel", "-initrd", "-pidfile"):
-            paths.append(Path(value))
-        for key in ("file", "path"):
-            match = re.search(rf"(?:^|,){key}=((?:[^,]|,,)+)", value)
-            if match and flag in ("-drive", "-fsdev"):
-                paths.append(Path(match.group(1).replace(",,", ",")))
-    return paths
 
 
 def test_files_modes_and_shell_checks(cluster: Project):

@@ -1,14 +1,21 @@
-"""Real parts for the tests: a signed mirror like Flatcar's, served over loopback HTTP."""
+"""Shared test support: real parts (a signed mirror like Flatcar's served over loopback HTTP
+with Range, GPG keys), running doit, building and booting clusters, waiting for console text.
+Test modules import from here, never from each other."""
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
 KERNEL = "test_pxe.vmlinuz"
@@ -230,3 +237,151 @@ def doit(*args: str, env: dict | None = None, timeout: float = 300) -> DoitResul
         capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
     )
     return DoitResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+# --- booting and watching VMs --------------------------------------------------------
+
+BOOT_TIMEOUT = 90
+ENV = {**os.environ, "LEANVM_ACCEL": "tcg"}  # TCG: guests hang under nested KVM here
+
+
+@dataclass
+class Project:
+    """A config directory (cluster file, profile, key) and an out/ directory."""
+
+    root: Path
+    keyring: Keyring
+    signer: str
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    @property
+    def cluster_file(self) -> Path:
+        return self.root / "cluster.yaml"
+
+    @property
+    def profile_file(self) -> Path:
+        return self.root / "releases" / "test.yaml"
+
+    def write_profile(self, base_url: str, **overrides: object) -> None:
+        self.profile_file.parent.mkdir(exist_ok=True)
+        key = self.keyring.export(self.root / "signing-key.asc", self.signer)
+        profile = {
+            "base_url": base_url,
+            "version": "current",
+            "version_file": "version.txt",
+            "version_key": "TEST_VERSION",
+            "kernel": KERNEL,
+            "image": IMAGE,
+            "usr_member": "usr.squashfs",
+            "signing_key": f"../{key.name}",
+            "fingerprints": [self.signer],
+            "kernel_args": "mount.usr=/dev/vda mount.usrfstype=squashfs root=/dev/vdb console=ttyS0",
+            **overrides,
+        }
+        self.profile_file.write_text(yaml.safe_dump(profile))
+
+    def write_cluster(self, vms: dict, **extra: object) -> None:
+        doc = {"release": "test", "defaults": {"disk": "64M", "memory": 256}, "vms": vms, **extra}
+        self.cluster_file.write_text(yaml.safe_dump(doc))
+
+    def doit(self, *args: str, out: Path | None = None, **kw: object) -> DoitResult:
+        return doit(*args, f"config={self.cluster_file}", f"out={out or self.out}", **kw)
+
+    def images(self, version: str = "100.0.0") -> Path:
+        return self.out / "images" / "test" / version
+
+    def vm(self, name: str) -> Path:
+        return self.out / "vms" / name
+
+
+QUIT = b"\x01cquit\n"  # -nographic: Ctrl-a c switches stdio to the monitor
+
+
+def switch_processes(out: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"vde_switch") and str(out / "net").encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def printed(run_sh: Path, env: dict | None = None) -> list[str]:
+    """The QEMU argv that `run.sh --print` shows (after its comment and its `cd DIR &&`)."""
+    out = subprocess.run([str(run_sh), "--print"], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})})
+    words = shlex.split(out.stdout, comments=True)
+    assert words[0] == "cd" and words[2] == "&&", words
+    return words[3:]
+
+
+def paths_in(argv: list[str]) -> list[Path]:
+    paths = []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag in ("-kernel", "-initrd", "-pidfile"):
+            paths.append(Path(value))
+        for key in ("file", "path"):
+            match = re.search(rf"(?:^|,){key}=((?:[^,]|,,)+)", value)
+            if match and flag in ("-drive", "-fsdev"):
+                paths.append(Path(match.group(1).replace(",,", ",")))
+    return paths
+
+
+def qemu_pids(out: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and (b"qemu-system" in cmdline or b"vde_switch" in cmdline):
+            pids.append(int(proc.name))
+    return pids
+
+
+def wait_for_text(path: Path, text: str, timeout: float = BOOT_TIMEOUT, proc: subprocess.Popen | None = None) -> str:
+    """The file's text once it holds `text`; fails early if `proc` (the VM's launcher) ended."""
+    deadline = time.monotonic() + timeout
+    content = ""
+    while time.monotonic() < deadline:
+        content = path.read_text(errors="replace") if path.exists() else ""
+        if text in content:
+            return content
+        assert proc is None or proc.poll() is None, content[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {path}:\n{content[-3000:]}")
+
+
+
+
+def build_cluster(root: Path, profile: Path, vms: dict, **extra: object) -> Path:
+    """A cluster file (small VMs, plus alpha.yaml user_data beside it) built by doit into root/out."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "alpha.yaml").write_text("#cloud-config\nhostname: alpha-from-user-data\n")
+    cluster = {"release": str(profile), "defaults": {"memory": 256, "disk": "128M"}, "vms": vms, **extra}
+    (root / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    result = doit(f"config={root / 'cluster.yaml'}", f"out={root / 'out'}")
+    assert result.returncode == 0, result.stderr
+    return root / "out"
+
+
+def boot(run_sh: Path, append: str = "") -> str:
+    """Boot to power-off; the serial console text."""
+    proc = subprocess.run([str(run_sh)], stdin=subprocess.DEVNULL, capture_output=True, timeout=BOOT_TIMEOUT,
+                          env={**ENV, "LEANVM_APPEND": append})
+    console = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, console[-2000:] + proc.stderr.decode()
+    assert "leanvm: ready" in console, console[-3000:]
+    return console
+
+
+def marker(console: str, name: str) -> str:
+    match = re.search(rf"^leanvm: {name}: (.*?)\r?$", console, re.M)
+    assert match, f"no '{name}' marker in:\n{console[-3000:]}"
+    return match.group(1)
