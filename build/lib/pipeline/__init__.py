@@ -1,1 +1,0 @@
-"""leanvm: CoreOS-family test VMs sharing one read-only /usr squashfs."""
