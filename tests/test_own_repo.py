@@ -19,8 +19,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     build = tmp_path_factory.mktemp("build")  # a copy, so that no build files land in the checkout
-    subprocess.run(["cp", "-r", *(str(p) for p in PROJECT.iterdir() if p.name not in (".venv", "out", ".git", "build", "leanvm.egg-info")),
-                    str(build)], check=True)
+    skip = {".venv", "out", ".git", "build", "leanvm.egg-info"}
+    subprocess.run(["cp", "-r", *(str(p) for p in PROJECT.iterdir() if p.name not in skip), str(build)], check=True)
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(build)],
                    check=True, capture_output=True)
     return venv / "bin" / "leanvm"
