@@ -208,40 +208,70 @@ def _ignition(path: Path, where: _Where) -> None:
         raise where.error(f"{path} has no ignition.version", 'write {"ignition": {"version": "3.3.0"}, ...}')
 
 
-# --- tables of allowed keys --------------------------------------------------------
+# --- tables of allowed keys: one shape for all four ------------------------------
 
-PROFILE_KEYS: dict[str, tuple[bool, Callable[[Any, _Where], Any]]] = {
-    # key: (required, checker)
-    "base_url": (True, _base_url),
-    "version": (True, _version),
-    "version_file": (False, lambda v, w: None if v is None else _filename(v, w)),
-    "version_key": (False, _optional_string),
-    "kernel": (True, _filename),
-    "initrd": (False, lambda v, w: None if v is None else _filename(v, w)),
-    "image": (True, _filename),
-    "usr_member": (True, _string),
-    "signature_suffix": (False, _string),
-    "signing_key": (True, _string),
-    "fingerprints": (True, _fingerprints),
-    "kernel_args": (True, _string),
-    "ignition_fw_cfg": (False, _optional_string),
-    "first_boot_args": (False, _optional_string),
-}
+@dataclass(frozen=True)
+class Key:
+    """A key a mapping may have: how to check its value, and whether it must be there."""
 
-VM_KEYS: dict[str, Callable[[Any, _Where], Any]] = {
-    "memory": _int_at_least(128),
-    "cpus": _int_at_least(1),
-    "disk": _size,
-    "ssh_port": _port,
-    "user_data": _string,
-    "ssh_authorized_keys": _string_list,
-    "cluster_ip": _ipv4,
-    "forward": _forwards,
-    "ignition": _string,
+    check: Callable[[Any, _Where], Any]
+    required: bool = False
+
+
+def _as_is(value: Any, where: _Where) -> Any:
+    return value  # checked where it is used (a nested mapping, a profile reference)
+
+
+def _optional(check: Callable[[Any, _Where], Any]) -> Callable[[Any, _Where], Any]:
+    return lambda value, where: None if value is None else check(value, where)
+
+
+PROFILE_KEYS = {
+    "base_url": Key(_base_url, required=True),
+    "version": Key(_version, required=True),
+    "version_file": Key(_optional(_filename)),
+    "version_key": Key(_optional_string),
+    "kernel": Key(_filename, required=True),
+    "initrd": Key(_optional(_filename)),
+    "image": Key(_filename, required=True),
+    "usr_member": Key(_string, required=True),
+    "signature_suffix": Key(_string),
+    "signing_key": Key(_string, required=True),
+    "fingerprints": Key(_fingerprints, required=True),
+    "kernel_args": Key(_string, required=True),
+    "ignition_fw_cfg": Key(_optional_string),
+    "first_boot_args": Key(_optional_string),
 }
+VM_KEYS = {
+    "memory": Key(_int_at_least(128)),
+    "cpus": Key(_int_at_least(1)),
+    "disk": Key(_size),
+    "ssh_port": Key(_port),
+    "user_data": Key(_string),
+    "ssh_authorized_keys": Key(_string_list),
+    "cluster_ip": Key(_ipv4),
+    "forward": Key(_forwards),
+    "ignition": Key(_string),
+}
+CLUSTER_KEYS = {
+    "release": Key(_as_is, required=True),
+    "defaults": Key(_as_is),
+    "vms": Key(_as_is, required=True),
+    "network": Key(_as_is),
+}
+NETWORK_KEYS = {"subnet": Key(_subnet)}
 DEFAULTS = {"memory": 1024, "cpus": 1, "disk": 4 << 30}
-CLUSTER_KEYS = {"release", "defaults", "vms", "network"}
-NETWORK_KEYS = {"subnet": _subnet}
+HINTS = {"release": "add `release: PROFILE-NAME`", "vms": "add `vms: {core1: {}}`"}
+
+
+def _checked(value: Any, where: _Where, table: dict[str, Key]) -> dict[str, Any]:
+    """A mapping checked against its table: unknown keys, missing required keys and bad
+    values are errors naming the key; returns the parsed values of the keys present."""
+    data = _mapping(value, where, table)
+    for key, spec in table.items():
+        if spec.required and key not in data:
+            raise (where / key).error("missing", HINTS.get(key, f"add `{key}:`"))
+    return {key: table[key].check(item, where / key) for key, item in data.items()}
 
 
 def yaml_problem(error: yaml.YAMLError) -> str:
@@ -318,14 +348,7 @@ def _check_key_file(path: Path, where: _Where) -> None:
 
 def load_profile(path: Path) -> Release:
     where = _Where(path)
-    data = _mapping(read_yaml(path), where, PROFILE_KEYS)
-    values: dict[str, Any] = {}
-    for key, (required, check) in PROFILE_KEYS.items():
-        if key not in data:
-            if required:
-                raise (where / key).error("missing", f"add `{key}:` to the profile")
-            continue
-        values[key] = check(data[key], where / key)
+    values = _checked(read_yaml(path), where, PROFILE_KEYS)
     if values["version"] == "current" and not (values.get("version_file") and values.get("version_key")):
         raise (where / "version").error(
             "'current' needs version_file and version_key", "add them, or pin a version"
@@ -376,8 +399,8 @@ def _release_path(value: Any, where: _Where, cluster_file: Path) -> Path:
 
 def _vm_settings(raw: Any, where: _Where, cluster_file: Path) -> dict[str, Any]:
     settings = {}
-    for key, value in _mapping(raw, where, VM_KEYS).items():
-        settings[key] = VM_KEYS[key](value, where / key)
+    for key, value in _checked(raw, where, VM_KEYS).items():
+        settings[key] = value
         if key in ("user_data", "ignition"):
             path = (cluster_file.parent / settings[key]).resolve()
             if not path.exists():
@@ -396,12 +419,10 @@ def load_cluster(path: Path, previous: dict[str, identity.Identity] | None = Non
     what `previous` recorded for it is kept, new ports avoid `avoid` and ports `in_use`."""
     path = path.resolve()
     where = _Where(path)
-    data = _mapping(read_yaml(path), where, CLUSTER_KEYS)
-    if "release" not in data:
-        raise (where / "release").error("missing", "add `release: PROFILE-NAME`")
+    data = _checked(read_yaml(path), where, CLUSTER_KEYS)
     release = load_profile(_release_path(data["release"], where / "release", path))
-    network = _mapping(data.get("network"), where / "network", NETWORK_KEYS)
-    subnet = ipaddress.IPv4Network(_subnet(network.get("subnet", "10.77.0.0/24"), where / "network" / "subnet"))
+    network = _checked(data.get("network"), where / "network", NETWORK_KEYS)
+    subnet = ipaddress.IPv4Network(network.get("subnet", "10.77.0.0/24"))
     per_vm = _parse_vms(data, where, path, release, subnet)
     _check_unique(per_vm, where)
     wanted = [identity.Wanted(name, s.get("ssh_port"), s.get("cluster_ip"), tuple(h for h, _ in s.get("forward", ())))
@@ -417,7 +438,7 @@ def load_cluster(path: Path, previous: dict[str, identity.Identity] | None = Non
 def _parse_vms(data: dict, where: _Where, path: Path, release: Release,
                subnet: ipaddress.IPv4Network) -> dict[str, dict[str, Any]]:
     """Each VM's settings, defaults applied, every key checked."""
-    raw_defaults = _mapping(data.get("defaults"), where / "defaults", VM_KEYS)
+    raw_defaults = _mapping(data.get("defaults"), where / "defaults", VM_KEYS)  # checked below
     if "ssh_port" in raw_defaults:
         raise (where / "defaults" / "ssh_port").error(
             "a port cannot be a default: every VM needs its own", "set ssh_port per VM, or leave it out to assign one")
