@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -300,16 +301,21 @@ class Project:
 QUIT = b"\x01cquit\n"  # -nographic: Ctrl-a c switches stdio to the monitor
 
 
-def switch_processes(out: Path) -> list[int]:
+def processes(match: Callable[[bytes], bool]) -> list[int]:
+    """Pids of the processes whose command line (NUL-separated bytes) matches."""
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if cmdline.startswith(b"vde_switch") and str(out / "net").encode() in cmdline:
+        if match(cmdline):
             pids.append(int(proc.name))
     return pids
+
+
+def switch_processes(out: Path) -> list[int]:
+    return processes(lambda cmd: cmd.startswith(b"vde_switch") and str(out / "net").encode() in cmd)
 
 
 def printed(run_sh: Path, env: dict | None = None) -> list[str]:
@@ -334,15 +340,8 @@ def paths_in(argv: list[str]) -> list[Path]:
 
 
 def qemu_pids(out: Path) -> list[int]:
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(out).encode() in cmdline and (b"qemu-system" in cmdline or b"vde_switch" in cmdline):
-            pids.append(int(proc.name))
-    return pids
+    """QEMUs and switches of `out` still running."""
+    return processes(lambda cmd: str(out).encode() in cmd and (b"qemu-system" in cmd or b"vde_switch" in cmd))
 
 
 def wait_for_text(path: Path, text: str, timeout: float = BOOT_TIMEOUT, proc: subprocess.Popen | None = None) -> str:
