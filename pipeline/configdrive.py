@@ -37,8 +37,13 @@ def _dump(doc: dict) -> str:
     return CLOUD_CONFIG + "\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 16)
 
 
+def _keys(vm: VM, cluster_key: str | None) -> tuple[str, ...]:
+    """The user's keys, then the cluster key."""
+    return tuple(vm.ssh_authorized_keys) + ((cluster_key,) if cluster_key else ())
+
+
 def render(vm: VM, cluster_key: str | None = None) -> str:
-    keys = tuple(vm.ssh_authorized_keys) + ((cluster_key,) if cluster_key else ())
+    keys = _keys(vm, cluster_key)
     if vm.user_data is None:
         return _dump(_merge({"hostname": vm.name}, vm, keys))
     text, doc = read_user_data(vm.user_data, _script_conflicts(vm))
@@ -63,7 +68,7 @@ def write(vm: VM, dest: Path, ignition_dest: Path, cluster_key_file: Path | None
     write_atomic(dest, render(vm, cluster_key).encode())
     if vm.ignition:
         config = json.loads(vm.ignition.read_text())  # checked when the cluster file was loaded
-        keys = tuple(vm.ssh_authorized_keys) + ((cluster_key,) if cluster_key else ())
-        write_atomic(ignition_dest, (json.dumps(ignition_with_keys(config, keys), indent=2) + "\n").encode())
+        merged = ignition_with_keys(config, _keys(vm, cluster_key))
+        write_atomic(ignition_dest, (json.dumps(merged, indent=2) + "\n").encode())
     else:
         ignition_dest.unlink(missing_ok=True)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from . import minirelease
 from .errors import LeanvmError, report
+from .paths import CHECKOUT
 from .proc import run
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = CHECKOUT
 OUT = PROJECT / "out"
 DEMO_CONFIG = PROJECT / "configs" / "demo.yaml"
 KVM_TIMEOUT, TCG_TIMEOUT = 30, 180

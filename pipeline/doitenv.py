@@ -13,9 +13,9 @@ from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
 from .errors import LeanvmError, report
+from .paths import CHECKOUT
 from .vmstate import running_pid
 
-PROJECT = Path(__file__).resolve().parent.parent
 # doit commands that never touch the network, and those that do not even write to out/.
 OFFLINE_COMMANDS = {"list", "info", "clean", "forget", "ignore", "dumpdb", "help", "tabcompletion", "reset-dep"}
 READ_ONLY_COMMANDS = {"list", "info", "dumpdb", "help", "tabcompletion"}
@@ -52,7 +52,7 @@ def var_path(name: str, default: Path) -> Path:
 
 
 def out_dir() -> Path:
-    return var_path("out", PROJECT / "out")
+    return var_path("out", CHECKOUT / "out")
 
 
 def fail(error: LeanvmError) -> NoReturn:

@@ -25,9 +25,9 @@ from libarchive.entry import FileType
 from . import kmod
 from .errors import LeanvmError, report
 from .fsutil import temp_path, write_atomic
+from .paths import CHECKOUT
 from .proc import run, stop_gpg_agent
 
-PROJECT = Path(__file__).resolve().parent.parent
 INIT_SCRIPT = Path(__file__).with_name("minirelease_init.sh")
 # loop: for PXE-style boots that mount /usr from a squashfs file held in the initramfs.
 # qemu_fw_cfg: Ignition configs passed with -fw_cfg; button, evdev: the ACPI power button;
@@ -258,7 +258,7 @@ def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.minirelease", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=PROJECT / "out" / "minirelease")
+    parser.add_argument("--out", type=Path, default=CHECKOUT / "out" / "minirelease")
     parser.add_argument("--pad-mb", type=int, default=0, help="pad /usr with N MiB of random data")
     args = parser.parse_args(argv)
     try:

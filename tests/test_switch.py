@@ -27,7 +27,11 @@ def wait_running(vm: Path, proc: subprocess.Popen) -> None:
 
 
 def stop(proc: subprocess.Popen) -> str:
-    _, err = proc.communicate(QUIT, timeout=30)
+    try:
+        _, err = proc.communicate(QUIT, timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # leave no QEMU behind a failing test
+        raise
     assert proc.returncode == 0, err.decode()
     return err.decode()
 
