@@ -23,8 +23,7 @@ PROJECT = HERE.parent
 sys.path[:0] = [str(PROJECT), str(PROJECT / "tests"), str(HERE)]
 
 import yaml  # noqa: E402
-from server import BenchServer  # noqa: E402
-from support import Keyring, Mirror, make_cpio_gz, make_squashfs  # noqa: E402
+from support import Keyring, Mirror, make_cpio_gz, make_squashfs, serve  # noqa: E402
 
 from pipeline import fetch, minirelease  # noqa: E402
 from pipeline.extract import extract_usr_disk  # noqa: E402
@@ -115,17 +114,19 @@ def bench_extract(work: Path, sizes: Sizes) -> list[Row]:
 def bench_download(work: Path, sizes: Sizes) -> list[Row]:
     image = work / "extract" / "image.cpio.gz"
     size = image.stat().st_size
-    server = BenchServer(image.parent).start()
+    server = serve(image.parent)
     url, dest = server.url + image.name, work / "download" / "image.cpio.gz"
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         ours = median_seconds(lambda: fetch.download(url, dest), sizes.reps)
         curl = median_seconds(lambda: sh(f"curl -s -f -o '{dest}' '{url}'"), sizes.reps)
-        server.bytes_served, server.cut_next = 0, size // 2
+        server.bytes_served.clear()
+        server.cut["/" + image.name] = size // 2
         fetch.download(url, dest)
-        extra = server.bytes_served - size
+        extra = server.served(image.name) - size
     finally:
-        server.stop()
+        server.shutdown()
+        server.server_close()
     assert dest.stat().st_size == size
     return [
         Row("2 download", f"leanvm throughput ({size / MiB:.0f} MiB, loopback)", f"{size / MiB / ours:.0f} MiB/s",
@@ -173,6 +174,16 @@ def bench_doit(work: Path, sizes: Sizes) -> list[Row]:
     keyring = Keyring(home)
     signer = keyring.fingerprint("bench") if (home / "pubring.kbx").exists() else keyring.generate("bench")
     names = [f"vm{i:02d}" for i in range(1, sizes.vms + 1)]
+    rows, noop = bench_noop(work, sizes, names, keyring, signer)
+    profile = release_mirror(work, sizes.noop_mb[0], keyring, signer)
+    rows += bench_add_vm(work, sizes, names, profile, noop)
+    rows += bench_disk(work, names, profile)
+    stop_gpg_agent(home)
+    return rows
+
+
+def bench_noop(work: Path, sizes: Sizes, names: list[str], keyring: Keyring, signer: str) -> tuple[list[Row], float]:
+    """3. a no-op `doit` vs `doit list`, and with a bigger /usr; returns the small no-op time too."""
     rows, noop = [], {}
     for usr_mb in sizes.noop_mb:
         profile = release_mirror(work, usr_mb, keyring, signer)
@@ -189,9 +200,13 @@ def bench_doit(work: Path, sizes: Sizes) -> list[Row]:
     rows.append(Row("3 no-op", f"no-op time, {big} MiB vs {small} MiB /usr", f"{noop[big]:.2f} s",
                     f"{noop[small]:.2f} s", f"{noop[big] / noop[small]:.2f}x", "~1x (no re-hash)",
                     verdict(noop[big] <= 1.3 * noop[small])))
+    return rows, noop[small]
 
-    # 4. one more VM
-    profile, out = release_mirror(work, small, keyring, signer), work / f"out-{small}"
+
+def bench_add_vm(work: Path, sizes: Sizes, names: list[str], profile: Path, noop: float) -> list[Row]:
+    """4. one more VM: which tasks run, and how long it takes."""
+    small = sizes.noop_mb[0]
+    out = work / f"out-{small}"
     add_times, ran = [], []
     for rep in range(sizes.reps):
         doit(write_cluster(work / f"cluster-{small}.yaml", profile, names), out)  # back to the base cluster, untimed
@@ -201,16 +216,17 @@ def bench_doit(work: Path, sizes: Sizes) -> list[Row]:
         add_times.append(time.perf_counter() - start)
         ran = executed(result)
     add = statistics.median(add_times)
-    rows.append(Row("4 add VM", f"adding VM {len(names) + 1}: tasks executed", f"{len(ran)}: {', '.join(sorted(ran))}",
-                    "3 expected", "", "only its 3 tasks",
-                    verdict(sorted(t.split(":")[0] for t in ran) == ["configdrive", "launcher", "rootfs"])))
-    rows.append(Row("4 add VM", "adding a VM: wall time", f"{add:.2f} s", f"{noop[small]:.2f} s (no-op)",
-                    f"{add / noop[small]:.2f}x"))
+    return [Row("4 add VM", f"adding VM {len(names) + 1}: tasks executed", f"{len(ran)}: {', '.join(sorted(ran))}",
+                "3 expected", "", "only its 3 tasks",
+                verdict(sorted(t.split(":")[0] for t in ran) == ["configdrive", "launcher", "rootfs"])),
+            Row("4 add VM", "adding a VM: wall time", f"{add:.2f} s", f"{noop:.2f} s (no-op)", f"{add / noop:.2f}x")]
 
-    # 5. disk: leanvm out/ vs the 2016 starting point (own image per VM: two /usr copies + root)
+
+def bench_disk(work: Path, names: list[str], profile: Path) -> list[Row]:
+    """5. disk: leanvm out/ vs the 2016 starting point (own image per VM: two /usr copies + root)."""
     out = work / "out-disk"
     shutil.rmtree(out, ignore_errors=True)
-    usr_bytes = 0
+    rows, usr_bytes, first, lean = [], 0, 0, 0
     for count in sorted({1, min(5, len(names)), len(names)}):
         doit(write_cluster(work / "cluster-disk.yaml", profile, names[:count]), out)
         usr = next(out.glob("images/*/*/usr.img"))
@@ -223,16 +239,13 @@ def bench_doit(work: Path, sizes: Sizes) -> list[Row]:
             for copy in ("usr-a.img", "usr-b.img"):
                 shutil.copyfile(usr, baseline / name / copy)
             sh(f"cp --sparse=always '{out}/vms/{name}/rootfs.img' '{baseline}/{name}/rootfs.img'")
-        old = du(baseline)
         rows.append(Row("5 disk", f"du of out/ with {count} VM(s)", f"{lean / MiB:.1f} MiB",
-                        f"{old / MiB:.1f} MiB (2016 layout)", f"{old / lean:.1f}x smaller"))
-        if count == 1:
-            first = lean
+                        f"{du(baseline) / MiB:.1f} MiB (2016 layout)", f"{du(baseline) / lean:.1f}x smaller"))
+        first = first or lean
     marginal = (lean - first) / max(len(names) - 1, 1)
     rows.append(Row("5 disk", "marginal bytes per extra VM", f"{marginal / MiB:.2f} MiB",
                     f"{(2 * usr_bytes) / MiB:.1f} MiB (/usr twice)", f"{marginal / (2 * usr_bytes):.4f}x"))
     shutil.rmtree(work / "baseline-2016", ignore_errors=True)
-    stop_gpg_agent(home)
     return rows
 
 

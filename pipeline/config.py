@@ -59,7 +59,7 @@ class VM:
     ssh_authorized_keys: tuple[str, ...]
     cluster_mac: str = ""  # the second NIC, on the private cluster network
     cluster_ip: str = ""  # with prefix, e.g. 10.77.0.11/24 (assigned when the file gives none)
-    forwards: tuple[tuple[int, int], ...] = ()  # extra (host, guest) TCP forwards
+    forward: tuple[tuple[int, int], ...] = ()  # the `forward` key: extra (host, guest) TCP ports
     ignition: Path | None = None
     cluster_ip_given: bool = False  # cluster_ip comes from the cluster file, not assigned
 
@@ -172,7 +172,7 @@ def _version(value: Any, where: _Where) -> str:
     return version
 
 
-def _forwards(value: Any, where: _Where) -> tuple[tuple[int, int], ...]:
+def _forward_pairs(value: Any, where: _Where) -> tuple[tuple[int, int], ...]:
     pairs = []
     for i, item in enumerate(_string_list(value, where)):
         host, sep, guest = item.partition(":")
@@ -250,7 +250,7 @@ VM_KEYS = {
     "user_data": Key(_string),
     "ssh_authorized_keys": Key(_string_list),
     "cluster_ip": Key(_ipv4),
-    "forward": Key(_forwards),
+    "forward": Key(_forward_pairs),
     "ignition": Key(_string),
 }
 CLUSTER_KEYS = {
@@ -489,7 +489,7 @@ def _vm(name: str, settings: dict[str, Any], ident: identity.Identity) -> VM:
         ssh_authorized_keys=settings.get("ssh_authorized_keys", ()),
         cluster_mac=ident.cluster_mac,
         cluster_ip=ident.cluster_ip,
-        forwards=settings.get("forward", ()),
+        forward=settings.get("forward", ()),
         ignition=settings.get("ignition"),
         cluster_ip_given="cluster_ip" in settings,
     )

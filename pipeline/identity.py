@@ -187,7 +187,7 @@ class Wanted:
     name: str
     ssh_port: int | None
     cluster_ip: str | None  # without prefix
-    forwards: tuple[int, ...] = ()
+    forward_ports: tuple[int, ...] = ()
 
 
 def assign(wanted: Iterable[Wanted], previous: dict[str, Identity], subnet: ipaddress.IPv4Network,
@@ -199,7 +199,7 @@ def assign(wanted: Iterable[Wanted], previous: dict[str, Identity], subnet: ipad
     wanted = sorted(wanted, key=lambda w: w.name)
     names = {w.name for w in wanted}
     retired = [i for n, i in previous.items() if n not in names]
-    ports = {p for w in wanted for p in ((w.ssh_port,) if w.ssh_port else ()) + w.forwards}
+    ports = {p for w in wanted for p in ((w.ssh_port,) if w.ssh_port else ()) + w.forward_ports}
     ports |= {i.ssh_port for i in retired}
     addresses = {w.cluster_ip for w in wanted if w.cluster_ip} | {i.cluster_ip.split("/")[0] for i in retired}
     kept_ports, kept_ips = {}, {}
@@ -224,7 +224,7 @@ def assign(wanted: Iterable[Wanted], previous: dict[str, Identity], subnet: ipad
         mac = old.mac if old else mac_for(w.name, macs)
         cluster_mac = old.cluster_mac if old else mac_for(w.name, macs | {mac}, prefix="52:54:01")
         macs |= {mac, cluster_mac}
-        result[w.name] = Identity(port, mac, cluster_mac, f"{ip}/{subnet.prefixlen}", (port, *w.forwards))
+        result[w.name] = Identity(port, mac, cluster_mac, f"{ip}/{subnet.prefixlen}", (port, *w.forward_ports))
     return result
 
 

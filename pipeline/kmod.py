@@ -17,17 +17,17 @@ def _module_name(path: str) -> str:
     return Path(path).name.split(".ko")[0].replace("-", "_")
 
 
-def resolve_modules(modules: Path, wanted: Iterable[str]) -> list[str]:
-    """Module files (relative to `modules`) in load order: dependencies first.
-
-    Follows modules.dep, and the `pre:` soft dependencies of modules.softdep through
-    modules.alias (ext4 needs crc32c that way). Built-in modules need no file.
-    """
+def _read_deps(modules: Path) -> dict[str, tuple[str, list[str]]]:
+    """modules.dep: module name -> (its file, the modules it depends on)."""
     deps: dict[str, tuple[str, list[str]]] = {}
     for line in (modules / "modules.dep").read_text().splitlines():
         path, _, rest = line.partition(":")
         deps[_module_name(path)] = (path, [_module_name(p) for p in rest.split()])
-    builtin = {_module_name(p) for p in (modules / "modules.builtin").read_text().split()}
+    return deps
+
+
+def _read_softdeps(modules: Path) -> dict[str, list[str]]:
+    """modules.softdep's `pre:` lists, each name resolved through modules.alias."""
     aliases: dict[str, list[str]] = {}
     for line in (modules / "modules.alias").read_text().splitlines():
         parts = line.split()
@@ -41,7 +41,17 @@ def resolve_modules(modules: Path, wanted: Iterable[str]) -> list[str]:
             pre = words[words.index("pre:") + 1:]
             pre = pre[: pre.index("post:")] if "post:" in pre else pre
             softdeps[words[1].replace("-", "_")] = [m for name in pre for m in aliases.get(name, [name])]
+    return softdeps
 
+
+def resolve_modules(modules: Path, wanted: Iterable[str]) -> list[str]:
+    """Module files (relative to `modules`) in load order: dependencies first.
+
+    Follows modules.dep, and the `pre:` soft dependencies of modules.softdep through
+    modules.alias (ext4 needs crc32c that way). Built-in modules need no file.
+    """
+    deps, softdeps = _read_deps(modules), _read_softdeps(modules)
+    builtin = {_module_name(p) for p in (modules / "modules.builtin").read_text().split()}
     order: list[str] = []
 
     def visit(name: str, trail: tuple[str, ...]) -> None:

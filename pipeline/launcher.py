@@ -75,7 +75,7 @@ def qemu_args(vm: VM, release: Release) -> list[str]:
 
 def user_network(vm: VM) -> list[str]:
     """NIC 1: QEMU user networking, ssh (and any extra forwards) on 127.0.0.1 only."""
-    extra = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in vm.forwards)
+    extra = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in vm.forward)
     netdev = f'"user,id=net0,hostfwd=tcp:127.0.0.1:$ssh_port-:22{extra},hostname={vm.name}"'
     return [f"-netdev {netdev}", '-device "virtio-net-pci,netdev=net0,mac=$mac"']
 
@@ -124,7 +124,7 @@ def render(vm: VM, release: Release, version: str) -> str:
 def vm_identity(vm: VM, release: Release, version: str) -> identity.Identity:
     """What out/state/vms/NAME.env records of the VM (run.sh reads it at start)."""
     return identity.Identity(vm.ssh_port, vm.mac, vm.cluster_mac, vm.cluster_ip,
-                             (vm.ssh_port, *(h for h, _ in vm.forwards)), f"images/{release.name}/{version}")
+                             (vm.ssh_port, *(h for h, _ in vm.forward)), f"images/{release.name}/{version}")
 
 
 def write(dest: Path, text: str, out: Path, vm_name: str, ident: identity.Identity) -> None:

@@ -5,6 +5,7 @@ initrd mounts both by label (root=LABEL=ROOT, /oem from /dev/disk/by-label/OEM).
 """
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LeanvmError
@@ -14,6 +15,16 @@ from .vmstate import running_pid
 
 MKFS_OPTIONS = "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
 OEM_SIZE = 128 << 20  # Flatcar's OEM partition is 128 MiB
+
+
+@dataclass(frozen=True)
+class Disks:
+    """One VM's two disks, as both rootfs:NAME and reset:NAME see them."""
+
+    vm: str
+    root: Path
+    oem: Path
+    size: int  # the root disk's size (the `disk` key)
 
 
 def human(size: int) -> str:
@@ -51,32 +62,30 @@ def grow(path: Path, size: int) -> None:
     run(["resize2fs", path])
 
 
-def ensure(path: Path, size: int, vm: str) -> None:
-    """Create the disk if missing, grow it if `size` grew; refuse to shrink it."""
+def ensure(disks: Disks) -> None:
+    """Create missing disks; grow the root disk if `size` grew; refuse to shrink it."""
+    if not disks.oem.exists():
+        create(disks.oem, OEM_SIZE, "OEM")
+    path = disks.root
     if not path.exists():
-        create(path, size)
+        create(path, disks.size)
         return
     current = path.stat().st_size
-    if size > current:
-        _refuse_if_running(path, vm, "grow")
-        grow(path, size)
-    elif size < current:
+    if disks.size > current:
+        _refuse_if_running(path, disks.vm, "grow")
+        grow(path, disks.size)
+    elif disks.size < current:
+        wanted = human(disks.size)
         raise LeanvmError(
-            f"vms.{vm}.disk: {human(size)} is smaller than the existing root disk {path} ({human(current)})",
-            f"shrinking would lose data: set disk back to {human(current)}, or run `doit reset:{vm}`",
+            f"vms.{disks.vm}.disk: {wanted} is smaller than the existing root disk {path} ({human(current)})",
+            f"shrinking would lose data: set disk back to {human(current)}, or run `doit reset:{disks.vm}`",
         )
 
 
-def ensure_oem(path: Path) -> None:
-    """Create the OEM disk if missing (it has a fixed size)."""
-    if not path.exists():
-        create(path, OEM_SIZE, "OEM")
-
-
-def reset(path: Path, size: int, oem: Path, vm: str) -> None:
+def reset(disks: Disks) -> None:
     """Recreate the root and OEM disks empty (explicit `reset:NAME` only)."""
-    _refuse_if_running(path, vm, "reset")
-    for disk in (path, oem):
+    _refuse_if_running(disks.root, disks.vm, "reset")
+    for disk in (disks.root, disks.oem):
         disk.unlink(missing_ok=True)
-    create(path, size)
-    create(oem, OEM_SIZE, "OEM")
+    create(disks.root, disks.size)
+    create(disks.oem, OEM_SIZE, "OEM")

@@ -14,7 +14,7 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from . import bundle, configdrive, doitenv, fetch, identity, launcher, prune, publish, rootfs, sshkey
-from .config import Cluster, Release, load_cluster
+from .config import VM, Cluster, Release, load_cluster
 from .doitenv import action, building, fail, out_dir, var_path, writing
 from .errors import LeanvmError, warn
 from .fsutil import write_atomic
@@ -48,17 +48,18 @@ class Layout:
     def vm(self, name: str) -> Path:
         return self.out / "vms" / name
 
-    def rootfs(self, name: str) -> Path:
-        return self.vm(name) / "rootfs.img"
-
-    def oem(self, name: str) -> Path:
-        return self.vm(name) / "oem.img"
+    def disks(self, vm: VM) -> rootfs.Disks:
+        return rootfs.Disks(vm.name, self.vm(vm.name) / "rootfs.img", self.vm(vm.name) / "oem.img", vm.disk_size)
 
 
 @dataclass(frozen=True)
 class Context:
     cluster: Cluster
     layout: Layout
+
+
+def _not_checked(port: int) -> bool:
+    return False
 
 
 @cache
@@ -69,12 +70,11 @@ def context() -> Context:
         config = var_path("config", DEFAULT_CLUSTER)
         if writing():
             identity.check_owner(out, config, record=building())
-        if building():
-            cluster = load_cluster(config, identity.load(out), identity.ports_of_other_outs(out),
-                                   identity.port_in_use)
+        claims = building()  # only a build claims ports, so only it checks them against the host
+        avoid, in_use = (identity.ports_of_other_outs(out), identity.port_in_use) if claims else (set(), _not_checked)
+        cluster = load_cluster(config, identity.load(out), avoid, in_use)
+        if claims:
             identity.register(out)
-        else:
-            cluster = load_cluster(config, identity.load(out))
         state = out / "images" / cluster.release.name / ".current-version"
         version = fetch.resolve_version(cluster.release, state, online=building())
     except LeanvmError as e:
@@ -172,12 +172,12 @@ def task_rootfs() -> Iterator[dict]:
     ctx = context()
     yield {"name": None, "doc": "per VM: create or grow its root disk (ROOT) and create its OEM disk; never recreated"}
     for vm in ctx.cluster.vms:
-        root_disk, oem_disk = ctx.layout.rootfs(vm.name), ctx.layout.oem(vm.name)
+        disks = ctx.layout.disks(vm)
         yield {
             "name": vm.name,
             "doc": "create or grow the sparse ext4 root disk (ROOT) and the OEM disk (VM state: never recreated)",
-            "actions": [action(rootfs.ensure, root_disk, vm.disk_size, vm.name), action(rootfs.ensure_oem, oem_disk)],
-            "targets": [root_disk, oem_disk],
+            "actions": [action(rootfs.ensure, disks)],
+            "targets": [disks.root, disks.oem],
             "uptodate": [config_changed({"disk": vm.disk_size})],
         }
 
@@ -302,11 +302,10 @@ def task_reset() -> Iterator[dict]:
     ctx = context()
     yield {"name": None, "doc": "reset:NAME recreates VM NAME's root and OEM disks EMPTY (bare `reset` is refused)"}
     for vm in ctx.cluster.vms:
-        root_disk, oem_disk = ctx.layout.rootfs(vm.name), ctx.layout.oem(vm.name)
         yield {
             "name": vm.name,
             "doc": "recreate the root and OEM disks EMPTY (explicit only; all VM state is lost)",
-            "actions": [action(rootfs.reset, root_disk, vm.disk_size, oem_disk, vm.name),
+            "actions": [action(rootfs.reset, ctx.layout.disks(vm)),
                         action(sshkey.forget_host, ctx.layout.out, vm.name)],
             "uptodate": [False],
         }

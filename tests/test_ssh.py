@@ -60,6 +60,16 @@ def known_host(out: Path, name: str) -> str:
     return line
 
 
+def assert_wrong_key_refused(tmp_path: Path, out: Path, name: str) -> None:
+    wrong, _ = user_key(tmp_path, "wrong")
+    port = re.search(r"^ssh_port=(\d+)$", (out / f"state/vms/{name}.env").read_text(), re.M)[1]
+    refused = subprocess.run(["ssh", "-i", str(wrong), "-p", port, "-o", "IdentitiesOnly=yes", "-o",
+                              "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
+                              "UserKnownHostsFile=/dev/null", "core@127.0.0.1", "true"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 255 and "Permission denied" in refused.stderr
+
+
 def test_two_vm_cluster_over_ssh_through_reboot_reset_and_down(mini: Path, tmp_path: Path):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "b.ign").write_text(json.dumps({"ignition": {"version": "3.4.0"}}))
@@ -77,13 +87,7 @@ def test_two_vm_cluster_over_ssh_through_reboot_reset_and_down(mini: Path, tmp_p
         assert ping.returncode == 0, ping.stdout + ping.stderr
         assert cluster(out, "ssh", "node-b", "--", "exit 7").returncode == 7  # the remote status, passed through
         assert cluster(out, "ssh", "node-b", "--", "id", "-un").stdout.strip() == "core"
-        wrong, _ = user_key(tmp_path, "wrong")
-        port = re.search(r"^ssh_port=(\d+)$", (out / "state/vms/node-a.env").read_text(), re.M)[1]
-        refused = subprocess.run(["ssh", "-i", str(wrong), "-p", port, "-o", "IdentitiesOnly=yes", "-o",
-                                  "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
-                                  "UserKnownHostsFile=/dev/null", "core@127.0.0.1", "true"],
-                                 capture_output=True, text=True, timeout=60)
-        assert refused.returncode == 255 and "Permission denied" in refused.stderr
+        assert_wrong_key_refused(tmp_path, out, "node-a")
         host_a, host_b = known_host(out, "node-a"), known_host(out, "node-b")
         assert cluster(out, "down").returncode == 0
 
