@@ -6,6 +6,9 @@ set -eu
 out=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
 
 die() { printf 'cluster.sh: %s\n' "$*" >&2; exit 1; }
+[ -r "$out/lib.sh" ] || die "$out/lib.sh is missing: run doit again"
+# shellcheck source=/dev/null
+. "$out/lib.sh"
 
 usage() {
   cat <<EOF
@@ -57,13 +60,6 @@ vms() {
     [ -x "${dir}run.sh" ] && basename "$dir"
   done
   return 0
-}
-
-# True if process $1 runs: a zombie (killed, not yet reaped by init) does not count.
-alive() {
-  [ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 1
-  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
-  [ "${state%% *}" != Z ]
 }
 
 # The pid of VM $1's QEMU, if it runs.
@@ -126,12 +122,7 @@ stop_switch_if_unused() {
       pid=$(cat "$entry" 2>/dev/null) && alive "$pid" && exit 0
       rm -f "$entry"
     done
-    pid=$(cat "$out/net/switch.pid" 2>/dev/null) || pid=""
-    if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then
-      tries=0
-      while alive "$pid" && [ "$tries" -lt 100 ]; do sleep 0.05; tries=$((tries + 1)); done
-    fi
-    rm -rf "$out/net/switch" "$out/net/switch.pid"
+    stop_switch "$out/net"
   ) 9>"$out/net/lock"
 }
 

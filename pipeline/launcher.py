@@ -34,6 +34,12 @@ if [ ! -r "$identity" ]; then
 fi
 # shellcheck source=/dev/null
 . "$identity"  # ssh_port, mac, cluster_mac, cluster_ip, host_ports: kept by doit clean
+if [ ! -r "$out/lib.sh" ]; then
+  echo "run.sh: $out/lib.sh is missing: run doit again" >&2
+  exit 1
+fi
+# shellcheck source=/dev/null
+. "$out/lib.sh"  # alive, port_in_use, stop_switch, first_boot
 qemu=${{LEANVM_QEMU:-qemu-system-x86_64}}
 kernel_args={kernel_args}
 first_boot_args={first_boot_args}

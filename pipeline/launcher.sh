@@ -31,20 +31,6 @@ print_command() {
   echo
 }
 
-# True if something on this host listens on TCP port $1 (any address).
-port_in_use() {
-  hex=$(printf ':%04X' "$1")
-  awk -v port="$hex" '$4 == "0A" && substr($2, length($2) - 4) == port { found = 1 } END { exit !found }' \
-    /proc/net/tcp /proc/net/tcp6 2>/dev/null
-}
-
-# True if process $1 runs: a zombie (killed, not yet reaped by init) does not count.
-alive() {
-  [ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 1
-  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
-  [ "${state%% *}" != Z ]
-}
-
 qemu_pid() { cat "$1/qemu.pid" 2>/dev/null || true; }
 
 # --- the private cluster network: a rootless VDE switch shared by the VMs of this out/ ---
@@ -65,7 +51,7 @@ switch_alive() { alive "$(cat "$net/switch.pid" 2>/dev/null || true)" && [ -S "$
 ensure_switch() {
   echo "$$" >"$net/users/$name"
   switch_alive && return 0
-  stop_switch  # whatever a dead or half-started switch left behind
+  stop_switch "$net"  # whatever a dead or half-started switch left behind
   # The switch must not inherit the lock (fd 9) or this script's output.
   (cd "$net" && vde_switch --sock switch --pidfile "$net/switch.pid" --daemon) </dev/null >/dev/null 2>&1 9>&- ||
     true
@@ -82,16 +68,6 @@ net_user_alive() {
   alive "$(cat "$net/users/$1" 2>/dev/null || true)" || alive "$(qemu_pid "$out/vms/$1")"
 }
 
-stop_switch() {
-  pid=$(cat "$net/switch.pid" 2>/dev/null || true)
-  if alive "$pid"; then
-    kill "$pid" 2>/dev/null || true
-    tries=0
-    while alive "$pid" && [ "$tries" -lt 100 ]; do sleep 0.05; tries=$((tries + 1)); done
-  fi
-  rm -rf "$net/switch" "$net/switch.pid"
-}
-
 leave_switch() {
   rm -f "$net/users/$name"
   for entry in "$net"/users/*; do
@@ -99,20 +75,7 @@ leave_switch() {
     net_user_alive "${entry##*/}" && return 0
     rm -f "$entry"
   done
-  stop_switch
-}
-
-# --- first boot: Ignition runs only while the root disk has no /etc/.ignition-result.json ---
-first_boot() {
-  [ -n "$first_boot_args" ] || return 1
-  command -v debugfs >/dev/null 2>&1 || die "debugfs not found: install it (apt-get install e2fsprogs)"
-  found=$(DEBUGFS_PAGER=__none__ debugfs -R 'stat /etc/.ignition-result.json' "$here/rootfs.img" 2>&1) ||
-    die "cannot read $here/rootfs.img: $found"
-  case $found in
-    *Inode:*) return 1 ;;
-    *"File not found"*) return 0 ;;
-    *) die "cannot read $here/rootfs.img with debugfs: $(printf '%s' "$found" | tail -n 1)" ;;
-  esac
+  stop_switch "$net"
 }
 
 # --- options -----------------------------------------------------------------------------
@@ -134,7 +97,7 @@ if [ "$accel" = kvm ]; then cpu=host; else cpu=max; fi
 # The kernel command line, with the first-boot arguments if this is a first boot (decided
 # once nothing else stands in the way: a running VM's disk is not ours to read).
 decide_boot() {
-  if first_boot; then
+  if first_boot "$here/rootfs.img" "$first_boot_args"; then
     boot_rule="first boot: $here/rootfs.img has no /etc/.ignition-result.json, so '$first_boot_args' is added"
     append="$kernel_args $first_boot_args"
   else

@@ -23,6 +23,7 @@ from .vmstate import running_pid
 
 BUILD_TASKS = ["download", "verify", "extract", "rootfs", "sshkey", "configdrive", "launcher", "cluster", "retire"]
 CLUSTER_SCRIPT = Path(__file__).with_name("cluster.sh")
+SHELL_LIB = Path(__file__).with_name("lib.sh")
 
 
 def doit_config() -> dict:
@@ -235,13 +236,15 @@ def install_script(source: Path, dest: Path) -> None:
 
 
 def task_cluster() -> dict:
-    """out/cluster.sh: up/down/status/console/ssh for every VM (static: it finds the VMs)."""
-    dest = context().layout.out / "cluster.sh"
+    """out/cluster.sh: up/down/status/console/ssh for every VM (static: it finds the VMs),
+    and out/lib.sh, the shell functions it shares with run.sh and libvirt.sh."""
+    out = context().layout.out
+    scripts = {SHELL_LIB: out / "lib.sh", CLUSTER_SCRIPT: out / "cluster.sh"}
     return {
-        "doc": "install out/cluster.sh (up, down, status, console NAME, ssh NAME)",
-        "actions": [action(install_script, CLUSTER_SCRIPT, dest)],
-        "file_dep": [CLUSTER_SCRIPT],
-        "targets": [dest],
+        "doc": "install out/cluster.sh (up, down, status, console NAME, ssh NAME) and out/lib.sh",
+        "actions": [action(install_script, source, dest) for source, dest in scripts.items()],
+        "file_dep": list(scripts),
+        "targets": list(scripts.values()),
         "clean": True,
     }
 
