@@ -8,6 +8,7 @@ from pipeline.tasks import (  # noqa: F401  (doit discovers task_* by name)
     task_download,
     task_extract,
     task_launcher,
+    task_libvirt,
     task_prune,
     task_reset,
     task_retire,

@@ -25,7 +25,7 @@ from .record import sha256_file
 from .vmstate import running_pid
 
 MANIFEST = "MANIFEST.json"
-SCRIPTS = ("lib.sh", "cluster.sh")
+CLUSTER_FILES = ("lib.sh", "cluster.sh", "libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env")
 RUNTIME_FILES = {"qemu.pid", "console.log", "monitor.in", "monitor.out", "run.sh.retired"}
 
 
@@ -35,7 +35,7 @@ def cluster_files(out: Path, images: Path, vm_names: list[str]) -> list[Path]:
     # ready out/images cache.
     files = [p for p in sorted(images.iterdir())
              if p.is_file() and (not p.name.startswith(".") or p.name.endswith(".sha256"))]
-    files += [out / script for script in SCRIPTS if (out / script).exists()]
+    files += [out / script for script in CLUSTER_FILES if (out / script).exists()]
     # The cluster key travels: whoever unpacks the bundle logs in with `cluster.sh ssh`, as
     # here. known_hosts does not: host keys are learnt anew where the VMs run.
     files += [p for p in (out / "ssh" / "id_ed25519", out / "ssh" / "id_ed25519.pub") if p.exists()]

@@ -1,7 +1,7 @@
 """The task DAG: one generator per stage, wired from the cluster file.
 
     download -> verify -> extract -> (per VM) rootfs, configdrive, launcher; cluster.sh
-    explicit only: bundle, prune, reset:NAME
+    explicit only: bundle, libvirt, prune, reset:NAME
 """
 
 import os
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from . import bundle, configdrive, doitenv, fetch, identity, launcher, prune, publish, rootfs, sshkey
+from . import bundle, configdrive, doitenv, fetch, identity, launcher, libvirt, prune, publish, rootfs, sshkey
 from .config import VM, Cluster, Release, load_cluster
 from .doitenv import action, building, fail, out_dir, var_path, writing
 from .errors import LeanvmError, warn
@@ -24,6 +24,7 @@ from .vmstate import running_pid
 BUILD_TASKS = ["download", "verify", "extract", "rootfs", "sshkey", "configdrive", "launcher", "cluster", "retire"]
 CLUSTER_SCRIPT = Path(__file__).with_name("cluster.sh")
 SHELL_LIB = Path(__file__).with_name("lib.sh")
+LIBVIRT_SCRIPT = Path(__file__).with_name("libvirt.sh")
 
 
 def doit_config() -> dict:
@@ -272,6 +273,31 @@ def task_retire() -> dict:
         "doc": "retire the launchers of VMs removed from the cluster file (their disks stay)",
         "actions": [action(retire, stale, ctx.cluster.path)],
         "uptodate": [not stale],
+    }
+
+
+def write_files(files: dict[Path, str]) -> None:
+    for dest, text in files.items():
+        write_atomic(dest, text.encode(), mode=0o755 if dest.suffix == ".sh" else 0o644)
+
+
+def task_libvirt() -> dict:
+    """The cluster for libvirt (explicit: `doit libvirt`); out/libvirt.sh drives virsh."""
+    ctx = context()
+    layout, release = ctx.layout, ctx.cluster.release
+    files = {layout.out / "libvirt" / "network.xml": libvirt.network_xml(layout.out),
+             layout.out / "libvirt" / "cluster.env": libvirt.cluster_env(layout.out),
+             layout.out / "libvirt.sh": LIBVIRT_SCRIPT.read_text()}
+    for vm in ctx.cluster.vms:
+        files[layout.vm(vm.name) / "domain.xml"] = libvirt.domain_xml(vm, release, layout.out, layout.images)
+        files[layout.vm(vm.name) / "libvirt.env"] = libvirt.vm_env(release)
+    return {
+        "doc": "write out/vms/NAME/domain.xml, out/libvirt/network.xml and out/libvirt.sh (define|start|stop|...)",
+        "actions": [action(libvirt.check_path, layout.out), action(write_files, files)],
+        "task_dep": BUILD_TASKS,
+        "targets": list(files),
+        "uptodate": [config_changed({str(path): text for path, text in files.items()})],
+        "clean": True,
     }
 
 

@@ -398,3 +398,41 @@ def marker(console: str, name: str) -> str:
     match = re.search(rf"^leanvm: {name}: (.*?)\r?$", console, re.M)
     assert match, f"no '{name}' marker in:\n{console[-3000:]}"
     return match.group(1)
+
+
+LIBVIRT_URI = "qemu:///system"
+
+
+def libvirt_answers() -> bool:
+    return subprocess.run(["virsh", "-c", LIBVIRT_URI, "uri"], capture_output=True).returncode == 0
+
+
+def start_libvirtd() -> list[subprocess.Popen]:
+    """virtlogd (it writes the console logs) and libvirtd, started here as root: there is no
+    systemd to start them. Nothing is started if a libvirtd already answers."""
+    if libvirt_answers():
+        return []
+    started = []
+    for daemon, socket in (("virtlogd", "/run/libvirt/virtlogd-sock"), ("libvirtd", "/run/libvirt/libvirt-sock")):
+        started.append(subprocess.Popen([daemon], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True))
+        deadline = time.monotonic() + 30
+        while not Path(socket).exists():
+            assert started[-1].poll() is None and time.monotonic() < deadline, f"{daemon} did not start"
+            time.sleep(0.1)
+    deadline = time.monotonic() + 30
+    while not libvirt_answers():
+        assert time.monotonic() < deadline, "libvirtd does not answer on " + LIBVIRT_URI
+        time.sleep(0.2)
+    return started
+
+
+def stop_daemons(started: list[subprocess.Popen]) -> None:
+    for proc in reversed(started):
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def virsh(*args: str) -> str:
+    return subprocess.run(["virsh", "-c", LIBVIRT_URI, "-q", *args], capture_output=True, text=True,
+                          check=True).stdout

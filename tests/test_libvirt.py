@@ -1,0 +1,191 @@
+"""Issue 15: the cluster under libvirt, with a real libvirtd started by the tests."""
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import (
+    BOOT_TIMEOUT,
+    ENV,
+    LIBVIRT_URI,
+    build_cluster,
+    doit,
+    processes,
+    start_libvirtd,
+    stop_daemons,
+    virsh,
+    wait_for_text,
+)
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[None]:
+    started = start_libvirtd()
+    yield
+    stop_daemons(started)
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """A work directory that libvirt's QEMU user (libvirt-qemu) can traverse, unlike pytest's
+    0700 tmp_path: under qemu:///system QEMU does not run as root."""
+    path = Path(tempfile.mkdtemp(prefix="leanvm-libvirt-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def libvirt_sh(out: Path, *args: str, append: str = "", uri: str = LIBVIRT_URI) -> subprocess.CompletedProcess:
+    env = {**ENV, "LEANVM_APPEND": append, "LEANVM_STOP_TIMEOUT": "60"}
+    return subprocess.run([str(out / "libvirt.sh"), "--connect", uri, *args], capture_output=True, text=True,
+                          env=env, stdin=subprocess.DEVNULL, timeout=300)
+
+
+def build_for_libvirt(root: Path, mini: Path, vms: dict) -> Path:
+    out = build_cluster(root, mini / "mini.yaml", vms)
+    made = doit(f"config={root / 'cluster.yaml'}", f"out={out}", "libvirt")
+    assert made.returncode == 0, made.stderr
+    return out
+
+
+def prefix_of(out: Path) -> str:
+    return re.search(r"^prefix=(\S+)$", (out / "libvirt" / "cluster.env").read_text(), re.M)[1]
+
+
+def ours(out: Path) -> tuple[list[str], list[str], list[int]]:
+    """This out/'s domains, networks (defined or running) and QEMU processes."""
+    prefix = prefix_of(out)
+    domains = [d for d in virsh("list", "--all", "--name").split() if d.startswith(prefix)]
+    networks = [n for n in virsh("net-list", "--all", "--name").split() if n.startswith(prefix)]
+    return domains, networks, processes(lambda cmd: f"guest={prefix}".encode() in cmd)
+
+
+def remove_all(out: Path) -> None:
+    """Whatever a failed test left in libvirt."""
+    domains, networks, _ = ours(out)
+    for domain in domains:
+        subprocess.run(["virsh", "-c", LIBVIRT_URI, "destroy", domain], capture_output=True)
+        subprocess.run(["virsh", "-c", LIBVIRT_URI, "undefine", domain], capture_output=True)
+    for network in networks:
+        subprocess.run(["virsh", "-c", LIBVIRT_URI, "net-destroy", network], capture_output=True)
+        subprocess.run(["virsh", "-c", LIBVIRT_URI, "net-undefine", network], capture_output=True)
+
+
+def ssh_port(out: Path, name: str) -> int:
+    return int(re.search(r"^ssh_port=(\d+)$", (out / "state" / "vms" / f"{name}.env").read_text(), re.M)[1])
+
+
+def test_domain_and_network_xml_validate_and_use_the_run_sh_files(mini: Path, root: Path):
+    (root / "b.ign").write_text(json.dumps({"ignition": {"version": "3.4.0"}}))
+    out = build_for_libvirt(root, mini, {"node-a": {"cluster_ip": "10.77.0.11", "forward": ["18080:80"]},
+                                         "node-b": {"ignition": "b.ign"}})
+    files = [out / "vms" / "node-a" / "domain.xml", out / "vms" / "node-b" / "domain.xml",
+             out / "libvirt" / "network.xml"]
+    for path in files:
+        check = subprocess.run(["virt-xml-validate", str(path)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    prefix = prefix_of(out)
+    domain = ET.parse(files[0]).getroot()
+    assert domain.findtext("name") == f"{prefix}-node-a"
+    usr, rootfs, oem = domain.findall("devices/disk")
+    assert usr.find("source").get("file") == str(next(out.glob("images/*/*/usr.img")))
+    assert usr.find("readonly") is not None and usr.find("shareable") is not None
+    assert [d.findtext("serial") for d in (usr, rootfs, oem)] == ["usr.readonly", "rootfs", "oem"]
+    assert rootfs.find("source").get("file") == str(out / "vms" / "node-a" / "rootfs.img")
+    config = domain.find("devices/filesystem")
+    assert config.find("target").get("dir") == "config-2" and config.find("readonly") is not None
+    assert domain.find("devices/serial/log").get("file") == str(out / "vms" / "node-a" / "console.log")
+    args = [a.get("value") for a in domain.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg")]
+    port = ssh_port(out, "node-a")
+    assert f"hostfwd=tcp:127.0.0.1:{port}-:22,hostfwd=tcp:127.0.0.1:18080-:80" in args[1]
+    cluster_mac = re.search(r"^cluster_mac=(\S+)$", (out / "state/vms/node-a.env").read_text(), re.M)[1]
+    assert domain.find("devices/interface/mac").get("address") == cluster_mac
+    assert domain.find("devices/interface/source").get("network") == f"{prefix}-cluster"
+    assert "flatcar.first_boot" not in domain.findtext("os/cmdline")  # added by libvirt.sh start
+    b = ET.parse(files[1]).getroot()
+    assert domain.find("sysinfo") is None
+    assert b.find("sysinfo/entry").get("name") == "opt/org.flatcar-linux/config"
+    assert b.find("sysinfo/entry").get("file") == str(out / "vms" / "node-b" / "ignition.json")
+
+
+def test_errors_are_one_line_and_two_clusters_coexist(mini: Path, root: Path, libvirtd: None):
+    first = build_for_libvirt(root / "one", mini, {"node-a": {}})
+    second = build_for_libvirt(root / "two", mini, {"node-a": {}})
+    try:
+        unreachable = libvirt_sh(first, "status", uri="qemu+unix:///system?socket=/nonexistent/sock")
+        assert unreachable.returncode == 1 and unreachable.stderr.count("\n") == 1, unreachable.stderr
+        assert unreachable.stderr.startswith("libvirt.sh: cannot reach libvirt at qemu+unix:///system")
+        early = libvirt_sh(first, "start")
+        assert early.returncode == 1 and early.stderr.count("\n") == 1
+        assert "is not defined: run libvirt.sh define" in early.stderr
+        for out in (first, second):
+            defined = libvirt_sh(out, "define")
+            assert defined.returncode == 0, defined.stderr
+        assert prefix_of(first) != prefix_of(second)
+        assert len(ours(first)[0]) == len(ours(second)[0]) == 1
+        with socket.socket() as taken:  # node-a's ssh port, taken by someone else
+            taken.bind(("127.0.0.1", ssh_port(first, "node-a")))
+            taken.listen()
+            busy = libvirt_sh(first, "start")
+        assert busy.returncode == 1 and busy.stderr.count("\n") == 1, busy.stderr
+        assert f"host port {ssh_port(first, 'node-a')} (127.0.0.1) is already in use" in busy.stderr
+        assert virsh("domstate", f"{prefix_of(first)}-node-a").strip() == "shut off"  # nothing started
+        assert ours(first)[2] == []
+        for out in (first, second):
+            gone = libvirt_sh(out, "undefine")
+            assert gone.returncode == 0, gone.stderr
+            assert ours(out) == ([], [], [])
+    finally:
+        remove_all(first)
+        remove_all(second)
+
+
+def test_two_vm_cluster_boots_pings_and_is_torn_down_cleanly(mini: Path, root: Path, libvirtd: None):
+    (root / "b.ign").write_text(json.dumps({"ignition": {"version": "3.4.0"}}))
+    out = build_for_libvirt(root, mini, {"node-a": {"cluster_ip": "10.77.0.11"},
+                                         "node-b": {"cluster_ip": "10.77.0.12", "ignition": "b.ign"}})
+    prefix = prefix_of(out)
+    try:
+        up = libvirt_sh(out, "define", "start", append="leanvm.hold leanvm.ping=10.77.0.11,10.77.0.12")
+        assert up.returncode == 0, up.stderr
+        assert "node-a: started" in up.stdout and "first boot" in up.stdout
+        again = libvirt_sh(out, "start")
+        assert again.returncode == 1 and again.stderr.count("\n") == 1
+        assert f"domain {prefix}-node-a (VM node-a) is already running" in again.stderr
+        for name in ("node-a", "node-b"):
+            console = wait_for_text(out / "vms" / name / "console.log", "leanvm: holding", 3 * BOOT_TIMEOUT)
+            assert "leanvm: ping 10.77.0.11: ok" in console and "leanvm: ping 10.77.0.12: ok" in console
+            assert "leanvm: usr writable: no" in console and "leanvm: first boot: yes" in console
+        assert "leanvm: ignition: result written" in (out / "vms" / "node-b" / "console.log").read_text()
+        mounts = subprocess.run([str(out / "cluster.sh"), "ssh", "node-a", "--", "cat", "/proc/mounts"],
+                                capture_output=True, text=True, timeout=120)
+        assert re.search(r"^/dev/vda1 /usr squashfs ro[, ]", mounts.stdout, re.M), mounts.stdout + mounts.stderr
+        usr_disks = set()
+        for name in ("node-a", "node-b"):
+            live = ET.fromstring(virsh("dumpxml", f"{prefix}-{name}"))
+            usr = live.find("devices/disk")
+            assert usr.find("readonly") is not None and usr.find("shareable") is not None
+            usr_disks.add(usr.find("source").get("file"))
+            assert "flatcar.first_boot=1" in live.findtext("os/cmdline")
+            # the next start is no first boot: the persistent definition has the plain command line
+            assert "first_boot" not in ET.fromstring(virsh("dumpxml", "--inactive", f"{prefix}-{name}")).findtext(
+                "os/cmdline")
+        assert len(usr_disks) == 1  # one squashfs for both
+        down = libvirt_sh(out, "stop")
+        assert down.returncode == 0, down.stderr
+        assert "destroying" not in down.stdout  # both powered off on the ACPI button
+        for name in ("node-a", "node-b"):
+            assert wait_for_text(out / "vms" / name / "console.log", "leanvm: power button pressed", 5)
+        gone = libvirt_sh(out, "undefine")
+        assert gone.returncode == 0, gone.stderr
+        assert ours(out) == ([], [], [])
+        assert not Path("/sys/class/net", "lv" + prefix.removeprefix("leanvm-")).exists()
+    finally:
+        remove_all(out)
