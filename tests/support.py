@@ -407,18 +407,34 @@ def libvirt_answers() -> bool:
     return subprocess.run(["virsh", "-c", LIBVIRT_URI, "uri"], capture_output=True).returncode == 0
 
 
-def start_libvirtd() -> list[subprocess.Popen]:
+def start_libvirtd(work: Path) -> list[subprocess.Popen]:
     """virtlogd (it writes the console logs) and libvirtd, started here as root: there is no
-    systemd to start them. Nothing is started if a libvirtd already answers."""
+    systemd to start them. Nothing is started if a libvirtd already answers.
+
+    Both run under `tini -s`, a subreaper: libvirt daemonizes QEMU and waits for it to be
+    gone, and this machine's pid 1 reaps orphans late, which leaves libvirtd waiting on
+    zombies. libvirtd gets its own mount namespace in which /dev/kvm is unreadable: guests
+    hang under this machine's nested KVM, and a KVM that looks usable but fails the probe
+    makes libvirt probe QEMU again on every call (~20 s each). That is libvirt's side of
+    LEANVM_ACCEL=tcg; `namespaces = []` keeps libvirt from moving that bind mount into
+    each QEMU's private /dev."""
     if libvirt_answers():
         return []
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "no-kvm").touch(mode=0)
+    (work / "qemu.conf").write_text("namespaces = []\n")
+    hide_kvm = f"mount --bind {shlex.quote(str(work / 'no-kvm'))} /dev/kvm && " if Path("/dev/kvm").exists() else ""
+    libvirtd = (f"{hide_kvm}mount --bind {shlex.quote(str(work / 'qemu.conf'))} /etc/libvirt/qemu.conf && "
+                "exec tini -s -- libvirtd")
     started = []
-    for daemon, socket in (("virtlogd", "/run/libvirt/virtlogd-sock"), ("libvirtd", "/run/libvirt/libvirt-sock")):
-        started.append(subprocess.Popen([daemon], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    for argv, socket in ((["tini", "-s", "--", "virtlogd"], "/run/libvirt/virtlogd-sock"),
+                         (["unshare", "-m", "sh", "-c", libvirtd], "/run/libvirt/libvirt-sock")):
+        Path(socket).unlink(missing_ok=True)  # left by a daemon that was killed
+        started.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True))
         deadline = time.monotonic() + 30
         while not Path(socket).exists():
-            assert started[-1].poll() is None and time.monotonic() < deadline, f"{daemon} did not start"
+            assert started[-1].poll() is None and time.monotonic() < deadline, f"{argv} did not start"
             time.sleep(0.1)
     deadline = time.monotonic() + 30
     while not libvirt_answers():

@@ -26,8 +26,8 @@ from support import (
 
 
 @pytest.fixture(scope="module")
-def libvirtd() -> Iterator[None]:
-    started = start_libvirtd()
+def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    started = start_libvirtd(tmp_path_factory.mktemp("libvirtd"))
     yield
     stop_daemons(started)
 
