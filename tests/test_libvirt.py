@@ -18,6 +18,7 @@ from support import (
     build_cluster,
     doit,
     processes,
+    sh,
     start_libvirtd,
     stop_daemons,
     virsh,
@@ -109,6 +110,11 @@ def test_domain_and_network_xml_validate_and_use_the_run_sh_files(mini: Path, ro
     assert domain.find("devices/interface/mac").get("address") == cluster_mac
     assert domain.find("devices/interface/source").get("network") == f"{prefix}-cluster"
     assert "flatcar.first_boot" not in domain.findtext("os/cmdline")  # added by libvirt.sh start
+    bundled = doit(f"config={root / 'cluster.yaml'}", f"out={out}", "bundle")
+    assert bundled.returncode == 0, bundled.stderr
+    listing = sh("tar", "-tzf", next(out.glob("bundles/*.tar.gz"))).decode().split()
+    for name in ("libvirt.sh", "lib.sh", "libvirt/network.xml", "libvirt/cluster.env", "vms/node-a/domain.xml"):
+        assert any(entry.endswith(name) for entry in listing), (name, listing)
     b = ET.parse(files[1]).getroot()
     assert domain.find("sysinfo") is None
     assert b.find("sysinfo/entry").get("name") == "opt/org.flatcar-linux/config"
@@ -138,6 +144,13 @@ def test_errors_are_one_line_and_two_clusters_coexist(mini: Path, root: Path, li
         assert f"host port {ssh_port(first, 'node-a')} (127.0.0.1) is already in use" in busy.stderr
         assert virsh("domstate", f"{prefix_of(first)}-node-a").strip() == "shut off"  # nothing started
         assert ours(first)[2] == []
+        # --dir: the out/ as it lies on the libvirt host (a bundle unpacked elsewhere)
+        moved = libvirt_sh(first, "--dir", "/srv/leanvm/out", "define")
+        assert moved.returncode == 0, moved.stderr
+        sources = [d.find("source").get("file") for d in
+                   ET.fromstring(virsh("dumpxml", f"{prefix_of(first)}-node-a")).findall("devices/disk")]
+        assert sources[1:] == ["/srv/leanvm/out/vms/node-a/rootfs.img", "/srv/leanvm/out/vms/node-a/oem.img"]
+        assert sources[0].startswith("/srv/leanvm/out/images/")
         for out in (first, second):
             gone = libvirt_sh(out, "undefine")
             assert gone.returncode == 0, gone.stderr
