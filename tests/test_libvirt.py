@@ -160,6 +160,20 @@ def test_errors_are_one_line_and_two_clusters_coexist(mini: Path, root: Path, li
         remove_all(second)
 
 
+def assert_one_shared_usr_and_plain_next_boot(prefix: str) -> None:
+    usr_disks = set()
+    for name in ("node-a", "node-b"):
+        live = ET.fromstring(virsh("dumpxml", f"{prefix}-{name}"))
+        usr = live.find("devices/disk")
+        assert usr.find("readonly") is not None and usr.find("shareable") is not None
+        usr_disks.add(usr.find("source").get("file"))
+        assert "flatcar.first_boot=1" in live.findtext("os/cmdline")
+        # the next start is no first boot: the persistent definition has the plain command line
+        inactive = ET.fromstring(virsh("dumpxml", "--inactive", f"{prefix}-{name}"))
+        assert "first_boot" not in inactive.findtext("os/cmdline")
+    assert len(usr_disks) == 1  # one squashfs for both
+
+
 def test_two_vm_cluster_boots_pings_and_is_torn_down_cleanly(mini: Path, root: Path, libvirtd: None):
     (root / "b.ign").write_text(json.dumps({"ignition": {"version": "3.4.0"}}))
     out = build_for_libvirt(root, mini, {"node-a": {"cluster_ip": "10.77.0.11"},
@@ -180,17 +194,7 @@ def test_two_vm_cluster_boots_pings_and_is_torn_down_cleanly(mini: Path, root: P
         mounts = subprocess.run([str(out / "cluster.sh"), "ssh", "node-a", "--", "cat", "/proc/mounts"],
                                 capture_output=True, text=True, timeout=120)
         assert re.search(r"^/dev/vda1 /usr squashfs ro[, ]", mounts.stdout, re.M), mounts.stdout + mounts.stderr
-        usr_disks = set()
-        for name in ("node-a", "node-b"):
-            live = ET.fromstring(virsh("dumpxml", f"{prefix}-{name}"))
-            usr = live.find("devices/disk")
-            assert usr.find("readonly") is not None and usr.find("shareable") is not None
-            usr_disks.add(usr.find("source").get("file"))
-            assert "flatcar.first_boot=1" in live.findtext("os/cmdline")
-            # the next start is no first boot: the persistent definition has the plain command line
-            assert "first_boot" not in ET.fromstring(virsh("dumpxml", "--inactive", f"{prefix}-{name}")).findtext(
-                "os/cmdline")
-        assert len(usr_disks) == 1  # one squashfs for both
+        assert_one_shared_usr_and_plain_next_boot(prefix)
         down = libvirt_sh(out, "stop")
         assert down.returncode == 0, down.stderr
         assert "destroying" not in down.stdout  # both powered off on the ACPI button
