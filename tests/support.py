@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -427,13 +428,13 @@ def start_libvirtd(work: Path) -> list[subprocess.Popen]:
     libvirtd = (f"{hide_kvm}mount --bind {shlex.quote(str(work / 'qemu.conf'))} /etc/libvirt/qemu.conf && "
                 "exec tini -s -- libvirtd")
     started = []
-    for argv, socket in ((["tini", "-s", "--", "virtlogd"], "/run/libvirt/virtlogd-sock"),
-                         (["unshare", "-m", "sh", "-c", libvirtd], "/run/libvirt/libvirt-sock")):
-        Path(socket).unlink(missing_ok=True)  # left by a daemon that was killed
+    for argv, sock in ((["tini", "-s", "--", "virtlogd"], "/run/libvirt/virtlogd-sock"),
+                       (["unshare", "-m", "sh", "-c", libvirtd], "/run/libvirt/libvirt-sock")):
+        Path(sock).unlink(missing_ok=True)  # left by a daemon that was killed
         started.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True))
         deadline = time.monotonic() + 30
-        while not Path(socket).exists():
+        while not Path(sock).exists():
             assert started[-1].poll() is None and time.monotonic() < deadline, f"{argv} did not start"
             time.sleep(0.1)
     deadline = time.monotonic() + 30
@@ -452,3 +453,41 @@ def stop_daemons(started: list[subprocess.Popen]) -> None:
 def virsh(*args: str) -> str:
     return subprocess.run(["virsh", "-c", LIBVIRT_URI, "-q", *args], capture_output=True, text=True,
                           check=True).stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ssh_host(work: Path) -> tuple[subprocess.Popen, str, dict]:
+    """This machine as a 'remote host' for qemu+ssh:// URIs: dropbear on 127.0.0.1, in its
+    own mount namespace whose /root holds only the test key's authorized_keys (root's real
+    home is not touched), and an `ssh` first in PATH that uses that key and its own
+    known_hosts (virsh and libvirt.sh both run `ssh` from PATH).
+    Returns the daemon, USER@HOST:PORT and the environment for the client side."""
+    home, bin_dir = work / "root", work / "bin"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    bin_dir.mkdir()
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", work / "id")
+    (home / ".ssh" / "authorized_keys").write_text((work / "id.pub").read_text())
+    sh("dropbearkey", "-t", "ed25519", "-f", work / "host_key")
+    (work / "ssh_config").write_text(f"Host *\n  IdentityFile {work / 'id'}\n  IdentitiesOnly yes\n"
+                                     f"  UserKnownHostsFile {work / 'known_hosts'}\n"
+                                     "  StrictHostKeyChecking accept-new\n  LogLevel ERROR\n")
+    (bin_dir / "ssh").write_text(f"#!/bin/sh\nexec /usr/bin/ssh -F {shlex.quote(str(work / 'ssh_config'))} \"$@\"\n")
+    (bin_dir / "ssh").chmod(0o755)
+    port = free_port()
+    daemon = (f"mount --bind {shlex.quote(str(home))} /root && exec dropbear -F -E -s "
+              f"-p 127.0.0.1:{port} -r {shlex.quote(str(work / 'host_key'))} -P {shlex.quote(str(work / 'pid'))}")
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", daemon], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert proc.poll() is None and time.monotonic() < deadline, "dropbear did not start"
+        time.sleep(0.1)
+    return proc, f"root@127.0.0.1:{port}", {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}

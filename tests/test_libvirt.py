@@ -20,6 +20,7 @@ from support import (
     processes,
     sh,
     start_libvirtd,
+    start_ssh_host,
     stop_daemons,
     virsh,
     wait_for_text,
@@ -43,8 +44,18 @@ def root() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def libvirt_sh(out: Path, *args: str, append: str = "", uri: str = LIBVIRT_URI) -> subprocess.CompletedProcess:
-    env = {**ENV, "LEANVM_APPEND": append, "LEANVM_STOP_TIMEOUT": "60"}
+@pytest.fixture(scope="module")
+def remote(libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict]]:
+    """qemu+ssh:// to this machine through a test sshd: the URI and the client's environment."""
+    daemon, target, env = start_ssh_host(tmp_path_factory.mktemp("ssh-host"))
+    yield f"qemu+ssh://{target}/system", env
+    daemon.terminate()
+    daemon.wait(timeout=30)
+
+
+def libvirt_sh(out: Path, *args: str, append: str = "", uri: str = LIBVIRT_URI,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**(env or ENV), "LEANVM_ACCEL": "tcg", "LEANVM_APPEND": append, "LEANVM_STOP_TIMEOUT": "60"}
     return subprocess.run([str(out / "libvirt.sh"), "--connect", uri, *args], capture_output=True, text=True,
                           env=env, stdin=subprocess.DEVNULL, timeout=300)
 
@@ -174,16 +185,22 @@ def assert_one_shared_usr_and_plain_next_boot(prefix: str) -> None:
     assert len(usr_disks) == 1  # one squashfs for both
 
 
-def test_two_vm_cluster_boots_pings_and_is_torn_down_cleanly(mini: Path, root: Path, libvirtd: None):
+def test_two_vm_cluster_over_qemu_ssh_boots_pings_and_is_torn_down_cleanly(mini: Path, root: Path,
+                                                                           remote: tuple[str, dict]):
+    """The whole cycle through qemu+ssh://root@127.0.0.1:PORT/system: the remote-host path,
+    first-boot check over ssh included (the other tests use qemu:///system)."""
+    uri, env = remote
     (root / "b.ign").write_text(json.dumps({"ignition": {"version": "3.4.0"}}))
     out = build_for_libvirt(root, mini, {"node-a": {"cluster_ip": "10.77.0.11"},
                                          "node-b": {"cluster_ip": "10.77.0.12", "ignition": "b.ign"}})
     prefix = prefix_of(out)
     try:
-        up = libvirt_sh(out, "define", "start", append="leanvm.hold leanvm.ping=10.77.0.11,10.77.0.12")
+        up = libvirt_sh(out, "define", "start", append="leanvm.hold leanvm.ping=10.77.0.11,10.77.0.12",
+                        uri=uri, env=env)
         assert up.returncode == 0, up.stderr
-        assert "node-a: started" in up.stdout and "first boot" in up.stdout
-        again = libvirt_sh(out, "start")
+        started = re.findall(r"^(node-[ab]): started (\S+) \(tcg, first boot,", up.stdout, re.M)
+        assert started == [("node-a", f"{prefix}-node-a"), ("node-b", f"{prefix}-node-b")], up.stdout
+        again = libvirt_sh(out, "start", uri=uri, env=env)
         assert again.returncode == 1 and again.stderr.count("\n") == 1
         assert f"domain {prefix}-node-a (VM node-a) is already running" in again.stderr
         for name in ("node-a", "node-b"):
@@ -195,12 +212,12 @@ def test_two_vm_cluster_boots_pings_and_is_torn_down_cleanly(mini: Path, root: P
                                 capture_output=True, text=True, timeout=120)
         assert re.search(r"^/dev/vda1 /usr squashfs ro[, ]", mounts.stdout, re.M), mounts.stdout + mounts.stderr
         assert_one_shared_usr_and_plain_next_boot(prefix)
-        down = libvirt_sh(out, "stop")
+        down = libvirt_sh(out, "stop", uri=uri, env=env)
         assert down.returncode == 0, down.stderr
         assert "destroying" not in down.stdout  # both powered off on the ACPI button
         for name in ("node-a", "node-b"):
             assert wait_for_text(out / "vms" / name / "console.log", "leanvm: power button pressed", 5)
-        gone = libvirt_sh(out, "undefine")
+        gone = libvirt_sh(out, "undefine", uri=uri, env=env)
         assert gone.returncode == 0, gone.stderr
         assert ours(out) == ([], [], [])
         assert not Path("/sys/class/net", "lv" + prefix.removeprefix("leanvm-")).exists()
