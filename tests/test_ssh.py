@@ -5,6 +5,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from support import ENV, Project, build_cluster, doit, qemu_pids, sh
 
 HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "60"}
@@ -70,13 +71,22 @@ def assert_wrong_key_refused(tmp_path: Path, out: Path, name: str) -> None:
     assert refused.returncode == 255 and "Permission denied" in refused.stderr
 
 
-def test_two_vm_cluster_over_ssh_through_reboot_reset_and_down(mini: Path, tmp_path: Path):
-    tmp_path.mkdir(exist_ok=True)
+def two_vm_cluster(tmp_path: Path, mini: Path) -> Path:
     (tmp_path / "b.ign").write_text(json.dumps({"ignition": {"version": "3.4.0"}}))
-    out = build_cluster(tmp_path, mini / "mini.yaml", {
+    return build_cluster(tmp_path, mini / "mini.yaml", {
         "node-a": {"cluster_ip": "10.77.0.11"},
         "node-b": {"cluster_ip": "10.77.0.12", "ignition": "b.ign"},  # keys through Ignition's passwd
     })
+
+
+def assert_down_cleanly(out: Path) -> None:
+    down = cluster(out, "down")
+    assert down.returncode == 0 and "did not power off" not in down.stdout
+    assert qemu_pids(out) == []
+
+
+def test_two_vm_cluster_over_ssh(mini: Path, tmp_path: Path):
+    out = two_vm_cluster(tmp_path, mini)
     try:
         up = cluster(out, "up", "--wait")
         assert up.returncode == 0, up.stdout + up.stderr
@@ -88,6 +98,15 @@ def test_two_vm_cluster_over_ssh_through_reboot_reset_and_down(mini: Path, tmp_p
         assert cluster(out, "ssh", "node-b", "--", "exit 7").returncode == 7  # the remote status, passed through
         assert cluster(out, "ssh", "node-b", "--", "id", "-un").stdout.strip() == "core"
         assert_wrong_key_refused(tmp_path, out, "node-a")
+    finally:
+        assert_down_cleanly(out)
+
+
+@pytest.mark.slow  # three boots of two VMs: .ci/run runs it with -m slow
+def test_host_keys_survive_a_reboot_and_reset_makes_new_ones(mini: Path, tmp_path: Path):
+    out = two_vm_cluster(tmp_path, mini)
+    try:
+        assert cluster(out, "up", "--wait").returncode == 0  # --wait connects to both: known_hosts filled
         host_a, host_b = known_host(out, "node-a"), known_host(out, "node-b")
         assert cluster(out, "down").returncode == 0
 
@@ -106,9 +125,7 @@ def test_two_vm_cluster_over_ssh_through_reboot_reset_and_down(mini: Path, tmp_p
         assert again.returncode == 0 and "userConfigProvided" in again.stdout, again.stderr
         assert known_host(out, "node-b") != host_b and known_host(out, "node-a") == host_a
     finally:
-        down = cluster(out, "down")
-    assert down.returncode == 0 and "did not power off" not in down.stdout
-    assert qemu_pids(out) == []
+        assert_down_cleanly(out)
 
 
 def test_up_wait_names_the_vms_whose_sshd_never_answers(mini: Path, tmp_path: Path):
