@@ -78,7 +78,7 @@ def context() -> Context:
         if claims:
             identity.register(out)
         state = out / "images" / cluster.release.name / ".current-version"
-        version = fetch.resolve_version(cluster.release, state, online=building())
+        version = fetch.resolve_version(cluster.release, state, online=claims)
     except LeanvmError as e:
         fail(e)
     return Context(cluster, Layout(out, cluster.release, version))
