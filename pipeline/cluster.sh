@@ -38,21 +38,55 @@ vm_ssh() {
     -o HostKeyAlias="leanvm-$vm" -o HashKnownHosts=no -o ConnectTimeout=10 "${LEANVM_SSH_USER:-core}@127.0.0.1" "$@"
 }
 
-# Wait until every VM's sshd answers, at most $1 seconds; one line naming those that did not.
+# Seconds after which a VM that printed nothing on its serial console under KVM counts as
+# hung: a KVM guest prints its first kernel line within a second or two.
+KVM_SILENCE=20
+
+# Wait until every VM's sshd answers, at most $1 seconds; one line naming those that did
+# not. Fails at once if a VM's QEMU has ended, and deals with a KVM that hangs (kvm_hung).
 wait_for_ssh() {
-  deadline=$(($(date +%s) + $1))
+  started=$(date +%s)
+  deadline=$((started + $1))
   pending=$(vms)
   while [ -n "$pending" ]; do
     still=""
     for vm in $pending; do
-      vm_ssh "$vm" true </dev/null >/dev/null 2>&1 || still="$still $vm"
+      vm_ssh "$vm" true </dev/null >/dev/null 2>&1 && continue
+      vm_pid "$vm" >/dev/null ||
+        die "VM $vm stopped before its sshd answered: see $out/vms/$vm/console.log"
+      still="$still $vm"
     done
     pending=${still# }
     [ -z "$pending" ] && break
+    if [ "$accel" = kvm ] && [ $(($(date +%s) - started)) -ge "$KVM_SILENCE" ] && silent "$pending"; then
+      kvm_hung "$pending"
+      started=$(date +%s)
+      deadline=$((started + $1))
+    fi
     [ "$(date +%s)" -lt "$deadline" ] || die "no sshd answered within $1 s on:$still"
     sleep 2
   done
   echo "every VM answers ssh"
+}
+
+# True if no VM named in $1 has printed anything on its serial console.
+silent() {
+  for vm in $1; do [ ! -s "$out/vms/$vm/console.log" ] || return 1; done
+}
+
+# The VMs in $1 printed nothing under KVM: KVM hangs on this machine (nested virtualisation
+# does that). Under LEANVM_ACCEL=auto they are stopped and started again under TCG; with
+# LEANVM_ACCEL=kvm they are stopped and the wait fails. One line either way.
+kvm_hung() {
+  # shellcheck disable=SC2086  # one word per VM name
+  force_stop $1
+  why="no VM printed anything on its console within ${KVM_SILENCE} s under KVM: KVM hangs on this machine (nested virtualisation?)"
+  [ "${LEANVM_ACCEL:-auto}" = auto ] || die "$why; the VMs are stopped: start them with LEANVM_ACCEL=tcg"
+  echo "cluster.sh: $why; starting them under TCG (LEANVM_ACCEL=tcg skips the KVM try)" >&2
+  accel=tcg
+  for vm in $1; do
+    LEANVM_ACCEL=tcg "$out/vms/$vm/run.sh" --detach || die "VM $vm did not start under TCG"
+  done
 }
 
 vms() {
@@ -126,8 +160,23 @@ stop_switch_if_unused() {
   ) 9>"$out/net/lock"
 }
 
+# Stop the QEMUs of the VMs named: monitor quit, then SIGTERM, then SIGKILL.
+force_stop() {
+  [ $# -gt 0 ] || return 0
+  monitor quit "$@"
+  for signal in TERM KILL; do
+    for vm; do
+      if pid=$(vm_pid "$vm"); then kill "-$signal" "$pid" 2>/dev/null || true; sleep 1; fi
+    done
+  done
+  return 0
+}
+
 down() {
   timeout=${LEANVM_STOP_TIMEOUT:-60}
+  case $timeout in
+    ''|*[!0-9]*) die "LEANVM_STOP_TIMEOUT must be a number of seconds, not '$timeout'; nothing was stopped" ;;
+  esac
   # Press the power button every few seconds: a guest that is still booting only watches
   # it once booted (systemd-logind, or the mini release's init).
   waited=0
@@ -146,13 +195,7 @@ down() {
     echo "cluster.sh down: no power-off within ${timeout}s" >"$out/vms/$vm/forced-stop"
   done
   # shellcheck disable=SC2086  # one word per VM name
-  [ -z "$stubborn" ] || monitor quit $stubborn
-  for signal in TERM KILL; do
-    for vm in $(still_running); do
-      pid=$(vm_pid "$vm") && kill "-$signal" "$pid" 2>/dev/null
-      sleep 1
-    done
-  done
+  force_stop $stubborn
   stop_switch_if_unused
   for vm in $(vms); do
     rm -f "$out/vms/$vm/monitor.in" "$out/vms/$vm/monitor.out"
@@ -170,13 +213,20 @@ status() {
 
 case ${1-} in
   up)
+    wait_seconds=""
+    if [ "${2-}" = --wait ]; then
+      wait_seconds=${3:-300}
+      case $wait_seconds in ''|*[!0-9]*) die "up --wait takes a number of seconds, not '$wait_seconds'" ;; esac
+    elif [ $# -gt 1 ]; then
+      die "usage: cluster.sh up [--wait [SECONDS]]"
+    fi
+    accel=$(resolve_accel "${LEANVM_ACCEL:-auto}") ||
+      die "LEANVM_ACCEL must be auto, kvm or tcg, not '${LEANVM_ACCEL-}'"
     up_status=0
     up || up_status=$?
-    if [ "${2-}" = --wait ]; then
-      seconds=${3:-300}
-      case $seconds in ''|*[!0-9]*) die "up --wait takes a number of seconds, not '$seconds'" ;; esac
+    if [ -n "$wait_seconds" ]; then
       [ "$up_status" -eq 0 ] || die "some VMs did not start; not waiting for ssh"
-      wait_for_ssh "$seconds"
+      wait_for_ssh "$wait_seconds"
     fi
     exit "$up_status" ;;
   help|--help|-h) usage ;;

@@ -86,12 +86,8 @@ case ${1-} in
   --help|-h) usage; exit 0 ;;
 esac
 
-accel=${LEANVM_ACCEL:-auto}
-case $accel in
-  auto) if [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then accel=kvm; else accel=tcg; fi ;;
-  kvm|tcg) ;;
-  *) die "LEANVM_ACCEL must be auto, kvm or tcg, not '$accel'" ;;
-esac
+accel=$(resolve_accel "${LEANVM_ACCEL:-auto}") ||
+  die "LEANVM_ACCEL must be auto, kvm or tcg, not '${LEANVM_ACCEL-}'"
 if [ "$accel" = kvm ]; then cpu=host; else cpu=max; fi
 
 # The kernel command line, with the first-boot arguments if this is a first boot (decided
@@ -147,10 +143,18 @@ fi
 # --- checks, before anything is touched ----------------------------------------------------
 command -v "$qemu" >/dev/null 2>&1 ||
   die "$qemu not found: install it (apt-get install qemu-system-x86) or set LEANVM_QEMU"
-pid=$(qemu_pid "$here")
-if alive "$pid"; then
-  die "VM $name is already running (pid $pid); stop it before starting it again"
-fi
+refuse_if_running() {
+  pid=$(qemu_pid "$here")
+  if alive "$pid"; then
+    die "VM $name is already running (pid $pid); stop it before starting it again"
+  fi
+}
+refuse_if_running
+# One run.sh at a time per VM (fd 8 on run.lock, never inherited by QEMU): a run.sh that was
+# killed leaves a keeper that stops its QEMU and clears up; a start waits for it.
+exec 8>"$here/run.lock"
+flock -w 15 8 || die "VM $name is starting or stopping in another run.sh; try again"
+refuse_if_running
 for port in $host_ports; do
   if port_in_use "$port"; then
     die "VM $name: host port $port (127.0.0.1) is already in use; stop what uses it or change the VM's ports"
@@ -167,20 +171,73 @@ fi
 rm -f "$here/monitor.in" "$here/monitor.out" "$here/forced-stop"
 mkfifo "$here/monitor.in" "$here/monitor.out"
 if [ "$mode" = detach ]; then
-  vm_qemu exec "$@"  # cluster.sh down stops the switch
+  vm_qemu exec "$@" 8>&-  # cluster.sh down stops the switch
 fi
 
-leave() {
-  trap - EXIT INT TERM HUP
+# --- foreground: QEMU never outlives this script ------------------------------------------
+# QEMU runs as a child that this script waits for, so that a signal reaches the traps at
+# once: SIGTERM, SIGINT and SIGHUP are passed on to QEMU as SIGTERM (QEMU's clean exit:
+# disks flushed), and the script clears up once QEMU is gone. SIGKILL cannot be caught:
+# QEMU then gets SIGTERM from the kernel (setpriv --pdeathsig, util-linux) and a keeper
+# process clears up.
+
+# What a run holds: the monitor FIFOs, a pid file QEMU did not remove, the switch entry.
+release_vm() {
   rm -f "$here/monitor.in" "$here/monitor.out"
+  if ! alive "$(qemu_pid "$here")"; then rm -f "$here/qemu.pid"; fi
   if [ "$cluster_net" = true ]; then with_net_lock leave_switch; fi
 }
+
+# SIGTERM to QEMU, and SIGKILL if it is still there after $1 seconds.
+stop_qemu_child() {
+  kill -TERM "$qemu_child" 2>/dev/null || return 0
+  tries=0
+  while alive "$qemu_child" && [ "$tries" -lt $(($1 * 10)) ]; do sleep 0.1; tries=$((tries + 1)); done
+  kill -KILL "$qemu_child" 2>/dev/null || true
+}
+
+# Runs beside the script (holding its run.lock): once the script is gone without clearing up
+# (it was killed with SIGKILL), stops QEMU if the parent-death signal did not, and clears up.
+keeper() {
+  trap '' INT HUP TERM
+  while alive "$launcher"; do sleep 1 8>&-; done
+  stop_qemu_child 10
+  release_vm
+}
+
+if command -v setpriv >/dev/null 2>&1; then
+  runner="exec setpriv --pdeathsig TERM --"
+else
+  runner="exec"  # no setpriv (e.g. macOS): the keeper stops QEMU within a second
+fi
+caught=""
+trap 'caught=129; kill -TERM "$qemu_child" 2>/dev/null || true' HUP
+trap 'caught=130; kill -TERM "$qemu_child" 2>/dev/null || true' INT
+trap 'caught=143; kill -TERM "$qemu_child" 2>/dev/null || true' TERM
+exec 7<&0  # an asynchronous command's stdin would be /dev/null: QEMU keeps this one
+vm_qemu "$runner" "$@" <&7 7<&- 8>&- &
+qemu_child=$!
+launcher=$$
+keeper </dev/null >/dev/null 2>&1 7<&- &
+keeper_pid=$!
+leave() {
+  trap - EXIT INT TERM HUP
+  kill -KILL "$keeper_pid" 2>/dev/null || true
+  wait "$keeper_pid" 2>/dev/null || true
+  release_vm
+}
 trap leave EXIT
-trap 'exit 129' HUP
-trap 'exit 130' INT
-trap 'exit 143' TERM
-status=0
-vm_qemu command "$@" || status=$?
+while :; do
+  status=0
+  wait "$qemu_child" || status=$?
+  [ -z "$caught" ] || break
+  kill -0 "$qemu_child" 2>/dev/null || break  # QEMU ended and was reaped
+done
+if [ -n "$caught" ]; then
+  stop_qemu_child 10
+  wait "$qemu_child" 2>/dev/null || true
+  exit "$caught"
+fi
 if [ -f "$here/forced-stop" ]; then  # QEMU exits 0 after a monitor quit or a SIGTERM
   printf 'run.sh: VM %s was stopped by force: %s\n' "$name" "$(cat "$here/forced-stop")" >&2
   rm -f "$here/forced-stop"

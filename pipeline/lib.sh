@@ -9,6 +9,16 @@ alive() {
   [ "${state%% *}" != Z ]
 }
 
+# The accelerator for LEANVM_ACCEL ($1: auto, kvm or tcg): auto is KVM when /dev/kvm is
+# usable by this user, else TCG. Prints kvm or tcg; fails for any other value.
+resolve_accel() {
+  case $1 in
+    auto) if [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then echo kvm; else echo tcg; fi ;;
+    kvm|tcg) echo "$1" ;;
+    *) return 1 ;;
+  esac
+}
+
 # True if something on this host listens on TCP port $1 (any address).
 port_in_use() {
   hex=$(printf ':%04X' "$1")

@@ -1,6 +1,9 @@
 """The one helper through which every external command runs (as mkosi/run.py does)."""
 
+import contextlib
+import os
 import shlex
+import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,26 +43,26 @@ def run(
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run argv (output captured unless `capture` is False); a missing binary, a failure or a
-    timeout becomes a LeanvmError."""
+    timeout becomes a LeanvmError. A command with a timeout runs in a session of its own, and
+    the timeout stops that whole session (see stop_session), not only the command."""
     args = [str(a) for a in argv]
     debug(f"+ {shlex.join(args)}")
+    pipe = subprocess.PIPE if capture else None
     try:
-        result = subprocess.run(
-            args,
-            input=input,
-            capture_output=capture,
-            cwd=cwd,
-            timeout=timeout,
-            env=env,
-            stdin=subprocess.DEVNULL if input is None else None,
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE, stdout=pipe, stderr=pipe,
+            cwd=cwd, env=env, start_new_session=timeout is not None,
         )
-    except subprocess.TimeoutExpired:
-        raise LeanvmError(f"{shlex.join(args)} did not finish within {timeout:.0f} s") from None
     except FileNotFoundError:
         package = PACKAGES.get(args[0], args[0])
-        raise LeanvmError(
-            f"{args[0]}: command not found", f"install it: apt-get install {package}"
-        ) from None
+        raise LeanvmError(f"{args[0]}: command not found", f"install it: apt-get install {package}") from None
+    with proc:
+        try:
+            stdout, stderr = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_session(proc)
+            raise LeanvmError(f"{shlex.join(args)} did not finish within {timeout:.0f} s") from None
+    result = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
     if check and result.returncode != 0:
         lines = (result.stderr or b"").decode(errors="replace").strip().splitlines()
         detail = lines[-1] if lines else "no error output"
@@ -67,6 +70,18 @@ def run(
             f"{shlex.join(args)} failed with exit code {result.returncode}: {detail}"
         )
     return result
+
+
+def stop_session(proc: subprocess.Popen, grace: float = 15) -> None:
+    """SIGTERM to every process of proc's session (a run.sh passes it on to its QEMU), then,
+    after `grace` seconds or once proc has ended, SIGKILL to whatever is left of it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def stop_gpg_agent(home: Path | str) -> None:
