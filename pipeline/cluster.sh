@@ -52,8 +52,10 @@ wait_for_ssh() {
     still=""
     for vm in $pending; do
       vm_ssh "$vm" true </dev/null >/dev/null 2>&1 && continue
-      vm_pid "$vm" >/dev/null ||
+      if ! vm_pid "$vm" >/dev/null; then
+        stop_switch_if_unused
         die "VM $vm stopped before its sshd answered: see $out/vms/$vm/console.log"
+      fi
       still="$still $vm"
     done
     pending=${still# }
@@ -81,7 +83,10 @@ kvm_hung() {
   # shellcheck disable=SC2086  # one word per VM name
   force_stop $1
   why="no VM printed anything on its console within ${KVM_SILENCE} s under KVM: KVM hangs on this machine (nested virtualisation?)"
-  [ "${LEANVM_ACCEL:-auto}" = auto ] || die "$why; the VMs are stopped: start them with LEANVM_ACCEL=tcg"
+  if [ "${LEANVM_ACCEL:-auto}" != auto ]; then
+    stop_switch_if_unused
+    die "$why; the VMs are stopped: start them with LEANVM_ACCEL=tcg"
+  fi
   echo "cluster.sh: $why; starting them under TCG (LEANVM_ACCEL=tcg skips the KVM try)" >&2
   accel=tcg
   for vm in $1; do

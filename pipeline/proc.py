@@ -5,6 +5,7 @@ import os
 import shlex
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,15 +74,34 @@ def run(
 
 
 def stop_session(proc: subprocess.Popen, grace: float = 15) -> None:
-    """SIGTERM to every process of proc's session (a run.sh passes it on to its QEMU), then,
-    after `grace` seconds or once proc has ended, SIGKILL to whatever is left of it."""
+    """SIGTERM to every process of proc's session (a run.sh passes it on to its QEMU and
+    clears up), then SIGKILL to whatever of it is still there after `grace` seconds."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(grace)
+    deadline = time.monotonic() + grace
+    while session_alive(proc) and time.monotonic() < deadline:
+        time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def session_alive(proc: subprocess.Popen) -> bool:
+    """True while a process of proc's process group runs (zombies do not count)."""
+    proc.poll()  # reap the leader itself
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():  # not Linux: ask the kernel, zombies included
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc_dir.glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) == proc.pid:
+                return True
+    return False
 
 
 def stop_gpg_agent(home: Path | str) -> None:

@@ -1,13 +1,25 @@
+import contextlib
 import os
 import shutil
 import signal
 from pathlib import Path
 
 import pytest
-from support import Keyring, Mirror, MirrorServer, Project, serve
+from support import Keyring, Mirror, MirrorServer, Project, qemu_pids, serve
 
 from pipeline import minirelease
 from pipeline.proc import stop_gpg_agent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running(tmp_path_factory: pytest.TempPathFactory):
+    """The session-end check: no test left a QEMU or a vde_switch of its out/ running."""
+    yield
+    left = qemu_pids(tmp_path_factory.getbasetemp())
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert left == [], f"QEMU or vde_switch processes left running by the tests: {left}"
 
 
 @pytest.fixture(scope="session")

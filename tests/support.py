@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.proc import stop_session
+
 PROJECT = Path(__file__).resolve().parent.parent
 KERNEL = "test_pxe.vmlinuz"
 IMAGE = "test_pxe_image.cpio.gz"
@@ -26,6 +28,41 @@ IMAGE = "test_pxe_image.cpio.gz"
 
 def sh(*argv: str | Path, cwd: Path | None = None, input: bytes | None = None) -> bytes:
     return subprocess.run([str(a) for a in argv], cwd=cwd, input=input, check=True, capture_output=True).stdout
+
+
+def run(args: list, *, timeout: float, input: bytes | str | None = None, capture_output: bool = False,
+        check: bool = False, **popen: object) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own: a timeout stops the whole session (a run.sh and
+    its QEMU, a cluster.sh and its ssh probes), not only the direct child."""
+    if capture_output:
+        popen.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if input is not None:
+        popen["stdin"] = subprocess.PIPE
+    with subprocess.Popen([str(a) for a in args], start_new_session=True, **popen) as proc:
+        try:
+            stdout, stderr = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_session(proc)
+            raise
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    if check:
+        result.check_returncode()
+    return result
+
+
+def start(args: list, **popen: object) -> subprocess.Popen:
+    """subprocess.Popen in a session of its own; end it with finish() (or stop_session)."""
+    return subprocess.Popen([str(a) for a in args], start_new_session=True, **popen)
+
+
+def finish(proc: subprocess.Popen, input: bytes | None = None, timeout: float = 60) -> tuple:
+    """communicate() with a started process; if it does not end in time, its whole session
+    is stopped and the timeout raised."""
+    try:
+        return proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_session(proc)
+        raise
 
 
 # --- GPG ---------------------------------------------------------------------------
@@ -248,10 +285,8 @@ class DoitResult:
 
 
 def doit(*args: str, env: dict | None = None, timeout: float = 300) -> DoitResult:
-    proc = subprocess.run(
-        [sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), *args],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
-    )
+    proc = run([sys.executable, "-m", "doit", "-f", PROJECT / "dodo.py", *args],
+               capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     return DoitResult(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -387,8 +422,8 @@ def build_cluster(root: Path, profile: Path, vms: dict, **extra: object) -> Path
 
 def boot(run_sh: Path, append: str = "") -> str:
     """Boot to power-off; the serial console text."""
-    proc = subprocess.run([str(run_sh)], stdin=subprocess.DEVNULL, capture_output=True, timeout=BOOT_TIMEOUT,
-                          env={**ENV, "LEANVM_APPEND": append})
+    proc = run([run_sh], stdin=subprocess.DEVNULL, capture_output=True, timeout=BOOT_TIMEOUT,
+               env={**ENV, "LEANVM_APPEND": append})
     console = proc.stdout.decode(errors="replace")
     assert proc.returncode == 0, console[-2000:] + proc.stderr.decode()
     assert "leanvm: ready" in console, console[-3000:]

@@ -1,15 +1,14 @@
 """A tiny run of the benchmark script: it must run end to end and print its table (no timings asserted)."""
 
-import subprocess
 import sys
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parent.parent
+from support import PROJECT, run
 
 
 def test_bench_smoke_prints_every_section(tmp_path: Path):
-    result = subprocess.run([sys.executable, str(PROJECT / "bench" / "run.py"), "--smoke", "--work", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = run([sys.executable, str(PROJECT / "bench" / "run.py"), "--smoke", "--work", str(tmp_path)],
+                 capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     sections = {row.split("|")[1].strip() for row in rows[1:]}

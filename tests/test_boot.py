@@ -4,7 +4,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from support import BOOT_TIMEOUT, ENV, boot, build_cluster, marker, sh, wait_for_text
+from support import BOOT_TIMEOUT, ENV, boot, build_cluster, finish, marker, run, sh, start, wait_for_text
 
 
 def assert_lean_boot(console: str, hostname: str) -> None:
@@ -34,8 +34,8 @@ def test_two_vms_boot_together_with_shared_readonly_usr_and_persistent_state(min
     # alpha stays up (leanvm.shell) while beta boots: both run at the same time.
     console = tmp_path / "alpha-console.txt"
     with open(console, "wb") as log:
-        first = subprocess.Popen([str(alpha / "run.sh")], stdin=subprocess.PIPE, stdout=log, stderr=log,
-                                 env={**ENV, "LEANVM_APPEND": "leanvm.shell"})
+        first = start([alpha / "run.sh"], stdin=subprocess.PIPE, stdout=log, stderr=log,
+                      env={**ENV, "LEANVM_APPEND": "leanvm.shell"})
     try:
         wait_for_text(console, "shell requested", proc=first)
         assert_lean_boot(console.read_text(errors="replace"), "alpha-from-user-data")
@@ -43,13 +43,13 @@ def test_two_vms_boot_together_with_shared_readonly_usr_and_persistent_state(min
         assert_lean_boot(boot(beta / "run.sh"), "beta")
         assert first.poll() is None
 
-        again = subprocess.run([str(alpha / "run.sh")], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                               env=ENV, timeout=30)
+        again = run([str(alpha / "run.sh")], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                    env=ENV, timeout=30)
         assert again.returncode != 0
         assert "already running" in again.stderr and len(again.stderr.strip().splitlines()) == 1
         assert first.poll() is None
     finally:
-        first.communicate(b"exit\n", timeout=BOOT_TIMEOUT)
+        finish(first, b"exit\n", timeout=BOOT_TIMEOUT)
     assert first.returncode == 0
     assert "powering off" in console.read_text(errors="replace")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import ENV, build_cluster, doit, marker, qemu_pids, sh, wait_for_text
+from support import ENV, build_cluster, doit, marker, qemu_pids, run, sh, wait_for_text
 
 
 def test_up_status_network_ping_and_down(mini: Path, tmp_path: Path):
@@ -20,7 +20,7 @@ def test_up_status_network_ping_and_down(mini: Path, tmp_path: Path):
     subprocess.run(["shellcheck", cluster_sh], check=True)
     env = {**ENV, "LEANVM_APPEND": "leanvm.hold leanvm.ping=10.77.0.11,10.77.0.12", "LEANVM_STOP_TIMEOUT": "60"}
     try:
-        up = subprocess.run([cluster_sh, "up"], capture_output=True, text=True, env=env, timeout=60)
+        up = run([cluster_sh, "up"], capture_output=True, text=True, env=env, timeout=60)
         assert up.returncode == 0, up.stdout + up.stderr
         assert "node-a: started" in up.stdout and "ssh 127.0.0.1:2512" in up.stdout
         status = subprocess.run([cluster_sh, "status"], capture_output=True, text=True, check=True).stdout
@@ -32,7 +32,7 @@ def test_up_status_network_ping_and_down(mini: Path, tmp_path: Path):
             assert f"leanvm: ping {peer}: ok" in console, console[-2000:]
             assert marker(console, "hostname") == name
     finally:
-        down = subprocess.run([cluster_sh, "down"], capture_output=True, text=True, env=env, timeout=120)
+        down = run([cluster_sh, "down"], capture_output=True, text=True, env=env, timeout=120)
     assert down.returncode == 0, down.stderr
     assert "did not power off" not in down.stdout  # graceful: ACPI power button, guest powers off
     for name in ("node-a", "node-b"):
@@ -49,8 +49,8 @@ def test_port_taken_on_host_is_one_clear_line(mini: Path, tmp_path: Path):
         busy.listen()
         port = busy.getsockname()[1]
         out = build_cluster(tmp_path, mini / "mini.yaml", {"web": {"ssh_port": 2521, "forward": [f"{port}:80"]}})
-        result = subprocess.run([str(out / "vms" / "web" / "run.sh")], capture_output=True, text=True, env=ENV,
-                                stdin=subprocess.DEVNULL, timeout=30)
+        result = run([str(out / "vms" / "web" / "run.sh")], capture_output=True, text=True, env=ENV,
+                     stdin=subprocess.DEVNULL, timeout=30)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"VM web: host port {port}" in lines[0] and "already in use" in lines[0]
@@ -106,10 +106,10 @@ def test_down_stops_a_guest_that_ignores_the_power_button(mini: Path, tmp_path: 
     # leanvm.shell with no terminal: the guest sits in a shell and never reads the button.
     env = {**ENV, "LEANVM_APPEND": "leanvm.shell", "LEANVM_STOP_TIMEOUT": "2"}
     try:
-        assert subprocess.run([cluster_sh, "up"], capture_output=True, env=env, timeout=60).returncode == 0
+        assert run([cluster_sh, "up"], capture_output=True, env=env, timeout=60).returncode == 0
         wait_for_text(out / "vms" / "stubborn" / "console.log", "shell requested")
     finally:
-        down = subprocess.run([cluster_sh, "down"], capture_output=True, text=True, env=env, timeout=120)
+        down = run([cluster_sh, "down"], capture_output=True, text=True, env=env, timeout=120)
     assert "stubborn: did not power off within 2s; stopping QEMU" in down.stdout
     assert qemu_pids(out) == []
 
@@ -126,10 +126,10 @@ def test_two_clusters_coexist_with_distinct_ports_and_isolated_networks(mini: Pa
     hold = {**ENV, "LEANVM_APPEND": "leanvm.hold"}
     check = {**ENV, "LEANVM_APPEND": "leanvm.hold leanvm.ping=10.77.0.11,10.77.0.12 leanvm.unreachable=10.77.0.13"}
     try:
-        up_b = subprocess.run([str(b / "cluster.sh"), "up"], capture_output=True, text=True, env=hold, timeout=60)
+        up_b = run([str(b / "cluster.sh"), "up"], capture_output=True, text=True, env=hold, timeout=60)
         assert up_b.returncode == 0, up_b.stdout + up_b.stderr
         wait_for_text(b / "vms" / "core1" / "console.log", "holding (leanvm.hold)")
-        up_a = subprocess.run([str(a / "cluster.sh"), "up"], capture_output=True, text=True, env=check, timeout=60)
+        up_a = run([str(a / "cluster.sh"), "up"], capture_output=True, text=True, env=check, timeout=60)
         assert up_a.returncode == 0, up_a.stdout + up_a.stderr
         for name in ("core1", "core2"):
             console = wait_for_text(a / "vms" / name / "console.log", "holding (leanvm.hold)", timeout=180)
@@ -138,5 +138,5 @@ def test_two_clusters_coexist_with_distinct_ports_and_isolated_networks(mini: Pa
         assert qemu_pids(b)  # B was up all along: its VM just is not on A's network
     finally:
         for out in (a, b):
-            subprocess.run([str(out / "cluster.sh"), "down"], capture_output=True, env=ENV, timeout=120)
+            run([str(out / "cluster.sh"), "down"], capture_output=True, env=ENV, timeout=120)
     assert qemu_pids(a) == [] and qemu_pids(b) == []

@@ -18,6 +18,7 @@ from support import (
     build_cluster,
     doit,
     processes,
+    run,
     sh,
     start_libvirtd,
     start_ssh_host,
@@ -56,8 +57,8 @@ def remote(libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def libvirt_sh(out: Path, *args: str, append: str = "", uri: str = LIBVIRT_URI,
                env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**(env or ENV), "LEANVM_ACCEL": "tcg", "LEANVM_APPEND": append, "LEANVM_STOP_TIMEOUT": "60"}
-    return subprocess.run([str(out / "libvirt.sh"), "--connect", uri, *args], capture_output=True, text=True,
-                          env=env, stdin=subprocess.DEVNULL, timeout=300)
+    return run([str(out / "libvirt.sh"), "--connect", uri, *args], capture_output=True, text=True,
+               env=env, stdin=subprocess.DEVNULL, timeout=300)
 
 
 def build_for_libvirt(root: Path, mini: Path, vms: dict) -> Path:
@@ -208,8 +209,8 @@ def test_two_vm_cluster_over_qemu_ssh_boots_pings_and_is_torn_down_cleanly(mini:
             assert "leanvm: ping 10.77.0.11: ok" in console and "leanvm: ping 10.77.0.12: ok" in console
             assert "leanvm: usr writable: no" in console and "leanvm: first boot: yes" in console
         assert "leanvm: ignition: result written" in (out / "vms" / "node-b" / "console.log").read_text()
-        mounts = subprocess.run([str(out / "cluster.sh"), "ssh", "node-a", "--", "cat", "/proc/mounts"],
-                                capture_output=True, text=True, timeout=120)
+        mounts = run([str(out / "cluster.sh"), "ssh", "node-a", "--", "cat", "/proc/mounts"],
+                     capture_output=True, text=True, timeout=120)
         assert re.search(r"^/dev/vda1 /usr squashfs ro[, ]", mounts.stdout, re.M), mounts.stdout + mounts.stderr
         assert_one_shared_usr_and_plain_next_boot(prefix)
         down = libvirt_sh(out, "stop", uri=uri, env=env)

@@ -7,7 +7,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import ENV, QUIT, build_cluster, doit, printed, qemu_pids, sh, switch_processes, wait_for_text
+from support import (
+    ENV,
+    QUIT,
+    build_cluster,
+    doit,
+    finish,
+    printed,
+    qemu_pids,
+    run,
+    sh,
+    start,
+    switch_processes,
+    wait_for_text,
+)
 
 
 def run_doit(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -16,8 +29,8 @@ def run_doit(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 def detach_paused(vm: Path) -> int:
     """Start the VM's real QEMU detached with its CPUs stopped (-S): it runs, it does not boot."""
-    result = subprocess.run([str(vm / "run.sh"), "--detach", "-S"], capture_output=True, text=True, env=ENV,
-                            timeout=60)
+    result = run([str(vm / "run.sh"), "--detach", "-S"], capture_output=True, text=True, env=ENV,
+                 timeout=60)
     assert result.returncode == 0, result.stderr
     return int((vm / "qemu.pid").read_text())
 
@@ -32,8 +45,8 @@ def one_line(result) -> str:
 def trio(mini: Path, tmp_path: Path):
     out = build_cluster(tmp_path, mini / "mini.yaml", {"d1": {}, "d2": {}, "d3": {}})
     yield tmp_path, out
-    subprocess.run([str(out / "cluster.sh"), "down"], capture_output=True, env={**ENV, "LEANVM_STOP_TIMEOUT": "1"},
-                   timeout=120)
+    run([str(out / "cluster.sh"), "down"], capture_output=True, env={**ENV, "LEANVM_STOP_TIMEOUT": "1"},
+        timeout=120)
 
 
 def test_bare_reset_is_refused_and_touches_no_disk(trio):
@@ -106,7 +119,7 @@ def test_a_refused_second_start_leaves_the_running_vm_intact(trio):
     assert "already running" in one_line(again)
     assert {p.name: p.stat().st_ino for p in vm.glob("monitor.*")} == fifos
     wait_for_text(vm / "console.log", "holding (leanvm.hold)")
-    down = subprocess.run([str(out / "cluster.sh"), "down"], capture_output=True, text=True, env=env, timeout=120)
+    down = run([str(out / "cluster.sh"), "down"], capture_output=True, text=True, env=env, timeout=120)
     assert down.returncode == 0 and "did not power off" not in down.stdout, down.stdout
     assert "leanvm: power button pressed" in (vm / "console.log").read_text()
 
@@ -118,8 +131,8 @@ def test_printed_command_runs_when_pasted_elsewhere(trio):
                           check=True, env=ENV).stdout
     words = shlex.split(line, comments=True)
     assert words[:3] == ["cd", str(out / "net"), "&&"]
-    pasted = subprocess.run(["sh", "-c", line.strip() + " -S"], input=QUIT, capture_output=True, cwd="/",
-                            timeout=60)
+    pasted = run(["sh", "-c", line.strip() + " -S"], input=QUIT, capture_output=True, cwd="/",
+                 timeout=60)
     assert pasted.returncode == 0, pasted.stderr.decode()
     assert printed(out / "vms" / "d2" / "run.sh")[0] == "qemu-system-x86_64"
 
@@ -128,7 +141,7 @@ def test_a_run_sh_stopped_by_a_signal_stops_its_switch(trio):
     _, out = trio
     proc = subprocess.Popen([str(out / "vms" / "d1" / "run.sh"), "-S"], stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, start_new_session=True)
-    wait = subprocess.run(["sh", "-c", f"while [ ! -s '{out}/vms/d1/qemu.pid' ]; do sleep 0.1; done"], timeout=30)
+    wait = run(["sh", "-c", f"while [ ! -s '{out}/vms/d1/qemu.pid' ]; do sleep 0.1; done"], timeout=30)
     assert wait.returncode == 0 and switch_processes(out)
     os.killpg(proc.pid, 15)  # as `timeout` does: the whole process group
     proc.wait(timeout=30)
@@ -139,16 +152,15 @@ def test_a_run_sh_stopped_by_a_signal_stops_its_switch(trio):
 def test_a_foreground_vm_stopped_by_force_says_so(trio):
     _, out = trio
     env = {**ENV, "LEANVM_APPEND": "leanvm.shell", "LEANVM_STOP_TIMEOUT": "2"}  # ignores the button
-    proc = subprocess.Popen([str(out / "vms" / "d3" / "run.sh")], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = start([out / "vms" / "d3" / "run.sh"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, env=env)
     try:
-        subprocess.run(["sh", "-c", f"while [ ! -s '{out}/vms/d3/qemu.pid' ]; do sleep 0.1; done"], timeout=60)
-        down = subprocess.run([str(out / "cluster.sh"), "down"], capture_output=True, text=True, env=env,
-                              timeout=120)
+        run(["sh", "-c", f"while [ ! -s '{out}/vms/d3/qemu.pid' ]; do sleep 0.1; done"], timeout=60)
+        down = run([str(out / "cluster.sh"), "down"], capture_output=True, text=True, env=env,
+                   timeout=120)
         assert "d3: did not power off within 2s" in down.stdout
-        _, err = proc.communicate(timeout=60)
     finally:
-        proc.kill()
+        _, err = finish(proc)
     assert proc.returncode != 0 and "stopped by force" in err.decode()
 
 

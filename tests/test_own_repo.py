@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import PROJECT, Project, doit, sh
+from support import PROJECT, Project, doit, run, sh
 
 from pipeline.config import load_cluster
 from pipeline.errors import LeanvmError
@@ -28,7 +28,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def leanvm(exe: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    return run([str(exe), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_leanvm_from_a_directory_holding_only_a_cluster_file(installed: Path, mini: Path, tmp_path: Path):

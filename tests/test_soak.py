@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import ENV, build_cluster, qemu_pids, sh, wait_for_text
+from support import ENV, build_cluster, qemu_pids, run, sh, wait_for_text
 
 pytestmark = pytest.mark.slow
 HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "90"}
@@ -15,7 +15,7 @@ NAMES = ("s1", "s2", "s3")
 
 
 def cluster(cmd: str, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(out / "cluster.sh"), cmd], capture_output=True, text=True, env=HOLD, timeout=240)
+    return run([str(out / "cluster.sh"), cmd], capture_output=True, text=True, env=HOLD, timeout=240)
 
 
 def assert_nothing_left(out: Path) -> None:

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import ENV, Project, build_cluster, doit, qemu_pids, sh
+from support import ENV, Project, build_cluster, doit, qemu_pids, run, sh
 
 HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "60"}
 
@@ -51,8 +51,8 @@ def test_cluster_key_is_made_once_kept_by_clean_and_reaches_every_vm(project: Pr
 
 
 def cluster(out: Path, *args: str, env: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([str(out / "cluster.sh"), *args], capture_output=True, text=True, env=env or HOLD,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
+    return run([str(out / "cluster.sh"), *args], capture_output=True, text=True, env=env or HOLD,
+               stdin=subprocess.DEVNULL, timeout=timeout)
 
 
 def known_host(out: Path, name: str) -> str:
@@ -64,10 +64,10 @@ def known_host(out: Path, name: str) -> str:
 def assert_wrong_key_refused(tmp_path: Path, out: Path, name: str) -> None:
     wrong, _ = user_key(tmp_path, "wrong")
     port = re.search(r"^ssh_port=(\d+)$", (out / f"state/vms/{name}.env").read_text(), re.M)[1]
-    refused = subprocess.run(["ssh", "-i", str(wrong), "-p", port, "-o", "IdentitiesOnly=yes", "-o",
-                              "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
-                              "UserKnownHostsFile=/dev/null", "core@127.0.0.1", "true"],
-                             capture_output=True, text=True, timeout=60)
+    refused = run(["ssh", "-i", str(wrong), "-p", port, "-o", "IdentitiesOnly=yes", "-o",
+                   "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
+                   "UserKnownHostsFile=/dev/null", "core@127.0.0.1", "true"],
+                  capture_output=True, text=True, timeout=60)
     assert refused.returncode == 255 and "Permission denied" in refused.stderr
 
 

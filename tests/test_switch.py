@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from support import ENV, QUIT, build_cluster, switch_processes
+from support import ENV, QUIT, build_cluster, finish, switch_processes
+from support import start as launch
 
 
 def start(run_sh: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(run_sh), "-S"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=ENV)
+    return launch([run_sh, "-S"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
 
 
 def wait_running(vm: Path, proc: subprocess.Popen) -> None:
@@ -27,11 +27,7 @@ def wait_running(vm: Path, proc: subprocess.Popen) -> None:
 
 
 def stop(proc: subprocess.Popen) -> str:
-    try:
-        _, err = proc.communicate(QUIT, timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # leave no QEMU behind a failing test
-        raise
+    _, err = finish(proc, QUIT, timeout=30)
     assert proc.returncode == 0, err.decode()
     return err.decode()
 
