@@ -52,8 +52,8 @@ ensure_switch() {
   echo "$$" >"$net/users/$name"
   switch_alive && return 0
   stop_switch "$net"  # whatever a dead or half-started switch left behind
-  # The switch must not inherit the lock (fd 9) or this script's output.
-  (cd "$net" && vde_switch --sock switch --pidfile "$net/switch.pid" --daemon) </dev/null >/dev/null 2>&1 9>&- ||
+  # The switch must not inherit the locks (fd 8: run.lock, fd 9: net/lock) or this output.
+  (cd "$net" && vde_switch --sock switch --pidfile "$net/switch.pid" --daemon) </dev/null >/dev/null 2>&1 8>&- 9>&- ||
     true
   tries=0
   until switch_alive; do
@@ -171,7 +171,8 @@ fi
 rm -f "$here/monitor.in" "$here/monitor.out" "$here/forced-stop"
 mkfifo "$here/monitor.in" "$here/monitor.out"
 if [ "$mode" = detach ]; then
-  vm_qemu exec "$@" 8>&-  # cluster.sh down stops the switch
+  exec 8>&-  # a detached QEMU does not hold run.lock
+  vm_qemu exec "$@"  # cluster.sh down stops the switch
 fi
 
 # --- foreground: QEMU never outlives this script ------------------------------------------

@@ -14,7 +14,9 @@ import hashlib
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,9 +190,25 @@ def gpg(home: Path) -> list[str | Path]:
     return ["gpg", "--homedir", home, "--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", ""]
 
 
+@contextmanager
+def gnupg_home(keep: Path) -> Iterator[Path]:
+    """A GNUPGHOME at a short temporary path holding the demo key kept in `keep`. gpg-agent's
+    socket lives in the home, and a Unix socket path has at most 107 bytes: signing from a
+    checkout at a deep path would fail with "No agent running"."""
+    keep.mkdir(parents=True, exist_ok=True, mode=0o700)
+    transient = shutil.ignore_patterns("S.*", "*.lock", ".#*")  # sockets and locks
+    with tempfile.TemporaryDirectory(prefix="leanvm-gpg-") as tmp:
+        home = Path(tmp)
+        shutil.copytree(keep, home, dirs_exist_ok=True, ignore=transient)
+        try:
+            yield home
+        finally:
+            stop_gpg_agent(home)
+        shutil.copytree(home, keep, dirs_exist_ok=True, ignore=transient)
+
+
 def demo_key(home: Path) -> str:
     """The fingerprint of the local demo signing key, made on first use."""
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
     listing = run([*gpg(home), "--with-colons", "--list-secret-keys"], check=False).stdout.decode()
     if "fpr:" not in listing:
         run([*gpg(home), "--quick-gen-key", "leanvm mini release demo key", "ed25519", "sign", "0"])
@@ -223,6 +241,20 @@ def write_profile(dest: Path, mirror: Path, key: Path, fingerprint: str, kernel_
     write_atomic(dest, (header + yaml.safe_dump(profile, sort_keys=False)).encode())
 
 
+def publish_version(work: Path, vdir: Path, kernel: Kernel, busybox: Path, pad_mb: int,
+                    sign_file: Callable[[Path], None]) -> None:
+    """Write and sign one version of the mini release into the mirror directory vdir."""
+    work.mkdir(parents=True, exist_ok=True)
+    make_usr(work / "usr.squashfs", busybox, vdir.name, pad_mb)
+    vdir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(kernel.vmlinuz, vdir / KERNEL)
+    make_initrd(vdir / INITRD, kernel, busybox)
+    write_cpio_gz(vdir / IMAGE, {"usr.squashfs": work / "usr.squashfs"})
+    (work / "usr.squashfs").unlink()
+    for name in (KERNEL, INITRD, IMAGE):
+        sign_file(vdir / name)
+
+
 def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> Path:
     """Build the mini release under `out`; returns the directory holding its profiles."""
     kernel = fetch_kernel(out / "kernel")
@@ -234,22 +266,12 @@ def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> P
     version = f"1.{pad_mb}.{digest[:8]}"
     mirror = out / "mirror"
     vdir = mirror / version
-    home = out / "gnupg"
-    fingerprint = demo_key(home)
-    if not (vdir / f"{IMAGE}.sig").exists():
-        work = out / "work"
-        work.mkdir(parents=True, exist_ok=True)
-        make_usr(work / "usr.squashfs", busybox, version, pad_mb)
-        vdir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(kernel.vmlinuz, vdir / KERNEL)
-        make_initrd(vdir / INITRD, kernel, busybox)
-        write_cpio_gz(vdir / IMAGE, {"usr.squashfs": work / "usr.squashfs"})
-        (work / "usr.squashfs").unlink()
-        for name in (KERNEL, INITRD, IMAGE):
-            sign(home, fingerprint, vdir / name)
     key = out / "demo-signing-key.asc"
-    key.write_bytes(run([*gpg(home), "--armor", "--export", fingerprint]).stdout)
-    stop_gpg_agent(home)
+    with gnupg_home(out / "gnupg") as home:
+        fingerprint = demo_key(home)
+        if not (vdir / f"{IMAGE}.sig").exists():
+            publish_version(out / "work", vdir, kernel, busybox, pad_mb, lambda path: sign(home, fingerprint, path))
+        key.write_bytes(run([*gpg(home), "--armor", "--export", fingerprint]).stdout)
     write_atomic(mirror / "current" / "version.txt", f"MINI_VERSION={version}\n".encode())
     write_profile(out / "mini.yaml", mirror, key, fingerprint, FLATCAR_ARGS)
     write_profile(out / "mini-vdx.yaml", mirror, key, fingerprint, VDX_ARGS)
