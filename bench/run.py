@@ -23,7 +23,7 @@ PROJECT = HERE.parent
 sys.path[:0] = [str(PROJECT), str(PROJECT / "tests"), str(HERE)]
 
 import yaml  # noqa: E402
-from support import Keyring, Mirror, make_cpio_gz, make_squashfs, serve  # noqa: E402
+from support import Keyring, Mirror, make_cpio_gz, make_squashfs, run, serve  # noqa: E402
 
 from pipeline import fetch, minirelease  # noqa: E402
 from pipeline.extract import extract_usr_disk  # noqa: E402
@@ -265,8 +265,8 @@ print(mark, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
 
 def boot_once(argv: list[str]) -> tuple[float, int]:
     env = {**os.environ, "LEANVM_ACCEL": os.environ.get("LEANVM_ACCEL", "tcg")}
-    out = subprocess.run([sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, env=env,
-                         timeout=600, check=True).stdout.split()
+    out = run([sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, env=env,
+              timeout=600, check=True).stdout.split()
     if out[0] == "None":
         raise RuntimeError(f"{argv[0]} never printed the 'usr mounted' marker")
     return float(out[0]), int(out[1])
@@ -330,8 +330,8 @@ def wait_console(out: Path, names: list[str], text: str, timeout: float = 600) -
 
 
 def cluster_sh(out: Path, command: str, env: dict[str, str]) -> None:
-    subprocess.run([str(out / "cluster.sh"), command], check=True, capture_output=True, timeout=600,
-                   env={**os.environ, "LEANVM_ACCEL": os.environ.get("LEANVM_ACCEL", "tcg"), **env})
+    run([out / "cluster.sh", command], check=True, capture_output=True, timeout=600,
+        env={**os.environ, "LEANVM_ACCEL": os.environ.get("LEANVM_ACCEL", "tcg"), **env})
 
 
 def up_until(out: Path, names: list[str], append: str, marker: str, env: dict[str, str] | None = None) -> float:

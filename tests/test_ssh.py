@@ -130,9 +130,12 @@ def test_host_keys_survive_a_reboot_and_reset_makes_new_ones(mini: Path, tmp_pat
 
 def test_up_wait_names_the_vms_whose_sshd_never_answers(mini: Path, tmp_path: Path):
     out = build_cluster(tmp_path, mini / "mini.yaml", {"quiet": {}})
+    paused = tmp_path / "paused-qemu"  # a VM that runs but never boots: its CPUs stay stopped
+    paused.write_text('#!/bin/sh\nexec qemu-system-x86_64 "$@" -S\n')
+    paused.chmod(0o755)
     try:
-        up = cluster(out, "up", "--wait", "15", env={**ENV, "LEANVM_APPEND": ""})  # boots, powers off: no sshd
+        up = cluster(out, "up", "--wait", "15", env={**ENV, "LEANVM_QEMU": str(paused)})
     finally:
-        cluster(out, "down")
+        cluster(out, "down", env={**ENV, "LEANVM_STOP_TIMEOUT": "1"})  # a paused guest ignores the button
     assert up.returncode != 0
     assert up.stderr.strip().splitlines() == ["cluster.sh: no sshd answered within 15 s on: quiet"]
