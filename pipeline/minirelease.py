@@ -39,6 +39,14 @@ WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "ext4", 
 KERNEL, INITRD, IMAGE = "mini.vmlinuz", "mini.initrd.cpio.gz", "mini_image.cpio.gz"
 DROPBEAR = Path("/usr/sbin/dropbear")  # Debian's dropbear-bin: the mini release's sshd
 PROGRAMS = {DROPBEAR: "sbin/dropbear"}  # host file -> place in /usr
+# The initrd runs the real Ignition (Debian's ignition, CoreOS Ignition 2.14), which creates
+# users and groups with Debian's useradd, usermod and groupadd (passwd) under --root.
+IGNITION = Path("/usr/lib/dracut/modules.d/30ignition/ignition")
+INITRD_PROGRAMS = {IGNITION: "usr/bin/ignition", Path("/usr/sbin/useradd"): "usr/sbin/useradd",
+                   Path("/usr/sbin/usermod"): "usr/sbin/usermod", Path("/usr/sbin/groupadd"): "usr/sbin/groupadd"}
+# Debian's Ignition relabels what it wrote for SELinux; the mini release has no SELinux, so
+# its initrd gives it a setfiles that does nothing (and a SELINUXTYPE=none config meanwhile).
+SETFILES_STUB = b"#!/bin/sh\n# leanvm mini release: no SELinux, nothing to relabel\nexit 0\n"
 # The Flatcar profiles' arguments, word for word; and the same disks named by /dev/vdX.
 FLATCAR_ARGS = (
     "mount.usr=PARTLABEL=USR-A mount.usrfstype=squashfs mount.usrflags=ro "
@@ -136,9 +144,20 @@ def make_initrd(dest: Path, kernel: Kernel, busybox: Path) -> None:
         "lib/modules/load.order": "".join(f"{m}\n" for m in order).encode(),
     }
     files.update({f"lib/modules/{m}": kernel.modules / m for m in order})
-    for empty in ("dev", "proc", "sys", "sysroot", "mnt/config"):
+    for empty in ("dev", "proc", "sys", "sysroot", "mnt/config", "run"):
         files[f"{empty}/.keep"] = b""
-    write_cpio_gz(dest, files, {"init": 0o755, "bin/busybox": 0o755})
+    files["usr/sbin/setfiles"] = SETFILES_STUB
+    for program, place in INITRD_PROGRAMS.items():
+        files[place] = program
+        files.update({library_place(lib): lib.resolve() for lib in shared_libraries(program)})
+    executable = {"init", "bin/busybox", "usr/sbin/setfiles", *INITRD_PROGRAMS.values(),
+                  *(name for name in files if name.startswith("lib64/ld-linux"))}  # the kernel execs the loader
+    write_cpio_gz(dest, files, {name: 0o755 for name in executable})
+
+
+def library_place(lib: Path) -> str:
+    """Where a shared library goes in the initrd or /usr (the loader in lib64, as on Debian)."""
+    return f"lib64/{lib.name}" if lib.name.startswith("ld-linux") else f"lib/x86_64-linux-gnu/{lib.name}"
 
 
 def shared_libraries(binary: Path) -> list[Path]:
@@ -169,8 +188,7 @@ def make_usr(dest: Path, busybox: Path, version: str, pad_mb: int) -> None:
     for program, place in PROGRAMS.items():
         shutil.copy2(program, tree / place)
         for lib in shared_libraries(program):
-            where = tree / ("lib64" if lib.name.startswith("ld-linux") else "lib/x86_64-linux-gnu")
-            shutil.copy2(lib.resolve(), where / lib.name)
+            shutil.copy2(lib.resolve(), tree / library_place(lib))
     (tree / "lib" / "os-release").write_text(
         f'NAME="leanvm mini"\nID=leanvm-mini\nVERSION_ID={version}\nPRETTY_NAME="leanvm mini release {version}"\n'
     )
@@ -258,9 +276,10 @@ def publish_version(work: Path, vdir: Path, kernel: Kernel, busybox: Path, pad_m
 def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> Path:
     """Build the mini release under `out`; returns the directory holding its profiles."""
     kernel = fetch_kernel(out / "kernel")
-    if not DROPBEAR.exists():
-        raise LeanvmError(f"{DROPBEAR}: not found", "install it: apt-get install dropbear-bin")
-    programs = b"".join(p.read_bytes() for p in PROGRAMS)
+    for program, package in ((DROPBEAR, "dropbear-bin"), (IGNITION, "ignition"), (Path("/usr/sbin/useradd"), "passwd")):
+        if not program.exists():
+            raise LeanvmError(f"{program}: not found", f"install it: apt-get install {package}")
+    programs = b"".join(hashlib.sha256(p.read_bytes()).digest() for p in [*PROGRAMS, *INITRD_PROGRAMS])
     inputs = Path(__file__).read_bytes() + INIT_SCRIPT.read_bytes() + programs + f"{kernel.version}/{pad_mb}".encode()
     digest = hashlib.sha256(inputs).hexdigest()
     version = f"1.{pad_mb}.{digest[:8]}"

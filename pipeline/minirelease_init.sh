@@ -3,8 +3,8 @@
 # /init of leanvm's mini release. It follows the contract of Flatcar's initrd:
 # mount.usr= (a path, LABEL=, UUID= or PARTLABEL=, found as Flatcar's busybox stage 1 finds
 # it), mount.usrfstype=, mount.usrflags=, root=, rootflags=, rootfstype=; it mounts the disk
-# labelled OEM on /oem; and with flatcar.first_boot= it does what Ignition does on a first
-# boot: reads the config from fw_cfg and writes /etc/.ignition-result.json on the root.
+# labelled OEM on /oem; and with flatcar.first_boot= it runs the real Ignition (Debian's
+# 2.14) on /sysroot with the config from fw_cfg, as Flatcar's initrd does on a first boot.
 # A /usr given as a file in the initramfs is loop-mounted (PXE style).
 # It reports what it did on the serial console, logs the boot on the root disk, powers off.
 # `leanvm.shell` on the kernel command line keeps a shell instead of powering off,
@@ -190,10 +190,16 @@ done
 for dir in bin sbin lib lib64; do
   [ -e "/sysroot/$dir" ] || ln -s "usr/$dir" "/sysroot/$dir"
 done
-mkdir -p /sysroot/etc /sysroot/run /sysroot/tmp /sysroot/root /sysroot/home/core/.ssh /sysroot/etc/dropbear
+mkdir -p /sysroot/etc /sysroot/run /sysroot/tmp /sysroot/root /sysroot/home/core /sysroot/etc/dropbear
 [ -s /sysroot/etc/passwd ] ||
-  printf 'root:*:0:0:root:/root:/bin/sh\ncore:*:500:500:Flatcar user:/home/core:/bin/sh\n' >/sysroot/etc/passwd
-[ -s /sysroot/etc/group ] || printf 'root:x:0:\ncore:x:500:\n' >/sysroot/etc/group
+  printf 'root:x:0:0:root:/root:/bin/sh\ncore:x:500:500:Flatcar user:/home/core:/bin/sh\n' >/sysroot/etc/passwd
+[ -s /sysroot/etc/shadow ] || printf 'root:*:1::::::\ncore:*:1::::::\n' >/sysroot/etc/shadow
+# the groups of Flatcar's baselayout that users are commonly put in
+[ -s /sysroot/etc/group ] ||
+  printf 'root:x:0:\nwheel:x:10:root,core\nsudo:x:150:core\ndocker:x:233:core\ncore:x:500:\n' >/sysroot/etc/group
+[ -s /sysroot/etc/gshadow ] || sed 's/^\([^:]*\):x:[0-9]*:\(.*\)/\1:!::\2/' /sysroot/etc/group >/sysroot/etc/gshadow
+chmod 600 /sysroot/etc/shadow /sysroot/etc/gshadow
+chown 500:500 /sysroot/home/core
 [ -s /sysroot/etc/shells ] || echo /bin/sh >/sysroot/etc/shells
 
 # NIC 1 is QEMU's user network (MAC 52:54:00:...): its fixed address, as its DHCP would give.
@@ -207,22 +213,38 @@ done
 echo "0 2147483647" >/proc/sys/net/ipv4/ping_group_range  # ping for every user, as systemd sets it
 
 # Ignition: only on a first boot (flatcar.first_boot=), as Flatcar's ignition-generator
-# decides; the config arrives through QEMU's fw_cfg; the result file marks the root done.
-if [ -n "$first_boot" ] && [ "$first_boot" != 0 ]; then
-  say "first boot: yes (flatcar.first_boot=$first_boot)"
-  provided=false
+# decides. The real Ignition runs its stages against /sysroot, with the config from QEMU's
+# fw_cfg (Flatcar's name; `-platform file`, since upstream's qemu platform reads only
+# opt/com.coreos/config); it writes /etc/.ignition-result.json itself. A failed stage fails
+# the boot, as Flatcar's emergency target does.
+run_ignition() {
+  config=/run/no-ignition-config
   for key in opt/org.flatcar-linux/config opt/com.coreos/config; do
     raw=/sys/firmware/qemu_fw_cfg/by_name/$key/raw
     if [ -r "$raw" ]; then
-      version=$(tr -d ' \n' <"$raw" | sed -n 's/.*"version":"\([^"]*\)".*/\1/p')
-      say "ignition: $key version $version"
-      provided=true
-      mkdir -p /sysroot/home/core/.ssh/authorized_keys.d
-      grep -o '"ssh-[a-z0-9-]* [^"]*"' "$raw" | tr -d '"' >/sysroot/home/core/.ssh/authorized_keys.d/ignition
+      config=$raw
+      say "ignition: $key version $(tr -d ' \n' <"$raw" | sed -n 's/.*"version":"\([^"]*\)".*/\1/p')"
+      break
     fi
   done
-  printf '{"provisioningDate":"%s","userConfigProvided":%s}\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$provided" \
-    >/sysroot/etc/.ignition-result.json && sync && say "ignition: result written"
+  selinux_stub=""
+  if [ ! -e /sysroot/etc/selinux/config ]; then  # Debian's Ignition relabels: give it "none"
+    mkdir -p /sysroot/etc/selinux && echo SELINUXTYPE=none >/sysroot/etc/selinux/config && selinux_stub=1
+  fi
+  for stage in fetch-offline disks mount files umount; do
+    if ! IGNITION_CONFIG_FILE=$config PATH=/usr/sbin:/usr/bin:/bin \
+        ignition --root=/sysroot --platform=file --stage="$stage" --log-to-stdout >>/run/ignition.log 2>&1; then
+      tail -n 5 /run/ignition.log
+      fail "ignition: stage $stage failed: $(grep CRITICAL /run/ignition.log | tail -n 1)"
+    fi
+  done
+  [ -z "$selinux_stub" ] || rm -rf /sysroot/etc/selinux
+  sync
+  [ -f /sysroot/etc/.ignition-result.json ] && say "ignition: result written"
+}
+if [ -n "$first_boot" ] && [ "$first_boot" != 0 ]; then
+  say "first boot: yes (flatcar.first_boot=$first_boot)"
+  PATH=/usr/bin:/bin run_ignition
 else
   say "first boot: no"
 fi

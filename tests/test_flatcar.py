@@ -64,7 +64,7 @@ def ignition_result(rootfs: Path) -> dict | None:
 
 def test_first_boot_rule_follows_the_root_disk_through_boots_and_reset(mini: Path, tmp_path: Path):
     tmp_path.mkdir(exist_ok=True)
-    (tmp_path / "config.ign").write_text(json.dumps({"ignition": {"version": "3.4.0"}, "storage": {}}))
+    (tmp_path / "config.ign").write_text(json.dumps({"ignition": {"version": "3.3.0"}, "storage": {}}))
     out = build_cluster(tmp_path, mini / "mini.yaml", {"ign": {"ignition": "config.ign"}})
     vm = out / "vms" / "ign"
     run_sh = vm / "run.sh"
@@ -74,7 +74,7 @@ def test_first_boot_rule_follows_the_root_disk_through_boots_and_reset(mini: Pat
     assert "first boot" in boot_rule(run_sh) and "flatcar.first_boot=1" in " ".join(printed(run_sh))
     console = boot(run_sh)
     assert marker(console, "first boot") == "yes (flatcar.first_boot=1)"
-    assert marker(console, "ignition") == "opt/org.flatcar-linux/config version 3.4.0"
+    assert marker(console, "ignition") == "opt/org.flatcar-linux/config version 3.3.0"
     assert ignition_result(vm / "rootfs.img")["userConfigProvided"] is True
 
     # The guest wrote its result: the next boot is not a first boot, Ignition does not run.
@@ -92,4 +92,4 @@ def test_first_boot_rule_follows_the_root_disk_through_boots_and_reset(mini: Pat
     assert "first boot" in boot_rule(run_sh) and "not a first boot" not in boot_rule(run_sh)
     console = boot(run_sh)
     assert marker(console, "first boot") == "yes (flatcar.first_boot=1)"
-    assert marker(console, "ignition") == "opt/org.flatcar-linux/config version 3.4.0"
+    assert marker(console, "ignition") == "opt/org.flatcar-linux/config version 3.3.0"

@@ -96,7 +96,7 @@ def ssh_port(out: Path, name: str) -> int:
 
 
 def test_domain_and_network_xml_validate_and_use_the_run_sh_files(mini: Path, root: Path):
-    (root / "b.ign").write_text(json.dumps({"ignition": {"version": "3.4.0"}}))
+    (root / "b.ign").write_text(json.dumps({"ignition": {"version": "3.3.0"}}))
     out = build_for_libvirt(root, mini, {"node-a": {"cluster_ip": "10.77.0.11", "forward": ["18080:80"]},
                                          "node-b": {"ignition": "b.ign"}})
     files = [out / "vms" / "node-a" / "domain.xml", out / "vms" / "node-b" / "domain.xml",
@@ -191,7 +191,7 @@ def test_two_vm_cluster_over_qemu_ssh_boots_pings_and_is_torn_down_cleanly(mini:
     """The whole cycle through qemu+ssh://root@127.0.0.1:PORT/system: the remote-host path,
     first-boot check over ssh included (the other tests use qemu:///system)."""
     uri, env = remote
-    (root / "b.ign").write_text(json.dumps({"ignition": {"version": "3.4.0"}}))
+    (root / "b.ign").write_text(json.dumps({"ignition": {"version": "3.3.0"}}))
     out = build_for_libvirt(root, mini, {"node-a": {"cluster_ip": "10.77.0.11"},
                                          "node-b": {"cluster_ip": "10.77.0.12", "ignition": "b.ign"}})
     prefix = prefix_of(out)

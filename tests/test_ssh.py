@@ -20,7 +20,7 @@ def user_key(tmp_path: Path, name: str) -> tuple[Path, str]:
 def test_cluster_key_is_made_once_kept_by_clean_and_reaches_every_vm(project: Project, tmp_path: Path):
     _, mine = user_key(tmp_path, "mine")
     (project.root / "core2.ign").write_text(json.dumps({
-        "ignition": {"version": "3.4.0"},
+        "ignition": {"version": "3.3.0"},
         "passwd": {"users": [{"name": "core", "groups": ["docker"], "sshAuthorizedKeys": ["ssh-ed25519 AAAAold"]},
                              {"name": "other"}]},
         "storage": {"files": [{"path": "/etc/motd"}]},
@@ -72,7 +72,7 @@ def assert_wrong_key_refused(tmp_path: Path, out: Path, name: str) -> None:
 
 
 def two_vm_cluster(tmp_path: Path, mini: Path) -> Path:
-    (tmp_path / "b.ign").write_text(json.dumps({"ignition": {"version": "3.4.0"}}))
+    (tmp_path / "b.ign").write_text(json.dumps({"ignition": {"version": "3.3.0"}}))
     return build_cluster(tmp_path, mini / "mini.yaml", {
         "node-a": {"cluster_ip": "10.77.0.11"},
         "node-b": {"cluster_ip": "10.77.0.12", "ignition": "b.ign"},  # keys through Ignition's passwd
