@@ -218,7 +218,8 @@ echo "0 2147483647" >/proc/sys/net/ipv4/ping_group_range  # ping for every user,
 # opt/com.coreos/config); it writes /etc/.ignition-result.json itself. A failed stage fails
 # the boot, as Flatcar's emergency target does.
 run_ignition() {
-  config=/run/no-ignition-config
+  config=/run/ignition-no-config  # empty: Ignition goes on without a user config, as on Flatcar
+  : >"$config"
   for key in opt/org.flatcar-linux/config opt/com.coreos/config; do
     raw=/sys/firmware/qemu_fw_cfg/by_name/$key/raw
     if [ -r "$raw" ]; then
@@ -227,6 +228,7 @@ run_ignition() {
       break
     fi
   done
+  [ "$config" != /run/ignition-no-config ] || say "ignition: no config in fw_cfg"
   selinux_stub=""
   if [ ! -e /sysroot/etc/selinux/config ]; then  # Debian's Ignition relabels: give it "none"
     mkdir -p /sysroot/etc/selinux && echo SELINUXTYPE=none >/sysroot/etc/selinux/config && selinux_stub=1
