@@ -318,6 +318,11 @@ def read_user_data(path: Path, needs_merge: bool) -> tuple[str, dict | None]:
         raise LeanvmError(f"{path}: #cloud-config must be a YAML mapping", "write KEY: VALUE lines")
     if not isinstance((doc or {}).get("write_files", []), list):
         raise LeanvmError(f"{path}: write_files must be a list", "fix the #cloud-config")
+    coreos = (doc or {}).get("coreos") or {}
+    units = coreos.get("units") or [] if isinstance(coreos, dict) else None
+    if not isinstance(units, list) or not all(isinstance(u, dict) for u in units):
+        raise LeanvmError(f"{path}: coreos.units must be a list of units (name:, content:, ...)",
+                          "fix the #cloud-config")
     return text, doc or {}
 
 

@@ -1,8 +1,10 @@
-"""The config drive's user_data (the VM's own file, or a generated #cloud-config), plus
-the cluster network's systemd-networkd unit and the VM's Ignition config when it has one.
-The cluster key joins the user's keys in both."""
+"""The config drive's user_data (the VM's own file, or a generated #cloud-config) and the
+VM's Ignition config when it has one, each carrying the cluster network's systemd-networkd
+unit the way Flatcar applies it on a first boot (Ignition: storage.files; cloud-config:
+coreos.units). The cluster key joins the user's keys in both."""
 
 import json
+import urllib.parse
 from pathlib import Path
 
 import yaml
@@ -11,18 +13,35 @@ from .config import VM, read_user_data
 from .fsutil import write_atomic
 
 CLOUD_CONFIG = "#cloud-config"
-NETWORK_UNIT = "/etc/systemd/network/50-leanvm-cluster.network"
+NETWORK_UNIT_NAME = "50-leanvm-cluster.network"
+NETWORK_UNIT = f"/etc/systemd/network/{NETWORK_UNIT_NAME}"
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings as literal blocks (`|`), as people write unit contents."""
+
+
+_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
+def network_unit(vm: VM) -> str:
+    """The cluster network's systemd-networkd unit: the NIC with the cluster MAC gets the address."""
+    return f"[Match]\nMACAddress={vm.cluster_mac}\n\n[Network]\nAddress={vm.cluster_ip}\n"
 
 
 def _merge(doc: dict, vm: VM, keys: tuple[str, ...]) -> dict:
-    """ssh_authorized_keys and the cluster address, merged into a #cloud-config document."""
+    """ssh_authorized_keys and, for a VM without Ignition, the cluster network unit, merged
+    into a #cloud-config document. The unit goes under coreos.units: coreos-cloudinit
+    restarts networkd only for network units listed there, not for write_files."""
     if keys:
         have = list(doc.get("ssh_authorized_keys") or [])
         doc = {**doc, "ssh_authorized_keys": have + [k for k in keys if k not in have]}
-    if vm.cluster_ip:
-        unit = f"[Match]\nMACAddress={vm.cluster_mac}\n\n[Network]\nAddress={vm.cluster_ip}\n"
-        files = [f for f in doc.get("write_files") or [] if f.get("path") != NETWORK_UNIT]
-        doc = {**doc, "write_files": [*files, {"path": NETWORK_UNIT, "permissions": "0644", "content": unit}]}
+    if vm.cluster_ip and not vm.ignition:
+        coreos = dict(doc.get("coreos") or {})
+        units = [u for u in coreos.get("units") or [] if u.get("name") != NETWORK_UNIT_NAME]
+        coreos["units"] = [*units, {"name": NETWORK_UNIT_NAME, "content": network_unit(vm)}]
+        doc = {**doc, "coreos": coreos}
     return doc
 
 
@@ -34,7 +53,8 @@ def _script_conflicts(vm: VM) -> bool:
 
 def _dump(doc: dict) -> str:
     # width: a key stays on one line, as cloud-init readers and the mini release expect
-    return CLOUD_CONFIG + "\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 16)
+    return CLOUD_CONFIG + "\n" + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                                          width=1 << 16)
 
 
 def _keys(vm: VM, cluster_key: str | None) -> tuple[str, ...]:
@@ -48,6 +68,18 @@ def render(vm: VM, cluster_key: str | None = None) -> str:
         return _dump(_merge({"hostname": vm.name}, vm, keys))
     text, doc = read_user_data(vm.user_data, _script_conflicts(vm))
     return text if doc is None else _dump(_merge(doc, vm, keys))
+
+
+def ignition_with_network(config: dict, vm: VM) -> dict:
+    """The Ignition config with the cluster network unit in storage.files: Ignition writes
+    it in the initramfs, before networkd starts, so the address is there on a first boot."""
+    if not vm.cluster_ip:
+        return config
+    storage = dict(config.get("storage") or {})
+    files = [f for f in storage.get("files") or [] if f.get("path") != NETWORK_UNIT]
+    unit = {"path": NETWORK_UNIT, "mode": 0o644, "overwrite": True,
+            "contents": {"source": "data:," + urllib.parse.quote(network_unit(vm))}}
+    return {**config, "storage": {**storage, "files": [*files, unit]}}
 
 
 def ignition_with_keys(config: dict, keys: tuple[str, ...]) -> dict:
@@ -68,7 +100,7 @@ def write(vm: VM, dest: Path, ignition_dest: Path, cluster_key_file: Path | None
     write_atomic(dest, render(vm, cluster_key).encode())
     if vm.ignition:
         config = json.loads(vm.ignition.read_text())  # checked when the cluster file was loaded
-        merged = ignition_with_keys(config, _keys(vm, cluster_key))
+        merged = ignition_with_network(ignition_with_keys(config, _keys(vm, cluster_key)), vm)
         write_atomic(ignition_dest, (json.dumps(merged, indent=2) + "\n").encode())
     else:
         ignition_dest.unlink(missing_ok=True)

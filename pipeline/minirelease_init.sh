@@ -150,40 +150,7 @@ else
 fi
 say "hostname: $(hostname)"
 
-# The cluster network: the NIC with the MACAddress= of the networkd unit gets its Address=.
 ip link set lo up
-mac=$(sed -n 's/^[[:space:]]*MACAddress=//p' "${user_data:-/dev/null}" 2>/dev/null | head -n 1)
-address=$(sed -n 's/^[[:space:]]*Address=//p' "${user_data:-/dev/null}" 2>/dev/null | head -n 1)
-if [ -n "$mac" ] && [ -n "$address" ]; then
-  ifname="" tries=0
-  while [ -z "$ifname" ] && [ "$tries" -lt 50 ]; do
-    for dev in /sys/class/net/*; do
-      [ "$(cat "$dev/address" 2>/dev/null)" = "$mac" ] && ifname=${dev##*/}
-    done
-    [ -n "$ifname" ] || sleep 0.1
-    tries=$((tries + 1))
-  done
-  if [ -n "$ifname" ] && ip addr add "$address" dev "$ifname" && ip link set "$ifname" up; then
-    say "cluster network: $ifname $address"
-  else
-    say "warning: no NIC with MAC $mac for the cluster network"
-  fi
-fi
-# True once $1 answers a ping, trying for $2 seconds.
-answers() {
-  tries=0
-  until ping -c 1 -W 1 "$1" >/dev/null 2>&1; do
-    tries=$((tries + 1))
-    [ "$tries" -ge "$2" ] && return 1
-    sleep 1
-  done
-}
-for peer in $(echo "$ping" | tr ',' ' '); do
-  if answers "$peer" 90; then say "ping $peer: ok"; else say "ping $peer: failed"; fi
-done
-for peer in $(echo "$unreachable" | tr ',' ' '); do
-  if answers "$peer" 10; then say "unreachable $peer: no, it answers"; else say "unreachable $peer: yes"; fi
-done
 
 # A blank root is set up the way Flatcar's initrd-setup-root does it from /usr: the
 # merged-/usr links, /etc with the users root and core.
@@ -250,6 +217,93 @@ if [ -n "$first_boot" ] && [ "$first_boot" != 0 ]; then
 else
   say "first boot: no"
 fi
+
+# systemd-networkd, as Flatcar runs it: it starts after Ignition (which may have written
+# units) and before the config drive is read, and applies the units in
+# /etc/systemd/network; coreos-cloudinit restarts it only for network units under
+# coreos.units (initialize/config.go, processUnits). Nothing else configures a NIC: where
+# Flatcar would get no address, neither does the mini release. Each unit: [Match]
+# MACAddress= and [Network] Address=.
+networkd() {
+  for unit in /sysroot/etc/systemd/network/*.network; do
+    [ -f "$unit" ] || continue
+    mac=$(sed -n 's/^[[:space:]]*MACAddress=//p' "$unit" | head -n 1)
+    address=$(sed -n 's/^[[:space:]]*Address=//p' "$unit" | head -n 1)
+    if [ -z "$mac" ] || [ -z "$address" ]; then continue; fi
+    ifname=$(nic_with_mac "$mac")
+    if [ -z "$ifname" ]; then
+      say "warning: no NIC with MAC $mac for ${unit##*/}"
+    elif ip addr show dev "$ifname" | grep -q "inet $address "; then
+      :  # already applied before this restart
+    elif ip addr add "$address" dev "$ifname" && ip link set "$ifname" up; then
+      say "cluster network: $ifname $address (${unit##*/})"
+    fi
+  done
+}
+
+nic_with_mac() {
+  tries=0
+  while [ "$tries" -lt 50 ]; do
+    for dev in /sys/class/net/*; do
+      [ "$(cat "$dev/address" 2>/dev/null)" = "$1" ] && echo "${dev##*/}" && return 0
+    done
+    sleep 0.1
+    tries=$((tries + 1))
+  done
+}
+
+# The network units (.network, .netdev, .link) under coreos.units of #cloud-config $1, in
+# the layout leanvm writes (PyYAML, `content: |` literal blocks), written to
+# /etc/systemd/network; true if there was one (networkd restarts then). write_files never
+# touch the network.
+cloudinit_network_units() {
+  awk '
+    /^coreos:/ { in_coreos = 1; next }
+    /^[^ #]/ { in_coreos = 0; in_units = 0 }
+    in_coreos && /^  units:/ { in_units = 1; next }
+    in_coreos && /^  [^ -]/ { in_units = 0 }
+    !in_units { next }
+    /^  - / || /^    [a-z_]+:/ {
+      line = $0; sub(/^  - /, "    ", line)
+      if (line ~ /^    name:/) { name = line; sub(/^    name:[ \t]*/, "", name); gsub(/["\047]/, "", name) }
+      if (line ~ /^    content: *\|/) { block = 1; next }
+      block = 0; next
+    }
+    block && /^      / { text = $0; sub(/^      /, "", text); print name "\t" text; next }
+    block && /^[ \t]*$/ { print name "\t"; next }
+  ' "$1" | while IFS="$(printf '\t')" read -r unit line; do
+    case $unit in *.network|*.netdev|*.link) printf '%s\n' "$line" >>"/sysroot/etc/systemd/network/$unit.new" ;; esac
+  done
+  found=""
+  for new in /sysroot/etc/systemd/network/*.new; do
+    [ -f "$new" ] || continue
+    mv "$new" "${new%.new}" && found=1
+  done
+  [ -n "$found" ]
+}
+
+mkdir -p /sysroot/etc/systemd/network
+networkd
+if [ -n "${user_data:-}" ] && [ -r "$user_data" ] && cloudinit_network_units "$user_data"; then
+  say "cloud-config: network units under coreos.units: restarting networkd"
+  networkd
+fi
+# True once $1 answers a ping, trying for $2 seconds.
+answers() {
+  tries=0
+  until ping -c 1 -W 1 "$1" >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    [ "$tries" -ge "$2" ] && return 1
+    sleep 1
+  done
+}
+for peer in $(echo "$ping" | tr ',' ' '); do
+  if answers "$peer" 90; then say "ping $peer: ok"; else say "ping $peer: failed"; fi
+done
+for peer in $(echo "$unreachable" | tr ',' ' '); do
+  if answers "$peer" 10; then say "unreachable $peer: no, it answers"; else say "unreachable $peer: yes"; fi
+done
+
 
 # core's authorized keys: the config drive's on every boot (coreos-cloudinit), Ignition's
 # from the first boot (kept), merged as Flatcar's update-ssh-keys does.

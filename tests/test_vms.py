@@ -41,7 +41,7 @@ def test_files_modes_and_shell_checks(cluster: Project):
     generated = yaml.safe_load((cluster.vm("core2") / "config/openstack/latest/user_data").read_text())
     assert generated["hostname"] == "core2"
     # every VM gets a cluster address (assigned from 10.77.0.11 on, in name order)
-    (unit,) = generated["write_files"]
+    (unit,) = generated["coreos"]["units"]
     assert "Address=10.77.0.12/24" in unit["content"]
 
 

@@ -1,0 +1,103 @@
+"""Issue 21: the mini release runs the real Ignition (Debian's 2.14) and is never kinder than
+Flatcar: the cluster network comes up on a first boot only through what Flatcar honours
+(Ignition's storage.files, cloud-config's coreos.units), never from write_files."""
+
+import json
+import subprocess
+from pathlib import Path
+
+from support import ENV, boot, build_cluster, marker, qemu_pids, run, sh, wait_for_text
+
+HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "60"}
+UNIT = "[Unit]\nDescription=hello\n[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"
+
+
+def cluster(out: Path, *args: str, env: dict = HOLD) -> subprocess.CompletedProcess:
+    return run([out / "cluster.sh", *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+               timeout=400)
+
+
+def on(out: Path, vm: str, command: str) -> str:
+    result = cluster(out, "ssh", vm, "--", command)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def debugfs_cat(disk: Path, path: str) -> str:
+    return sh("debugfs", "-R", f"cat {path}", disk).decode()
+
+
+def test_ignition_writes_users_groups_files_units_and_keys_on_the_first_boot_only(mini: Path, tmp_path: Path):
+    key = tmp_path / "mine"
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mine", "-f", key)
+    mine = key.with_name("mine.pub").read_text().strip()
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "prov.ign").write_text(json.dumps({
+        "ignition": {"version": "3.3.0"},
+        "passwd": {"users": [{"name": "core", "sshAuthorizedKeys": [mine]},
+                             {"name": "alice", "groups": ["docker", "builders"]}],
+                   "groups": [{"name": "builders", "gid": 4242}]},
+        "storage": {"files": [{"path": "/etc/leanvm/hello.txt", "mode": 0o604,
+                               "contents": {"source": "data:,written%20by%20Ignition"}}]},
+        "systemd": {"units": [{"name": "hello.service", "enabled": True, "contents": UNIT}]},
+    }))
+    out = build_cluster(tmp_path, mini / "mini.yaml", {"prov": {"ignition": "prov.ign"}})
+    try:
+        up = cluster(out, "up", "--wait")
+        assert up.returncode == 0, up.stdout + up.stderr
+        console = (out / "vms" / "prov" / "console.log").read_text(errors="replace")
+        assert marker(console, "first boot") == "yes (flatcar.first_boot=1)"
+        assert "alice:x:1000:" in on(out, "prov", "cat /etc/passwd")
+        groups = on(out, "prov", "cat /etc/group")
+        assert "builders:x:4242:alice" in groups and "docker:x:233:core,alice" in groups
+        assert on(out, "prov", "cat /etc/leanvm/hello.txt") == "written by Ignition"
+        assert on(out, "prov", "stat -c %a /etc/leanvm/hello.txt").strip() == "604"
+        assert on(out, "prov", "cat /etc/systemd/system/hello.service") == UNIT
+        assert "enable hello.service" in on(out, "prov", "cat /etc/systemd/system-preset/20-ignition.preset")
+        assert mine in on(out, "prov", "cat /home/core/.ssh/authorized_keys.d/ignition")
+        assert on(out, "prov", "stat -c '%a %U' /etc/.ignition-result.json").strip() == "600 root"
+    finally:
+        down = cluster(out, "down")
+    assert down.returncode == 0 and qemu_pids(out) == []
+
+    rootfs = out / "vms" / "prov" / "rootfs.img"
+    before = debugfs_cat(rootfs, "/etc/.ignition-result.json")
+    result = json.loads(before)
+    assert result["userConfigProvided"] is True and "provisioningBootID" in result  # Ignition's own fields
+    console = boot(out / "vms" / "prov" / "run.sh")
+    assert marker(console, "first boot") == "no"
+    assert debugfs_cat(rootfs, "/etc/.ignition-result.json") == before
+
+
+def test_cluster_addresses_come_up_on_the_first_boot_through_ignition_and_coreos_units(mini: Path, tmp_path: Path):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "ig.ign").write_text(json.dumps({"ignition": {"version": "3.3.0"}}))
+    out = build_cluster(tmp_path, mini / "mini.yaml", {
+        "cc": {"cluster_ip": "10.77.0.11", "user_data": "alpha.yaml"},  # cloud-config: coreos.units
+        "ig": {"cluster_ip": "10.77.0.12", "ignition": "ig.ign"},  # Ignition: storage.files
+    })
+    env = {**HOLD, "LEANVM_APPEND": "leanvm.hold leanvm.ping=10.77.0.11,10.77.0.12"}
+    try:
+        up = cluster(out, "up", env=env)
+        assert up.returncode == 0, up.stderr
+        for name, own, peer in (("cc", "10.77.0.11", "10.77.0.12"), ("ig", "10.77.0.12", "10.77.0.11")):
+            console = wait_for_text(out / "vms" / name / "console.log", "holding (leanvm.hold)", timeout=180)
+            assert marker(console, "first boot").startswith("yes")
+            assert f"leanvm: cluster network: eth1 {own}/24 (50-leanvm-cluster.network)" in console
+            assert f"leanvm: ping {peer}: ok" in console, console[-2000:]
+        assert "restarting networkd" in (out / "vms" / "cc" / "console.log").read_text()
+        assert "restarting networkd" not in (out / "vms" / "ig" / "console.log").read_text()
+    finally:
+        cluster(out, "down", env=env)
+    assert qemu_pids(out) == []
+
+
+def test_a_network_unit_only_in_write_files_gets_no_address_as_on_flatcar(mini: Path, tmp_path: Path):
+    out = build_cluster(tmp_path, mini / "mini.yaml", {"wf": {}})
+    vm = out / "vms" / "wf"
+    mac = (out / "state" / "vms" / "wf.env").read_text().split("cluster_mac=")[1].split()[0]
+    (vm / "config/openstack/latest/user_data").write_text(  # as a user might write it by hand
+        "#cloud-config\nhostname: wf\nwrite_files:\n- path: /etc/systemd/network/60-mine.network\n  content: |\n"
+        f"    [Match]\n    MACAddress={mac}\n\n    [Network]\n    Address=10.77.0.99/24\n")
+    console = boot(vm / "run.sh")
+    assert "cluster network:" not in console and "restarting networkd" not in console
