@@ -7,6 +7,7 @@ file and the key path and says how to fix it.
 import ipaddress
 import json
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,12 @@ class VM:
     forward: tuple[tuple[int, int], ...] = ()  # the `forward` key: extra (host, guest) TCP ports
     ignition: Path | None = None
     cluster_ip_given: bool = False  # cluster_ip comes from the cluster file, not assigned
+    kernel_args: str = ""  # appended after the release profile's kernel_args
+
+
+def kernel_args(vm: VM, release: Release) -> str:
+    """VM vm's kernel command line: the profile's arguments, then the VM's own."""
+    return " ".join(filter(None, (release.kernel_args, vm.kernel_args)))
 
 
 @dataclass(frozen=True)
@@ -197,15 +204,40 @@ def _subnet(value: Any, where: _Where) -> str:
 
 
 def _ignition(path: Path, where: _Where) -> None:
+    """An Ignition config (JSON with ignition.version), or a Butane config (YAML with
+    `variant:`) that the build transpiles when butane is installed."""
     try:
-        doc = json.loads(path.read_text())
+        text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise where.error(f"cannot read {path}: {e}", "point ignition at a readable JSON file") from None
+    if is_butane(text):
+        if shutil.which("butane") is None:
+            raise where.error(f"{path} is a Butane config, and butane is not installed",
+                              f"install butane, or transpile it: butane --strict {path} > config.ign")
+        return
+    try:
+        doc = json.loads(text)
     except ValueError as e:
         raise where.error(f"{path} is not valid JSON: {e}", "fix the Ignition config") from None
     version = doc.get("ignition", {}).get("version") if isinstance(doc, dict) else None
     if not isinstance(version, str):
         raise where.error(f"{path} has no ignition.version", 'write {"ignition": {"version": "3.3.0"}, ...}')
+    if "kernelArguments" in doc:
+        raise where.error(
+            f"{path} sets kernelArguments: Flatcar's ignition-kargs-helper needs an EFI-SYSTEM partition, which a "
+            "leanvm VM has not (the boot would end in the emergency shell)",
+            "give the VM a kernel_args key in the cluster file instead")
+
+
+def is_butane(text: str) -> bool:
+    """True for a Butane config: YAML whose mapping names a `variant` (e.g. flatcar)."""
+    if text.lstrip().startswith("{"):
+        return False
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(doc, dict) and "variant" in doc
 
 
 # --- tables of allowed keys: one shape for all four ------------------------------
@@ -252,6 +284,7 @@ VM_KEYS = {
     "cluster_ip": Key(_ipv4),
     "forward": Key(_forward_pairs),
     "ignition": Key(_string),
+    "kernel_args": Key(_string),
 }
 CLUSTER_KEYS = {
     "release": Key(_as_is, required=True),
@@ -497,6 +530,7 @@ def _vm(name: str, settings: dict[str, Any], ident: identity.Identity) -> VM:
         forward=settings.get("forward", ()),
         ignition=settings.get("ignition"),
         cluster_ip_given="cluster_ip" in settings,
+        kernel_args=settings.get("kernel_args", ""),
     )
 
 

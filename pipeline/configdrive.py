@@ -4,13 +4,16 @@ unit the way Flatcar applies it on a first boot (Ignition: storage.files; cloud-
 coreos.units). The cluster key joins the user's keys in both."""
 
 import json
+import os
 import urllib.parse
 from pathlib import Path
 
 import yaml
 
-from .config import VM, read_user_data
-from .fsutil import write_atomic
+from . import ignitioncheck
+from .config import VM, is_butane, read_user_data
+from .errors import LeanvmError
+from .fsutil import temp_path, write_atomic
 
 CLOUD_CONFIG = "#cloud-config"
 NETWORK_UNIT_NAME = "50-leanvm-cluster.network"
@@ -99,8 +102,15 @@ def write(vm: VM, dest: Path, ignition_dest: Path, cluster_key_file: Path | None
     cluster_key = cluster_key_file.read_text().strip() if cluster_key_file else None
     write_atomic(dest, render(vm, cluster_key).encode())
     if vm.ignition:
-        config = json.loads(vm.ignition.read_text())  # checked when the cluster file was loaded
+        config = ignitioncheck.load(vm.ignition, is_butane(vm.ignition.read_text()))
         merged = ignition_with_network(ignition_with_keys(config, _keys(vm, cluster_key)), vm)
-        write_atomic(ignition_dest, (json.dumps(merged, indent=2) + "\n").encode())
+        tmp = temp_path(ignition_dest)
+        write_atomic(tmp, (json.dumps(merged, indent=2) + "\n").encode())
+        try:
+            ignitioncheck.validate(vm.name, tmp, vm.ignition)
+        except LeanvmError:
+            tmp.unlink()
+            raise
+        os.replace(tmp, ignition_dest)
     else:
         ignition_dest.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from shlex import quote
 
 from . import identity
-from .config import VM, Release
+from .config import VM, Release, kernel_args
 from .fsutil import write_atomic
 
 BODY = Path(__file__).with_name("launcher.sh")
@@ -117,7 +117,7 @@ def render(vm: VM, release: Release, version: str) -> str:
         release=always_quoted(release.name),
         version=always_quoted(version),
         images=quote(f"images/{release.name}/{version}"),
-        kernel_args=quote(release.kernel_args),
+        kernel_args=quote(kernel_args(vm, release)),
         first_boot_args=quote(release.first_boot_args or ""),
         argv=" \\\n    ".join(qemu_args(vm, release)),
     )

@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from shlex import quote
 
-from .config import VM, Release
+from .config import VM, Release, kernel_args
 from .errors import LeanvmError
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -98,7 +98,7 @@ def domain_xml(vm: VM, release: Release, out: Path, images: Path) -> str:
     _sub(os_, "kernel", str(images / "vmlinuz"))
     if release.initrd:
         _sub(os_, "initrd", str(images / "initrd"))
-    _sub(os_, "cmdline", release.kernel_args)
+    _sub(os_, "cmdline", kernel_args(vm, release))
     _sub(_sub(domain, "features"), "acpi")
     _sub(domain, "cpu", mode="host-passthrough")
     _sub(domain, "on_poweroff", "destroy")
@@ -121,10 +121,10 @@ def _text(root: ET.Element) -> str:
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
-def vm_env(release: Release) -> str:
+def vm_env(vm: VM, release: Release) -> str:
     """out/vms/NAME/libvirt.env: what libvirt.sh needs to build a boot's command line."""
     return (f"# leanvm: read by out/libvirt.sh; written by `doit libvirt`\n"
-            f"kernel_args={quote(release.kernel_args)}\n"
+            f"kernel_args={quote(kernel_args(vm, release))}\n"
             f"first_boot_args={quote(release.first_boot_args or '')}\n")
 
 

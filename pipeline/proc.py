@@ -30,6 +30,7 @@ PACKAGES = {
     "apt-cache": "apt",
     "depmod": "kmod",
     "dpkg-deb": "dpkg",
+    "ignition-validate": "ignition",
 }
 
 

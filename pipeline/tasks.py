@@ -290,7 +290,7 @@ def task_libvirt() -> dict:
              layout.out / "libvirt.sh": LIBVIRT_SCRIPT.read_text()}
     for vm in ctx.cluster.vms:
         files[layout.vm(vm.name) / "domain.xml"] = libvirt.domain_xml(vm, release, layout.out, layout.images)
-        files[layout.vm(vm.name) / "libvirt.env"] = libvirt.vm_env(release)
+        files[layout.vm(vm.name) / "libvirt.env"] = libvirt.vm_env(vm, release)
     return {
         "doc": "write out/vms/NAME/domain.xml, out/libvirt/network.xml and out/libvirt.sh (define|start|stop|...)",
         "actions": [action(libvirt.check_path, layout.out), action(write_files, files)],

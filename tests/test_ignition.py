@@ -3,10 +3,12 @@ Flatcar: the cluster network comes up on a first boot only through what Flatcar 
 (Ignition's storage.files, cloud-config's coreos.units), never from write_files."""
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
-from support import ENV, boot, build_cluster, marker, qemu_pids, run, sh, wait_for_text
+import pytest
+from support import ENV, DoitResult, Project, boot, build_cluster, marker, printed, qemu_pids, run, sh, wait_for_text
 
 HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "60"}
 UNIT = "[Unit]\nDescription=hello\n[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"
@@ -101,3 +103,54 @@ def test_a_network_unit_only_in_write_files_gets_no_address_as_on_flatcar(mini: 
         f"    [Match]\n    MACAddress={mac}\n\n    [Network]\n    Address=10.77.0.99/24\n")
     console = boot(vm / "run.sh")
     assert "cluster network:" not in console and "restarting networkd" not in console
+
+
+@pytest.fixture
+def ign_project(project: Project) -> Project:
+    profile = project.profile_file.read_text() + "ignition_fw_cfg: opt/org.flatcar-linux/config\n"
+    project.profile_file.write_text(profile)
+    return project
+
+
+def build_with(project: Project, config: str | dict, name: str = "vm.ign") -> DoitResult:
+    (project.root / name).write_text(config if isinstance(config, str) else json.dumps(config))
+    project.write_cluster({"core1": {"ignition": name}})
+    return project.doit()
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"ignition": {"version": "3.3.0"}, "storage": {"files": [{"path": "relative/path"}]}},
+     "Ignition config {file}: Error at $.storage.files.0.path"),
+    ({"ignition": {"version": "3.3.0"}, "kernelArguments": {"shouldExist": ["quiet"]}}, "kernelArguments"),
+    ({"ignition": {"version": "9.9.9"}}, "spec version '9.9.9' is not one Flatcar's Ignition accepts"),
+    ("variant: flatcar\nversion: 1.0.0\n", "is a Butane config, and butane is not installed"),
+], ids=["relative-path", "kernelArguments", "unknown-spec", "butane"])
+def test_bad_ignition_configs_fail_the_build_in_one_line(ign_project: Project, config, expected: str):
+    if "butane" in expected and shutil.which("butane"):
+        pytest.skip("butane is installed here: the Butane file would be transpiled")
+    result = build_with(ign_project, config)
+    assert result.returncode != 0
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("leanvm: error: ") and "Traceback" not in result.stderr
+    assert expected.format(file=ign_project.root / "vm.ign") in line, line
+    assert not list(ign_project.out.glob("vms/core1/*ignition*"))  # nothing half-written
+
+
+def test_a_warning_names_the_vm_and_a_newer_spec_is_built_with_a_note(ign_project: Project):
+    result = build_with(ign_project, {"ignition": {"version": "3.3.0"}, "storage": {"filez": []}})
+    assert result.returncode == 0, result.stderr
+    assert "leanvm: warning: VM core1: Ignition config" in result.stderr and "Unused key filez" in result.stderr
+    result = build_with(ign_project, {"ignition": {"version": "3.5.0"}})
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "3.5.0" in line]
+    assert "built without validation" in line and "VM core1" in line
+    merged = json.loads((ign_project.vm("core1") / "ignition.json").read_text())
+    assert merged["ignition"]["version"] == "3.5.0"
+    assert merged["storage"]["files"][0]["path"] == "/etc/systemd/network/50-leanvm-cluster.network"
+
+
+def test_per_vm_kernel_args_follow_the_profiles(ign_project: Project):
+    ign_project.write_cluster({"core1": {"kernel_args": "systemd.unit=rescue.target quiet"}, "core2": {}})
+    assert ign_project.doit().returncode == 0
+    one, two = (" ".join(printed(ign_project.vm(n) / "run.sh")) for n in ("core1", "core2"))
+    assert "console=ttyS0 systemd.unit=rescue.target quiet" in one and "systemd.unit" not in two
