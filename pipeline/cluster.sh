@@ -165,6 +165,21 @@ stop_switch_if_unused() {
   ) 9>"$out/net/lock"
 }
 
+# Wait (up to 10 s) for the run.sh of each VM, which clears up once its QEMU has ended.
+wait_for_launchers() {
+  tries=0
+  while [ "$tries" -lt 100 ]; do
+    busy=""
+    for entry in "$out"/net/users/*; do
+      [ -e "$entry" ] || continue
+      if pid=$(cat "$entry" 2>/dev/null) && alive "$pid"; then busy=1; fi
+    done
+    [ -n "$busy" ] || return 0
+    sleep 0.1
+    tries=$((tries + 1))
+  done
+}
+
 # Stop the QEMUs of the VMs named: monitor quit, then SIGTERM, then SIGKILL.
 force_stop() {
   [ $# -gt 0 ] || return 0
@@ -201,6 +216,7 @@ down() {
   done
   # shellcheck disable=SC2086  # one word per VM name
   force_stop $stubborn
+  wait_for_launchers
   stop_switch_if_unused
   for vm in $(vms); do
     rm -f "$out/vms/$vm/monitor.in" "$out/vms/$vm/monitor.out"

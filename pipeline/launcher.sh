@@ -83,8 +83,28 @@ mode=foreground
 case ${1-} in
   --print) mode=print; shift ;;
   --detach) mode=detach; shift ;;
+  --supervise) mode=supervise; shift ;;  # internal: the session a --detach VM runs in
   --help|-h) usage; exit 0 ;;
 esac
+
+# --- detach: run.sh supervises the VM in a session of its own ----------------------------
+# (so that a guest reboot relaunches QEMU there too); errors of that run.sh are its last
+# line in run.log, said here.
+if [ "$mode" = detach ]; then
+  pid=$(qemu_pid "$here")
+  if alive "$pid"; then die "VM $name is already running (pid $pid); stop it before starting it again"; fi
+  command -v setsid >/dev/null 2>&1 || die "setsid not found: install util-linux"
+  setsid sh "$here/run.sh" --supervise "$@" </dev/null >/dev/null 2>"$here/run.log" &
+  supervisor=$!
+  tries=0
+  until alive "$(qemu_pid "$here")"; do  # started once QEMU runs: its pid is what status shows
+    if ! alive "$supervisor"; then tail -n 1 "$here/run.log" >&2; exit 1; fi
+    [ "$tries" -lt 600 ] || die "VM $name did not start within 60 s: see $here/run.log"
+    sleep 0.1
+    tries=$((tries + 1))
+  done
+  exit 0
+fi
 
 accel=$(resolve_accel "${LEANVM_ACCEL:-auto}") ||
   die "LEANVM_ACCEL must be auto, kvm or tcg, not '${LEANVM_ACCEL-}'"
@@ -124,13 +144,19 @@ esac
 if [ "$mode" != print ]; then
   set -- -chardev "pipe,id=monitor,path=$(qpath "$here/monitor")" -mon chardev=monitor,mode=readline "$@"
 fi
-if [ "$mode" = detach ]; then
+# The serial console goes to console.log too (appended across the relaunches of one run):
+# run.sh reads there whether the guest rebooted.
+if [ "$mode" = supervise ]; then
   set -- -display none \
-    -chardev "file,id=console,path=$(qpath "$here/console.log")" -serial chardev:console -daemonize "$@"
+    -chardev "file,id=console,path=$(qpath "$here/console.log"),append=on" -serial chardev:console "$@"
 else
-  # an explicit -mon would take the monitor off stdio: keep it multiplexed (Ctrl-a x, Ctrl-a c)
-  set -- -nographic -serial mon:stdio "$@"
+  # the monitor stays multiplexed on stdio next to the FIFO monitor (Ctrl-a x, Ctrl-a c)
+  set -- -nographic -chardev "stdio,id=console,mux=on,logfile=$(qpath "$here/console.log"),logappend=on" \
+    -serial chardev:console -mon chardev=console,mode=readline "$@"
 fi
+# A guest reboot ends QEMU; run.sh starts it again with the first-boot rule decided afresh,
+# as Flatcar's GRUB does with its flag file (QEMU would keep a first boot's -append).
+set -- -no-reboot "$@"
 
 if [ "$mode" = print ]; then
   decide_boot
@@ -161,19 +187,15 @@ for port in $host_ports; do
   fi
 done
 
-decide_boot
-
 # --- start ------------------------------------------------------------------------------
+decide_boot
 if [ "$cluster_net" = true ]; then
   with_net_lock ensure_switch || exit 1
   cd "$net" || exit 1  # QEMU finds the switch as ./switch: short socket paths, wherever out/ is
 fi
 rm -f "$here/monitor.in" "$here/monitor.out" "$here/forced-stop"
 mkfifo "$here/monitor.in" "$here/monitor.out"
-if [ "$mode" = detach ]; then
-  exec 8>&-  # a detached QEMU does not hold run.lock
-  vm_qemu exec "$@"  # cluster.sh down stops the switch
-fi
+: >"$here/console.log"
 
 # --- foreground: QEMU never outlives this script ------------------------------------------
 # QEMU runs as a child that this script waits for, so that a signal reaches the traps at
@@ -202,7 +224,8 @@ stop_qemu_child() {
 keeper() {
   trap '' INT HUP TERM
   while alive "$launcher"; do sleep 1 8>&-; done
-  stop_qemu_child 10
+  qemu_child=$(qemu_pid "$here")
+  [ -z "$qemu_child" ] || stop_qemu_child 10
   release_vm
 }
 
@@ -211,13 +234,18 @@ if command -v setpriv >/dev/null 2>&1; then
 else
   runner="exec"  # no setpriv (e.g. macOS): the keeper stops QEMU within a second
 fi
+# True if the guest of the launch whose console began at byte $1 of console.log rebooted
+# (the kernel's last words: "reboot: Restarting system", not "reboot: Power down").
+guest_rebooted() {
+  tail -c +"$(($1 + 1))" "$here/console.log" 2>/dev/null |
+    grep -a -e 'reboot: Restarting system' -e 'reboot: Power down' | tail -n 1 | grep -q 'Restarting system'
+}
+
 caught=""
 trap 'caught=129; kill -TERM "$qemu_child" 2>/dev/null || true' HUP
 trap 'caught=130; kill -TERM "$qemu_child" 2>/dev/null || true' INT
 trap 'caught=143; kill -TERM "$qemu_child" 2>/dev/null || true' TERM
 exec 7<&0  # an asynchronous command's stdin would be /dev/null: QEMU keeps this one
-vm_qemu "$runner" "$@" <&7 7<&- 8>&- &
-qemu_child=$!
 launcher=$$
 keeper </dev/null >/dev/null 2>&1 7<&- &
 keeper_pid=$!
@@ -229,16 +257,24 @@ leave() {
 }
 trap leave EXIT
 while :; do
-  status=0
-  wait "$qemu_child" || status=$?
-  [ -z "$caught" ] || break
-  kill -0 "$qemu_child" 2>/dev/null || break  # QEMU ended and was reaped
+  offset=$(wc -c <"$here/console.log")
+  vm_qemu "$runner" "$@" <&7 7<&- 8>&- &
+  qemu_child=$!
+  while :; do
+    status=0
+    wait "$qemu_child" || status=$?
+    [ -z "$caught" ] || break
+    kill -0 "$qemu_child" 2>/dev/null || break  # QEMU ended and was reaped
+  done
+  if [ -n "$caught" ]; then
+    stop_qemu_child 10
+    wait "$qemu_child" 2>/dev/null || true
+    exit "$caught"
+  fi
+  if [ -f "$here/forced-stop" ] || [ "$status" -ne 0 ] || ! guest_rebooted "$offset"; then break; fi
+  printf 'run.sh: VM %s rebooted: starting it again\n' "$name" >&2
+  decide_boot
 done
-if [ -n "$caught" ]; then
-  stop_qemu_child 10
-  wait "$qemu_child" 2>/dev/null || true
-  exit "$caught"
-fi
 if [ -f "$here/forced-stop" ]; then  # QEMU exits 0 after a monitor quit or a SIGTERM
   printf 'run.sh: VM %s was stopped by force: %s\n' "$name" "$(cat "$here/forced-stop")" >&2
   rm -f "$here/forced-stop"

@@ -11,7 +11,9 @@
 # `leanvm.hold` keeps the VM up until QEMU is stopped, `leanvm.ping=IP,...` pings peers on
 # the cluster network (configured from the systemd-networkd unit in user_data) for up to
 # 90 s each, `leanvm.unreachable=IP,...` checks for 10 s each that they do not answer,
-# `leanvm.fillcache` reads all of /usr into the page cache and drops it again (benchmarks).
+# `leanvm.fillcache` reads all of /usr into the page cache and drops it again (benchmarks),
+# `leanvm.reboot` reboots the guest once (the first boot that has no
+# /var/lib/leanvm/rebooted on the root disk) instead of going on.
 PATH=/bin
 export PATH
 /bin/busybox mkdir -p /proc /sys /dev /sysroot /mnt/config
@@ -24,7 +26,7 @@ exec </dev/console >/dev/console 2>&1
 say() { echo "leanvm: $*"; }
 
 usr="" usrfstype="" usrflags="ro" root="" rootflags="rw" rootfstype="" shell="" hold="" ping="" first_boot=""
-unreachable="" fillcache=""
+unreachable="" fillcache="" reboot_once=""
 # shellcheck disable=SC2013  # the command line is split into words on purpose
 for word in $(cat /proc/cmdline); do
   case $word in
@@ -39,6 +41,7 @@ for word in $(cat /proc/cmdline); do
     leanvm.ping=*) ping=${word#*=} ;;
     leanvm.unreachable=*) unreachable=${word#*=} ;;
     leanvm.fillcache) fillcache=1 ;;
+    leanvm.reboot) reboot_once=1 ;;
     flatcar.first_boot=*|coreos.first_boot=*) first_boot=${word#*=} ;;
   esac
 done
@@ -50,12 +53,17 @@ finish() {
   elif [ -n "$hold" ]; then
     wait_for_power_button
   fi
+  shut_down poweroff
+}
+
+# Unmount and power off or reboot ($1): the kernel then says "reboot: Power down" or
+# "reboot: Restarting system".
+shut_down() {
   [ -f /sysroot/run/dropbear.pid ] && kill "$(cat /sysroot/run/dropbear.pid)" 2>/dev/null
   umount /sysroot/dev/pts /sysroot/dev /sysroot/proc 2>/dev/null
   umount /mnt/config /sysroot/oem /sysroot/usr /sysroot 2>/dev/null
   sync
-  say "powering off"
-  poweroff -f
+  if [ "$1" = reboot ]; then say "rebooting"; reboot -f; else say "powering off"; poweroff -f; fi
 }
 
 # Block until an ACPI power button is pressed (QEMU's system_powerdown), or forever when
@@ -341,6 +349,11 @@ if [ -n "$fillcache" ]; then
   sync
   echo 3 >/proc/sys/vm/drop_caches
   say "cache dropped: $(sed -n 's/^Cached: *//p' /proc/meminfo)"
+fi
+if [ -n "$reboot_once" ] && [ ! -e /sysroot/var/lib/leanvm/rebooted ]; then
+  mkdir -p /sysroot/var/lib/leanvm && : >/sysroot/var/lib/leanvm/rebooted
+  say "rebooting once (leanvm.reboot)"
+  shut_down reboot
 fi
 say "ready"
 finish
