@@ -154,3 +154,27 @@ def test_per_vm_kernel_args_follow_the_profiles(ign_project: Project):
     assert ign_project.doit().returncode == 0
     one, two = (" ".join(printed(ign_project.vm(n) / "run.sh")) for n in ("core1", "core2"))
     assert "console=ttyS0 systemd.unit=rescue.target quiet" in one and "systemd.unit" not in two
+
+
+def test_a_guest_reboot_during_the_first_boot_comes_back_as_no_first_boot(mini: Path, tmp_path: Path):
+    """QEMU runs with -no-reboot; run.sh (here the supervisor of a --detach VM) starts it again
+    with the first-boot rule decided afresh, so Ignition runs once."""
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "rb.ign").write_text(json.dumps({"ignition": {"version": "3.3.0"}}))
+    out = build_cluster(tmp_path, mini / "mini.yaml", {"rb": {"ignition": "rb.ign"}})
+    env = {**HOLD, "LEANVM_APPEND": "leanvm.hold leanvm.reboot"}  # the guest reboots once, on its own
+    try:
+        up = cluster(out, "up", "--wait", env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        console = (out / "vms" / "rb" / "console.log").read_text(errors="replace")
+        assert console.index("leanvm: rebooting once") < console.index("leanvm: first boot: no")
+        assert console.count("leanvm: first boot: yes") == 1 and console.count("leanvm: ignition: result written") == 1
+        qemu = (out / "vms" / "rb" / "qemu.pid").read_text().strip()
+        assert "flatcar.first_boot" not in Path(f"/proc/{qemu}/cmdline").read_text()
+        assert "VM rb rebooted: starting it again" in (out / "vms" / "rb" / "run.log").read_text()
+    finally:
+        down = cluster(out, "down", env=env)
+    assert down.returncode == 0 and "did not power off" not in down.stdout
+    assert qemu_pids(out) == []
+    result = json.loads(debugfs_cat(out / "vms" / "rb" / "rootfs.img", "/etc/.ignition-result.json"))
+    assert result["userConfigProvided"] is True
