@@ -53,6 +53,7 @@ wait_for_ssh() {
     for vm in $pending; do
       vm_ssh "$vm" true </dev/null >/dev/null 2>&1 && continue
       if ! vm_pid "$vm" >/dev/null; then
+        wait_for_launchers
         stop_switch_if_unused
         die "VM $vm stopped before its sshd answered: see $out/vms/$vm/console.log"
       fi
@@ -84,6 +85,7 @@ kvm_hung() {
   force_stop $1
   why="no VM printed anything on its console within ${KVM_SILENCE} s under KVM: KVM hangs on this machine (nested virtualisation?)"
   if [ "${LEANVM_ACCEL:-auto}" != auto ]; then
+    wait_for_launchers
     stop_switch_if_unused
     die "$why; the VMs are stopped: start them with LEANVM_ACCEL=tcg"
   fi
@@ -165,13 +167,14 @@ stop_switch_if_unused() {
   ) 9>"$out/net/lock"
 }
 
-# Wait (up to 10 s) for the run.sh of each VM, which clears up once its QEMU has ended.
+# Wait (up to 10 s) for the run.sh of each VM whose QEMU has ended: it clears up then.
 wait_for_launchers() {
   tries=0
   while [ "$tries" -lt 100 ]; do
     busy=""
     for entry in "$out"/net/users/*; do
       [ -e "$entry" ] || continue
+      vm_pid "${entry##*/}" >/dev/null && continue  # still running: not ending
       if pid=$(cat "$entry" 2>/dev/null) && alive "$pid"; then busy=1; fi
     done
     [ -n "$busy" ] || return 0

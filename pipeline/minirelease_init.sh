@@ -336,6 +336,12 @@ start_sshd() {
     say "warning: sshd did not start"
   fi
 }
+# before sshd starts: nobody logs in to a guest that is about to reboot
+if [ -n "$reboot_once" ] && [ ! -e /sysroot/var/lib/leanvm/rebooted ]; then
+  mkdir -p /sysroot/var/lib/leanvm && : >/sysroot/var/lib/leanvm/rebooted
+  say "rebooting once (leanvm.reboot)"
+  shut_down reboot
+fi
 if [ -n "$hold" ] || [ -n "$shell" ]; then start_sshd; fi
 
 mkdir -p /sysroot/var/log
@@ -349,11 +355,6 @@ if [ -n "$fillcache" ]; then
   sync
   echo 3 >/proc/sys/vm/drop_caches
   say "cache dropped: $(sed -n 's/^Cached: *//p' /proc/meminfo)"
-fi
-if [ -n "$reboot_once" ] && [ ! -e /sysroot/var/lib/leanvm/rebooted ]; then
-  mkdir -p /sysroot/var/lib/leanvm && : >/sysroot/var/lib/leanvm/rebooted
-  say "rebooting once (leanvm.reboot)"
-  shut_down reboot
 fi
 say "ready"
 finish
