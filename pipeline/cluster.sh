@@ -67,7 +67,7 @@ wait_for_ssh() {
       deadline=$((started + $1))
     fi
     [ "$(date +%s)" -lt "$deadline" ] || die "no sshd answered within $1 s on:$still"
-    sleep 2
+    sleep 1
   done
   echo "every VM answers ssh"
 }

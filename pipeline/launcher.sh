@@ -241,7 +241,7 @@ guest_rebooted() {
     grep -a -e 'reboot: Restarting system' -e 'reboot: Power down' | tail -n 1 | grep -q 'Restarting system'
 }
 
-caught=""
+caught="" qemu_child=""
 trap 'caught=129; kill -TERM "$qemu_child" 2>/dev/null || true' HUP
 trap 'caught=130; kill -TERM "$qemu_child" 2>/dev/null || true' INT
 trap 'caught=143; kill -TERM "$qemu_child" 2>/dev/null || true' TERM
@@ -257,6 +257,7 @@ leave() {
 }
 trap leave EXIT
 while :; do
+  if [ -n "$caught" ]; then exit "$caught"; fi  # a signal between two launches
   offset=$(wc -c <"$here/console.log")
   vm_qemu "$runner" "$@" <&7 7<&- 8>&- &
   qemu_child=$!

@@ -74,6 +74,7 @@ def test_ignition_provisions_on_the_first_boot_and_a_guest_reboot_is_no_first_bo
     assert result["userConfigProvided"] is True and "provisioningBootID" in result  # Ignition's own fields
 
 
+@pytest.mark.slow
 def test_cluster_addresses_come_up_on_the_first_boot_through_ignition_and_coreos_units(mini: Path, tmp_path: Path):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "ig.ign").write_text(json.dumps({"ignition": {"version": "3.3.0"}}))

@@ -79,8 +79,8 @@ def pair(mini: Path, tmp_path: Path) -> Path:
     return build_cluster(tmp_path, mini / "mini.yaml", {"one": {}, "two": {}})
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP, signal.SIGINT],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=lambda s: s.name)
 def test_a_killed_run_sh_takes_its_qemu_and_can_start_again_at_once(pair: Path, sig: signal.Signals):
     vm = pair / "vms" / "one"
     proc, qemu = started(vm)
@@ -138,6 +138,7 @@ def test_cluster_sh_up_wait_fails_at_once_when_a_vm_powered_off(mini: Path, tmp_
     assert qemu_pids(out) == []
 
 
+@pytest.mark.slow
 def test_cluster_sh_up_wait_under_a_hanging_forced_kvm_says_so_and_stops_it(pair: Path, tmp_path: Path):
     env = {**ENV, "LEANVM_ACCEL": "kvm", "LEANVM_QEMU": str(wrapper(tmp_path, STOPPED_KVM))}
     result = run([pair / "cluster.sh", "up", "--wait", "300"], capture_output=True, text=True, env=env, timeout=200)
