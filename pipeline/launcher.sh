@@ -33,6 +33,13 @@ print_command() {
 
 qemu_pid() { cat "$1/qemu.pid" 2>/dev/null || true; }
 
+refuse_if_running() {
+  pid=$(qemu_pid "$here")
+  if alive "$pid"; then
+    die "VM $name is already running (pid $pid); stop it before starting it again"
+  fi
+}
+
 # --- the private cluster network: a rootless VDE switch shared by the VMs of this out/ ---
 # Starting and stopping it happen under one lock (out/net/lock). Every VM that uses it has
 # an entry in out/net/users/; the last one to leave stops it.
@@ -91,8 +98,7 @@ esac
 # (so that a guest reboot relaunches QEMU there too); errors of that run.sh are its last
 # line in run.log, said here.
 if [ "$mode" = detach ]; then
-  pid=$(qemu_pid "$here")
-  if alive "$pid"; then die "VM $name is already running (pid $pid); stop it before starting it again"; fi
+  refuse_if_running
   command -v setsid >/dev/null 2>&1 || die "setsid not found: install util-linux"
   setsid sh "$here/run.sh" --supervise "$@" </dev/null >/dev/null 2>"$here/run.log" &
   supervisor=$!
@@ -169,12 +175,6 @@ fi
 # --- checks, before anything is touched ----------------------------------------------------
 command -v "$qemu" >/dev/null 2>&1 ||
   die "$qemu not found: install it (apt-get install qemu-system-x86) or set LEANVM_QEMU"
-refuse_if_running() {
-  pid=$(qemu_pid "$here")
-  if alive "$pid"; then
-    die "VM $name is already running (pid $pid); stop it before starting it again"
-  fi
-}
 refuse_if_running
 # One run.sh at a time per VM (fd 8 on run.lock, never inherited by QEMU): a run.sh that was
 # killed leaves a keeper that stops its QEMU and clears up; a start waits for it.
@@ -241,10 +241,15 @@ guest_rebooted() {
     grep -a -e 'reboot: Restarting system' -e 'reboot: Power down' | tail -n 1 | grep -q 'Restarting system'
 }
 
+# A signal to run.sh: remember the exit status it gives ($1) and stop QEMU cleanly.
+on_signal() {
+  caught=$1
+  kill -TERM "$qemu_child" 2>/dev/null || true
+}
 caught="" qemu_child=""
-trap 'caught=129; kill -TERM "$qemu_child" 2>/dev/null || true' HUP
-trap 'caught=130; kill -TERM "$qemu_child" 2>/dev/null || true' INT
-trap 'caught=143; kill -TERM "$qemu_child" 2>/dev/null || true' TERM
+trap 'on_signal 129' HUP
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
 exec 7<&0  # an asynchronous command's stdin would be /dev/null: QEMU keeps this one
 launcher=$$
 keeper </dev/null >/dev/null 2>&1 7<&- &
