@@ -52,8 +52,7 @@ wait_for_ssh() {
     still=""
     for vm in $pending; do
       vm_ssh "$vm" true </dev/null >/dev/null 2>&1 && continue
-      if ! vm_pid "$vm" >/dev/null; then
-        wait_for_launchers
+      if ! vm_active "$vm"; then
         stop_switch_if_unused
         die "VM $vm stopped before its sshd answered: see $out/vms/$vm/console.log"
       fi
@@ -109,6 +108,13 @@ vm_pid() {
   alive "$pid" && echo "$pid"
 }
 
+# True while VM $1's run.sh holds its run.lock: from before QEMU starts until it has
+# cleared up, across the relaunch after a guest reboot (when no QEMU runs for a moment).
+launcher_active() { ! flock -n "$out/vms/$1/run.lock" true 2>/dev/null; }
+
+# True if VM $1 runs: its QEMU, or its run.sh between two launches.
+vm_active() { vm_pid "$1" >/dev/null || launcher_active "$1"; }
+
 # VM $1's ssh port, from the identity doit recorded for it (out/state/vms/NAME.env).
 ssh_port() { sed -n 's/^ssh_port=//p' "$out/state/vms/$1.env" 2>/dev/null; }
 
@@ -137,6 +143,8 @@ up() {
   for vm in $(vms); do
     if pid=$(vm_pid "$vm"); then
       echo "$vm: already running (pid $pid)"
+    elif launcher_active "$vm"; then
+      echo "$vm: already running (rebooting)"
     elif "$out/vms/$vm/run.sh" --detach; then
       echo "$vm: started (pid $(cat "$out/vms/$vm/qemu.pid"), ssh 127.0.0.1:$(ssh_port "$vm"))"
     else
@@ -147,7 +155,7 @@ up() {
 }
 
 still_running() {
-  for vm in $(vms); do vm_pid "$vm" >/dev/null && echo "$vm"; done
+  for vm in $(vms); do vm_active "$vm" && echo "$vm"; done
   return 0
 }
 
@@ -230,7 +238,13 @@ down() {
 status() {
   printf '%-24s %-8s %-8s %s\n' VM STATE PID SSH
   for vm in $(vms); do
-    if pid=$(vm_pid "$vm"); then state=running; else state=stopped pid=-; fi
+    if pid=$(vm_pid "$vm"); then
+      state=running
+    elif launcher_active "$vm"; then
+      state=reboot pid=-
+    else
+      state=stopped pid=-
+    fi
     printf '%-24s %-8s %-8s %s\n' "$vm" "$state" "$pid" "127.0.0.1:$(ssh_port "$vm")"
   done
 }

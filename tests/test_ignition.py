@@ -46,8 +46,13 @@ def test_ignition_provisions_on_the_first_boot_and_a_guest_reboot_is_no_first_bo
     out = build_cluster(tmp_path, mini / "mini.yaml", {"prov": {"ignition": "prov.ign"}})
     # The guest reboots once on its own during the first boot: QEMU runs with -no-reboot and
     # run.sh (the supervisor of this --detach VM) starts it again, deciding the first-boot
-    # rule afresh, so Ignition runs once.
-    env = {**HOLD, "LEANVM_APPEND": "leanvm.hold leanvm.reboot"}
+    # rule afresh, so Ignition runs once. The second launch starts 3 s late (a slow host):
+    # `up --wait` must not take the moment between two launches for a stopped VM.
+    slow = tmp_path / "slow-relaunch"
+    slow.write_text(f'#!/bin/sh\n[ ! -e "{tmp_path}/launched" ] || sleep 3\n: >"{tmp_path}/launched"\n'
+                    'exec qemu-system-x86_64 "$@"\n')
+    slow.chmod(0o755)
+    env = {**HOLD, "LEANVM_APPEND": "leanvm.hold leanvm.reboot", "LEANVM_QEMU": str(slow)}
     try:
         up = cluster(out, "up", "--wait", env=env)
         assert up.returncode == 0, up.stdout + up.stderr
