@@ -290,8 +290,52 @@ cloudinit_network_units() {
   [ -n "$found" ]
 }
 
+# cloud-config's write_files, as coreos-cloudinit writes them (before it handles units):
+# path, permissions (octal, default 0644) and content (a `|` block or one plain line), in
+# the layout leanvm writes (PyYAML). A network unit among them is not applied on this boot.
+cloudinit_write_files() {
+  awk '
+    /^write_files:/ { on = 1; next }
+    /^[^ #-]/ { on = 0 }
+    !on { next }
+    /^- / || /^  [a-z_]+:/ {
+      line = $0
+      if (sub(/^- /, "  ", line)) print "item\t"
+      key = line; sub(/^  /, "", key); value = key; sub(/:.*/, "", key)
+      sub(/^[a-z_]+:[ \t]*/, "", value); gsub(/["\047]/, "", value)
+      block = key == "content" && value ~ /^\|/
+      if (!block) print key "\t" value
+      next
+    }
+    block && /^    / { text = $0; sub(/^    /, "", text); print "line\t" text; next }
+    block && /^[ \t]*$/ { print "line\t"; next }
+  ' "$1" | {
+    path="" mode=0644
+    : >/run/write-file
+    place() {
+      [ -n "$path" ] || return 0
+      mkdir -p "/sysroot${path%/*}" && cp /run/write-file "/sysroot$path.leanvm-new" &&
+        chmod "$mode" "/sysroot$path.leanvm-new" && mv -f "/sysroot$path.leanvm-new" "/sysroot$path" &&
+        say "cloud-config: wrote $path"
+      path="" mode=0644
+      : >/run/write-file
+    }
+    while IFS="$(printf '\t')" read -r key value; do
+      case $key in
+        item) place ;;
+        path) path=$value ;;
+        permissions) case $value in 0*) mode=$value ;; *) mode=$(printf '%o' "$value") ;; esac ;;
+        content) printf '%s\n' "$value" >/run/write-file ;;
+        line) printf '%s\n' "$value" >>/run/write-file ;;
+      esac
+    done
+    place
+  }
+}
+
 mkdir -p /sysroot/etc/systemd/network
 networkd
+if [ -n "${user_data:-}" ] && [ -r "$user_data" ]; then cloudinit_write_files "$user_data"; fi
 if [ -n "${user_data:-}" ] && [ -r "$user_data" ] && cloudinit_network_units "$user_data"; then
   say "cloud-config: network units under coreos.units: restarting networkd"
   networkd

@@ -187,15 +187,16 @@ def task_rootfs() -> Iterator[dict]:
 def task_configdrive() -> Iterator[dict]:
     ctx = context()
     yield {"name": None, "doc": "per VM: write its config drive (user_data with keys and network) and Ignition config"}
+    hosts = configdrive.hosts(ctx.cluster.vms)
     for vm in ctx.cluster.vms:
         dest = ctx.layout.vm(vm.name) / "config" / "openstack" / "latest" / "user_data"
         ignition = ctx.layout.vm(vm.name) / "ignition.json"
         inputs = {"name": vm.name, "keys": list(vm.ssh_authorized_keys), "ip": vm.cluster_ip, "mac": vm.cluster_mac,
-                  "ip_given": vm.cluster_ip_given, "ignition": str(vm.ignition)}
+                  "ip_given": vm.cluster_ip_given, "ignition": str(vm.ignition), "hosts": hosts}
         yield {
             "name": vm.name,
             "doc": "write the config drive's user_data (and the Ignition config)",
-            "actions": [action(configdrive.write, vm, dest, ignition, sshkey.public_key(ctx.layout.out))],
+            "actions": [action(configdrive.write, vm, dest, ignition, sshkey.public_key(ctx.layout.out), hosts)],
             "file_dep": [p for p in (vm.user_data, vm.ignition) if p] + [sshkey.public_key(ctx.layout.out)],
             "targets": [dest, ignition] if vm.ignition else [dest],
             "uptodate": [config_changed(inputs)],

@@ -61,7 +61,9 @@ def test_generated_cloud_config_carries_the_cluster_address(mini: Path, tmp_path
     out = build_cluster(tmp_path, mini / "mini.yaml", {"one": {"cluster_ip": "10.9.0.5"}},
                         network={"subnet": "10.9.0.0/16"})
     doc = yaml.safe_load((out / "vms" / "one" / "config/openstack/latest/user_data").read_text())
-    assert "write_files" not in doc  # coreos-cloudinit would not restart networkd for it
+    # the unit is not in write_files (coreos-cloudinit would not restart networkd for it)
+    assert [f["path"] for f in doc["write_files"]] == ["/etc/hosts"]
+    assert "10.9.0.5 one" in doc["write_files"][0]["content"]
     (unit,) = doc["coreos"]["units"]
     assert unit["name"] == "50-leanvm-cluster.network"
     mac = re.search(r"mac=(52:54:01:[0-9a-f:]+)", sh(str(out / "vms" / "one" / "run.sh"), "--print").decode())[1]

@@ -112,10 +112,14 @@ def test_editing_user_data_reruns_only_that_configdrive(cluster: Project):
     assert "renamed" in (cluster.vm("core1") / "config/openstack/latest/user_data").read_text()
 
 
-def test_adding_a_vm_runs_only_its_three_tasks(cluster: Project):
+def test_adding_a_vm_runs_only_its_three_tasks_and_names_it_to_the_others(cluster: Project):
     cluster.write_cluster({**THREE, "core1": {"ssh_port": 2222, "user_data": "core1.yaml"}, "core4": {}})
     result = cluster.doit()
-    assert result.executed == {"rootfs:core4", "configdrive:core4", "launcher:core4"}
+    # the other VMs' config drives only: their /etc/hosts now names core4 (no disk, no launcher)
+    assert result.executed == {"rootfs:core4", "configdrive:core4", "launcher:core4"} | {
+        f"configdrive:{name}" for name in THREE}
+    hosts = yaml.safe_load((cluster.vm("core1") / "config/openstack/latest/user_data").read_text())["write_files"]
+    assert "core4" in next(f["content"] for f in hosts if f["path"] == "/etc/hosts")
 
 
 def test_changing_memory_rerenders_only_that_launcher(cluster: Project):
@@ -194,7 +198,7 @@ def test_auto_port_never_moves_when_a_colliding_vm_is_added(project: Project):
     assert identity_of(project, "vm09")["ssh_port"] == "25414"
     project.write_cluster({"vm09": {}, "extra4": {}})
     result = project.doit()
-    assert result.executed == {"rootfs:extra4", "configdrive:extra4", "launcher:extra4"}
+    assert result.executed == {"rootfs:extra4", "configdrive:extra4", "launcher:extra4", "configdrive:vm09"}
     assert identity_of(project, "vm09")["ssh_port"] == "25414"
     assert identity_of(project, "extra4")["ssh_port"] == "25415"
     before = {name: identity_of(project, name) for name in ("vm09", "extra4")}
@@ -251,11 +255,12 @@ def test_removed_vm_is_retired_from_cluster_sh_and_keeps_its_disk(cluster: Proje
     sh("debugfs", "-w", "-R", f"write {payload} kept", disk)
     cluster.write_cluster({"core1": {"ssh_port": 2222, "user_data": "core1.yaml"}, "core3": {}})
     result = cluster.doit()
-    assert result.executed == {"retire"} and "core2 is no longer in the cluster file" in result.stderr
+    assert result.executed == {"retire", "configdrive:core1", "configdrive:core3"}  # their /etc/hosts
+    assert "core2 is no longer in the cluster file" in result.stderr
     assert not (cluster.vm("core2") / "run.sh").exists() and (cluster.vm("core2") / "run.sh.retired").exists()
     status = subprocess.run([str(cluster.out / "cluster.sh"), "status"], capture_output=True, text=True).stdout
     assert "core1" in status and "core2" not in status
     assert cluster.doit().executed == set()
     cluster.write_cluster(THREE | {"core1": {"ssh_port": 2222, "user_data": "core1.yaml"}})
-    assert cluster.doit().executed == {"launcher:core2"}
+    assert cluster.doit().executed == {"launcher:core2", "configdrive:core1", "configdrive:core3"}
     assert sh("debugfs", "-R", "cat kept", disk) == payload.read_bytes()
