@@ -19,7 +19,7 @@ import libarchive.exception
 from libarchive.extract import EXTRACT_PERM, EXTRACT_SPARSE, EXTRACT_TIME
 
 from . import identity
-from .errors import LeanvmError, note, report
+from .errors import LeanvmError, note, report, tool
 from .fsutil import temp_path
 from .record import sha256_file
 from .vmstate import running_pid
@@ -78,7 +78,7 @@ def check_manifest(root: Path) -> dict:
         raise LeanvmError(f"{root / MANIFEST}: unreadable manifest: {e}", "unpack a complete bundle") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
-        raise LeanvmError(f"{root / MANIFEST}: has no list of files", "unpack a bundle made by `doit bundle`")
+        raise LeanvmError(f"{root / MANIFEST}: has no list of files", f"unpack a bundle made by {tool('bundle')}")
     for rel, digest in files.items():
         path = root / rel
         if not path.is_file() or sha256_file(path) != digest:

@@ -32,11 +32,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args = default_args(list(sys.argv[1:] if argv is None else argv), Path.cwd())
     sys.argv = [sys.argv[0], *args]  # doitenv reads the command line as doit does
-    from . import tasks
+    from . import errors, tasks
+
+    errors.command = "leanvm"
+
+    class Loader(ModuleTaskLoader):
+        """leanvm's tasks; their doit settings (lock, database in out/) are read only once
+        doit has parsed the command line's `out=`."""
+
+        def load_doit_config(self) -> dict:
+            return tasks.doit_config()
 
     members = {name: getattr(tasks, name) for name in dir(tasks) if name.startswith("task_")}
-    members["DOIT_CONFIG"] = tasks.doit_config()
-    return DoitMain(ModuleTaskLoader(members)).run(args)
+    return DoitMain(Loader(members)).run(args)
 
 
 if __name__ == "__main__":

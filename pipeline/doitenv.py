@@ -12,7 +12,7 @@ from doit import cmd_info, get_initial_workdir, get_var
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
-from .errors import LeanvmError, report
+from .errors import LeanvmError, report, tool
 from .paths import CHECKOUT
 from .vmstate import running_pid
 
@@ -75,7 +75,7 @@ def lock_out(out: Path) -> None:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        fail(LeanvmError(f"{out} is in use by another doit run (pid {holder})", "wait for it to finish or stop it"))
+        fail(LeanvmError(f"{out} is in use by another {tool('run')} (pid {holder})", "wait for it to end or stop it"))
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _lock_fd = fd
@@ -100,9 +100,9 @@ def check_command(argv: list[str], out: Path) -> None:
     command = _command(argv)
     if "reset" in words:
         raise LeanvmError("`reset` alone would recreate every VM's disks",
-                          "name the VM whose disks to recreate: doit reset:NAME")
+                          f"name the VM whose disks to recreate: {tool('reset:NAME')}")
     if command in ("clean", "forget"):
-        refuse_while_running(out, f"`doit {command}`")
+        refuse_while_running(out, tool(command))
 
 
 def doit_config(default_tasks: list[str]) -> dict:
@@ -134,6 +134,11 @@ def _words(argv: list[str]) -> list[str]:
     return words
 
 
+def command_words() -> list[str]:
+    """The words of this command line that may name tasks (no options, no VAR=VALUE)."""
+    return [w for w in _words(sys.argv[1:]) if not w.startswith("-")]
+
+
 def _command(argv: list[str]) -> str:
     """The doit command, found as doit finds it."""
     words = _words(argv)
@@ -151,7 +156,7 @@ def _one_line_info_errors() -> None:
         try:
             return original(self, *args, **kwargs)
         except KeyError as e:
-            fail(LeanvmError(f"no task named {e.args[0]!r}", "see the task names with `doit list --all`"))
+            fail(LeanvmError(f"no task named {e.args[0]!r}", f"see the task names with {tool('list --all')}"))
 
     execute.leanvm = True  # type: ignore[attr-defined]
     cmd_info.Info._execute = execute

@@ -9,6 +9,15 @@ import sys
 
 EXIT_USER_ERROR = 2
 
+# The command that runs leanvm's tasks, as the user typed it: hints name it ("run `doit
+# reset:core1`" or "run `leanvm reset:core1`"). The `leanvm` command sets it.
+command = "doit"
+
+
+def tool(args: str) -> str:
+    """`args` as a command line of the command in use, e.g. tool("prune") -> "`doit prune`"."""
+    return f"`{command} {args}`"
+
 
 class LeanvmError(Exception):
     """A mistake the user can fix (bad config, bad signature, missing tool, ...)."""

@@ -100,7 +100,8 @@ def check_owner(out: Path, cluster_file: Path, record: bool) -> None:
         recorded = ""
     if recorded and recorded != str(cluster_file):
         raise LeanvmError(f"{out} holds the cluster of {recorded}, not of {cluster_file}",
-                          "build this cluster file into its own directory: out=DIR")
+                          "build this cluster file into its own directory (out=DIR), or, if it replaces "
+                          f"{recorded} (its VMs that it lacks are retired), remove {owner}")
     if record and not recorded:
         write_atomic(owner, f"{cluster_file}\n".encode())
 

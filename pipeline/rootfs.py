@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LeanvmError
+from .errors import LeanvmError, tool
 from .fsutil import temp_path
 from .proc import run
 from .vmstate import running_pid
@@ -78,7 +78,7 @@ def ensure(disks: Disks) -> None:
         wanted = human(disks.size)
         raise LeanvmError(
             f"vms.{disks.vm}.disk: {wanted} is smaller than the existing root disk {path} ({human(current)})",
-            f"shrinking would lose data: set disk back to {human(current)}, or run `doit reset:{disks.vm}`",
+            f"shrinking would lose data: set disk back to {human(current)}, or run {tool(f'reset:{disks.vm}')}",
         )
 
 

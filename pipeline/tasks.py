@@ -15,8 +15,8 @@ from doit.tools import config_changed
 
 from . import bundle, configdrive, doitenv, fetch, identity, launcher, libvirt, prune, publish, rootfs, sshkey
 from .config import VM, Cluster, Release, load_cluster
-from .doitenv import action, building, fail, out_dir, var_path, writing
-from .errors import LeanvmError, warn
+from .doitenv import action, building, fail, out_dir, command_words, var_path, writing
+from .errors import LeanvmError, tool, warn
 from .fsutil import write_atomic
 from .paths import DEFAULT_CLUSTER
 from .vmstate import running_pid
@@ -64,6 +64,20 @@ def _not_checked(port: int) -> bool:
     return False
 
 
+PER_VM_TASKS = ("rootfs", "configdrive", "launcher", "reset")
+
+
+def check_task_names(cluster: Cluster) -> None:
+    """`reset:NOSUCH` (any per-VM task of a VM not in the cluster file): one line naming the
+    VMs there are, instead of doit's "Invalid parameter"."""
+    names = [vm.name for vm in cluster.vms]
+    for word in command_words():
+        task, _, vm = word.partition(":")
+        if task in PER_VM_TASKS and vm and vm not in names:
+            raise LeanvmError(f"{cluster.path}: has no VM named {vm!r} (task {word})",
+                              f"the VMs are: {', '.join(names)}")
+
+
 @cache
 def context() -> Context:
     """Load the cluster once per doit run; a user error ends doit with one line."""
@@ -71,11 +85,13 @@ def context() -> Context:
         out = out_dir()
         config = var_path("config", DEFAULT_CLUSTER)
         if writing():
-            identity.check_owner(out, config, record=building())
+            identity.check_owner(out, config, record=False)
         claims = building()  # only a build claims ports, so only it checks them against the host
         avoid, in_use = (identity.ports_of_other_outs(out), identity.port_in_use) if claims else (set(), _not_checked)
         cluster = load_cluster(config, identity.load(out), avoid, in_use)
-        if claims:
+        check_task_names(cluster)
+        if claims:  # only a cluster file that loads claims out/
+            identity.check_owner(out, config, record=True)
             identity.register(out)
         state = out / "images" / cluster.release.name / ".current-version"
         version = fetch.resolve_version(cluster.release, state, online=claims)
@@ -322,7 +338,7 @@ def task_prune() -> dict:
     layout = context().layout
     return {
         "doc": "remove out/images/RELEASE/VERSION directories that no VM uses any more",
-        "actions": [action(doitenv.refuse_while_running, layout.out, "`doit prune`"),
+        "actions": [action(doitenv.refuse_while_running, layout.out, tool("prune")),
                     action(prune.prune, layout.out, {layout.images})],
         "uptodate": [False],
     }

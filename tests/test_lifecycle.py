@@ -57,6 +57,23 @@ def test_bare_reset_is_refused_and_touches_no_disk(trio):
     assert {p: p.stat().st_ino for p in out.glob("vms/*/*.img")} == inodes
 
 
+def test_a_task_of_a_vm_that_does_not_exist_is_one_line_naming_those_that_do(trio):
+    root, out = trio
+    line = one_line(run_doit(root, "reset:nosuch"))
+    assert "has no VM named 'nosuch' (task reset:nosuch)" in line and "the VMs are: d1, d2, d3" in line
+
+
+def test_a_cluster_file_that_fails_to_load_does_not_claim_an_out_dir(mini: Path, tmp_path: Path):
+    typo = tmp_path / "clustr.yaml"
+    typo.write_text("release: nosuch-profile\nvms:\n  a: {}\n")
+    assert doit(f"config={typo}", f"out={tmp_path / 'out'}").returncode != 0
+    assert not (tmp_path / "out" / "state" / "cluster-file").exists()
+    out = build_cluster(tmp_path, mini / "mini.yaml", {"a": {}})  # the right file is not refused
+    assert (out / "state" / "cluster-file").read_text().strip() == str(tmp_path / "cluster.yaml")
+    line = one_line(doit(f"config={typo}", f"out={out}"))  # another file, once claimed: one line
+    assert f"holds the cluster of {tmp_path / 'cluster.yaml'}" in line and "remove " in line
+
+
 def test_clean_forget_prune_and_retire_refuse_while_a_vm_runs(trio):
     root, out = trio
     pid = detach_paused(out / "vms" / "d2")

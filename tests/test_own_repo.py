@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import PROJECT, Project, doit, run, sh
+from support import ENV, PROJECT, Project, doit, run, sh
 
 from pipeline.config import load_cluster
 from pipeline.errors import LeanvmError
@@ -44,6 +44,17 @@ def test_leanvm_from_a_directory_holding_only_a_cluster_file(installed: Path, mi
     assert leanvm(installed, mine).stdout.count("-- ") >= 5  # a no-op second run
     listing = leanvm(installed, mine, "list")
     assert listing.returncode == 0 and "launcher" in listing.stdout
+    # doit's lock and database are the project's, in its out/, not in site-packages
+    assert (mine / "out" / ".doit.db").exists() and (mine / "out" / ".lock").exists()
+    assert not list((installed.parent.parent / "lib").glob("python*/site-packages/out"))
+    env = {**ENV, "LEANVM_STOP_TIMEOUT": "5"}
+    try:  # a running VM: `leanvm clean` is refused and touches nothing
+        assert run([mine / "out" / "cluster.sh", "up"], env=env, capture_output=True, timeout=120).returncode == 0
+        refused = leanvm(installed, mine, "clean")
+        assert refused.returncode != 0 and "cannot `leanvm clean` while VMs of" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and run_sh.exists()
+    finally:
+        run([mine / "out" / "cluster.sh", "down"], env=env, capture_output=True, timeout=120)
     assert leanvm(installed, mine, "clean").returncode == 0 and not run_sh.exists()
     assert (mine / "out" / "vms" / "mine" / "rootfs.img").exists()
 
