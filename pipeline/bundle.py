@@ -86,9 +86,22 @@ def check_manifest(root: Path) -> dict:
     return manifest
 
 
+def check_dest(dest: Path) -> None:
+    """Unpacking replaces files: never under a running VM (its QEMU would go on writing to a
+    deleted disk), and never over anything else that is there."""
+    running = [f"{vm.name} (pid {pid})" for vm in sorted(dest.glob("vms/*")) if (pid := running_pid(vm))]
+    if running:
+        raise LeanvmError(f"cannot unpack into {dest} while its VMs run: {', '.join(running)}",
+                          f"stop them first ({dest / 'cluster.sh'} down), or unpack into a new directory")
+    if dest.exists() and any(dest.iterdir()):
+        raise LeanvmError(f"{dest} is not empty: unpacking would replace what is there (VM disks too)",
+                          "unpack into a new or empty directory")
+
+
 def unbundle(archive: Path, dest: Path) -> dict:
     """Unpack a bundle (keeping holes) into `dest` and check it against its manifest."""
     archive = archive.resolve()  # before changing into dest: a relative path means the caller's
+    check_dest(dest)
     dest.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(dest)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support import Mirror, MirrorServer, Project, paths_in, printed, sh, usr_partition
+from support import ENV, Mirror, MirrorServer, Project, build_cluster, doit, paths_in, printed, run, sh, usr_partition
 
 from pipeline.record import sha256_file
 
@@ -75,6 +75,35 @@ def test_unbundle_checks_the_manifest(project: Project, tmp_path: Path):
         assert "run.sh" in str(e)
     else:
         raise AssertionError("a damaged file passed the manifest check")
+
+
+def unbundle(archive: Path, dest: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "pipeline.bundle", "unbundle", str(archive), str(dest)],
+               capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=120)
+
+
+def test_unbundle_never_replaces_a_running_vm_or_anything_already_there(mini: Path, tmp_path: Path):
+    out = build_cluster(tmp_path / "src", mini / "mini.yaml", {"a": {}})
+    built = doit(f"config={tmp_path / 'src' / 'cluster.yaml'}", f"out={out}", "bundle")
+    assert built.returncode == 0, built.stderr
+    (archive,) = (out / "bundles").glob("*.tar.gz")
+    dest = tmp_path / "there"
+    assert unbundle(archive, dest).returncode == 0
+    disk = dest / "vms" / "a" / "rootfs.img"
+    inode = disk.stat().st_ino
+    started = run([dest / "vms" / "a" / "run.sh", "--detach", "-S"], capture_output=True, text=True, env=ENV,
+                  timeout=60)  # the real QEMU, CPUs stopped
+    assert started.returncode == 0, started.stderr
+    pid = (dest / "vms" / "a" / "qemu.pid").read_text().strip()
+    try:
+        refused = unbundle(archive, dest)
+        (line,) = refused.stderr.strip().splitlines()
+        assert refused.returncode != 0 and f"while its VMs run: a (pid {pid})" in line, refused.stderr
+    finally:
+        run([dest / "cluster.sh", "down"], capture_output=True, env={**ENV, "LEANVM_STOP_TIMEOUT": "1"}, timeout=60)
+    assert disk.stat().st_ino == inode  # the running VM's disk was not replaced
+    refused = unbundle(archive, dest)  # stopped: still not over what is there
+    assert refused.returncode != 0 and "is not empty" in refused.stderr and disk.stat().st_ino == inode
 
 
 def test_bundle_refused_while_a_vm_runs(project: Project):
