@@ -222,11 +222,37 @@ def _ignition(path: Path, where: _Where) -> None:
     version = doc.get("ignition", {}).get("version") if isinstance(doc, dict) else None
     if not isinstance(version, str):
         raise where.error(f"{path} has no ignition.version", 'write {"ignition": {"version": "3.3.0"}, ...}')
+    _ignition_shape(doc, path, where)
     if "kernelArguments" in doc:
         raise where.error(
             f"{path} sets kernelArguments: Flatcar's ignition-kargs-helper needs an EFI-SYSTEM partition, which a "
             "leanvm VM has not (the boot would end in the emergency shell)",
             "give the VM a kernel_args key in the cluster file instead")
+
+
+def _ignition_shape(doc: dict, path: Path, where: _Where) -> None:
+    """The parts of an Ignition config that leanvm merges into (the cluster key, network unit,
+    /etc/hosts) must have Ignition's types: refused, not mangled."""
+    def expect(value: object, kind: type, key: str, what: str) -> None:
+        if not isinstance(value, kind):
+            raise where.error(f"{path}: {key} must be {what}, not {type(value).__name__} {value!r:.40}",
+                              "fix the Ignition config (spec: coreos.github.io/ignition/configuration-v3_3)")
+
+    expect(doc.get("passwd", {}), dict, "passwd", "an object")
+    expect(doc.get("storage", {}), dict, "storage", "an object")
+    users = doc.get("passwd", {}).get("users", [])
+    expect(users, list, "passwd.users", "a list")
+    for i, user in enumerate(users):
+        expect(user, dict, f"passwd.users.{i}", "an object")
+        expect(user.get("name"), str, f"passwd.users.{i}.name", "a string")
+        keys = user.get("sshAuthorizedKeys", [])
+        expect(keys, list, f"passwd.users.{i}.sshAuthorizedKeys", "a list of keys")
+        for j, key in enumerate(keys):
+            expect(key, str, f"passwd.users.{i}.sshAuthorizedKeys.{j}", "a string")
+    files = doc.get("storage", {}).get("files", [])
+    expect(files, list, "storage.files", "a list")
+    for i, entry in enumerate(files):
+        expect(entry, dict, f"storage.files.{i}", "an object")
 
 
 def is_butane(text: str) -> bool:

@@ -135,7 +135,10 @@ def build_with(project: Project, config: str | dict, name: str = "vm.ign") -> Do
     ({"ignition": {"version": "3.3.0"}, "kernelArguments": {"shouldExist": ["quiet"]}}, "kernelArguments"),
     ({"ignition": {"version": "9.9.9"}}, "spec version '9.9.9' is not one Flatcar's Ignition accepts"),
     ("variant: flatcar\nversion: 1.0.0\n", "is a Butane config, and butane is not installed"),
-], ids=["relative-path", "kernelArguments", "unknown-spec", "butane"])
+    ({"ignition": {"version": "3.3.0"}, "passwd": {"users": [{"name": "core", "sshAuthorizedKeys": "ssh-ed25519 A"}]}},
+     "passwd.users.0.sshAuthorizedKeys must be a list of keys, not str 'ssh-ed25519 A'"),
+    ({"ignition": {"version": "3.3.0"}, "storage": {"files": {"path": "/etc/x"}}}, "storage.files must be a list"),
+], ids=["relative-path", "kernelArguments", "unknown-spec", "butane", "keys-not-a-list", "files-not-a-list"])
 def test_bad_ignition_configs_fail_the_build_in_one_line(ign_project: Project, config, expected: str):
     if "butane" in expected and shutil.which("butane"):
         pytest.skip("butane is installed here: the Butane file would be transpiled")
