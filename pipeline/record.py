@@ -29,8 +29,16 @@ def _stat(path: Path) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
-def record(path: Path, digest: str) -> None:
-    write_atomic(sidecar(path), json.dumps({"sha256": digest, **_stat(path)}).encode())
+def record(path: Path, digest: str, signer: str | None = None) -> None:
+    """Record `path`'s digest, stat and the fingerprint of the key whose signature it passed."""
+    write_atomic(sidecar(path), json.dumps({"sha256": digest, "signer": signer, **_stat(path)}).encode())
+
+
+def recorded_signer(path: Path) -> str | None:
+    try:
+        return json.loads(sidecar(path).read_text()).get("signer")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def recorded_digest(path: Path) -> str | None:
@@ -53,5 +61,5 @@ def intact(path: Path) -> bool:
         return True
     if current["size"] != saved.get("size") or sha256_file(path) != saved["sha256"]:
         return False
-    record(path, saved["sha256"])
+    record(path, saved["sha256"], saved.get("signer"))
     return True

@@ -15,7 +15,7 @@ from doit.tools import config_changed
 
 from . import bundle, configdrive, doitenv, fetch, identity, launcher, libvirt, prune, publish, rootfs, sshkey
 from .config import VM, Cluster, Release, load_cluster
-from .doitenv import action, building, fail, out_dir, command_words, var_path, writing
+from .doitenv import action, building, command_words, fail, out_dir, var_path, writing
 from .errors import LeanvmError, tool, warn
 from .fsutil import write_atomic
 from .paths import DEFAULT_CLUSTER
@@ -145,7 +145,7 @@ def task_download() -> Iterator[dict]:
             "name": f"{release.name}:{artifact.kind}",
             "doc": f"download {artifact.upstream} and its signature",
             "actions": [action(publish.download_pair, url, data, release.signature_suffix)],
-            "uptodate": [(publish.done_when, [artifact.published, data, sig])],
+            "uptodate": [(publish.done_when, [release.fingerprints, artifact.published, data, sig])],
             "clean": [(publish.remove, [data, sig])],
         }
 
@@ -163,7 +163,7 @@ def task_verify() -> Iterator[dict]:
             "doc": f"check the signature of {artifact.upstream}",
             "actions": [action(publish.verify_and_publish, data, sig, release, target, final)],
             "task_dep": [f"download:{release.name}:{artifact.kind}"],
-            "uptodate": [(publish.done_when, [artifact.published] if final else [artifact.published, target])],
+            "uptodate": [(publish.done_when, [release.fingerprints, artifact.published, *([] if final else [target])])],
             # published images are kept by `doit clean`: `doit prune` removes unused versions
             "clean": [] if final else [(publish.remove, [target])],
         }
@@ -180,7 +180,7 @@ def task_extract() -> Iterator[dict]:
         "actions": [action(publish.extract_and_publish, _verified_image(layout), release.usr_member, image.published,
                            _raw(layout, image))],
         "task_dep": [f"verify:{release.name}:image"],
-        "uptodate": [(publish.done_when, [image.published])],
+        "uptodate": [(publish.done_when, [release.fingerprints, image.published])],
     }
 
 

@@ -48,6 +48,28 @@ def test_signature_by_other_key_in_same_keyring_is_rejected(project: Project, mi
     assert not (project.images() / "vmlinuz").exists()
 
 
+def test_a_changed_pin_unpublishes_and_rechecks_every_image_verified_under_the_old_one(
+        project: Project, mirror: Mirror, other: str):
+    assert project.doit().returncode == 0
+    published = [project.images() / "vmlinuz", project.images() / "usr.img"]
+    assert all(p.exists() for p in published)
+    project.keyring.export(project.root / "signing-key.asc", project.signer, other)
+    profile = yaml.safe_load(project.profile_file.read_text())
+    project.profile_file.write_text(yaml.safe_dump({**profile, "fingerprints": [other]}))  # a new pin
+    assert project.doit("forget").returncode == 0  # the check does not rest on doit's database
+    result = project.doit()
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("leanvm: error:")]
+    assert len(errors) == 1 and "not pinned" in errors[0] and KERNEL in errors[0], result.stderr
+    for path in published:
+        assert f"{path} was verified by key {project.signer}, which is not pinned" in result.stderr
+        assert not path.exists()  # never booted again
+    project.profile_file.write_text(yaml.safe_dump(profile))  # back to the signer's pin: checked afresh
+    rebuilt = project.doit()
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert usr_partition(project.images() / "usr.img") == mirror.squashfs("100.0.0").read_bytes()
+
+
 def test_missing_signature_is_rejected(project: Project, mirror: Mirror):
     (mirror.root / "100.0.0" / f"{KERNEL}.sig").unlink()
     result = project.doit()
