@@ -56,8 +56,22 @@ def _refuse_if_running(path: Path, vm: str, doing: str) -> None:
         raise LeanvmError(f"{path}: VM {vm} is running (pid {pid}); cannot {doing} its root disk", "stop it first")
 
 
+# e2fsck's exit status is a bit mask (e2fsck(8)): 1 = errors corrected, 2 = corrected and
+# the system should reboot (nothing to reboot for a disk image); 4 and above = not fixed.
+E2FSCK_FIXED = 1 | 2
+
+
+def check_fs(path: Path) -> None:
+    """e2fsck -f -p: corrected errors (a force-stopped VM's disk) are fine, others fail."""
+    result = run(["e2fsck", "-f", "-p", path], check=False)
+    if result.returncode & ~E2FSCK_FIXED:
+        detail = (result.stdout + result.stderr).decode(errors="replace").strip().splitlines()
+        raise LeanvmError(f"{path}: e2fsck -f -p found errors it could not fix (exit code {result.returncode}): "
+                          f"{detail[-1] if detail else 'no output'}", f"repair it by hand: e2fsck -f {path}")
+
+
 def grow(path: Path, size: int) -> None:
-    run(["e2fsck", "-f", "-p", path])
+    check_fs(path)
     os.truncate(path, size)
     run(["resize2fs", path])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import Mirror, Project, paths_in, printed, sh, usr_partition
+from support import Mirror, Project, paths_in, printed, run, sh, usr_partition
 
 THREE = {"core1": {"ssh_port": 2222}, "core2": {"ssh_port": 2223}, "core3": {}}
 
@@ -171,6 +171,26 @@ def test_disk_grow_keeps_data_and_shrink_is_refused(project: Project):
     assert len(shrink.stderr.strip().splitlines()) == 1
     assert disk.stat().st_size == 128 << 20
     assert sh("debugfs", "-R", "cat kept", disk) == payload.read_bytes()
+
+
+def test_a_disk_whose_errors_e2fsck_corrects_grows_and_one_it_cannot_fix_is_one_line(project: Project):
+    project.write_cluster({"core1": {"disk": "64M"}})
+    assert project.doit().returncode == 0
+    disk = project.vm("core1") / "rootfs.img"
+    sh("debugfs", "-w", "-R", "ssv free_blocks_count 12345", disk)  # wrong counts, as a force-stopped VM leaves
+    assert b"Free blocks count wrong" in run(["e2fsck", "-f", "-n", disk], capture_output=True, timeout=60).stdout
+    project.write_cluster({"core1": {"disk": "96M"}})
+    grown = project.doit()  # e2fsck -p corrects it (exit code 1): the grow goes on
+    assert grown.returncode == 0 and grown.executed == {"rootfs:core1"}, grown.stderr
+    assert fs_size(disk) == 96 << 20
+    with open(disk, "r+b") as f:  # no ext4 left at all (no superblock, no backup): e2fsck cannot fix that
+        f.truncate(0)
+        f.truncate(96 << 20)
+    project.write_cluster({"core1": {"disk": "128M"}})
+    failed = project.doit()
+    (line,) = failed.stderr.strip().splitlines()
+    assert failed.returncode != 0 and "e2fsck -f -p found errors it could not fix" in line, failed.stderr
+    assert f"e2fsck -f {disk}" in line and disk.stat().st_size == 96 << 20  # not grown
 
 
 def test_clean_keeps_root_disks_and_reset_recreates(cluster: Project):
