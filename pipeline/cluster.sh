@@ -13,11 +13,13 @@ die() { printf 'cluster.sh: %s\n' "$*" >&2; exit 1; }
 usage() {
   cat <<EOF
 Usage: $0 COMMAND
-  up [--wait [SECONDS]]  start every VM detached (console in vms/NAME/console.log); with
-                         --wait, return once every VM's sshd answers (default 300 s)
-  down                   power every VM off (ACPI button, pressed every 5 s), then stop QEMU
-                         after LEANVM_STOP_TIMEOUT seconds (60)
-  status                 which VMs run, their pids and ssh ports
+  up [--wait [SECONDS]] [NAME...]
+                         start every VM (or those named) detached (console in
+                         vms/NAME/console.log); with --wait, return once their sshd answers
+                         (default 300 s)
+  down [NAME...]         power every VM (or those named) off (ACPI button, pressed every 5 s),
+                         then stop QEMU after LEANVM_STOP_TIMEOUT seconds (60)
+  status                 which VMs run (here or under libvirt), their pids and ssh ports
   console NAME           follow a detached VM's serial console (Ctrl-c stops following)
   ssh NAME [-- CMD...]   ssh into a VM as LEANVM_SSH_USER (default core) with the cluster key
                          (ssh/id_ed25519); the remote command's exit status is passed through
@@ -47,7 +49,7 @@ KVM_SILENCE=20
 wait_for_ssh() {
   started=$(date +%s)
   deadline=$((started + $1))
-  pending=$(vms)
+  pending=$selected
   while [ -n "$pending" ]; do
     still=""
     for vm in $pending; do
@@ -140,7 +142,7 @@ monitor() {
 
 up() {
   failed=0
-  for vm in $(vms); do
+  for vm in $selected; do
     if pid=$(vm_pid "$vm"); then
       echo "$vm: already running (pid $pid)"
     elif launcher_active "$vm"; then
@@ -155,7 +157,7 @@ up() {
 }
 
 still_running() {
-  for vm in $(vms); do vm_active "$vm" && echo "$vm"; done
+  for vm in $selected; do vm_active "$vm" && echo "$vm"; done
   return 0
 }
 
@@ -229,35 +231,55 @@ down() {
   force_stop $stubborn
   wait_for_launchers
   stop_switch_if_unused
-  for vm in $(vms); do
+  for vm in $selected; do
     rm -f "$out/vms/$vm/monitor.in" "$out/vms/$vm/monitor.out"
     echo "$vm: stopped"
   done
 }
 
+# "running (libvirt)" if VM $1's libvirt domain runs (out/libvirt.sh, LIBVIRT_DEFAULT_URI).
+libvirt_running() {
+  [ -r "$out/libvirt/cluster.env" ] && command -v virsh >/dev/null 2>&1 || return 1
+  prefix=$(sed -n 's/^prefix=//p' "$out/libvirt/cluster.env")
+  [ "$(virsh -q domstate "$prefix-$1" 2>/dev/null)" = running ]
+}
+
 status() {
-  printf '%-24s %-8s %-8s %s\n' VM STATE PID SSH
+  printf '%-24s %-17s %-8s %s\n' VM STATE PID SSH
   for vm in $(vms); do
     if pid=$(vm_pid "$vm"); then
       state=running
     elif launcher_active "$vm"; then
       state=reboot pid=-
+    elif libvirt_running "$vm"; then
+      state="running (libvirt)" pid=-
     else
       state=stopped pid=-
     fi
-    printf '%-24s %-8s %-8s %s\n' "$vm" "$state" "$pid" "127.0.0.1:$(ssh_port "$vm")"
+    printf '%-24s %-17s %-8s %s\n' "$vm" "$state" "$pid" "127.0.0.1:$(ssh_port "$vm")"
   done
+}
+
+# The VMs named in "$@" (each must exist), or every VM.
+select_vms() {
+  for vm; do check_vm "$vm"; done
+  if [ $# -gt 0 ]; then selected=$*; else selected=$(vms); fi
 }
 
 case ${1-} in
   up)
+    shift
     wait_seconds=""
-    if [ "${2-}" = --wait ]; then
-      wait_seconds=${3:-300}
-      case $wait_seconds in ''|*[!0-9]*) die "up --wait takes a number of seconds, not '$wait_seconds'" ;; esac
-    elif [ $# -gt 1 ]; then
-      die "usage: cluster.sh up [--wait [SECONDS]]"
+    if [ "${1-}" = --wait ]; then
+      shift
+      wait_seconds=300
+      case ${1-} in
+        ''|*[!0-9]*) ;;
+        *) wait_seconds=$1; shift ;;
+      esac
     fi
+    case ${1-} in -*) die "up: unknown option '$1' (usage: cluster.sh up [--wait [SECONDS]] [NAME...])" ;; esac
+    select_vms "$@"
     accel=$(resolve_accel "${LEANVM_ACCEL:-auto}") ||
       die "LEANVM_ACCEL must be auto, kvm or tcg, not '${LEANVM_ACCEL-}'"
     up_status=0
@@ -268,7 +290,7 @@ case ${1-} in
     fi
     exit "$up_status" ;;
   help|--help|-h) usage ;;
-  down) down ;;
+  down) shift; select_vms "$@"; down ;;
   status) status ;;
   console)
     [ $# -eq 2 ] || die "usage: cluster.sh console NAME"
@@ -281,6 +303,10 @@ case ${1-} in
     name=$2
     shift 2
     [ "${1-}" != -- ] || shift
+    if ! vm_active "$name" && ! libvirt_running "$name"; then
+      die "VM $name is not running: start it with $0 up $name"
+    fi
     vm_ssh "$name" "$@" ;;
-  *) usage >&2; exit 1 ;;
+  '') usage >&2; exit 1 ;;
+  *) die "unknown command '$1': see $0 help" ;;
 esac

@@ -45,7 +45,9 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
 def _disk(devices: ET.Element, path: Path, target: str, serial: str, shared: bool) -> None:
     disk = _sub(devices, "disk", type="file", device="disk")
     _sub(disk, "driver", name="qemu", type="raw", **({} if shared else {"discard": "unmap"}))
-    _sub(disk, "source", file=str(path))
+    source = _sub(disk, "source", file=str(path))
+    if shared:  # libvirt would chown the image shared by every VM to its QEMU user, and leave it so
+        _sub(source, "seclabel", model="dac", relabel="no")
     _sub(disk, "target", dev=target, bus="virtio")
     _sub(disk, "serial", serial)
     if shared:

@@ -43,6 +43,35 @@ def test_up_status_network_ping_and_down(mini: Path, tmp_path: Path):
     assert "running" not in status
 
 
+def test_up_and_down_of_named_vms_and_one_line_for_what_cannot_be_done(mini: Path, tmp_path: Path):
+    out = build_cluster(tmp_path, mini / "mini.yaml", {"a": {}, "b": {}})
+    cluster_sh = str(out / "cluster.sh")
+    env = {**ENV, "LEANVM_STOP_TIMEOUT": "1"}
+
+    def cluster(*args: str) -> subprocess.CompletedProcess:
+        return run([cluster_sh, *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
+
+    def one_line(result: subprocess.CompletedProcess) -> str:
+        (line,) = result.stderr.strip().splitlines()
+        assert result.returncode != 0
+        return line
+
+    assert "unknown command 'bogus': see" in one_line(cluster("bogus"))
+    assert "no VM named 'nosuch'" in one_line(cluster("up", "a", "nosuch")) and qemu_pids(out) == []
+    try:
+        up = cluster("up", "a")
+        assert up.returncode == 0 and "a: started" in up.stdout and "b:" not in up.stdout, up.stderr
+        status = cluster("status").stdout
+        assert re.search(r"^a\s+running\s+\d+", status, re.M) and re.search(r"^b\s+stopped", status, re.M), status
+        assert f"VM b is not running: start it with {cluster_sh} up b" in one_line(cluster("ssh", "b", "--", "true"))
+        down = cluster("down", "b")  # b is not running: a is left alone
+        assert down.returncode == 0 and re.search(r"^a\s+running", cluster("status").stdout, re.M)
+    finally:
+        down = cluster("down", "a")
+    assert down.returncode == 0 and "a: stopped" in down.stdout and "b:" not in down.stdout, down.stdout
+    assert qemu_pids(out) == []
+
+
 def test_port_taken_on_host_is_one_clear_line(mini: Path, tmp_path: Path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

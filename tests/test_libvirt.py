@@ -195,6 +195,8 @@ def test_two_vm_cluster_over_qemu_ssh_boots_pings_and_is_torn_down_cleanly(mini:
     out = build_for_libvirt(root, mini, {"node-a": {"cluster_ip": "10.77.0.11"},
                                          "node-b": {"cluster_ip": "10.77.0.12", "ignition": "b.ign"}})
     prefix = prefix_of(out)
+    (usr_img,) = out.glob("images/*/*/usr.img")
+    owner = (usr_img.stat().st_uid, usr_img.stat().st_gid, usr_img.stat().st_mode)
     try:
         up = libvirt_sh(out, "define", "start", append="leanvm.hold leanvm.ping=10.77.0.11,10.77.0.12",
                         uri=uri, env=env)
@@ -213,6 +215,8 @@ def test_two_vm_cluster_over_qemu_ssh_boots_pings_and_is_torn_down_cleanly(mini:
                      capture_output=True, text=True, timeout=120)
         assert re.search(r"^/dev/vda1 /usr squashfs ro[, ]", mounts.stdout, re.M), mounts.stdout + mounts.stderr
         assert_one_shared_usr_and_plain_next_boot(prefix)
+        status = run([str(out / "cluster.sh"), "status"], capture_output=True, text=True, timeout=60).stdout
+        assert re.search(r"^node-a\s+running \(libvirt\)", status, re.M), status
         down = libvirt_sh(out, "stop", uri=uri, env=env)
         assert down.returncode == 0, down.stderr
         assert "destroying" not in down.stdout  # both powered off on the ACPI button
@@ -221,6 +225,7 @@ def test_two_vm_cluster_over_qemu_ssh_boots_pings_and_is_torn_down_cleanly(mini:
         gone = libvirt_sh(out, "undefine", uri=uri, env=env)
         assert gone.returncode == 0, gone.stderr
         assert ours(out) == ([], [], [])
+        assert (usr_img.stat().st_uid, usr_img.stat().st_gid, usr_img.stat().st_mode) == owner  # as leanvm set it
         assert not Path("/sys/class/net", "lv" + prefix.removeprefix("leanvm-")).exists()
     finally:
         remove_all(out)
