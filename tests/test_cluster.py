@@ -172,3 +172,14 @@ def test_two_clusters_coexist_with_distinct_ports_and_isolated_networks(mini: Pa
         for out in (a, b):
             run([str(out / "cluster.sh"), "down"], capture_output=True, env=ENV, timeout=120)
     assert qemu_pids(a) == [] and qemu_pids(b) == []
+
+
+def test_two_checkouts_build_the_demo_with_different_ports(mini: Path, tmp_path: Path):
+    """The demo's cluster file pins no host port: a second checkout's demo gets its own."""
+    demo = yaml.safe_load((Path(__file__).parent.parent / "configs" / "demo.yaml").read_text())
+    assert not [vm for vm in demo["vms"].values() if vm and ("ssh_port" in vm or "forward" in vm)]
+    ports = []
+    for checkout in ("one", "two"):
+        out = build_cluster(tmp_path / checkout, mini / "mini.yaml", {name: {} for name in demo["vms"]})
+        ports.append(re.search(r"^ssh_port=(\d+)$", (out / "state/vms/demo1.env").read_text(), re.M)[1])
+    assert ports[0] != ports[1]
