@@ -11,9 +11,8 @@
 # `leanvm.hold` keeps the VM up until QEMU is stopped, `leanvm.ping=IP,...` pings peers on
 # the cluster network (configured from the systemd-networkd unit in user_data) for up to
 # 90 s each, `leanvm.unreachable=IP,...` checks for 10 s each that they do not answer,
-# `leanvm.fillcache` reads all of /usr into the page cache and drops it again (benchmarks),
-# `leanvm.reboot` reboots the guest once (the first boot that has no
-# /var/lib/leanvm/rebooted on the root disk) instead of going on.
+# `leanvm.fillcache` reads all of /usr into the page cache and drops it again (benchmarks).
+# `reboot` and `poweroff` inside the guest work as on any Linux (see the traps below).
 PATH=/bin
 export PATH
 /bin/busybox mkdir -p /proc /sys /dev /sysroot /mnt/config
@@ -26,7 +25,7 @@ exec </dev/console >/dev/console 2>&1
 say() { echo "leanvm: $*"; }
 
 usr="" usrfstype="" usrflags="ro" root="" rootflags="rw" rootfstype="" shell="" hold="" ping="" first_boot=""
-unreachable="" fillcache="" reboot_once=""
+unreachable="" fillcache=""
 # shellcheck disable=SC2013  # the command line is split into words on purpose
 for word in $(cat /proc/cmdline); do
   case $word in
@@ -41,7 +40,6 @@ for word in $(cat /proc/cmdline); do
     leanvm.ping=*) ping=${word#*=} ;;
     leanvm.unreachable=*) unreachable=${word#*=} ;;
     leanvm.fillcache) fillcache=1 ;;
-    leanvm.reboot) reboot_once=1 ;;
     flatcar.first_boot=*|coreos.first_boot=*) first_boot=${word#*=} ;;
   esac
 done
@@ -77,7 +75,7 @@ wait_for_power_button() {
   done
   if [ -z "$buttons" ]; then
     say "holding (leanvm.hold) until QEMU is stopped: no power button"
-    while :; do sleep 3600; done
+    while :; do sleep 1; done
   fi
   pressed=""
   trap 'pressed=1' USR1
@@ -91,6 +89,12 @@ wait_for_power_button() {
 }
 
 fail() { say "FAILED: $*"; finish; }
+
+# `reboot` and `poweroff` in the guest (busybox's) signal pid 1, as they do to any init:
+# SIGTERM reboots, SIGUSR2 powers off. (The shell runs a trap once its current command ends:
+# every wait here is at most a second long.)
+trap 'say "reboot requested"; shut_down reboot' TERM
+trap 'say "power-off requested"; shut_down poweroff' USR2
 
 while read -r module; do
   insmod "/lib/modules/$module" 2>/dev/null || say "warning: insmod $module failed"
@@ -367,6 +371,11 @@ cat "$keys"/* >/sysroot/home/core/.ssh/authorized_keys 2>/dev/null
 chmod 700 /sysroot/home/core/.ssh && chmod 600 /sysroot/home/core/.ssh/authorized_keys
 chown -R 500:500 /sysroot/home/core
 say "ssh keys for core: $(grep -c . /sysroot/home/core/.ssh/authorized_keys)"
+# Other users' keys from Ignition (root's, say), merged the same way.
+for keys in /sysroot/root/.ssh/authorized_keys.d /sysroot/home/*/.ssh/authorized_keys.d; do
+  [ -d "$keys" ] && [ "$keys" != /sysroot/home/core/.ssh/authorized_keys.d ] || continue
+  cat "$keys"/* >"${keys%.d}" 2>/dev/null && chmod 600 "${keys%.d}"
+done
 
 # sshd for a VM that stays up: Debian's dropbear from /usr, host keys made on the first
 # start and kept on the root disk (/etc/dropbear).
@@ -380,12 +389,6 @@ start_sshd() {
     say "warning: sshd did not start"
   fi
 }
-# before sshd starts: nobody logs in to a guest that is about to reboot
-if [ -n "$reboot_once" ] && [ ! -e /sysroot/var/lib/leanvm/rebooted ]; then
-  mkdir -p /sysroot/var/lib/leanvm && : >/sysroot/var/lib/leanvm/rebooted
-  say "rebooting once (leanvm.reboot)"
-  shut_down reboot
-fi
 if [ -n "$hold" ] || [ -n "$shell" ]; then start_sshd; fi
 
 mkdir -p /sysroot/var/log

@@ -3,12 +3,13 @@ Flatcar: the cluster network comes up on a first boot only through what Flatcar 
 (Ignition's storage.files, cloud-config's coreos.units), never from write_files."""
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from support import ENV, DoitResult, Project, boot, build_cluster, marker, printed, qemu_pids, run, sh
+from support import ENV, DoitResult, Project, boot, build_cluster, marker, printed, qemu_pids, run, sh, wait_for_text
 
 HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "60"}
 UNIT = "[Unit]\nDescription=hello\n[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"
@@ -37,6 +38,7 @@ def test_ignition_provisions_on_the_first_boot_and_a_guest_reboot_is_no_first_bo
     (tmp_path / "prov.ign").write_text(json.dumps({
         "ignition": {"version": "3.3.0"},
         "passwd": {"users": [{"name": "core", "sshAuthorizedKeys": [mine]},
+                             {"name": "root", "sshAuthorizedKeys": [mine]},  # to run `reboot` over ssh
                              {"name": "alice", "groups": ["docker", "builders"]}],
                    "groups": [{"name": "builders", "gid": 4242}]},
         "storage": {"files": [{"path": "/etc/leanvm/hello.txt", "mode": 0o604,
@@ -44,25 +46,39 @@ def test_ignition_provisions_on_the_first_boot_and_a_guest_reboot_is_no_first_bo
         "systemd": {"units": [{"name": "hello.service", "enabled": True, "contents": UNIT}]},
     }))
     out = build_cluster(tmp_path, mini / "mini.yaml", {"prov": {"ignition": "prov.ign"}})
-    # The guest reboots once on its own during the first boot: QEMU runs with -no-reboot and
-    # run.sh (the supervisor of this --detach VM) starts it again, deciding the first-boot
-    # rule afresh, so Ignition runs once. The second launch starts 3 s late (a slow host):
-    # `up --wait` must not take the moment between two launches for a stopped VM.
+    # QEMU runs with -no-reboot, and run.sh (the supervisor of this --detach VM) starts it
+    # again after a guest reboot, deciding the first-boot rule afresh. The second launch
+    # starts 3 s late (a slow host): `up --wait` must not take the moment between two
+    # launches for a stopped VM.
     slow = tmp_path / "slow-relaunch"
     slow.write_text(f'#!/bin/sh\n[ ! -e "{tmp_path}/launched" ] || sleep 3\n: >"{tmp_path}/launched"\n'
                     'exec qemu-system-x86_64 "$@"\n')
     slow.chmod(0o755)
-    env = {**HOLD, "LEANVM_APPEND": "leanvm.hold leanvm.reboot", "LEANVM_QEMU": str(slow)}
+    env = {**HOLD, "LEANVM_QEMU": str(slow)}
+    port = re.search(r"^ssh_port=(\d+)$", (out / "state" / "vms" / "prov.env").read_text(), re.M)[1]
+
+    def as_root(command: str) -> subprocess.CompletedProcess:
+        return run(["ssh", "-i", key, "-p", port, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                    "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
+                    "root@127.0.0.1", command], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+
     try:
         up = cluster(out, "up", "--wait", env=env)
         assert up.returncode == 0, up.stdout + up.stderr
         console = (out / "vms" / "prov" / "console.log").read_text(errors="replace")
         assert marker(console, "first boot") == "yes (flatcar.first_boot=1)"
-        assert console.index("leanvm: rebooting once") < console.index("leanvm: first boot: no")
+        result = as_root("cat /etc/.ignition-result.json")
+        assert result.returncode == 0 and "provisioningBootID" in result.stdout, result.stderr
+        as_root("reboot")  # the guest reboots itself during its first boot
+        wait_for_text(out / "vms" / "prov" / "run.log", "VM prov rebooted: starting it again", timeout=60)
+        again = cluster(out, "up", "--wait", env=env)  # between two launches: still running
+        assert again.returncode == 0 and "prov: already running" in again.stdout, again.stdout + again.stderr
+        console = (out / "vms" / "prov" / "console.log").read_text(errors="replace")
+        assert console.index("leanvm: reboot requested") < console.index("leanvm: first boot: no")
         assert console.count("leanvm: first boot: yes") == 1 and console.count("leanvm: ignition: result written") == 1
         qemu = (out / "vms" / "prov" / "qemu.pid").read_text().strip()
         assert "flatcar.first_boot" not in Path(f"/proc/{qemu}/cmdline").read_text()
-        assert "VM prov rebooted: starting it again" in (out / "vms" / "prov" / "run.log").read_text()
+        assert as_root("cat /etc/.ignition-result.json").stdout == result.stdout  # Ignition did not run again
         assert "alice:x:1000:" in on(out, "prov", "cat /etc/passwd")
         groups = on(out, "prov", "cat /etc/group")
         assert "builders:x:4242:alice" in groups and "docker:x:233:core,alice" in groups
