@@ -1,6 +1,9 @@
-"""doit entry point: wiring only; the tasks live in pipeline/tasks.py."""
+"""doit entry point: wiring only; the tasks live in the leanvm package (pipeline/leanvm/dag)."""
 
-from pipeline.tasks import (  # noqa: F401  (doit discovers task_* by name)
+from pathlib import Path
+
+from leanvm.dag.doitenv import set_defaults
+from leanvm.dag.tasks import (  # noqa: F401  (doit discovers task_* by name)
     doit_config,
     task_bundle,
     task_cluster,
@@ -17,4 +20,6 @@ from pipeline.tasks import (  # noqa: F401  (doit discovers task_* by name)
     task_verify,
 )
 
+HERE = Path(__file__).resolve().parent
+set_defaults(config=HERE / "configs" / "cluster.yaml", out=HERE / "out")
 DOIT_CONFIG = doit_config()

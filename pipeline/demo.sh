@@ -3,4 +3,6 @@
 set -eu
 cd "$(dirname -- "$0")/.."
 sh pipeline/setup.sh
-exec .venv/bin/python -m pipeline.demo
+PYTHONPATH="$PWD/pipeline${PYTHONPATH:+:$PYTHONPATH}"  # leanvm_dev: beside the package, not in it
+export PYTHONPATH
+exec .venv/bin/python -m leanvm_dev.demo

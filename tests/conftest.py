@@ -5,10 +5,9 @@ import signal
 from pathlib import Path
 
 import pytest
+from leanvm.proc import stop_gpg_agent
+from leanvm_dev import minirelease
 from support import Keyring, Mirror, MirrorServer, Project, qemu_pids, serve
-
-from pipeline import minirelease
-from pipeline.proc import stop_gpg_agent
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,8 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import yaml
-
-from pipeline.proc import stop_session
+from leanvm.proc import stop_session
 
 PROJECT = Path(__file__).resolve().parent.parent
 KERNEL = "test_pxe.vmlinuz"

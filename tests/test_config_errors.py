@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from leanvm.config.cluster import load_cluster
+from leanvm.errors import LeanvmError
 from support import Project
-
-from pipeline.config import load_cluster
-from pipeline.errors import LeanvmError
 
 CLUSTER_CASES = {
     "unknown top-level key": ({"release": "test", "vms": {"a": {}}, "extra": 1}, "cluster.yaml: extra"),

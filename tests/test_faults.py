@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from leanvm.errors import LeanvmError
+from leanvm.proc import stop_gpg_agent
+from leanvm.release.extract import extract_usr_disk
+from leanvm.release.verify import check_signature
 from support import IMAGE, KERNEL, PROJECT, Keyring, Mirror, MirrorServer, Project, newc, sh, usr_partition
-
-from pipeline.errors import LeanvmError
-from pipeline.extract import extract_usr_disk
-from pipeline.proc import stop_gpg_agent
-from pipeline.verify import check_signature
 
 
 def start_doit(project: Project, env: dict | None = None) -> subprocess.Popen:

@@ -5,9 +5,8 @@ import json
 import re
 from pathlib import Path
 
+from leanvm.release.usrdisk import BASE_DISK_GUID
 from support import Project, boot, build_cluster, doit, marker, printed, sh, usr_partition
-
-from pipeline.usrdisk import BASE_DISK_GUID
 
 USR_TYPE = "5DFBF5F4-2848-4BAC-AA5E-0D9A20B745A6"
 

@@ -13,7 +13,32 @@ def test_ruff_clean():
 
 
 def test_shell_scripts_are_shellcheck_clean():
-    scripts = [*PROJECT.glob("pipeline/*.sh"), PROJECT / ".ci" / "run"]
+    scripts = [*PROJECT.glob("pipeline/**/*.sh"), PROJECT / ".ci" / "run"]
     assert scripts
     result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+# The package's layers, each importing only from those before it (README, "Where things live").
+LAYERS = [{"errors", "proc", "fsutil", "resources"}, {"state"}, {"config"}, {"release", "vm"}, {"ship"}, {"dag"}]
+
+
+def test_imports_point_down_the_layers():
+    import ast
+
+    layer = {name: i for i, names in enumerate(LAYERS) for name in names}
+    wrong = []
+    for path in (PROJECT / "pipeline" / "leanvm").rglob("*.py"):
+        parts = path.relative_to(PROJECT / "pipeline" / "leanvm").with_suffix("").parts
+        own = parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                if not name.startswith("leanvm."):
+                    assert not name.startswith(("pipeline", "leanvm_dev")), (path, name)
+                    continue
+                used = name.split(".")[1]
+                if used != own and (layer[used] > layer[own] or layer[used] == layer[own] > 0):  # base: may use itself
+                    wrong.append(f"{path.relative_to(PROJECT)} imports {name}")
+    assert wrong == []

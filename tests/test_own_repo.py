@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from leanvm.config.cluster import load_cluster
+from leanvm.errors import LeanvmError
 from support import ENV, PROJECT, Project, doit, run, sh
-
-from pipeline.config import load_cluster
-from pipeline.errors import LeanvmError
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +56,17 @@ def test_leanvm_from_a_directory_holding_only_a_cluster_file(installed: Path, mi
         run([mine / "out" / "cluster.sh", "down"], env=env, capture_output=True, timeout=120)
     assert leanvm(installed, mine, "clean").returncode == 0 and not run_sh.exists()
     assert (mine / "out" / "vms" / "mine" / "rootfs.img").exists()
+
+
+def test_the_wheel_installs_leanvm_only_and_lists_its_example_from_an_empty_directory(installed: Path, tmp_path: Path):
+    python = installed.with_name("python")
+    for module, found in (("leanvm", True), ("pipeline", False), ("leanvm_dev", False)):
+        probe = run([python, "-c", f"import {module}"], cwd=tmp_path, capture_output=True, timeout=60)
+        assert (probe.returncode == 0) == found, (module, probe.stderr)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    listing = leanvm(installed, empty, "list")
+    assert listing.returncode == 0 and "launcher" in listing.stdout, listing.stderr
 
 
 def test_installed_leanvm_finds_the_bundled_flatcar_profiles(installed: Path, tmp_path: Path):

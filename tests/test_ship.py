@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from leanvm.release.record import sha256_file
 from support import ENV, Mirror, MirrorServer, Project, build_cluster, doit, paths_in, printed, run, sh, usr_partition
-
-from pipeline.record import sha256_file
 
 
 def bundle_of(project: Project) -> Path:
@@ -49,7 +48,7 @@ def test_bundle_unpacked_with_tar_elsewhere_is_complete_sparse_and_matches(proje
 
 def test_unbundle_takes_paths_relative_to_where_it_is_run(project: Project, tmp_path: Path):
     archive = bundle_of(project)
-    result = subprocess.run([sys.executable, "-m", "pipeline.bundle", "unbundle",
+    result = subprocess.run([sys.executable, "-m", "leanvm.ship.bundle", "unbundle",
                              os.path.relpath(archive, tmp_path), "unpacked"],
                             capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
@@ -61,14 +60,14 @@ def test_unbundle_takes_paths_relative_to_where_it_is_run(project: Project, tmp_
 
 def test_unbundle_checks_the_manifest(project: Project, tmp_path: Path):
     archive = bundle_of(project)
-    result = subprocess.run([sys.executable, "-m", "pipeline.bundle", "unbundle", str(archive), str(tmp_path / "a")],
+    result = subprocess.run([sys.executable, "-m", "leanvm.ship.bundle", "unbundle", str(archive), str(tmp_path / "a")],
                             capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stderr
     assert "match the manifest" in result.stdout
     damaged = tmp_path / "a" / "vms" / "core1" / "run.sh"
     damaged.write_text(damaged.read_text() + "# changed\n")
-    from pipeline.bundle import check_manifest
-    from pipeline.errors import LeanvmError
+    from leanvm.errors import LeanvmError
+    from leanvm.ship.bundle import check_manifest
     try:
         check_manifest(tmp_path / "a")
     except LeanvmError as e:
@@ -78,7 +77,7 @@ def test_unbundle_checks_the_manifest(project: Project, tmp_path: Path):
 
 
 def unbundle(archive: Path, dest: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "pipeline.bundle", "unbundle", str(archive), str(dest)],
+    return run([sys.executable, "-m", "leanvm.ship.bundle", "unbundle", str(archive), str(dest)],
                capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=120)
 
 

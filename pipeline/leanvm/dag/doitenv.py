@@ -1,0 +1,184 @@
+"""How leanvm runs inside doit: the command in use, the out/ lock, one-line user errors."""
+
+import fcntl
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from doit import cmd_info, get_initial_workdir, get_var
+from doit.exceptions import TaskFailed
+from doit.reporter import ConsoleReporter
+
+from leanvm.errors import LeanvmError, report, tool
+from leanvm.resources import DEFAULT_CLUSTER
+from leanvm.state.vmstate import running_pid
+
+# doit commands that never touch the network, and those that do not even write to out/.
+OFFLINE_COMMANDS = {"list", "info", "clean", "forget", "ignore", "dumpdb", "help", "tabcompletion", "reset-dep"}
+READ_ONLY_COMMANDS = {"list", "info", "dumpdb", "help", "tabcompletion"}
+
+
+class UserFailed(TaskFailed):
+    """A task failed because of something the user can fix: report one line, no traceback."""
+
+
+class Reporter(ConsoleReporter):
+    def add_failure(self, task: Any, failure: Any) -> None:
+        if isinstance(failure, UserFailed):
+            report(f"{task.name}: {failure.message}")
+        else:
+            super().add_failure(task, failure)
+
+
+def _guarded(step: Callable[..., None], *args: Any) -> UserFailed | None:
+    try:
+        step(*args)
+    except LeanvmError as e:
+        return UserFailed(str(e))
+    return None
+
+
+def action(step: Callable[..., None], *args: Any) -> tuple:
+    return (_guarded, [step, *args])
+
+
+def var_path(name: str, default: Path) -> Path:
+    value = get_var(name, None)
+    # doit's dodo loader records the directory it started in; the `leanvm` command's loader does not
+    return default if value is None else Path(get_initial_workdir() or os.getcwd(), value).resolve()
+
+
+# config= and out= when the command line gives none: set by the entry point (dodo.py: the
+# checkout's configs/cluster.yaml and out/; the `leanvm` command always passes both).
+DEFAULTS: dict[str, Path] = {}
+
+
+def set_defaults(config: Path, out: Path) -> None:
+    DEFAULTS.update(config=config, out=out)
+
+
+def config_file() -> Path:
+    return var_path("config", DEFAULTS.get("config", DEFAULT_CLUSTER))
+
+
+def out_dir() -> Path:
+    return var_path("out", DEFAULTS.get("out", Path.cwd() / "out"))
+
+
+def fail(error: LeanvmError) -> NoReturn:
+    sys.exit(report(error))
+
+
+_lock_fd: int | None = None
+
+
+def lock_out(out: Path) -> None:
+    """Hold an exclusive lock on out/ for this process's life; a second run refuses at once.
+
+    flock is released by the kernel when its holder dies, so a stale lock file left by a
+    killed run is simply taken over.
+    """
+    global _lock_fd
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        fail(LeanvmError(f"{out} is in use by another {tool('run')} (pid {holder})", "wait for it to end or stop it"))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _lock_fd = fd
+
+
+def running_vms(out: Path) -> list[str]:
+    """'NAME (pid N)' for every VM of out/ whose QEMU runs."""
+    found = ((vm.name, running_pid(vm)) for vm in sorted((out / "vms").glob("*")))
+    return [f"{name} (pid {pid})" for name, pid in found if pid is not None]
+
+
+def refuse_while_running(out: Path, doing: str) -> None:
+    running = running_vms(out)
+    if running:
+        raise LeanvmError(f"cannot {doing} while VMs of {out} run: {', '.join(running)}",
+                          f"stop them first ({out / 'cluster.sh'} down)")
+
+
+def check_command(argv: list[str], out: Path) -> None:
+    """Commands that would break VMs are refused before doit does anything."""
+    words = _words(argv)
+    command = _command(argv)
+    if "reset" in words:
+        raise LeanvmError("`reset` alone would recreate every VM's disks",
+                          f"name the VM whose disks to recreate: {tool('reset:NAME')}")
+    if command in ("clean", "forget"):
+        refuse_while_running(out, tool(command))
+
+
+def doit_config(default_tasks: list[str]) -> dict:
+    out = out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_command(sys.argv[1:], out)
+    except LeanvmError as e:
+        fail(e)
+    if _command(sys.argv[1:]) not in READ_ONLY_COMMANDS:
+        lock_out(out)
+    _one_line_info_errors()
+    return {
+        "default_tasks": default_tasks,
+        "check_file_uptodate": "timestamp",  # never re-hash big images on a no-op run
+        "dep_file": str(out / ".doit.db"),
+        "backend": "sqlite3",
+        "reporter": Reporter,
+    }
+
+
+def _words(argv: list[str]) -> list[str]:
+    """The command line after loader options, without VAR=VALUE."""
+    words = [a for a in argv if "=" not in a or a.startswith("-")]
+    while words and words[0] in ("-f", "--file", "-d", "--dir", "-k", "--seek-file"):
+        words = words[1:] if words[0] in ("-k", "--seek-file") else words[2:]
+    while words and words[0].startswith(("--file=", "--dir=")):
+        words = words[1:]
+    return words
+
+
+def command_words() -> list[str]:
+    """The words of this command line that may name tasks (no options, no VAR=VALUE)."""
+    return [w for w in _words(sys.argv[1:]) if not w.startswith("-")]
+
+
+def _command(argv: list[str]) -> str:
+    """The doit command, found as doit finds it."""
+    words = _words(argv)
+    return words[0] if words else "run"
+
+
+def _one_line_info_errors() -> None:
+    """`doit info NOSUCH` ends in a KeyError traceback inside doit: make it one line."""
+    original = cmd_info.Info._execute
+    if getattr(original, "leanvm", False):
+        return
+
+    @functools.wraps(original)  # doit passes parameters by the names in its signature
+    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        except KeyError as e:
+            fail(LeanvmError(f"no task named {e.args[0]!r}", f"see the task names with {tool('list --all')}"))
+
+    execute.leanvm = True  # type: ignore[attr-defined]
+    cmd_info.Info._execute = execute
+
+
+def building() -> bool:
+    return _command(sys.argv[1:]) not in OFFLINE_COMMANDS
+
+
+def writing() -> bool:
+    """True unless the command only reads (list, info, ...)."""
+    return _command(sys.argv[1:]) not in READ_ONLY_COMMANDS

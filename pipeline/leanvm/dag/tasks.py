@@ -1,0 +1,358 @@
+"""The task DAG: one generator per stage, wired from the cluster file.
+
+    download -> verify -> extract -> (per VM) rootfs, configdrive, launcher; cluster.sh
+    explicit only: bundle, libvirt, prune, reset:NAME
+"""
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import cache
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from leanvm.config.cluster import VM, Cluster, Release, load_cluster
+from leanvm.dag import doitenv
+from leanvm.dag.doitenv import action, building, command_words, config_file, fail, out_dir, writing
+from leanvm.errors import LeanvmError, tool, warn
+from leanvm.fsutil import write_atomic
+from leanvm.release import fetch, publish
+from leanvm.resources import CLUSTER_SCRIPT, LIBVIRT_SCRIPT, SHELL_LIB
+from leanvm.ship import bundle, prune
+from leanvm.state import identity
+from leanvm.state.vmstate import running_pid
+from leanvm.vm import configdrive, launcher, libvirt, rootfs, sshkey
+
+BUILD_TASKS = ["download", "verify", "extract", "rootfs", "sshkey", "configdrive", "launcher", "cluster", "retire"]
+
+
+def doit_config() -> dict:
+    return doitenv.doit_config(BUILD_TASKS)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything lives under out/."""
+
+    out: Path
+    release: Release
+    version: str
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache" / self.release.name / self.version
+
+    @property
+    def images(self) -> Path:
+        return self.out / "images" / self.release.name / self.version
+
+    def vm(self, name: str) -> Path:
+        return self.out / "vms" / name
+
+    def disks(self, vm: VM) -> rootfs.Disks:
+        return rootfs.Disks(vm.name, self.vm(vm.name) / "rootfs.img", self.vm(vm.name) / "oem.img", vm.disk_size)
+
+
+@dataclass(frozen=True)
+class Context:
+    cluster: Cluster
+    layout: Layout
+
+
+def _not_checked(port: int) -> bool:
+    return False
+
+
+PER_VM_TASKS = ("rootfs", "configdrive", "launcher", "reset")
+
+
+def check_task_names(cluster: Cluster) -> None:
+    """`reset:NOSUCH` (any per-VM task of a VM not in the cluster file): one line naming the
+    VMs there are, instead of doit's "Invalid parameter"."""
+    names = [vm.name for vm in cluster.vms]
+    for word in command_words():
+        task, _, vm = word.partition(":")
+        if task in PER_VM_TASKS and vm and vm not in names:
+            raise LeanvmError(f"{cluster.path}: has no VM named {vm!r} (task {word})",
+                              f"the VMs are: {', '.join(names)}")
+
+
+@cache
+def context() -> Context:
+    """Load the cluster once per doit run; a user error ends doit with one line."""
+    try:
+        out = out_dir()
+        config = config_file()
+        if writing():
+            identity.check_owner(out, config, record=False)
+        claims = building()  # only a build claims ports, so only it checks them against the host
+        avoid, in_use = (identity.ports_of_other_outs(out), identity.port_in_use) if claims else (set(), _not_checked)
+        cluster = load_cluster(config, identity.load(out), avoid, in_use)
+        check_task_names(cluster)
+        if claims:  # only a cluster file that loads claims out/
+            identity.check_owner(out, config, record=True)
+            identity.register(out)
+        state = out / "images" / cluster.release.name / ".current-version"
+        version = fetch.resolve_version(cluster.release, state, online=claims)
+    except LeanvmError as e:
+        fail(e)
+    return Context(cluster, Layout(out, cluster.release, version))
+
+
+# --- release stages (what "done" means for them: publish.py) -------------------------
+
+class Kind(StrEnum):
+    """What a release file is; also the last part of its task names (download:RELEASE:KIND)."""
+
+    KERNEL = "kernel"
+    INITRD = "initrd"
+    IMAGE = "image"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: Kind
+    upstream: str  # file name on the mirror
+    published: Path  # what it becomes in out/images/RELEASE/VERSION/
+
+
+def artifacts(release: Release, layout: Layout) -> list[Artifact]:
+    found = [Artifact(Kind.KERNEL, release.kernel, layout.images / "vmlinuz")]
+    if release.initrd:
+        found.append(Artifact(Kind.INITRD, release.initrd, layout.images / "initrd"))
+    found.append(Artifact(Kind.IMAGE, release.image, layout.images / "usr.img"))
+    return found
+
+
+def _raw(layout: Layout, artifact: Artifact) -> tuple[Path, Path]:
+    data = layout.cache / artifact.upstream
+    return data, data.with_name(data.name + layout.release.signature_suffix)
+
+
+def _verified_image(layout: Layout) -> Path:
+    return layout.cache / "verified" / layout.release.image
+
+
+def task_download() -> Iterator[dict]:
+    ctx = context()
+    yield {"name": None, "doc": "download the release's kernel, initrd and image, each with its signature"}
+    release, layout = ctx.cluster.release, ctx.layout
+    for artifact in artifacts(release, layout):
+        data, sig = _raw(layout, artifact)
+        url = fetch.url_for(release, layout.version, artifact.upstream)
+        yield {
+            "name": f"{release.name}:{artifact.kind}",
+            "doc": f"download {artifact.upstream} and its signature",
+            "actions": [action(publish.download_pair, url, data, release.signature_suffix)],
+            "uptodate": [(publish.done_when, [release.fingerprints, artifact.published, data, sig])],
+            "clean": [(publish.remove, [data, sig])],
+        }
+
+
+def task_verify() -> Iterator[dict]:
+    ctx = context()
+    yield {"name": None, "doc": "check each download's signature against the pinned key; publish it into out/images"}
+    release, layout = ctx.cluster.release, ctx.layout
+    for artifact in artifacts(release, layout):
+        data, sig = _raw(layout, artifact)
+        final = artifact.kind is not Kind.IMAGE
+        target = artifact.published if final else _verified_image(layout)
+        yield {
+            "name": f"{release.name}:{artifact.kind}",
+            "doc": f"check the signature of {artifact.upstream}",
+            "actions": [action(publish.verify_and_publish, data, sig, release, target, final)],
+            "task_dep": [f"download:{release.name}:{artifact.kind}"],
+            "uptodate": [(publish.done_when, [release.fingerprints, artifact.published, *([] if final else [target])])],
+            # published images are kept by `doit clean`: `doit prune` removes unused versions
+            "clean": [] if final else [(publish.remove, [target])],
+        }
+
+
+def task_extract() -> Iterator[dict]:
+    ctx = context()
+    yield {"name": None, "doc": "write the verified usr.squashfs into the USR-A partition of out/images/.../usr.img"}
+    release, layout = ctx.cluster.release, ctx.layout
+    image = next(a for a in artifacts(release, layout) if a.kind is Kind.IMAGE)
+    yield {
+        "name": release.name,
+        "doc": f"write {release.usr_member} of the verified image into the USR-A partition of usr.img",
+        "actions": [action(publish.extract_and_publish, _verified_image(layout), release.usr_member, image.published,
+                           _raw(layout, image))],
+        "task_dep": [f"verify:{release.name}:image"],
+        "uptodate": [(publish.done_when, [release.fingerprints, image.published])],
+    }
+
+
+# --- per-VM stages -------------------------------------------------------------------
+
+def task_rootfs() -> Iterator[dict]:
+    ctx = context()
+    yield {"name": None, "doc": "per VM: create or grow its root disk (ROOT) and create its OEM disk; never recreated"}
+    for vm in ctx.cluster.vms:
+        disks = ctx.layout.disks(vm)
+        yield {
+            "name": vm.name,
+            "doc": "create or grow the sparse ext4 root disk (ROOT) and the OEM disk (VM state: never recreated)",
+            "actions": [action(rootfs.ensure, disks)],
+            "targets": [disks.root, disks.oem],
+            "uptodate": [config_changed({"disk": vm.disk_size})],
+        }
+
+
+def task_configdrive() -> Iterator[dict]:
+    ctx = context()
+    yield {"name": None, "doc": "per VM: write its config drive (user_data with keys and network) and Ignition config"}
+    hosts = configdrive.hosts(ctx.cluster.vms)
+    for vm in ctx.cluster.vms:
+        dest = ctx.layout.vm(vm.name) / "config" / "openstack" / "latest" / "user_data"
+        ignition = ctx.layout.vm(vm.name) / "ignition.json"
+        inputs = {"name": vm.name, "keys": list(vm.ssh_authorized_keys), "ip": vm.cluster_ip, "mac": vm.cluster_mac,
+                  "ip_given": vm.cluster_ip_given, "ignition": str(vm.ignition), "hosts": hosts}
+        yield {
+            "name": vm.name,
+            "doc": "write the config drive's user_data (and the Ignition config)",
+            "actions": [action(configdrive.write, vm, dest, ignition, sshkey.public_key(ctx.layout.out), hosts)],
+            "file_dep": [p for p in (vm.user_data, vm.ignition) if p] + [sshkey.public_key(ctx.layout.out)],
+            "targets": [dest, ignition] if vm.ignition else [dest],
+            "uptodate": [config_changed(inputs)],
+            "clean": True,
+        }
+
+
+def task_sshkey() -> dict:
+    """out/ssh/id_ed25519: made once per out/, authorized in every VM; clean keeps it."""
+    out = context().layout.out
+    return {
+        "doc": "make the cluster's ssh key out/ssh/id_ed25519 once (kept by clean)",
+        "actions": [action(sshkey.create, out)],
+        "targets": [sshkey.private_key(out), sshkey.public_key(out)],
+        "uptodate": [(os.path.exists, [sshkey.private_key(out)]), (os.path.exists, [sshkey.public_key(out)])],
+    }
+
+
+def task_launcher() -> Iterator[dict]:
+    ctx = context()
+    yield {"name": None, "doc": "per VM: render run.sh and record its identity in out/state/vms/NAME.env"}
+    for vm in ctx.cluster.vms:
+        dest = ctx.layout.vm(vm.name) / "run.sh"
+        text = launcher.render(vm, ctx.cluster.release, ctx.layout.version)
+        ident = launcher.vm_identity(vm, ctx.cluster.release, ctx.layout.version)
+        yield {
+            "name": vm.name,
+            "doc": "render the QEMU launcher run.sh and record the VM's identity in out/state/vms/NAME.env",
+            "actions": [action(launcher.write, dest, text, ctx.layout.out, vm.name, ident)],
+            "targets": [dest],  # not the identity: clean never deletes it
+            "uptodate": [config_changed(text + identity.render(vm.name, ident)),
+                         (os.path.exists, [identity.env_file(ctx.layout.out, vm.name)])],
+            "clean": True,
+        }
+
+
+def install_script(source: Path, dest: Path) -> None:
+    write_atomic(dest, source.read_bytes(), mode=0o755)
+
+
+def task_cluster() -> dict:
+    """out/cluster.sh: up/down/status/console/ssh for every VM (static: it finds the VMs),
+    and out/lib.sh, the shell functions it shares with run.sh and libvirt.sh."""
+    out = context().layout.out
+    scripts = {SHELL_LIB: out / "lib.sh", CLUSTER_SCRIPT: out / "cluster.sh"}
+    return {
+        "doc": "install out/cluster.sh (up, down, status, console NAME, ssh NAME) and out/lib.sh",
+        "actions": [action(install_script, source, dest) for source, dest in scripts.items()],
+        "file_dep": list(scripts),
+        "targets": list(scripts.values()),
+        "clean": True,
+    }
+
+
+def retire(vm_dirs: list[Path], config: Path) -> None:
+    """VMs gone from the cluster file keep their disks, but lose their launcher, so that
+    cluster.sh no longer starts them; adding a VM back renders it again. A running VM is
+    not retired: cluster.sh could no longer stop it."""
+    for vm_dir in vm_dirs:
+        pid = running_pid(vm_dir)
+        if pid is not None:
+            raise LeanvmError(f"VM {vm_dir.name} is running (pid {pid}) but is no longer in {config}",
+                              f"stop it first ({vm_dir / 'run.sh'} or cluster.sh down), or put it back")
+    for vm_dir in vm_dirs:
+        os.replace(vm_dir / "run.sh", vm_dir / "run.sh.retired")
+        warn(f"VM {vm_dir.name} is no longer in the cluster file: its launcher is now "
+             f"{vm_dir / 'run.sh.retired'}; its root disk is kept")
+
+
+def task_retire() -> dict:
+    ctx = context()
+    current = {vm.name for vm in ctx.cluster.vms}
+    stale = sorted(d for d in (ctx.layout.out / "vms").glob("*") if (d / "run.sh").exists() and d.name not in current)
+    return {
+        "doc": "retire the launchers of VMs removed from the cluster file (their disks stay)",
+        "actions": [action(retire, stale, ctx.cluster.path)],
+        "uptodate": [not stale],
+    }
+
+
+def write_files(files: dict[Path, str]) -> None:
+    for dest, text in files.items():
+        write_atomic(dest, text.encode(), mode=0o755 if dest.suffix == ".sh" else 0o644)
+
+
+def task_libvirt() -> dict:
+    """The cluster for libvirt (explicit: `doit libvirt`); out/libvirt.sh drives virsh."""
+    ctx = context()
+    layout, release = ctx.layout, ctx.cluster.release
+    files = {layout.out / "libvirt" / "network.xml": libvirt.network_xml(layout.out),
+             layout.out / "libvirt" / "cluster.env": libvirt.cluster_env(layout.out),
+             layout.out / "libvirt.sh": LIBVIRT_SCRIPT.read_text()}
+    for vm in ctx.cluster.vms:
+        files[layout.vm(vm.name) / "domain.xml"] = libvirt.domain_xml(vm, release, layout.out, layout.images)
+        files[layout.vm(vm.name) / "libvirt.env"] = libvirt.vm_env(vm, release)
+    return {
+        "doc": "write out/vms/NAME/domain.xml, out/libvirt/network.xml and out/libvirt.sh (define|start|stop|...)",
+        "actions": [action(libvirt.check_path, layout.out), action(write_files, files)],
+        "task_dep": BUILD_TASKS,
+        "targets": list(files),
+        "uptodate": [config_changed({str(path): text for path, text in files.items()})],
+        "clean": True,
+    }
+
+
+def task_bundle() -> dict:
+    """One archive of the whole built cluster (explicit: `doit bundle`)."""
+    ctx = context()
+    layout, cluster = ctx.layout, ctx.cluster
+    dest = layout.out / "bundles" / f"{cluster.path.stem}-{layout.release.name}-{layout.version}.tar.gz"
+    meta = {"release": layout.release.name, "version": layout.version, "cluster": cluster.path.name}
+    names = [vm.name for vm in cluster.vms]
+    return {
+        "doc": "write out/bundles/CLUSTER-RELEASE-VERSION.tar.gz (images once, every VM, MANIFEST.json)",
+        "actions": [action(bundle.write_bundle, layout.out, layout.images, names, dest, meta)],
+        "task_dep": BUILD_TASKS,
+        "uptodate": [False],
+    }
+
+
+def task_prune() -> dict:
+    """Remove image versions no VM's launcher uses any more (explicit: `doit prune`)."""
+    layout = context().layout
+    return {
+        "doc": "remove out/images/RELEASE/VERSION directories that no VM uses any more",
+        "actions": [action(doitenv.refuse_while_running, layout.out, tool("prune")),
+                    action(prune.prune, layout.out, {layout.images})],
+        "uptodate": [False],
+    }
+
+
+def task_reset() -> Iterator[dict]:
+    ctx = context()
+    yield {"name": None, "doc": "reset:NAME recreates VM NAME's root and OEM disks EMPTY (bare `reset` is refused)"}
+    for vm in ctx.cluster.vms:
+        yield {
+            "name": vm.name,
+            "doc": "recreate the root and OEM disks EMPTY (explicit only; all VM state is lost)",
+            "actions": [action(rootfs.reset, ctx.layout.disks(vm)),
+                        action(sshkey.forget_host, ctx.layout.out, vm.name)],
+            "uptodate": [False],
+        }

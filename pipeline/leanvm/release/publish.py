@@ -1,0 +1,82 @@
+"""Publishing into out/images/RELEASE/VERSION/: what the download, verify and extract tasks do.
+
+The proof that a stage is done is its published file with a matching recorded digest
+(record.py): then download, verify and extract are all up to date, with or without doit's
+database (a CI cache restores only out/images/). Raw downloads in out/cache/ are removed
+once their bytes are published, so each /usr exists once on disk. Unverified bytes are
+never published: a file whose signature fails is moved aside as *.rejected. Each published
+file records the pinned key that verified it: once that key is no longer pinned, the file is
+unpublished and checked again against the new pin.
+"""
+
+import os
+from pathlib import Path
+
+from leanvm.config.cluster import Release
+from leanvm.errors import LeanvmError, note
+from leanvm.fsutil import temp_path
+from leanvm.release import extract, fetch, record, verify
+
+
+def done_when(pins: tuple[str, ...], published: Path, *alternatives: Path) -> bool:
+    """Up to date if the published file is intact and verified by a key pinned now (`pins`),
+    or all the intermediate files exist. A file verified by a key no longer pinned is
+    unpublished (never booted again) and so fetched and checked again."""
+    signer = record.recorded_signer(published)
+    if published.exists() and record.intact(published) and signer not in pins:
+        remove(published)
+        note(f"{published} was verified by key {signer or '(not recorded)'}, which is not pinned in fingerprints "
+             "now: removed, to be downloaded and checked against the pin again")
+    return record.intact(published) or (bool(alternatives) and all(p.exists() for p in alternatives))
+
+
+def remove(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+        record.sidecar(path).unlink(missing_ok=True)
+
+
+def download_pair(url: str, dest: Path, suffix: str) -> None:
+    fetch.download(url + suffix, dest.with_name(dest.name + suffix))
+    fetch.download(url, dest)
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(target)
+    tmp.unlink(missing_ok=True)
+    os.link(source, tmp)
+    os.replace(tmp, target)
+
+
+def verify_and_publish(data: Path, sig: Path, release: Release, target: Path, final: bool) -> None:
+    """Check the signature, then publish by hard link; rejected files are moved aside.
+
+    A kernel or initrd is final once published (its raw download is removed); the image
+    goes to cache/verified/ for extraction.
+    """
+    try:
+        signer = verify.check_signature(data, sig, release.signing_key, release.fingerprints)
+    except LeanvmError:
+        for path in (data, sig):
+            if path.exists():
+                os.replace(path, path.with_name(path.name + ".rejected"))
+        raise
+    _link(data, target)
+    if final:
+        remove(data, sig)
+        record.record(target, record.sha256_file(target), signer)
+    else:
+        signer_file(target).write_text(signer)
+
+
+def signer_file(verified: Path) -> Path:
+    """Beside a verified image waiting for extraction: the fingerprint that verified it."""
+    return verified.with_name(f".{verified.name}.signer")
+
+
+def extract_and_publish(image: Path, member: str, target: Path, raw: tuple[Path, Path]) -> None:
+    digest = extract.extract_usr_disk(image, member, target)
+    signer = signer_file(image).read_text().strip() if signer_file(image).exists() else None
+    remove(image, signer_file(image), *raw)  # the verified image is no longer needed: one copy of /usr on disk
+    record.record(target, digest, signer)

@@ -1,0 +1,134 @@
+"""Ship: one archive of a built cluster, and unpacking it with its manifest checked.
+
+A bundle is a pax tar (gzip) of the self-contained out/: the shared images once, every
+VM's directory, out/cluster.sh and MANIFEST.json (sha256 of every file, release,
+version). Root disks are stored sparse (libarchive finds the holes), so a 4G disk stays
+a few MB in the archive and after `tar -xf` (GNU tar or bsdtar) or `unbundle`.
+
+    python -m leanvm.ship.bundle unbundle ARCHIVE DIR   # unpack sparse and check the manifest
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import libarchive
+import libarchive.exception
+from libarchive.extract import EXTRACT_PERM, EXTRACT_SPARSE, EXTRACT_TIME
+
+from leanvm.errors import LeanvmError, note, report, tool
+from leanvm.fsutil import temp_path
+from leanvm.release.record import sha256_file
+from leanvm.state import identity
+from leanvm.state.vmstate import running_pid
+
+MANIFEST = "MANIFEST.json"
+CLUSTER_FILES = ("lib.sh", "cluster.sh", "libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env")
+RUNTIME_FILES = {"qemu.pid", "console.log", "monitor.in", "monitor.out", "run.sh.retired"}
+
+
+def cluster_files(out: Path, images: Path, vm_names: list[str]) -> list[Path]:
+    """The files a bundle carries, relative to out/."""
+    # The images with their recorded digests (.NAME.sha256), so an unpacked bundle is also a
+    # ready out/images cache.
+    files = [p for p in sorted(images.iterdir())
+             if p.is_file() and (not p.name.startswith(".") or p.name.endswith(".sha256"))]
+    files += [out / script for script in CLUSTER_FILES if (out / script).exists()]
+    # The cluster key travels: whoever unpacks the bundle logs in with `cluster.sh ssh`, as
+    # here. known_hosts does not: host keys are learnt anew where the VMs run.
+    files += [p for p in (out / "ssh" / "id_ed25519", out / "ssh" / "id_ed25519.pub") if p.exists()]
+    for name in vm_names:
+        vm_dir = out / "vms" / name
+        files += sorted(p for p in vm_dir.rglob("*") if p.is_file() and p.name not in RUNTIME_FILES)
+        files.append(identity.env_file(out, name))
+    return [p.relative_to(out) for p in files]
+
+
+def write_bundle(out: Path, images: Path, vm_names: list[str], dest: Path, meta: dict[str, str]) -> None:
+    for name in vm_names:
+        pid = running_pid(out / "vms" / name)
+        if pid is not None:
+            raise LeanvmError(f"VM {name} is running (pid {pid}); its root disk would be inconsistent",
+                              "stop it (out/cluster.sh down) before bundling")
+    files = cluster_files(out, images, vm_names)
+    manifest = {**meta, "files": {str(rel): sha256_file(out / rel) for rel in files}}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(dest)
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    try:
+        with libarchive.file_writer(str(tmp), "pax", "gzip") as archive:
+            archive.add_file_from_memory(MANIFEST, len(data), data, permission=0o644)
+            for rel in files:
+                archive.add_files(str(out / rel), pathname=str(rel), recursive=False)
+        os.replace(tmp, dest)
+    except libarchive.exception.ArchiveError as e:
+        raise LeanvmError(f"{dest}: cannot write the bundle: {e.msg}", "check free space and retry") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    note(f"bundle {dest} ({dest.stat().st_size >> 20} MiB, {len(files)} files)")
+
+
+def check_manifest(root: Path) -> dict:
+    """Every file the manifest names exists in `root` with its sha256."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise LeanvmError(f"{root / MANIFEST}: unreadable manifest: {e}", "unpack a complete bundle") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise LeanvmError(f"{root / MANIFEST}: has no list of files", f"unpack a bundle made by {tool('bundle')}")
+    for rel, digest in files.items():
+        path = root / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            raise LeanvmError(f"{path}: does not match {MANIFEST}", "the bundle is damaged; copy it again")
+    return manifest
+
+
+def check_dest(dest: Path) -> None:
+    """Unpacking replaces files: never under a running VM (its QEMU would go on writing to a
+    deleted disk), and never over anything else that is there."""
+    running = [f"{vm.name} (pid {pid})" for vm in sorted(dest.glob("vms/*")) if (pid := running_pid(vm))]
+    if running:
+        raise LeanvmError(f"cannot unpack into {dest} while its VMs run: {', '.join(running)}",
+                          f"stop them first ({dest / 'cluster.sh'} down), or unpack into a new directory")
+    if dest.exists() and any(dest.iterdir()):
+        raise LeanvmError(f"{dest} is not empty: unpacking would replace what is there (VM disks too)",
+                          "unpack into a new or empty directory")
+
+
+def unbundle(archive: Path, dest: Path) -> dict:
+    """Unpack a bundle (keeping holes) into `dest` and check it against its manifest."""
+    archive = archive.resolve()  # before changing into dest: a relative path means the caller's
+    check_dest(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(dest)
+    try:
+        libarchive.extract_file(str(archive), flags=EXTRACT_SPARSE | EXTRACT_PERM | EXTRACT_TIME)
+    except libarchive.exception.ArchiveError as e:
+        raise LeanvmError(f"{archive}: cannot unpack: {e.msg}", "check the file") from None
+    finally:
+        os.chdir(cwd)
+    return check_manifest(dest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m leanvm.ship.bundle", description="unpack a leanvm bundle")
+    sub = parser.add_subparsers(dest="command", required=True)
+    unpack = sub.add_parser("unbundle", help="unpack ARCHIVE into DIR and check its manifest")
+    unpack.add_argument("archive", type=Path)
+    unpack.add_argument("dir", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        manifest = unbundle(args.archive, args.dir)
+    except LeanvmError as e:
+        return report(e)
+    print(f"{args.dir}: {len(manifest['files'])} files match the manifest "
+          f"({manifest.get('release')} {manifest.get('version')}); start a VM with {args.dir}/vms/NAME/run.sh")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The config drive's user_data (the VM's own file, or a generated #cloud-config) and the
+VM's Ignition config when it has one, each carrying the cluster network's systemd-networkd
+unit the way Flatcar applies it on a first boot (Ignition: storage.files; cloud-config:
+coreos.units) and /etc/hosts naming every VM of the cluster (Ignition: storage.files;
+cloud-config: write_files). The cluster key joins the user's keys in both."""
+
+import json
+import os
+import urllib.parse
+from pathlib import Path
+
+import yaml
+
+from leanvm.config.cluster import VM, is_butane, read_user_data
+from leanvm.errors import LeanvmError
+from leanvm.fsutil import temp_path, write_atomic
+from leanvm.vm import ignitioncheck
+
+CLOUD_CONFIG = "#cloud-config"
+NETWORK_UNIT_NAME = "50-leanvm-cluster.network"
+NETWORK_UNIT = f"/etc/systemd/network/{NETWORK_UNIT_NAME}"
+HOSTS = "/etc/hosts"
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings as literal blocks (`|`), as people write unit contents."""
+
+
+_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
+def network_unit(vm: VM) -> str:
+    """The cluster network's systemd-networkd unit: the NIC with the cluster MAC gets the address."""
+    return f"[Match]\nMACAddress={vm.cluster_mac}\n\n[Network]\nAddress={vm.cluster_ip}\n"
+
+
+def hosts(vms: tuple[VM, ...]) -> str:
+    """/etc/hosts for a cluster: localhost, then each VM's name at its cluster address."""
+    lines = ["127.0.0.1 localhost", "::1 localhost"]
+    lines += [f"{vm.cluster_ip.split('/')[0]} {vm.name}" for vm in vms if vm.cluster_ip]
+    return "# written by leanvm: the VMs of this cluster on its private network\n" + "\n".join(lines) + "\n"
+
+
+def _merge(doc: dict, vm: VM, keys: tuple[str, ...], hosts_text: str) -> dict:
+    """ssh_authorized_keys, /etc/hosts (unless the user writes one) and, for a VM without
+    Ignition, the cluster network unit, merged into a #cloud-config document. The unit goes
+    under coreos.units: coreos-cloudinit restarts networkd only for network units listed
+    there, not for write_files."""
+    files = list(doc.get("write_files") or [])
+    if hosts_text and not vm.ignition and all(f.get("path") != HOSTS for f in files):
+        doc = {**doc, "write_files": [*files, {"path": HOSTS, "permissions": "0644", "content": hosts_text}]}
+    if keys:
+        have = list(doc.get("ssh_authorized_keys") or [])
+        doc = {**doc, "ssh_authorized_keys": have + [k for k in keys if k not in have]}
+    if vm.cluster_ip and not vm.ignition:
+        coreos = dict(doc.get("coreos") or {})
+        units = [u for u in coreos.get("units") or [] if u.get("name") != NETWORK_UNIT_NAME]
+        coreos["units"] = [*units, {"name": NETWORK_UNIT_NAME, "content": network_unit(vm)}]
+        doc = {**doc, "coreos": coreos}
+    return doc
+
+
+def _script_conflicts(vm: VM) -> bool:
+    """A '#!' script cannot take keys or a given address; an assigned address and the
+    cluster key are left out of it (the script owns the VM's set-up)."""
+    return bool(vm.ssh_authorized_keys or vm.cluster_ip_given)
+
+
+def _dump(doc: dict) -> str:
+    # width: a key stays on one line, as cloud-init readers and the mini release expect
+    return CLOUD_CONFIG + "\n" + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                                          width=1 << 16)
+
+
+def _keys(vm: VM, cluster_key: str | None) -> tuple[str, ...]:
+    """The user's keys, then the cluster key."""
+    return tuple(vm.ssh_authorized_keys) + ((cluster_key,) if cluster_key else ())
+
+
+def render(vm: VM, cluster_key: str | None = None, hosts_text: str = "") -> str:
+    keys = _keys(vm, cluster_key)
+    if vm.user_data is None:
+        return _dump(_merge({"hostname": vm.name}, vm, keys, hosts_text))
+    text, doc = read_user_data(vm.user_data, _script_conflicts(vm))
+    return text if doc is None else _dump(_merge(doc, vm, keys, hosts_text))
+
+
+def _ignition_file(path: str, text: str) -> dict:
+    return {"path": path, "mode": 0o644, "overwrite": True,
+            "contents": {"source": "data:," + urllib.parse.quote(text)}}
+
+
+def ignition_with_network(config: dict, vm: VM, hosts_text: str = "") -> dict:
+    """The Ignition config with the cluster network unit and /etc/hosts (unless the config
+    writes one) in storage.files: Ignition writes them in the initramfs, before networkd
+    starts, so the address and the names are there on a first boot."""
+    if not vm.cluster_ip:
+        return config
+    storage = dict(config.get("storage") or {})
+    files = [f for f in storage.get("files") or [] if f.get("path") != NETWORK_UNIT]
+    files.append(_ignition_file(NETWORK_UNIT, network_unit(vm)))
+    if hosts_text and all(f.get("path") != HOSTS for f in files):
+        files.append(_ignition_file(HOSTS, hosts_text))
+    return {**config, "storage": {**storage, "files": files}}
+
+
+def ignition_with_keys(config: dict, keys: tuple[str, ...]) -> dict:
+    """The Ignition config with `keys` in passwd.users -> core -> sshAuthorizedKeys; all else kept."""
+    passwd = dict(config.get("passwd") or {})
+    users = [dict(u) for u in passwd.get("users") or []]
+    core = next((u for u in users if u.get("name") == "core"), None)
+    if core is None:
+        core = {"name": "core"}
+        users.append(core)
+    have = list(core.get("sshAuthorizedKeys") or [])
+    core["sshAuthorizedKeys"] = have + [k for k in keys if k not in have]
+    return {**config, "passwd": {**passwd, "users": users}}
+
+
+def write(vm: VM, dest: Path, ignition_dest: Path, cluster_key_file: Path | None = None,
+          hosts_text: str = "") -> None:
+    cluster_key = cluster_key_file.read_text().strip() if cluster_key_file else None
+    write_atomic(dest, render(vm, cluster_key, hosts_text).encode())
+    if vm.ignition:
+        config = ignitioncheck.load(vm.ignition, is_butane(vm.ignition.read_text()))
+        merged = ignition_with_network(ignition_with_keys(config, _keys(vm, cluster_key)), vm, hosts_text)
+        tmp = temp_path(ignition_dest)
+        write_atomic(tmp, (json.dumps(merged, indent=2) + "\n").encode())
+        try:
+            ignitioncheck.validate(vm.name, tmp, vm.ignition)
+        except LeanvmError:
+            tmp.unlink()
+            raise
+        os.replace(tmp, ignition_dest)
+    else:
+        ignition_dest.unlink(missing_ok=True)

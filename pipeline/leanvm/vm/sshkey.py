@@ -1,0 +1,48 @@
+"""The cluster key: out/ssh/id_ed25519, made once per out/ and authorized in every VM.
+
+It is never made again while it exists, and `doit clean` never deletes it. Host keys of the
+VMs go in out/ssh/known_hosts under the alias leanvm-NAME; `reset:NAME` forgets the VM's.
+"""
+
+import os
+from pathlib import Path
+
+from leanvm.fsutil import temp_path
+from leanvm.proc import run
+
+
+def ssh_dir(out: Path) -> Path:
+    return out / "ssh"
+
+
+def private_key(out: Path) -> Path:
+    return ssh_dir(out) / "id_ed25519"
+
+
+def public_key(out: Path) -> Path:
+    return ssh_dir(out) / "id_ed25519.pub"
+
+
+def create(out: Path) -> None:
+    """Make the key pair (written under temp names, renamed once both are complete)."""
+    if private_key(out).exists() and public_key(out).exists():
+        return
+    ssh_dir(out).mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = temp_path(private_key(out))
+    for path in (tmp, tmp.with_name(tmp.name + ".pub")):
+        path.unlink(missing_ok=True)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"leanvm cluster key for {out}", "-f", tmp])
+    os.replace(tmp.with_name(tmp.name + ".pub"), public_key(out))
+    os.replace(tmp, private_key(out))
+
+
+def read_public(out: Path) -> str:
+    return public_key(out).read_text().strip()
+
+
+def forget_host(out: Path, name: str) -> None:
+    """Drop VM `name`'s host key from known_hosts (its new root disk makes a new one)."""
+    known = ssh_dir(out) / "known_hosts"
+    if known.exists():
+        run(["ssh-keygen", "-R", f"leanvm-{name}", "-f", known])
+        Path(f"{known}.old").unlink(missing_ok=True)

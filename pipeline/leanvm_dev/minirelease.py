@@ -1,0 +1,313 @@
+"""Build a tiny release that boots the way Flatcar does, from Debian parts (offline demo).
+
+Kernel and modules come from Debian's linux-image-amd64; the initrd is busybox plus the
+modules for virtio, squashfs, ext4 and 9p (resolved through modules.dep); usr.squashfs holds
+busybox, Debian's dropbear sshd with its libraries, and an os-release; the image is a
+gzip'd newc cpio holding it, like Flatcar's PXE image. Every file is signed by a demo key
+made locally, published as a file:// mirror with release profiles that point at it.
+
+    python -m leanvm_dev.minirelease [--out DIR] [--pad-mb N]
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import libarchive
+import yaml
+from leanvm.errors import LeanvmError, report
+from leanvm.fsutil import temp_path, write_atomic
+from leanvm.proc import run, stop_gpg_agent
+from libarchive.entry import FileType
+
+from leanvm_dev import CHECKOUT, kmod
+
+INIT_SCRIPT = Path(__file__).with_name("init.sh")
+# loop: for PXE-style boots that mount /usr from a squashfs file held in the initramfs.
+# qemu_fw_cfg: Ignition configs passed with -fw_cfg; button, evdev: the ACPI power button;
+# virtio_balloon: free page reporting.
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "ext4", "9p", "9pnet_virtio", "loop",
+                  "qemu_fw_cfg", "button", "evdev", "virtio_balloon")
+KERNEL, INITRD, IMAGE = "mini.vmlinuz", "mini.initrd.cpio.gz", "mini_image.cpio.gz"
+DROPBEAR = Path("/usr/sbin/dropbear")  # Debian's dropbear-bin: the mini release's sshd
+PROGRAMS = {DROPBEAR: "sbin/dropbear"}  # host file -> place in /usr
+# The initrd runs the real Ignition (Debian's ignition, CoreOS Ignition 2.14), which creates
+# users and groups with Debian's useradd, usermod and groupadd (passwd) under --root.
+IGNITION = Path("/usr/lib/dracut/modules.d/30ignition/ignition")
+INITRD_PROGRAMS = {IGNITION: "usr/bin/ignition", Path("/usr/sbin/useradd"): "usr/sbin/useradd",
+                   Path("/usr/sbin/usermod"): "usr/sbin/usermod", Path("/usr/sbin/groupadd"): "usr/sbin/groupadd"}
+# Debian's Ignition relabels what it wrote for SELinux; the mini release has no SELinux, so
+# its initrd gives it a setfiles that does nothing (and a SELINUXTYPE=none config meanwhile).
+SETFILES_STUB = b"#!/bin/sh\n# leanvm mini release: no SELinux, nothing to relabel\nexit 0\n"
+# The Flatcar profiles' arguments, word for word; and the same disks named by /dev/vdX.
+FLATCAR_ARGS = (
+    "mount.usr=PARTLABEL=USR-A mount.usrfstype=squashfs mount.usrflags=ro "
+    "root=LABEL=ROOT rootflags=rw console=ttyS0,115200n8 flatcar.autologin"
+)
+VDX_ARGS = "mount.usr=/dev/vda1 mount.usrfstype=squashfs mount.usrflags=ro root=/dev/vdb rootflags=rw console=ttyS0"
+FIRST_BOOT_ARGS = "flatcar.first_boot=1"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    vmlinuz: Path
+    modules: Path  # lib/modules/VERSION, with modules.dep made by depmod
+    version: str
+
+
+# --- kernel --------------------------------------------------------------------------
+
+def kernel_package() -> str:
+    """The versioned package that linux-image-amd64 currently depends on."""
+    for attempt in range(2):
+        out = run(["apt-cache", "depends", "linux-image-amd64"], check=False).stdout.decode()
+        for line in out.splitlines():
+            name = line.strip().removeprefix("Depends:").strip()
+            if line.strip().startswith("Depends:") and name.startswith("linux-image-"):
+                return name
+        if attempt == 0:
+            run(["apt-get", "update", "-q"])  # a fresh machine may have no package lists yet
+    raise LeanvmError("apt-cache knows no linux-image-amd64", "check /etc/apt/sources.list and the network")
+
+
+def _apt_download(package: str, where: Path) -> Path:
+    try:
+        run(["apt-get", "download", package], cwd=where)
+    except LeanvmError:
+        run(["apt-get", "update", "-q"])
+        run(["apt-get", "download", package], cwd=where)
+    return next(where.glob(f"{package}_*.deb"))
+
+
+def fetch_kernel(cache: Path) -> Kernel:
+    """Download and unpack Debian's kernel once; later calls reuse the cache.
+
+    Only the kernel, the modules.* indexes and the modules the initrd needs are kept (a few
+    MB instead of the package's ~400 MB); the cache is made again if that set changes.
+    """
+    done = cache / "kernel.ready"
+    wanted = " ".join(WANTED_MODULES)
+    if not done.exists() or done.read_text().split("\n")[1:2] != [wanted]:
+        shutil.rmtree(cache, ignore_errors=True)
+        (cache / "deb").mkdir(parents=True)
+        deb = _apt_download(kernel_package(), cache / "deb")
+        run(["dpkg-deb", "-x", deb, cache / "root"])
+        shutil.rmtree(cache / "deb")
+        version = next((cache / "root" / "lib" / "modules").iterdir()).name
+        run(["depmod", "-b", cache / "root", version])
+        kmod.keep_only(cache / "root" / "lib" / "modules" / version, kmod.resolve_modules(
+            cache / "root" / "lib" / "modules" / version, WANTED_MODULES))
+        done.write_text(f"{version}\n{wanted}\n")
+    version = done.read_text().split("\n")[0]
+    root = cache / "root"
+    return Kernel(root / "boot" / f"vmlinuz-{version}", root / "lib" / "modules" / version, version)
+
+
+# --- archives ------------------------------------------------------------------------
+
+def _file_blocks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            yield block
+
+
+def write_cpio_gz(dest: Path, files: dict[str, Path | bytes], mode: dict[str, int] | None = None) -> None:
+    """A gzip'd newc cpio (the initramfs format) with parent directories, via libarchive."""
+    mode = mode or {}
+    dirs = sorted({str(Path(name).parents[i]) for name in files for i in range(len(Path(name).parents) - 1)})
+    tmp = temp_path(dest)
+    with libarchive.file_writer(str(tmp), "cpio_newc", "gzip") as archive:
+        for d in dirs:
+            archive.add_file_from_memory(d, 0, b"", filetype=FileType.DIRECTORY, permission=0o755)
+        for name, content in files.items():
+            if isinstance(content, Path):
+                size, data = content.stat().st_size, _file_blocks(content)
+            else:
+                size, data = len(content), content
+            archive.add_file_from_memory(name, size, data, permission=mode.get(name, 0o644))
+    os.replace(tmp, dest)
+
+
+def make_initrd(dest: Path, kernel: Kernel, busybox: Path) -> None:
+    order = kmod.resolve_modules(kernel.modules, WANTED_MODULES)
+    files: dict[str, Path | bytes] = {
+        "init": INIT_SCRIPT.read_bytes(),
+        "bin/busybox": busybox,
+        "lib/modules/load.order": "".join(f"{m}\n" for m in order).encode(),
+    }
+    files.update({f"lib/modules/{m}": kernel.modules / m for m in order})
+    for empty in ("dev", "proc", "sys", "sysroot", "mnt/config", "run"):
+        files[f"{empty}/.keep"] = b""
+    files["usr/sbin/setfiles"] = SETFILES_STUB
+    for program, place in INITRD_PROGRAMS.items():
+        files[place] = program
+        files.update({library_place(lib): lib.resolve() for lib in shared_libraries(program)})
+    executable = {"init", "bin/busybox", "usr/sbin/setfiles", *INITRD_PROGRAMS.values(),
+                  *(name for name in files if name.startswith("lib64/ld-linux"))}  # the kernel execs the loader
+    write_cpio_gz(dest, files, {name: 0o755 for name in executable})
+
+
+def library_place(lib: Path) -> str:
+    """Where a shared library goes in the initrd or /usr (the loader in lib64, as on Debian)."""
+    return f"lib64/{lib.name}" if lib.name.startswith("ld-linux") else f"lib/x86_64-linux-gnu/{lib.name}"
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """The shared libraries `binary` loads (ldd), the dynamic loader included."""
+    libs = []
+    for line in run(["ldd", binary]).stdout.decode().splitlines():
+        words = line.split()
+        path = words[2] if len(words) >= 3 and words[1] == "=>" else words[0]
+        if path.startswith("/"):
+            libs.append(Path(path))
+    return libs
+
+
+def make_usr(dest: Path, busybox: Path, version: str, pad_mb: int) -> None:
+    """usr.squashfs: busybox and its applets, Debian's dropbear sshd with the libraries it
+    loads, an os-release and optional incompressible padding."""
+    tree = dest.with_name("usr-tree")
+    shutil.rmtree(tree, ignore_errors=True)
+    for d in ("bin", "sbin", "lib64", "lib/x86_64-linux-gnu"):
+        (tree / d).mkdir(parents=True)
+    shutil.copy2(busybox, tree / "bin" / "busybox")
+    for applet in run([busybox, "--list"]).stdout.decode().split():
+        if applet != "busybox":
+            (tree / "bin" / applet).symlink_to("busybox")
+    # busybox sh runs its own applets, ping included, in-process: core's shell needs raw
+    # sockets for ping, as Flatcar's ping has (squashfs keeps the capability xattr).
+    run(["setcap", "cap_net_raw+ep", tree / "bin" / "busybox"])
+    for program, place in PROGRAMS.items():
+        shutil.copy2(program, tree / place)
+        for lib in shared_libraries(program):
+            shutil.copy2(lib.resolve(), tree / library_place(lib))
+    (tree / "lib" / "os-release").write_text(
+        f'NAME="leanvm mini"\nID=leanvm-mini\nVERSION_ID={version}\nPRETTY_NAME="leanvm mini release {version}"\n'
+    )
+    if pad_mb:
+        (tree / "share").mkdir()
+        with open(tree / "share" / "padding", "wb") as f:
+            for _ in range(pad_mb):
+                f.write(os.urandom(1 << 20))
+    run(["mksquashfs", tree, dest, "-noappend", "-quiet", "-all-root"])
+    shutil.rmtree(tree)
+
+
+# --- signing and publishing ----------------------------------------------------------
+
+def gpg(home: Path) -> list[str | Path]:
+    """gpg on a GNUPGHOME of ours, never prompting (the demo key has no passphrase)."""
+    return ["gpg", "--homedir", home, "--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", ""]
+
+
+@contextmanager
+def gnupg_home(keep: Path) -> Iterator[Path]:
+    """A GNUPGHOME at a short temporary path holding the demo key kept in `keep`. gpg-agent's
+    socket lives in the home, and a Unix socket path has at most 107 bytes: signing from a
+    checkout at a deep path would fail with "No agent running"."""
+    keep.mkdir(parents=True, exist_ok=True, mode=0o700)
+    transient = shutil.ignore_patterns("S.*", "*.lock", ".#*")  # sockets and locks
+    with tempfile.TemporaryDirectory(prefix="leanvm-gpg-") as tmp:
+        home = Path(tmp)
+        shutil.copytree(keep, home, dirs_exist_ok=True, ignore=transient)
+        try:
+            yield home
+        finally:
+            stop_gpg_agent(home)
+        shutil.copytree(home, keep, dirs_exist_ok=True, ignore=transient)
+
+
+def demo_key(home: Path) -> str:
+    """The fingerprint of the local demo signing key, made on first use."""
+    listing = run([*gpg(home), "--with-colons", "--list-secret-keys"], check=False).stdout.decode()
+    if "fpr:" not in listing:
+        run([*gpg(home), "--quick-gen-key", "leanvm mini release demo key", "ed25519", "sign", "0"])
+        listing = run([*gpg(home), "--with-colons", "--list-secret-keys"]).stdout.decode()
+    return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+
+
+def sign(home: Path, fingerprint: str, path: Path) -> None:
+    run([*gpg(home), "--local-user", fingerprint, "--detach-sign", "--output", f"{path}.sig", path])
+
+
+def write_profile(dest: Path, mirror: Path, key: Path, fingerprint: str, kernel_args: str) -> None:
+    profile = {
+        "base_url": mirror.as_uri() + "/",
+        "version": "current",
+        "version_file": "version.txt",
+        "version_key": "MINI_VERSION",
+        "kernel": KERNEL,
+        "initrd": INITRD,
+        "image": IMAGE,
+        "usr_member": "usr.squashfs",
+        "signature_suffix": ".sig",
+        "signing_key": os.path.relpath(key, dest.parent),
+        "fingerprints": [fingerprint],
+        "kernel_args": kernel_args,
+        "ignition_fw_cfg": "opt/org.flatcar-linux/config",
+        "first_boot_args": FIRST_BOOT_ARGS,
+    }
+    header = "# leanvm mini release (generated by python -m leanvm_dev.minirelease)\n"
+    write_atomic(dest, (header + yaml.safe_dump(profile, sort_keys=False)).encode())
+
+
+def publish_version(work: Path, vdir: Path, kernel: Kernel, busybox: Path, pad_mb: int,
+                    sign_file: Callable[[Path], None]) -> None:
+    """Write and sign one version of the mini release into the mirror directory vdir."""
+    work.mkdir(parents=True, exist_ok=True)
+    make_usr(work / "usr.squashfs", busybox, vdir.name, pad_mb)
+    vdir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(kernel.vmlinuz, vdir / KERNEL)
+    make_initrd(vdir / INITRD, kernel, busybox)
+    write_cpio_gz(vdir / IMAGE, {"usr.squashfs": work / "usr.squashfs"})
+    (work / "usr.squashfs").unlink()
+    for name in (KERNEL, INITRD, IMAGE):
+        sign_file(vdir / name)
+
+
+def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> Path:
+    """Build the mini release under `out`; returns the directory holding its profiles."""
+    kernel = fetch_kernel(out / "kernel")
+    for program, package in ((DROPBEAR, "dropbear-bin"), (IGNITION, "ignition"), (Path("/usr/sbin/useradd"), "passwd")):
+        if not program.exists():
+            raise LeanvmError(f"{program}: not found", f"install it: apt-get install {package}")
+    programs = b"".join(hashlib.sha256(p.read_bytes()).digest() for p in [*PROGRAMS, *INITRD_PROGRAMS])
+    inputs = Path(__file__).read_bytes() + INIT_SCRIPT.read_bytes() + programs + f"{kernel.version}/{pad_mb}".encode()
+    digest = hashlib.sha256(inputs).hexdigest()
+    version = f"1.{pad_mb}.{digest[:8]}"
+    mirror = out / "mirror"
+    vdir = mirror / version
+    key = out / "demo-signing-key.asc"
+    with gnupg_home(out / "gnupg") as home:
+        fingerprint = demo_key(home)
+        if not (vdir / f"{IMAGE}.sig").exists():
+            publish_version(out / "work", vdir, kernel, busybox, pad_mb, lambda path: sign(home, fingerprint, path))
+        key.write_bytes(run([*gpg(home), "--armor", "--export", fingerprint]).stdout)
+    write_atomic(mirror / "current" / "version.txt", f"MINI_VERSION={version}\n".encode())
+    write_profile(out / "mini.yaml", mirror, key, fingerprint, FLATCAR_ARGS)
+    write_profile(out / "mini-vdx.yaml", mirror, key, fingerprint, VDX_ARGS)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m leanvm_dev.minirelease", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=CHECKOUT / "out" / "minirelease")
+    parser.add_argument("--pad-mb", type=int, default=0, help="pad /usr with N MiB of random data")
+    args = parser.parse_args(argv)
+    try:
+        out = build(args.out.resolve(), args.pad_mb)
+    except LeanvmError as e:
+        return report(e)
+    print(f"mini release profiles: {out / 'mini.yaml'} (Flatcar's arguments), {out / 'mini-vdx.yaml'} (/dev/vdX)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
