@@ -18,7 +18,7 @@ import yaml
 
 from leanvm.errors import LeanvmError
 from leanvm.resources import PROFILES
-from leanvm.state import identity
+from leanvm.state.identity import Identity, Wanted
 
 VM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -50,20 +50,45 @@ class Release:
 
 @dataclass(frozen=True)
 class VM:
+    """A VM as its cluster file asks for it (`wanted`), and, once the DAG has given it one
+    (leanvm.dag.tasks), its identity: ports, MACs, cluster address, kept in out/state."""
+
     name: str
     memory: int
     cpus: int
     disk_size: int  # bytes of the sparse root disk (the cluster file's `disk`)
-    ssh_port: int
-    mac: str
     user_data: Path | None
     ssh_authorized_keys: tuple[str, ...]
-    cluster_mac: str = ""  # the second NIC, on the private cluster network
-    cluster_ip: str = ""  # with prefix, e.g. 10.77.0.11/24 (assigned when the file gives none)
+    wanted: Wanted  # the ssh port, cluster address and forwarded ports the file gives
     forward: tuple[tuple[int, int], ...] = ()  # the `forward` key: extra (host, guest) TCP ports
     ignition: Path | None = None
-    cluster_ip_given: bool = False  # cluster_ip comes from the cluster file, not assigned
     kernel_args: str = ""  # appended after the release profile's kernel_args
+    identity: Identity | None = None
+
+    def _given(self) -> Identity:
+        if self.identity is None:
+            raise AssertionError(f"VM {self.name} has no identity yet (a bug: the DAG gives it one)")
+        return self.identity
+
+    @property
+    def ssh_port(self) -> int:
+        return self._given().ssh_port
+
+    @property
+    def mac(self) -> str:
+        return self._given().mac
+
+    @property
+    def cluster_mac(self) -> str:  # the second NIC, on the private cluster network
+        return self._given().cluster_mac
+
+    @property
+    def cluster_ip(self) -> str:  # with prefix, e.g. 10.77.0.11/24 (assigned when the file gives none)
+        return self._given().cluster_ip
+
+    @property
+    def cluster_ip_given(self) -> bool:  # the cluster file gives the address
+        return self.wanted.cluster_ip is not None
 
 
 def kernel_args(vm: VM, release: Release) -> str:
@@ -477,10 +502,9 @@ def _vm_settings(raw: Any, where: _Where, cluster_file: Path) -> dict[str, Any]:
     return settings
 
 
-def load_cluster(path: Path, previous: dict[str, identity.Identity] | None = None, avoid: set[int] | None = None,
-                 in_use: Callable[[int], bool] = lambda port: False) -> Cluster:
-    """Load and check a cluster file, then give each VM its identity (identity.assign):
-    what `previous` recorded for it is kept, new ports avoid `avoid` and ports `in_use`."""
+def load_cluster(path: Path) -> Cluster:
+    """Load and check a cluster file: the VMs as it asks for them (only reads; the DAG gives
+    each VM its identity)."""
     path = path.resolve()
     where = _Where(path)
     data = _checked(read_yaml(path), where, CLUSTER_KEYS)
@@ -489,13 +513,7 @@ def load_cluster(path: Path, previous: dict[str, identity.Identity] | None = Non
     subnet = ipaddress.IPv4Network(network.get("subnet", "10.77.0.0/24"))
     per_vm = _parse_vms(data, where, path, release, subnet)
     _check_unique(per_vm, where)
-    wanted = [identity.Wanted(name, s.get("ssh_port"), s.get("cluster_ip"), tuple(h for h, _ in s.get("forward", ())))
-              for name, s in per_vm.items()]
-    try:
-        ids = identity.assign(wanted, previous or {}, subnet, avoid or set(), in_use)
-    except ValueError as e:
-        raise (where / "network" / "subnet").error(str(e), "use a larger subnet") from None
-    vms = tuple(_vm(name, per_vm[name], ids[name]) for name in sorted(per_vm))
+    vms = tuple(_vm(name, per_vm[name]) for name in sorted(per_vm))
     return Cluster(path=path, release=release, vms=vms, subnet=str(subnet))
 
 
@@ -541,21 +559,19 @@ def _check_unique(per_vm: dict[str, dict[str, Any]], where: _Where) -> None:
             addresses[ip] = name
 
 
-def _vm(name: str, settings: dict[str, Any], ident: identity.Identity) -> VM:
+def _vm(name: str, settings: dict[str, Any]) -> VM:
+    forward = settings.get("forward", ())
     return VM(
         name=name,
         memory=settings["memory"],
         cpus=settings["cpus"],
         disk_size=settings["disk"],
-        ssh_port=ident.ssh_port,
-        mac=ident.mac,
         user_data=settings.get("user_data"),
         ssh_authorized_keys=settings.get("ssh_authorized_keys", ()),
-        cluster_mac=ident.cluster_mac,
-        cluster_ip=ident.cluster_ip,
-        forward=settings.get("forward", ()),
+        wanted=Wanted(name, settings.get("ssh_port"), settings.get("cluster_ip"),
+                               tuple(host for host, _ in forward)),
+        forward=forward,
         ignition=settings.get("ignition"),
-        cluster_ip_given="cluster_ip" in settings,
         kernel_args=settings.get("kernel_args", ""),
     )
 

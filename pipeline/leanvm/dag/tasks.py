@@ -4,9 +4,10 @@
     explicit only: bundle, libvirt, prune, reset:NAME
 """
 
+import ipaddress
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
@@ -79,6 +80,18 @@ def check_task_names(cluster: Cluster) -> None:
                               f"the VMs are: {', '.join(names)}")
 
 
+def with_identities(cluster: Cluster, previous: dict[str, identity.Identity], avoid: set[int],
+                    in_use: Callable[[int], bool]) -> Cluster:
+    """The cluster with each VM's identity (identity.assign): what `previous` recorded for it
+    is kept, new ports avoid `avoid` and ports `in_use`."""
+    try:
+        given = identity.assign([vm.wanted for vm in cluster.vms], previous, ipaddress.IPv4Network(cluster.subnet),
+                                avoid, in_use)
+    except ValueError as e:
+        raise LeanvmError(f"{cluster.path}: network.subnet: {e}", "use a larger subnet") from None
+    return replace(cluster, vms=tuple(replace(vm, identity=given[vm.name]) for vm in cluster.vms))
+
+
 @cache
 def context() -> Context:
     """Load the cluster once per doit run; a user error ends doit with one line."""
@@ -89,7 +102,7 @@ def context() -> Context:
             identity.check_owner(out, config, record=False)
         claims = building()  # only a build claims ports, so only it checks them against the host
         avoid, in_use = (identity.ports_of_other_outs(out), identity.port_in_use) if claims else (set(), _not_checked)
-        cluster = load_cluster(config, identity.load(out), avoid, in_use)
+        cluster = with_identities(load_cluster(config), identity.load(out), avoid, in_use)
         check_task_names(cluster)
         if claims:  # only a cluster file that loads claims out/
             identity.check_owner(out, config, record=True)

@@ -4,6 +4,7 @@ run.sh is a head holding this VM's values and its QEMU command (`vm_qemu RUNNER 
 followed by the fixed body in launcher.sh, a real shell file that shellcheck reads as source.
 """
 
+from dataclasses import replace
 from pathlib import Path
 from shlex import quote
 
@@ -130,8 +131,7 @@ def render(vm: VM, release: Release, version: str) -> str:
 
 def vm_identity(vm: VM, release: Release, version: str) -> identity.Identity:
     """What out/state/vms/NAME.env records of the VM (run.sh reads it at start)."""
-    return identity.Identity(vm.ssh_port, vm.mac, vm.cluster_mac, vm.cluster_ip,
-                             (vm.ssh_port, *(h for h, _ in vm.forward)), f"images/{release.name}/{version}")
+    return replace(vm.identity, image_dir=f"images/{release.name}/{version}")
 
 
 def write(dest: Path, text: str, out: Path, vm_name: str, ident: identity.Identity) -> None:

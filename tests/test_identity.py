@@ -1,0 +1,61 @@
+"""In process: the cluster file is only read; the DAG gives each VM its identity, which is
+kept across builds; the config drive merges keys, the network unit and /etc/hosts."""
+
+import pytest
+import yaml
+from leanvm.config.cluster import load_cluster
+from leanvm.dag.tasks import with_identities
+from leanvm.errors import LeanvmError
+from leanvm.vm import configdrive
+from support import Project
+
+
+def never_in_use(port: int) -> bool:
+    return False
+
+
+def test_loading_a_cluster_file_assigns_nothing(project: Project):
+    project.write_cluster({"a": {"ssh_port": 2400}, "b": {"cluster_ip": "10.77.0.20"}})
+    cluster = load_cluster(project.cluster_file)
+    assert [vm.identity for vm in cluster.vms] == [None, None]
+    assert cluster.vms[0].wanted.ssh_port == 2400 and cluster.vms[1].wanted.cluster_ip == "10.77.0.20"
+    with pytest.raises(AssertionError, match="no identity yet"):
+        _ = cluster.vms[0].ssh_port
+
+
+def test_identities_keep_what_was_given_and_what_was_assigned(project: Project):
+    project.write_cluster({"a": {"ssh_port": 2400}, "b": {"cluster_ip": "10.77.0.20"}})
+    first = with_identities(load_cluster(project.cluster_file), {}, {2401}, never_in_use)
+    a, b = first.vms
+    assert a.ssh_port == 2400 and a.identity.host_ports == (2400,)
+    assert b.cluster_ip == "10.77.0.20/24" and b.ssh_port not in (2400, 2401) and b.cluster_ip_given
+    assert a.mac.startswith("52:54:00:") and a.cluster_mac.startswith("52:54:01:") and a.mac != b.mac
+    project.write_cluster({"a": {"ssh_port": 2400}, "b": {"cluster_ip": "10.77.0.20"}, "c": {}})
+    previous = {vm.name: vm.identity for vm in first.vms}
+    again = with_identities(load_cluster(project.cluster_file), previous, set(), lambda port: port == b.ssh_port)
+    assert [vm.identity for vm in again.vms[:2]] == [a.identity, b.identity]  # a taken port never moves a VM
+    c = again.vms[2]
+    assert c.ssh_port not in (a.ssh_port, b.ssh_port) and c.cluster_ip not in (a.cluster_ip, b.cluster_ip)
+
+
+def test_a_subnet_too_small_for_its_vms_is_one_line_naming_the_key(project: Project):
+    project.write_cluster({f"v{i}": {} for i in range(3)}, network={"subnet": "10.77.0.0/30"})
+    with pytest.raises(LeanvmError, match=r"cluster.yaml: network.subnet: .*; use a larger subnet"):
+        with_identities(load_cluster(project.cluster_file), {}, set(), never_in_use)
+
+
+def test_the_config_drive_merges_keys_the_network_unit_and_hosts(project: Project):
+    (project.root / "u.yaml").write_text("#cloud-config\nssh_authorized_keys: [mine]\nwrite_files:\n"
+                                         "- path: /etc/motd\n  content: hi\n")
+    project.write_cluster({"a": {"user_data": "u.yaml"}, "b": {}})
+    a, b = with_identities(load_cluster(project.cluster_file), {}, set(), never_in_use).vms
+    doc = yaml.safe_load(configdrive.render(a, "cluster-key", configdrive.hosts((a, b))))
+    assert doc["ssh_authorized_keys"] == ["mine", "cluster-key"]
+    (unit,) = doc["coreos"]["units"]
+    assert unit["name"] == "50-leanvm-cluster.network" and f"MACAddress={a.cluster_mac}" in unit["content"]
+    motd, hosts = doc["write_files"]
+    assert motd["path"] == "/etc/motd" and hosts["path"] == "/etc/hosts"
+    assert f"{b.cluster_ip.split('/')[0]} b" in hosts["content"]
+    (project.root / "u.yaml").write_text("#cloud-config\nwrite_files:\n- path: /etc/hosts\n  content: mine\n")
+    doc = yaml.safe_load(configdrive.render(a, None, configdrive.hosts((a, b))))
+    assert doc["write_files"] == [{"path": "/etc/hosts", "content": "mine"}]  # the user's own wins
