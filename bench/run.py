@@ -27,7 +27,7 @@ from leanvm.proc import stop_gpg_agent  # noqa: E402
 from leanvm.release import fetch  # noqa: E402
 from leanvm.release.extract import extract_usr_disk  # noqa: E402
 from leanvm_dev import minirelease  # noqa: E402
-from support import Keyring, Mirror, make_cpio_gz, make_squashfs, run, serve  # noqa: E402
+from support import Keyring, Mirror, doit_argv, make_cpio_gz, make_squashfs, run, serve  # noqa: E402
 
 MiB = 1 << 20
 
@@ -71,8 +71,8 @@ def sh(cmd: str) -> None:
 
 
 def doit(cluster: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), *args,
-                           f"config={cluster}", f"out={out}"], capture_output=True, text=True, check=True)
+    return subprocess.run(doit_argv(*args, f"config={cluster}", f"out={out}"), capture_output=True, text=True,
+                          check=True)
 
 
 def verdict(ok: bool) -> str:

@@ -1,4 +1,4 @@
-"""Issue 2: download -> verify -> extract against a signed mirror on loopback."""
+"""Download -> verify -> extract against a signed mirror on loopback."""
 
 from pathlib import Path
 

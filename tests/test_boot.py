@@ -1,4 +1,4 @@
-"""Issue 4: the generated launchers boot a real kernel (the mini release) under QEMU/TCG."""
+"""The generated launchers boot a real kernel (the mini release) under QEMU/TCG."""
 
 import re
 import subprocess

@@ -1,4 +1,4 @@
-"""Issue 7: a private rootless cluster network, port safety, Ignition, cluster.sh up/down."""
+"""A private rootless cluster network, port safety, Ignition, cluster.sh up/down."""
 
 import os
 import re

@@ -1,4 +1,4 @@
-"""Issue 5: faults, hostile input and concurrency — nothing lost, nothing unverified."""
+"""Faults, hostile input and concurrency — nothing lost, nothing unverified."""
 
 import gzip
 import hashlib
@@ -6,7 +6,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,13 +15,12 @@ from leanvm.errors import LeanvmError
 from leanvm.proc import stop_gpg_agent
 from leanvm.release.extract import extract_usr_disk
 from leanvm.release.verify import check_signature
-from support import IMAGE, KERNEL, PROJECT, Keyring, Mirror, MirrorServer, Project, newc, sh, usr_partition
+from support import IMAGE, KERNEL, Keyring, Mirror, MirrorServer, Project, doit_argv, newc, sh, usr_partition
 
 
 def start_doit(project: Project, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"),
-         f"config={project.cluster_file}", f"out={project.out}"],
+        doit_argv(f"config={project.cluster_file}", f"out={project.out}"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, **(env or {})},
     )
@@ -135,9 +133,8 @@ def test_disk_full_while_extracting(project: Project, mirror: Mirror, tmp_path: 
     sh("mount", "-t", "tmpfs", "-o", f"size={image_size + (1 << 20)}", "tmpfs", small)
     try:
         project.root.joinpath("cluster.yaml").write_text(project.cluster_file.read_text())
-        result = subprocess.run(
-            [sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"),
-             f"config={project.cluster_file}", f"out={small / 'out'}"], capture_output=True, text=True)
+        result = subprocess.run(doit_argv(f"config={project.cluster_file}", f"out={small / 'out'}"),
+                                capture_output=True, text=True)
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "No space left on device" in lines[0] and "usr.img" in lines[0], lines

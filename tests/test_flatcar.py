@@ -1,4 +1,4 @@
-"""Issue 11: VMs shaped the way Flatcar's initrd needs them (GPT usr disk, labels, first boot)."""
+"""VMs shaped the way Flatcar's initrd needs them (GPT usr disk, labels, first boot)."""
 
 import hashlib
 import json

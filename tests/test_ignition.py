@@ -1,4 +1,4 @@
-"""Issue 21: the mini release runs the real Ignition (Debian's 2.14) and is never kinder than
+"""The mini release runs the real Ignition (Debian's 2.14) and is never kinder than
 Flatcar: the cluster network comes up on a first boot only through what Flatcar honours
 (Ignition's storage.files, cloud-config's coreos.units), never from write_files."""
 

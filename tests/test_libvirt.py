@@ -1,4 +1,4 @@
-"""Issue 15: the cluster under libvirt, with a real libvirtd started by the tests."""
+"""The cluster under libvirt, with a real libvirtd started by the tests."""
 
 import json
 import re

@@ -1,4 +1,4 @@
-"""Issue 8: portable bundles, CI caching of out/images, pruning unused versions."""
+"""Portable bundles, CI caching of out/images, pruning unused versions."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Issue 12: soak and load on real TCG boots (slow: .ci/run runs them with -m slow)."""
+"""Soak and load on real TCG boots (slow: .ci/run runs them with -m slow)."""
 
 import os
 import signal

@@ -1,4 +1,4 @@
-"""Issue 13: ssh that just works: a cluster key, `up --wait`, a real sshd in the mini release."""
+"""Ssh that just works: a cluster key, `up --wait`, a real sshd in the mini release."""
 
 import json
 import re

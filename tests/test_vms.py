@@ -1,4 +1,4 @@
-"""Issue 3: root disk, config drive and launcher per VM; incremental, relocatable, VM state safe."""
+"""Root disk, config drive and launcher per VM; incremental, relocatable, VM state safe."""
 
 import os
 import re

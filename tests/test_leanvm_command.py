@@ -1,4 +1,4 @@
-"""Issue 16: leanvm from your own repository: the `leanvm` command, profile lookup, one cluster per out/."""
+"""Leanvm from your own repository: the `leanvm` command, profile lookup, one cluster per out/."""
 
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""Issue 22: nothing outlives its launcher. A killed foreground run.sh takes its QEMU with it
+"""Nothing outlives its launcher. A killed foreground run.sh takes its QEMU with it
 and releases what it held; timeouts stop whole process trees; a KVM that hangs is stopped,
 said in one line, and TCG used instead.
 

@@ -1,4 +1,4 @@
-"""Issue 17: no ordinary command may break, orphan or wipe a VM (real QEMU, mini release)."""
+"""No ordinary command may break, orphan or wipe a VM (real QEMU, mini release)."""
 
 import os
 import shlex

@@ -1,0 +1,96 @@
+"""Building, booting and watching VMs: console markers, QEMU processes, the printed command line."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from .doit import doit
+from .procs import processes, run, sh
+
+BOOT_TIMEOUT = 90
+ENV = {**os.environ, "LEANVM_ACCEL": "tcg"}  # TCG: guests hang under nested KVM here
+QUIT = b"\x01cquit\n"  # -nographic: Ctrl-a c switches stdio to the monitor
+
+
+def usr_partition(usr_img: Path) -> bytes:
+    """The bytes of usr.img's one partition, found through its GPT (read by sfdisk)."""
+    (part,) = json.loads(sh("sfdisk", "--json", usr_img))["partitiontable"]["partitions"]
+    with open(usr_img, "rb") as f:
+        f.seek(part["start"] * 512)
+        return f.read(part["size"] * 512)
+
+
+def switch_processes(out: Path) -> list[int]:
+    return processes(lambda cmd: cmd.startswith(b"vde_switch") and str(out / "net").encode() in cmd)
+
+
+def printed(run_sh: Path, env: dict | None = None) -> list[str]:
+    """The QEMU argv that `run.sh --print` shows (after its comment and its `cd DIR &&`)."""
+    out = subprocess.run([str(run_sh), "--print"], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})})
+    words = shlex.split(out.stdout, comments=True)
+    assert words[0] == "cd" and words[2] == "&&", words
+    return words[3:]
+
+
+def paths_in(argv: list[str]) -> list[Path]:
+    paths = []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag in ("-kernel", "-initrd", "-pidfile"):
+            paths.append(Path(value))
+        for key in ("file", "path"):
+            match = re.search(rf"(?:^|,){key}=((?:[^,]|,,)+)", value)
+            if match and flag in ("-drive", "-fsdev"):
+                paths.append(Path(match.group(1).replace(",,", ",")))
+    return paths
+
+
+def qemu_pids(out: Path) -> list[int]:
+    """QEMUs and switches of `out` still running."""
+    return processes(lambda cmd: str(out).encode() in cmd and (b"qemu-system" in cmd or b"vde_switch" in cmd))
+
+
+def wait_for_text(path: Path, text: str, timeout: float = BOOT_TIMEOUT, proc: subprocess.Popen | None = None) -> str:
+    """The file's text once it holds `text`; fails early if `proc` (the VM's launcher) ended."""
+    deadline = time.monotonic() + timeout
+    content = ""
+    while time.monotonic() < deadline:
+        content = path.read_text(errors="replace") if path.exists() else ""
+        if text in content:
+            return content
+        assert proc is None or proc.poll() is None, content[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {path}:\n{content[-3000:]}")
+
+
+def build_cluster(root: Path, profile: Path, vms: dict, **extra: object) -> Path:
+    """A cluster file (small VMs, plus alpha.yaml user_data beside it) built by doit into root/out."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "alpha.yaml").write_text("#cloud-config\nhostname: alpha-from-user-data\n")
+    cluster = {"release": str(profile), "defaults": {"memory": 256, "disk": "128M"}, "vms": vms, **extra}
+    (root / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    result = doit(f"config={root / 'cluster.yaml'}", f"out={root / 'out'}")
+    assert result.returncode == 0, result.stderr
+    return root / "out"
+
+
+def boot(run_sh: Path, append: str = "") -> str:
+    """Boot to power-off; the serial console text."""
+    proc = run([run_sh], stdin=subprocess.DEVNULL, capture_output=True, timeout=BOOT_TIMEOUT,
+               env={**ENV, "LEANVM_APPEND": append})
+    console = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, console[-2000:] + proc.stderr.decode()
+    assert "leanvm: ready" in console, console[-3000:]
+    return console
+
+
+def marker(console: str, name: str) -> str:
+    match = re.search(rf"^leanvm: {name}: (.*?)\r?$", console, re.M)
+    assert match, f"no '{name}' marker in:\n{console[-3000:]}"
+    return match.group(1)
