@@ -97,18 +97,10 @@ kvm_hung() {
   done
 }
 
-vms() {
-  for dir in "$out"/vms/*/; do
-    [ -x "${dir}run.sh" ] && basename "$dir"
-  done
-  return 0
-}
+vms() { vms_in "$out"; }
 
 # The pid of VM $1's QEMU, if it runs.
-vm_pid() {
-  pid=$(cat "$out/vms/$1/qemu.pid" 2>/dev/null) || return 1
-  alive "$pid" && echo "$pid"
-}
+vm_pid() { running_pid "$out/vms/$1"; }
 
 # True while VM $1's run.sh holds its run.lock: from before QEMU starts until it has
 # cleared up, across the relaunch after a guest reboot (when no QEMU runs for a moment).
@@ -205,23 +197,11 @@ force_stop() {
   return 0
 }
 
+press_power_button() { monitor system_powerdown "$@"; }
+
 down() {
-  timeout=${LEANVM_STOP_TIMEOUT:-60}
-  case $timeout in
-    ''|*[!0-9]*) die "LEANVM_STOP_TIMEOUT must be a number of seconds, not '$timeout'; nothing was stopped" ;;
-  esac
-  # Press the power button every few seconds: a guest that is still booting only watches
-  # it once booted (systemd-logind, or the mini release's init).
-  waited=0
-  while [ -n "$(still_running)" ] && [ "$waited" -lt "$timeout" ]; do
-    if [ $((waited % 5)) -eq 0 ]; then
-      # shellcheck disable=SC2046  # one word per VM name
-      monitor system_powerdown $(still_running)
-      waited=$((waited + 1))  # monitor() takes a second
-    fi
-    sleep 1
-    waited=$((waited + 1))
-  done
+  timeout=$(stop_timeout) || exit 1
+  power_off still_running press_power_button "$timeout"
   stubborn=$(still_running)
   for vm in $stubborn; do
     echo "$vm: did not power off within ${timeout}s; stopping QEMU"

@@ -34,10 +34,7 @@ print_command() {
 qemu_pid() { cat "$1/qemu.pid" 2>/dev/null || true; }
 
 refuse_if_running() {
-  pid=$(qemu_pid "$here")
-  if alive "$pid"; then
-    die "VM $name is already running (pid $pid); stop it before starting it again"
-  fi
+  if pid=$(running_pid "$here"); then die "VM $name is already running (pid $pid); stop it before starting it again"; fi
 }
 
 # --- the private cluster network: a rootless VDE switch shared by the VMs of this out/ ---
@@ -181,11 +178,7 @@ refuse_if_running
 exec 8>"$here/run.lock"
 flock -w 15 8 || die "VM $name is starting or stopping in another run.sh; try again"
 refuse_if_running
-for port in $host_ports; do
-  if port_in_use "$port"; then
-    die "VM $name: host port $port (127.0.0.1) is already in use; stop what uses it or change the VM's ports"
-  fi
-done
+check_ports "$name" "$host_ports"
 
 # --- start ------------------------------------------------------------------------------
 decide_boot

@@ -2,11 +2,30 @@
 # leanvm's shared shell functions: copied to out/lib.sh by `doit` and sourced by run.sh,
 # cluster.sh and libvirt.sh. The sourcing script defines die() first.
 
+# The functions here run in subshells ( ... ) where they need variables of their own, so
+# that they never change the caller's.
+
 # True if process $1 runs: a zombie (killed, not yet reaped by init) does not count.
-alive() {
-  [ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 1
-  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+alive() (
+  [ -n "$1" ] && kill -0 "$1" 2>/dev/null || exit 1
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || exit 1
   [ "${state%% *}" != Z ]
+)
+
+# The pid of the QEMU that run.sh started for the VM in directory $1 (its qemu.pid), if it
+# runs; false otherwise.
+running_pid() (
+  pid=$(cat "$1/qemu.pid" 2>/dev/null) || exit 1
+  alive "$pid" && echo "$pid"
+)
+
+# Refuse, in one line, to start VM $1 if one of its host ports ($2: a list) is taken.
+check_ports() {
+  for check_ports_port in $2; do  # (not a subshell: die must end the caller)
+    if port_in_use "$check_ports_port"; then
+      die "VM $1: host port $check_ports_port (127.0.0.1) is already in use; stop what uses it or change the VM's ports"
+    fi
+  done
 }
 
 # The accelerator for LEANVM_ACCEL ($1: auto, kvm or tcg): auto is KVM when /dev/kvm is
@@ -21,14 +40,13 @@ resolve_accel() {
 
 # True if something on this host listens on TCP port $1 (any address).
 port_in_use() {
-  hex=$(printf ':%04X' "$1")
-  awk -v port="$hex" '$4 == "0A" && substr($2, length($2) - 4) == port { found = 1 } END { exit !found }' \
-    /proc/net/tcp /proc/net/tcp6 2>/dev/null
+  awk -v port="$(printf ':%04X' "$1")" '$4 == "0A" && substr($2, length($2) - 4) == port { found = 1 }
+    END { exit !found }' /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
 
 # Stop the cluster network's switch in directory $1 (out/net) and clear what it left; the
 # caller holds $1/lock.
-stop_switch() {
+stop_switch() (
   pid=$(cat "$1/switch.pid" 2>/dev/null || true)
   if alive "$pid"; then
     kill "$pid" 2>/dev/null || true
@@ -36,18 +54,56 @@ stop_switch() {
     while alive "$pid" && [ "$tries" -lt 100 ]; do sleep 0.05; tries=$((tries + 1)); done
   fi
   rm -rf "$1/switch" "$1/switch.pid"
-}
+)
 
 # First boot: Ignition runs only while root disk $1 has no /etc/.ignition-result.json, read
 # host side with debugfs (read-only). False if the profile has no first-boot arguments ($2).
 first_boot() {
   [ -n "$2" ] || return 1
   command -v debugfs >/dev/null 2>&1 || die "debugfs not found: install it (apt-get install e2fsprogs)"
-  found=$(DEBUGFS_PAGER=__none__ debugfs -R 'stat /etc/.ignition-result.json' "$1" 2>&1) ||
-    die "cannot read $1: $found"
-  case $found in
+  # (not a subshell: die must end the caller)
+  first_boot_stat=$(DEBUGFS_PAGER=__none__ debugfs -R 'stat /etc/.ignition-result.json' "$1" 2>&1) ||
+    die "cannot read $1: $first_boot_stat"
+  case $first_boot_stat in
     *Inode:*) return 1 ;;
     *"File not found"*) return 0 ;;
-    *) die "cannot read $1 with debugfs: $(printf '%s' "$found" | tail -n 1)" ;;
+    *) die "cannot read $1 with debugfs: $(printf '%s' "$first_boot_stat" | tail -n 1)" ;;
   esac
 }
+
+# The VMs of the out/ directory $1: each vms/NAME with an executable run.sh (a retired VM
+# has run.sh.retired), and file $2 as well if given (e.g. domain.xml).
+vms_in() (
+  for dir in "$1"/vms/*/; do
+    [ -x "${dir}run.sh" ] || continue
+    [ -z "${2-}" ] || [ -e "$dir$2" ] || continue
+    basename "$dir"
+  done
+)
+
+# LEANVM_STOP_TIMEOUT (seconds, default 60), or one line and failure for anything else.
+stop_timeout() (
+  timeout=${LEANVM_STOP_TIMEOUT:-60}
+  case $timeout in
+    ''|*[!0-9]*) die "LEANVM_STOP_TIMEOUT must be a number of seconds, not '$timeout'; nothing was stopped" ;;
+  esac
+  echo "$timeout"
+)
+
+# Press the power button of the VMs that command $1 lists (those still running) with command
+# $2 (given their names), every 5 s, until none is left or $3 seconds have passed: a guest
+# that is still booting only watches the button once booted (systemd-logind, the mini
+# release's init).
+power_off() (
+  started=$(date +%s) next=0
+  while [ -n "$($1)" ]; do
+    elapsed=$(($(date +%s) - started))
+    [ "$elapsed" -lt "$3" ] || exit 0
+    if [ "$elapsed" -ge "$next" ]; then
+      # shellcheck disable=SC2046  # one word per VM name
+      $2 $($1)
+      next=$((elapsed + 5))
+    fi
+    sleep 1
+  done
+)

@@ -53,13 +53,7 @@ v_or_die() {
 }
 
 # The VMs with a domain: a retired VM (run.sh.retired) is left out, as cluster.sh does.
-vms() {
-  for path in "$out"/vms/*/domain.xml; do
-    path=${path%/domain.xml}
-    [ -x "$path/run.sh" ] && echo "${path##*/}"
-  done
-  return 0
-}
+vms() { vms_in "$out" domain.xml; }
 
 domain_of() { printf '%s-%s' "$prefix" "$1"; }
 
@@ -175,13 +169,9 @@ check_startable() {
     state=$(v domstate "$domain" 2>/dev/null) || die "domain $domain (VM $vm) is not defined: run libvirt.sh define"
     [ "$state" = "shut off" ] || die "domain $domain (VM $vm) is already $state: stop it first (libvirt.sh stop)"
     [ -z "$(uri_host)" ] || continue
-    pid=$(cat "$out/vms/$vm/qemu.pid" 2>/dev/null || true)
-    ! alive "$pid" || die "VM $vm runs from run.sh (pid $pid): stop it first (cluster.sh down)"
+    if pid=$(running_pid "$out/vms/$vm"); then die "VM $vm runs from run.sh (pid $pid): stop it first (cluster.sh down)"; fi
     load_vm "$vm"
-    for port in $host_ports; do
-      ! port_in_use "$port" ||
-        die "VM $vm: host port $port (127.0.0.1) is already in use; stop what uses it or change the VM's ports"
-    done
+    check_ports "$vm" "$host_ports"
   done
 }
 
@@ -202,17 +192,13 @@ start() {
   done
 }
 
+press_power_button() {
+  for vm; do v shutdown --mode acpi "$(domain_of "$vm")" >/dev/null 2>&1 || true; done
+}
+
 stop() {
-  timeout=${LEANVM_STOP_TIMEOUT:-60}
-  waited=0
-  while [ -n "$(active_vms)" ] && [ "$waited" -lt "$timeout" ]; do
-    # a guest still booting only watches the power button once booted: press it again
-    if [ $((waited % 5)) -eq 0 ]; then
-      for vm in $(active_vms); do v shutdown --mode acpi "$(domain_of "$vm")" >/dev/null 2>&1 || true; done
-    fi
-    sleep 1
-    waited=$((waited + 1))
-  done
+  timeout=$(stop_timeout) || exit 1
+  power_off active_vms press_power_button "$timeout"
   for vm in $(active_vms); do
     echo "$vm: did not power off within ${timeout}s; destroying $(domain_of "$vm")"
     v destroy "$(domain_of "$vm")" >/dev/null 2>&1 || true
