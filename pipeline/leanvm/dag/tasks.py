@@ -149,8 +149,8 @@ def _verified_image(layout: Layout) -> Path:
 
 
 def task_download() -> Iterator[dict]:
+    """download the release's kernel, initrd and image, each with its signature"""
     ctx = context()
-    yield {"name": None, "doc": "download the release's kernel, initrd and image, each with its signature"}
     release, layout = ctx.cluster.release, ctx.layout
     for artifact in artifacts(release, layout):
         data, sig = _raw(layout, artifact)
@@ -165,8 +165,8 @@ def task_download() -> Iterator[dict]:
 
 
 def task_verify() -> Iterator[dict]:
+    """check each download's signature against the pinned key; publish it into out/images"""
     ctx = context()
-    yield {"name": None, "doc": "check each download's signature against the pinned key; publish it into out/images"}
     release, layout = ctx.cluster.release, ctx.layout
     for artifact in artifacts(release, layout):
         data, sig = _raw(layout, artifact)
@@ -184,8 +184,8 @@ def task_verify() -> Iterator[dict]:
 
 
 def task_extract() -> Iterator[dict]:
+    """write the verified usr.squashfs into the USR-A partition of out/images/.../usr.img"""
     ctx = context()
-    yield {"name": None, "doc": "write the verified usr.squashfs into the USR-A partition of out/images/.../usr.img"}
     release, layout = ctx.cluster.release, ctx.layout
     image = next(a for a in artifacts(release, layout) if a.kind is Kind.IMAGE)
     yield {
@@ -201,8 +201,8 @@ def task_extract() -> Iterator[dict]:
 # --- per-VM stages -------------------------------------------------------------------
 
 def task_rootfs() -> Iterator[dict]:
+    """per VM: create or grow its root disk (ROOT) and create its OEM disk; never recreated"""
     ctx = context()
-    yield {"name": None, "doc": "per VM: create or grow its root disk (ROOT) and create its OEM disk; never recreated"}
     for vm in ctx.cluster.vms:
         disks = ctx.layout.disks(vm)
         yield {
@@ -215,8 +215,8 @@ def task_rootfs() -> Iterator[dict]:
 
 
 def task_configdrive() -> Iterator[dict]:
+    """per VM: write its config drive (user_data with keys and network) and Ignition config"""
     ctx = context()
-    yield {"name": None, "doc": "per VM: write its config drive (user_data with keys and network) and Ignition config"}
     hosts = configdrive.hosts(ctx.cluster.vms)
     for vm in ctx.cluster.vms:
         dest = ctx.layout.vm(vm.name) / "config" / "openstack" / "latest" / "user_data"
@@ -246,8 +246,8 @@ def task_sshkey() -> dict:
 
 
 def task_launcher() -> Iterator[dict]:
+    """per VM: render run.sh and record its identity in out/state/vms/NAME.env"""
     ctx = context()
-    yield {"name": None, "doc": "per VM: render run.sh and record its identity in out/state/vms/NAME.env"}
     for vm in ctx.cluster.vms:
         dest = ctx.layout.vm(vm.name) / "run.sh"
         text = launcher.render(vm, ctx.cluster.release, ctx.layout.version)
@@ -359,8 +359,8 @@ def task_prune() -> dict:
 
 
 def task_reset() -> Iterator[dict]:
+    """reset:NAME recreates VM NAME's root and OEM disks EMPTY (bare `reset` is refused)"""
     ctx = context()
-    yield {"name": None, "doc": "reset:NAME recreates VM NAME's root and OEM disks EMPTY (bare `reset` is refused)"}
     for vm in ctx.cluster.vms:
         yield {
             "name": vm.name,
