@@ -59,3 +59,17 @@ def test_the_config_drive_merges_keys_the_network_unit_and_hosts(project: Projec
     (project.root / "u.yaml").write_text("#cloud-config\nwrite_files:\n- path: /etc/hosts\n  content: mine\n")
     doc = yaml.safe_load(configdrive.render(a, None, configdrive.hosts((a, b))))
     assert doc["write_files"] == [{"path": "/etc/hosts", "content": "mine"}]  # the user's own wins
+
+
+def test_the_identity_file_is_sh_that_python_reads_back(tmp_path):
+    import subprocess
+
+    from leanvm.state import identity
+
+    given = identity.Identity(2222, "52:54:00:aa:bb:cc", "52:54:01:aa:bb:cc", "10.77.0.11/24", (2222, 8080),
+                              "images/it's here/1.0")  # a quote and a space: quoting must hold
+    identity.save(tmp_path, "core1", given)
+    assert identity.load(tmp_path) == {"core1": given}
+    sourced = subprocess.run(["sh", "-c", '. "$1" && printf "%s|%s|%s" "$ssh_port" "$host_ports" "$image_dir"', "sh",
+                              str(identity.env_file(tmp_path, "core1"))], capture_output=True, text=True, check=True)
+    assert sourced.stdout == "2222|2222 8080|images/it's here/1.0"

@@ -110,7 +110,11 @@ launcher_active() { ! flock -n "$out/vms/$1/run.lock" true 2>/dev/null; }
 vm_active() { vm_pid "$1" >/dev/null || launcher_active "$1"; }
 
 # VM $1's ssh port, from the identity doit recorded for it (out/state/vms/NAME.env).
-ssh_port() { sed -n 's/^ssh_port=//p' "$out/state/vms/$1.env" 2>/dev/null; }
+ssh_port() (
+  [ -r "$out/state/vms/$1.env" ] || exit 0
+  # shellcheck source=/dev/null disable=SC2154  # ssh_port comes from the file
+  . "$out/state/vms/$1.env" && echo "$ssh_port"
+)
 
 check_vm() { [ -x "$out/vms/$1/run.sh" ] || die "no VM named '$1' in $out/vms"; }
 

@@ -12,6 +12,7 @@ $XDG_STATE_HOME/leanvm), and ports in use at build time.
 import hashlib
 import ipaddress
 import os
+import shlex
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -44,8 +45,12 @@ def env_file(out: Path, name: str) -> Path:
 
 
 def _parse(text: str) -> Identity | None:
-    lines = (line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
-    values = {key: value.strip("'") for key, value in lines}
+    """Read the file `render` writes: sh assignments, each value shell-quoted (shlex)."""
+    try:
+        words = shlex.split(text, comments=True)
+    except ValueError:
+        return None
+    values = dict(word.split("=", 1) for word in words if "=" in word)
     try:
         return Identity(
             ssh_port=int(values["ssh_port"]),
@@ -73,15 +78,13 @@ def load(out: Path) -> dict[str, Identity]:
 
 
 def render(name: str, identity: Identity) -> str:
-    return (
-        f"# leanvm identity of VM {name}: kept by `doit clean`/`forget`; written by `doit`\n"
-        f"ssh_port={identity.ssh_port}\n"
-        f"mac={identity.mac}\n"
-        f"cluster_mac={identity.cluster_mac}\n"
-        f"cluster_ip={identity.cluster_ip}\n"
-        f"host_ports='{' '.join(map(str, identity.host_ports))}'\n"
-        f"image_dir={identity.image_dir}\n"
-    )
+    """sh assignments (run.sh and libvirt.sh source the file), every value shell-quoted."""
+    values = {"ssh_port": identity.ssh_port, "mac": identity.mac, "cluster_mac": identity.cluster_mac,
+              "cluster_ip": identity.cluster_ip, "host_ports": " ".join(map(str, identity.host_ports)),
+              "image_dir": identity.image_dir}
+    lines = [f"# leanvm identity of VM {name}: kept by `doit clean`/`forget`; written by `doit`",
+             *(f"{key}={shlex.quote(str(value))}" for key, value in values.items())]
+    return "\n".join(lines) + "\n"
 
 
 def save(out: Path, name: str, identity: Identity) -> None:
