@@ -163,6 +163,7 @@ def du(path: Path) -> int:
     return int(subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, check=True)
                .stdout.split()[0])
 
+
 def executed(result: subprocess.CompletedProcess) -> set[str]:
     return {line[3:] for line in result.stdout.splitlines() if line.startswith(".  ")}
 

@@ -22,12 +22,14 @@ def done_when(pins: tuple[str, ...], published: Path, *alternatives: Path) -> bo
     """Up to date if the published file is intact and verified by a key pinned now (`pins`),
     or all the intermediate files exist. A file verified by a key no longer pinned is
     unpublished (never booted again) and so fetched and checked again."""
+    intact = record.intact(published)
     signer = record.recorded_signer(published)
-    if published.exists() and record.intact(published) and signer not in pins:
+    if intact and signer not in pins:
         remove(published)
         note(f"{published} was verified by key {signer or '(not recorded)'}, which is not pinned in fingerprints "
              "now: removed, to be downloaded and checked against the pin again")
-    return record.intact(published) or (bool(alternatives) and all(p.exists() for p in alternatives))
+        intact = False
+    return intact or (bool(alternatives) and all(p.exists() for p in alternatives))
 
 
 def remove(*paths: Path) -> None:
