@@ -65,11 +65,13 @@ def test_the_identity_file_is_sh_that_python_reads_back(tmp_path):
     import subprocess
 
     from leanvm.state import identity
+    from leanvm.state.layout import Layout
 
     given = identity.Identity(2222, "52:54:00:aa:bb:cc", "52:54:01:aa:bb:cc", "10.77.0.11/24", (2222, 8080),
                               "images/it's here/1.0")  # a quote and a space: quoting must hold
-    identity.save(tmp_path, "core1", given)
+    identity.save(tmp_path, "core1", {**identity.as_values(given), "kernel_args": "a='b c' $HOME `x`"})
     assert identity.load(tmp_path) == {"core1": given}
-    sourced = subprocess.run(["sh", "-c", '. "$1" && printf "%s|%s|%s" "$ssh_port" "$host_ports" "$image_dir"', "sh",
-                              str(identity.env_file(tmp_path, "core1"))], capture_output=True, text=True, check=True)
-    assert sourced.stdout == "2222|2222 8080|images/it's here/1.0"
+    script = '. "$1" && printf "%s|%s|%s|%s" "$ssh_port" "$host_ports" "$image_dir" "$kernel_args"'
+    sourced = subprocess.run(["sh", "-c", script, "sh", str(Layout(tmp_path).values("core1"))],
+                             capture_output=True, text=True, check=True)
+    assert sourced.stdout == "2222|2222 8080|images/it's here/1.0|a='b c' $HOME `x`"

@@ -14,6 +14,7 @@ from doit.reporter import ConsoleReporter
 
 from leanvm.errors import LeanvmError, report, tool
 from leanvm.resources import DEFAULT_CLUSTER
+from leanvm.state.layout import Layout
 from leanvm.state.vmstate import running_pid
 
 # doit commands that never touch the network, and those that do not even write to out/.
@@ -82,7 +83,7 @@ def lock_out(out: Path) -> None:
     killed run is simply taken over.
     """
     global _lock_fd
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(Layout(out).lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -96,7 +97,7 @@ def lock_out(out: Path) -> None:
 
 def running_vms(out: Path) -> list[str]:
     """'NAME (pid N)' for every VM of out/ whose QEMU runs."""
-    found = ((vm.name, running_pid(vm)) for vm in sorted((out / "vms").glob("*")))
+    found = ((vm.name, running_pid(vm)) for vm in sorted(Layout(out).vms.glob("*")))
     return [f"{name} (pid {pid})" for name, pid in found if pid is not None]
 
 
@@ -131,7 +132,7 @@ def doit_config(default_tasks: list[str]) -> dict:
     return {
         "default_tasks": default_tasks,
         "check_file_uptodate": "timestamp",  # never re-hash big images on a no-op run
-        "dep_file": str(out / ".doit.db"),
+        "dep_file": str(Layout(out).doit_db),
         "backend": "sqlite3",
         "reporter": Reporter,
     }

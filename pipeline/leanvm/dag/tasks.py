@@ -14,15 +14,16 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from leanvm.config.cluster import VM, Cluster, Release, load_cluster
+from leanvm.config.cluster import VM, Cluster, Release, kernel_args, load_cluster
 from leanvm.dag import doitenv
 from leanvm.dag.doitenv import action, building, command_words, config_file, fail, out_dir, writing
 from leanvm.errors import LeanvmError, tool, warn
 from leanvm.fsutil import write_atomic
 from leanvm.release import fetch, publish
-from leanvm.resources import CLUSTER_SCRIPT, LIBVIRT_SCRIPT, SHELL_LIB
+from leanvm.resources import CLUSTER_SCRIPT, LAUNCHER_BODY, LIBVIRT_SCRIPT, SHELL_LIB
 from leanvm.ship import bundle, prune
 from leanvm.state import identity
+from leanvm.state.layout import Layout
 from leanvm.state.vmstate import running_pid
 from leanvm.vm import configdrive, launcher, libvirt, rootfs, sshkey
 
@@ -34,32 +35,28 @@ def doit_config() -> dict:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Where everything lives under out/."""
+class Context:
+    """The loaded cluster, the release version it is built for, and where things go."""
 
-    out: Path
-    release: Release
+    cluster: Cluster
     version: str
+    layout: Layout
 
     @property
-    def cache(self) -> Path:
-        return self.out / "cache" / self.release.name / self.version
+    def out(self) -> Path:
+        return self.layout.out
 
     @property
     def images(self) -> Path:
-        return self.out / "images" / self.release.name / self.version
+        return self.layout.images(self.cluster.release.name, self.version)
 
-    def vm(self, name: str) -> Path:
-        return self.out / "vms" / name
+    @property
+    def cache(self) -> Path:
+        return self.layout.cache(self.cluster.release.name, self.version)
 
     def disks(self, vm: VM) -> rootfs.Disks:
-        return rootfs.Disks(vm.name, self.vm(vm.name) / "rootfs.img", self.vm(vm.name) / "oem.img", vm.disk_size)
-
-
-@dataclass(frozen=True)
-class Context:
-    cluster: Cluster
-    layout: Layout
+        vm_dir = self.layout.vm(vm.name)
+        return rootfs.Disks(vm.name, vm_dir / "rootfs.img", vm_dir / "oem.img", vm.disk_size)
 
 
 def _not_checked(port: int) -> bool:
@@ -107,11 +104,11 @@ def context() -> Context:
         if claims:  # only a cluster file that loads claims out/
             identity.check_owner(out, config, record=True)
             identity.register(out)
-        state = out / "images" / cluster.release.name / ".current-version"
+        state = Layout(out).current_version(cluster.release.name)
         version = fetch.resolve_version(cluster.release, state, online=claims)
     except LeanvmError as e:
         fail(e)
-    return Context(cluster, Layout(out, cluster.release, version))
+    return Context(cluster, version, Layout(out))
 
 
 # --- release stages (what "done" means for them: publish.py) -------------------------
@@ -131,30 +128,30 @@ class Artifact:
     published: Path  # what it becomes in out/images/RELEASE/VERSION/
 
 
-def artifacts(release: Release, layout: Layout) -> list[Artifact]:
-    found = [Artifact(Kind.KERNEL, release.kernel, layout.images / "vmlinuz")]
+def artifacts(release: Release, images: Path) -> list[Artifact]:
+    found = [Artifact(Kind.KERNEL, release.kernel, images / "vmlinuz")]
     if release.initrd:
-        found.append(Artifact(Kind.INITRD, release.initrd, layout.images / "initrd"))
-    found.append(Artifact(Kind.IMAGE, release.image, layout.images / "usr.img"))
+        found.append(Artifact(Kind.INITRD, release.initrd, images / "initrd"))
+    found.append(Artifact(Kind.IMAGE, release.image, images / "usr.img"))
     return found
 
 
-def _raw(layout: Layout, artifact: Artifact) -> tuple[Path, Path]:
-    data = layout.cache / artifact.upstream
-    return data, data.with_name(data.name + layout.release.signature_suffix)
+def _raw(ctx: Context, artifact: Artifact) -> tuple[Path, Path]:
+    data = ctx.cache / artifact.upstream
+    return data, data.with_name(data.name + ctx.cluster.release.signature_suffix)
 
 
-def _verified_image(layout: Layout) -> Path:
-    return layout.cache / "verified" / layout.release.image
+def _verified_image(ctx: Context) -> Path:
+    return ctx.cache / "verified" / ctx.cluster.release.image
 
 
 def task_download() -> Iterator[dict]:
     """download the release's kernel, initrd and image, each with its signature"""
     ctx = context()
-    release, layout = ctx.cluster.release, ctx.layout
-    for artifact in artifacts(release, layout):
-        data, sig = _raw(layout, artifact)
-        url = fetch.url_for(release, layout.version, artifact.upstream)
+    release = ctx.cluster.release
+    for artifact in artifacts(release, ctx.images):
+        data, sig = _raw(ctx, artifact)
+        url = fetch.url_for(release, ctx.version, artifact.upstream)
         yield {
             "name": f"{release.name}:{artifact.kind}",
             "doc": f"download {artifact.upstream} and its signature",
@@ -167,11 +164,11 @@ def task_download() -> Iterator[dict]:
 def task_verify() -> Iterator[dict]:
     """check each download's signature against the pinned key; publish it into out/images"""
     ctx = context()
-    release, layout = ctx.cluster.release, ctx.layout
-    for artifact in artifacts(release, layout):
-        data, sig = _raw(layout, artifact)
+    release = ctx.cluster.release
+    for artifact in artifacts(release, ctx.images):
+        data, sig = _raw(ctx, artifact)
         final = artifact.kind is not Kind.IMAGE
-        target = artifact.published if final else _verified_image(layout)
+        target = artifact.published if final else _verified_image(ctx)
         yield {
             "name": f"{release.name}:{artifact.kind}",
             "doc": f"check the signature of {artifact.upstream}",
@@ -186,13 +183,13 @@ def task_verify() -> Iterator[dict]:
 def task_extract() -> Iterator[dict]:
     """write the verified usr.squashfs into the USR-A partition of out/images/.../usr.img"""
     ctx = context()
-    release, layout = ctx.cluster.release, ctx.layout
-    image = next(a for a in artifacts(release, layout) if a.kind is Kind.IMAGE)
+    release = ctx.cluster.release
+    image = next(a for a in artifacts(release, ctx.images) if a.kind is Kind.IMAGE)
     yield {
         "name": release.name,
         "doc": f"write {release.usr_member} of the verified image into the USR-A partition of usr.img",
-        "actions": [action(publish.extract_and_publish, _verified_image(layout), release.usr_member, image.published,
-                           _raw(layout, image))],
+        "actions": [action(publish.extract_and_publish, _verified_image(ctx), release.usr_member, image.published,
+                           _raw(ctx, image))],
         "task_dep": [f"verify:{release.name}:image"],
         "uptodate": [(publish.done_when, [release.fingerprints, image.published])],
     }
@@ -204,7 +201,7 @@ def task_rootfs() -> Iterator[dict]:
     """per VM: create or grow its root disk (ROOT) and create its OEM disk; never recreated"""
     ctx = context()
     for vm in ctx.cluster.vms:
-        disks = ctx.layout.disks(vm)
+        disks = ctx.disks(vm)
         yield {
             "name": vm.name,
             "doc": "create or grow the sparse ext4 root disk (ROOT) and the OEM disk (VM state: never recreated)",
@@ -226,8 +223,8 @@ def task_configdrive() -> Iterator[dict]:
         yield {
             "name": vm.name,
             "doc": "write the config drive's user_data (and the Ignition config)",
-            "actions": [action(configdrive.write, vm, dest, ignition, sshkey.public_key(ctx.layout.out), hosts)],
-            "file_dep": [p for p in (vm.user_data, vm.ignition) if p] + [sshkey.public_key(ctx.layout.out)],
+            "actions": [action(configdrive.write, vm, dest, ignition, sshkey.public_key(ctx.out), hosts)],
+            "file_dep": [p for p in (vm.user_data, vm.ignition) if p] + [sshkey.public_key(ctx.out)],
             "targets": [dest, ignition] if vm.ignition else [dest],
             "uptodate": [config_changed(inputs)],
             "clean": True,
@@ -236,7 +233,7 @@ def task_configdrive() -> Iterator[dict]:
 
 def task_sshkey() -> dict:
     """out/ssh/id_ed25519: made once per out/, authorized in every VM; clean keeps it."""
-    out = context().layout.out
+    out = context().out
     return {
         "doc": "make the cluster's ssh key out/ssh/id_ed25519 once (kept by clean)",
         "actions": [action(sshkey.create, out)],
@@ -246,19 +243,17 @@ def task_sshkey() -> dict:
 
 
 def task_launcher() -> Iterator[dict]:
-    """per VM: render run.sh and record its identity in out/state/vms/NAME.env"""
+    """per VM: install run.sh and write its values file out/state/vms/NAME.env"""
     ctx = context()
     for vm in ctx.cluster.vms:
-        dest = ctx.layout.vm(vm.name) / "run.sh"
-        text = launcher.render(vm, ctx.cluster.release, ctx.layout.version)
-        ident = launcher.vm_identity(vm, ctx.cluster.release, ctx.layout.version)
+        values = launcher.values(vm, ctx.cluster.release, ctx.version)
         yield {
             "name": vm.name,
-            "doc": "render the QEMU launcher run.sh and record the VM's identity in out/state/vms/NAME.env",
-            "actions": [action(launcher.write, dest, text, ctx.layout.out, vm.name, ident)],
-            "targets": [dest],  # not the identity: clean never deletes it
-            "uptodate": [config_changed(text + identity.render(vm.name, ident)),
-                         (os.path.exists, [identity.env_file(ctx.layout.out, vm.name)])],
+            "doc": "install run.sh and write the VM's values (identity, boot) in out/state/vms/NAME.env",
+            "actions": [action(launcher.write, vm, ctx.cluster.release, ctx.version, ctx.out)],
+            "file_dep": [LAUNCHER_BODY],
+            "targets": [ctx.layout.vm(vm.name) / "run.sh"],  # not the values: clean never deletes them
+            "uptodate": [config_changed(values), (os.path.exists, [ctx.layout.values(vm.name)])],
             "clean": True,
         }
 
@@ -270,8 +265,8 @@ def install_script(source: Path, dest: Path) -> None:
 def task_cluster() -> dict:
     """out/cluster.sh: up/down/status/console/ssh for every VM (static: it finds the VMs),
     and out/lib.sh, the shell functions it shares with run.sh and libvirt.sh."""
-    out = context().layout.out
-    scripts = {SHELL_LIB: out / "lib.sh", CLUSTER_SCRIPT: out / "cluster.sh"}
+    layout = context().layout
+    scripts = {SHELL_LIB: layout.script("lib.sh"), CLUSTER_SCRIPT: layout.script("cluster.sh")}
     return {
         "doc": "install out/cluster.sh (up, down, status, console NAME, ssh NAME) and out/lib.sh",
         "actions": [action(install_script, source, dest) for source, dest in scripts.items()],
@@ -299,7 +294,7 @@ def retire(vm_dirs: list[Path], config: Path) -> None:
 def task_retire() -> dict:
     ctx = context()
     current = {vm.name for vm in ctx.cluster.vms}
-    stale = sorted(d for d in (ctx.layout.out / "vms").glob("*") if (d / "run.sh").exists() and d.name not in current)
+    stale = sorted(d for d in ctx.layout.vms.glob("*") if (d / "run.sh").exists() and d.name not in current)
     return {
         "doc": "retire the launchers of VMs removed from the cluster file (their disks stay)",
         "actions": [action(retire, stale, ctx.cluster.path)],
@@ -316,15 +311,16 @@ def task_libvirt() -> dict:
     """The cluster for libvirt (explicit: `doit libvirt`); out/libvirt.sh drives virsh."""
     ctx = context()
     layout, release = ctx.layout, ctx.cluster.release
-    files = {layout.out / "libvirt" / "network.xml": libvirt.network_xml(layout.out),
-             layout.out / "libvirt" / "cluster.env": libvirt.cluster_env(layout.out),
-             layout.out / "libvirt.sh": LIBVIRT_SCRIPT.read_text()}
+    files = {layout.libvirt / "network.xml": libvirt.network_xml(layout.out),
+             layout.libvirt / "cluster.env": libvirt.cluster_env(layout.out),
+             layout.script("libvirt.sh"): LIBVIRT_SCRIPT.read_text()}
     for vm in ctx.cluster.vms:
-        files[layout.vm(vm.name) / "domain.xml"] = libvirt.domain_xml(vm, release, layout.out, layout.images)
-        files[layout.vm(vm.name) / "libvirt.env"] = libvirt.vm_env(vm, release)
+        values = launcher.values(vm, release, ctx.version)
+        files[layout.vm(vm.name) / "domain.xml"] = libvirt.domain_xml(
+            vm.name, values, layout.out, libvirt.prefix(layout.out), "kvm", kernel_args(vm, release))
     return {
         "doc": "write out/vms/NAME/domain.xml, out/libvirt/network.xml and out/libvirt.sh (define|start|stop|...)",
-        "actions": [action(libvirt.check_path, layout.out), action(write_files, files)],
+        "actions": [action(write_files, files)],
         "task_dep": BUILD_TASKS,
         "targets": list(files),
         "uptodate": [config_changed({str(path): text for path, text in files.items()})],
@@ -336,12 +332,12 @@ def task_bundle() -> dict:
     """One archive of the whole built cluster (explicit: `doit bundle`)."""
     ctx = context()
     layout, cluster = ctx.layout, ctx.cluster
-    dest = layout.out / "bundles" / f"{cluster.path.stem}-{layout.release.name}-{layout.version}.tar.gz"
-    meta = {"release": layout.release.name, "version": layout.version, "cluster": cluster.path.name}
+    dest = layout.bundles / f"{cluster.path.stem}-{cluster.release.name}-{ctx.version}.tar.gz"
+    meta = {"release": cluster.release.name, "version": ctx.version, "cluster": cluster.path.name}
     names = [vm.name for vm in cluster.vms]
     return {
         "doc": "write out/bundles/CLUSTER-RELEASE-VERSION.tar.gz (images once, every VM, MANIFEST.json)",
-        "actions": [action(bundle.write_bundle, layout.out, layout.images, names, dest, meta)],
+        "actions": [action(bundle.write_bundle, layout.out, ctx.images, names, dest, meta)],
         "task_dep": BUILD_TASKS,
         "uptodate": [False],
     }
@@ -349,11 +345,11 @@ def task_bundle() -> dict:
 
 def task_prune() -> dict:
     """Remove image versions no VM's launcher uses any more (explicit: `doit prune`)."""
-    layout = context().layout
+    ctx = context()
     return {
         "doc": "remove out/images/RELEASE/VERSION directories that no VM uses any more",
-        "actions": [action(doitenv.refuse_while_running, layout.out, tool("prune")),
-                    action(prune.prune, layout.out, {layout.images})],
+        "actions": [action(doitenv.refuse_while_running, ctx.out, tool("prune")),
+                    action(prune.prune, ctx.out, {ctx.images})],
         "uptodate": [False],
     }
 
@@ -365,7 +361,7 @@ def task_reset() -> Iterator[dict]:
         yield {
             "name": vm.name,
             "doc": "recreate the root and OEM disks EMPTY (explicit only; all VM state is lost)",
-            "actions": [action(rootfs.reset, ctx.layout.disks(vm)),
-                        action(sshkey.forget_host, ctx.layout.out, vm.name)],
+            "actions": [action(rootfs.reset, ctx.disks(vm)),
+                        action(sshkey.forget_host, ctx.out, vm.name)],
             "uptodate": [False],
         }

@@ -224,7 +224,8 @@ down() {
 # "running (libvirt)" if VM $1's libvirt domain runs (out/libvirt.sh, LIBVIRT_DEFAULT_URI).
 libvirt_running() {
   [ -r "$out/libvirt/cluster.env" ] && command -v virsh >/dev/null 2>&1 || return 1
-  prefix=$(sed -n 's/^prefix=//p' "$out/libvirt/cluster.env")
+  # shellcheck source=/dev/null
+  prefix=$(. "$out/libvirt/cluster.env" && echo "$prefix")
   [ "$(virsh -q domstate "$prefix-$1" 2>/dev/null)" = running ]
 }
 

@@ -1,9 +1,29 @@
-# shellcheck shell=sh
-# shellcheck disable=SC2154  # name, kernel_args, ... are set by the generated head of run.sh
-# shellcheck disable=SC2034  # accel, cpu, append are read by the head's vm_qemu
+#!/bin/sh
+# shellcheck disable=SC2154  # the VM's values (ssh_port, mac, kernel_args, ...) come from its values file
 # shellcheck disable=SC2317  # functions run through with_net_lock and traps
-# The fixed body of every out/vms/NAME/run.sh. `doit` writes run.sh as a head holding this
-# VM's values and its QEMU command (vm_qemu), followed by this file.
+# leanvm launcher of one VM: out/vms/NAME/run.sh, the same file for every VM, copied there by
+# `doit`. Everything it needs of VM NAME is in NAME's values file, out/state/vms/NAME.env.
+# Usage: run.sh [--print | --detach | --help] [QEMU ARGS...]; see run.sh --help.
+set -eu
+
+here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
+out=${here%/*/*}
+name=${here##*/}
+values=$out/state/vms/$name.env
+if [ ! -r "$values" ]; then
+  echo "run.sh: $values is missing: run doit again to record VM $name's ports and addresses" >&2
+  exit 1
+fi
+# shellcheck source=/dev/null
+. "$values"
+if [ ! -r "$out/lib.sh" ]; then
+  echo "run.sh: $out/lib.sh is missing: run doit again" >&2
+  exit 1
+fi
+# shellcheck source=/dev/null
+. "$out/lib.sh"  # alive, running_pid, check_ports, stop_switch, first_boot
+images=$out/$image_dir
+qemu=${LEANVM_QEMU:-$qemu}
 
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 warn() { printf 'run.sh: warning: %s\n' "$*" >&2; }
@@ -32,6 +52,36 @@ print_command() {
 }
 
 qemu_pid() { cat "$1/qemu.pid" 2>/dev/null || true; }
+
+# This VM's QEMU command: $1 runs it (exec, command or print_command); the rest are extra
+# QEMU arguments. Optional parts are ${value:+words}: absent when the value is empty.
+vm_qemu() {
+  runner=$1
+  shift
+  $runner "$qemu" \
+    -name "$name" \
+    -machine "$machine,accel=$accel" \
+    -cpu "$cpu" \
+    -smp "$cpus" \
+    -m "$memory" \
+    -pidfile "$here/qemu.pid" \
+    -netdev "$user_netdev" \
+    -device "virtio-net-pci,netdev=net0,mac=$mac" \
+    -drive "if=none,id=usr,format=raw,readonly=on,file=$(qpath "$images/usr.img")" \
+    -device virtio-blk-pci,drive=usr,serial=usr.readonly \
+    -drive "if=none,id=root,format=raw,discard=unmap,file=$(qpath "$here/rootfs.img")" \
+    -device virtio-blk-pci,drive=root,serial=rootfs \
+    -drive "if=none,id=oem,format=raw,discard=unmap,file=$(qpath "$here/oem.img")" \
+    -device virtio-blk-pci,drive=oem,serial=oem \
+    -fsdev "local,id=config,security_model=none,readonly=on,path=$(qpath "$here/config")" \
+    -device virtio-9p-pci,fsdev=config,mount_tag=config-2 \
+    ${ignition_fw_cfg:+-fw_cfg "name=$ignition_fw_cfg,file=$(qpath "$here/ignition.json")"} \
+    -kernel "$images/vmlinuz" \
+    ${initrd:+-initrd "$images/initrd"} \
+    -append "$append" \
+    "$@"
+}
+
 
 refuse_if_running() {
   if pid=$(running_pid "$here"); then die "VM $name is already running (pid $pid); stop it before starting it again"; fi

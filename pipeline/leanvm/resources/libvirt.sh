@@ -1,7 +1,7 @@
 #!/bin/sh
 # leanvm: this out/'s cluster under libvirt (copied here by `doit libvirt`).
 # Usage: libvirt.sh [--connect URI] [--dir DIR] COMMAND...; see `libvirt.sh help`.
-# shellcheck disable=SC2154  # prefix, network, built_out, kernel_args, ... come from sourced env files
+# shellcheck disable=SC2154  # prefix, network, python, kernel_args, ... come from sourced env files
 set -eu
 
 out=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
@@ -12,7 +12,7 @@ die() { printf 'libvirt.sh: %s\n' "$*" >&2; exit 1; }
 # shellcheck source=/dev/null
 . "$out/lib.sh"  # alive, port_in_use, first_boot
 # shellcheck source=/dev/null
-. "$out/libvirt/cluster.env"  # prefix, network, built_out
+. "$out/libvirt/cluster.env"  # prefix, network, python
 
 usage() {
   cat <<EOF
@@ -57,10 +57,9 @@ vms() { vms_in "$out" domain.xml; }
 
 domain_of() { printf '%s-%s' "$prefix" "$1"; }
 
-# VM $1's boot arguments (libvirt.env) and ports (out/state/vms/NAME.env).
+# VM $1's values (out/state/vms/NAME.env): boot arguments, ports.
 load_vm() {
-  # shellcheck source=/dev/null
-  . "$out/vms/$1/libvirt.env"
+  [ -r "$out/state/vms/$1.env" ] || die "$out/state/vms/$1.env is missing: run doit again"
   # shellcheck source=/dev/null
   . "$out/state/vms/$1.env"
 }
@@ -90,9 +89,13 @@ check_libvirt() {
     /*) ;;
     *) die "--dir must be an absolute path, not '$dir'" ;;
   esac
-  case $dir in
-    *[\&\<\>\'\"]*) die "--dir $dir holds one of & < > ' \" which the domain XML cannot carry" ;;
-  esac
+}
+
+# The Python that renders the domains: the one `doit libvirt` ran with, or LEANVM_PYTHON.
+check_python() {
+  python=${LEANVM_PYTHON:-$python}
+  "$python" -c 'import leanvm.vm.libvirt' 2>/dev/null ||
+    die "$python cannot import leanvm: set LEANVM_PYTHON to a Python that has leanvm installed"
 }
 
 choose_accel() {
@@ -104,37 +107,19 @@ choose_accel() {
   esac
 }
 
-xml_escape() { printf '%s' "$1" | sed 's/&/\&amp;/g; s/</\&lt;/g; s/>/\&gt;/g'; }
-
-# VM $1's domain XML with kernel command line $2: out/ paths moved to --dir, TCG if chosen.
-render() {
-  tcg=""
-  [ "$accel" != tcg ] || tcg=1
-  FROM="$built_out/" TO="$dir/" CMDLINE=$(xml_escape "$2") TCG=$tcg awk '
-      function swap(s, a, b,   i, r) {
-        r = ""
-        while ((i = index(s, a)) > 0) { r = r substr(s, 1, i - 1) b; s = substr(s, i + length(a)) }
-        return r s
-      }
-      {
-        line = swap($0, ENVIRON["FROM"], ENVIRON["TO"])
-        if ((i = index(line, "<cmdline>")) > 0) line = substr(line, 1, i - 1) "<cmdline>" ENVIRON["CMDLINE"] "</cmdline>"
-        if (ENVIRON["TCG"] != "") {
-          if (index(line, "<domain ") == 1) line = swap(line, "type=\"kvm\"", "type=\"qemu\"")
-          line = swap(line, "<cpu mode=\"host-passthrough\"", "<cpu mode=\"maximum\"")
-        }
-        print line
-      }' "$out/vms/$1/domain.xml"
-}
+# VM $1's domain XML with kernel command line $2, rendered complete by leanvm: its files
+# where out/ is on the libvirt host (--dir), KVM or TCG as chosen.
+render() { "$python" -m leanvm.vm.libvirt "$out" "$dir" "$prefix" "$1" "$accel" "$2"; }
 
 # Define VM $1's domain with kernel command line $2.
 define_vm() {
-  render "$1" "$2" >"$xml"
+  render "$1" "$2" >"$xml" || exit 1
   v_or_die "cannot define $(domain_of "$1")" define "$xml"
 }
 
 define() {
   choose_accel
+  check_python
   v net-info "$network" >/dev/null 2>&1 ||
     v_or_die "cannot define network $network" net-define "$out/libvirt/network.xml"
   for vm in $(vms); do
@@ -178,6 +163,7 @@ check_startable() {
 start() {
   [ -n "$(vms)" ] || die "no domain.xml in $out/vms: run doit libvirt"
   choose_accel
+  check_python
   check_startable
   network_active || v_or_die "cannot start network $network" net-start "$network"
   for vm in $(vms); do

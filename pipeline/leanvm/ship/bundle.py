@@ -21,7 +21,7 @@ from libarchive.extract import EXTRACT_PERM, EXTRACT_SPARSE, EXTRACT_TIME
 from leanvm.errors import LeanvmError, note, report, tool
 from leanvm.fsutil import temp_path
 from leanvm.release.record import sha256_file
-from leanvm.state import identity
+from leanvm.state.layout import Layout
 from leanvm.state.vmstate import running_pid
 
 MANIFEST = "MANIFEST.json"
@@ -38,17 +38,17 @@ def cluster_files(out: Path, images: Path, vm_names: list[str]) -> list[Path]:
     files += [out / script for script in CLUSTER_FILES if (out / script).exists()]
     # The cluster key travels: whoever unpacks the bundle logs in with `cluster.sh ssh`, as
     # here. known_hosts does not: host keys are learnt anew where the VMs run.
-    files += [p for p in (out / "ssh" / "id_ed25519", out / "ssh" / "id_ed25519.pub") if p.exists()]
+    layout = Layout(out)
+    files += [p for p in (layout.ssh / "id_ed25519", layout.ssh / "id_ed25519.pub") if p.exists()]
     for name in vm_names:
-        vm_dir = out / "vms" / name
-        files += sorted(p for p in vm_dir.rglob("*") if p.is_file() and p.name not in RUNTIME_FILES)
-        files.append(identity.env_file(out, name))
+        files += sorted(p for p in layout.vm(name).rglob("*") if p.is_file() and p.name not in RUNTIME_FILES)
+        files.append(layout.values(name))
     return [p.relative_to(out) for p in files]
 
 
 def write_bundle(out: Path, images: Path, vm_names: list[str], dest: Path, meta: dict[str, str]) -> None:
     for name in vm_names:
-        pid = running_pid(out / "vms" / name)
+        pid = running_pid(Layout(out).vm(name))
         if pid is not None:
             raise LeanvmError(f"VM {name} is running (pid {pid}); its root disk would be inconsistent",
                               "stop it (out/cluster.sh down) before bundling")

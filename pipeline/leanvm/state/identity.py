@@ -1,8 +1,9 @@
 """VM identity: ssh port, MACs and cluster address, assigned once and then kept.
 
-Each VM's identity lives in out/state/vms/NAME.env (sh-sourceable KEY=VALUE lines, read by
-run.sh, cluster.sh, prune and bundle). `clean` and `forget` never delete it, and a VM removed
-from the cluster file keeps its file, so its port and addresses come back with it.
+Each VM's identity lives in its values file, out/state/vms/NAME.env (sh-sourceable
+KEY=VALUE lines, each value shell-quoted), beside what run.sh, cluster.sh and libvirt.sh need
+of the VM (boot arguments, hardware, paths). `clean` and `forget` never delete it, and a VM
+removed from the cluster file keeps its file, so its port and addresses come back with it.
 
 Auto ports are derived from the VM name, then moved on past ports this cluster uses, ports
 another leanvm out/ on this host has recorded (a registry of out/ directories under
@@ -14,12 +15,13 @@ import ipaddress
 import os
 import shlex
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from leanvm.errors import LeanvmError
 from leanvm.fsutil import write_atomic
+from leanvm.state.layout import Layout
 
 AUTO_PORT_BASE = 22000
 AUTO_PORT_SPAN = 10000
@@ -36,21 +38,19 @@ class Identity:
     image_dir: str = ""  # images/RELEASE/VERSION, relative to out/: what the VM was last built for
 
 
-def state_dir(out: Path) -> Path:
-    return out / "state" / "vms"
-
-
-def env_file(out: Path, name: str) -> Path:
-    return state_dir(out) / f"{name}.env"
-
-
-def _parse(text: str) -> Identity | None:
+def parse_values(text: str) -> dict[str, str] | None:
     """Read the file `render` writes: sh assignments, each value shell-quoted (shlex)."""
     try:
         words = shlex.split(text, comments=True)
     except ValueError:
         return None
-    values = dict(word.split("=", 1) for word in words if "=" in word)
+    return dict(word.split("=", 1) for word in words if "=" in word)
+
+
+def _parse(text: str) -> Identity | None:
+    values = parse_values(text)
+    if values is None:
+        return None
     try:
         return Identity(
             ssh_port=int(values["ssh_port"]),
@@ -67,7 +67,7 @@ def _parse(text: str) -> Identity | None:
 def load(out: Path) -> dict[str, Identity]:
     """Every VM's recorded identity in `out`, retired VMs included."""
     found = {}
-    for path in sorted(state_dir(out).glob("*.env")):
+    for path in sorted(Layout(out).values_dir.glob("*.env")):
         try:
             identity = _parse(path.read_text())
         except OSError:
@@ -77,18 +77,22 @@ def load(out: Path) -> dict[str, Identity]:
     return found
 
 
-def render(name: str, identity: Identity) -> str:
-    """sh assignments (run.sh and libvirt.sh source the file), every value shell-quoted."""
-    values = {"ssh_port": identity.ssh_port, "mac": identity.mac, "cluster_mac": identity.cluster_mac,
-              "cluster_ip": identity.cluster_ip, "host_ports": " ".join(map(str, identity.host_ports)),
-              "image_dir": identity.image_dir}
-    lines = [f"# leanvm identity of VM {name}: kept by `doit clean`/`forget`; written by `doit`",
-             *(f"{key}={shlex.quote(str(value))}" for key, value in values.items())]
+def as_values(identity: Identity) -> dict[str, str]:
+    return {"ssh_port": str(identity.ssh_port), "mac": identity.mac, "cluster_mac": identity.cluster_mac,
+            "cluster_ip": identity.cluster_ip, "host_ports": " ".join(map(str, identity.host_ports)),
+            "image_dir": identity.image_dir}
+
+
+def render(name: str, values: Mapping[str, str]) -> str:
+    """sh assignments (the scripts source the file), every value shell-quoted."""
+    lines = [f"# leanvm values of VM {name}: kept by `doit clean`/`forget`; written by `doit`",
+             *(f"{key}={shlex.quote(value)}" for key, value in values.items())]
     return "\n".join(lines) + "\n"
 
 
-def save(out: Path, name: str, identity: Identity) -> None:
-    write_atomic(env_file(out, name), render(name, identity).encode())
+def save(out: Path, name: str, values: Mapping[str, str]) -> None:
+    """Write VM `name`'s values file: its identity (as_values) and what else the scripts need."""
+    write_atomic(Layout(out).values(name), render(name, values).encode())
 
 
 # --- one cluster per out/ ------------------------------------------------------------
@@ -96,7 +100,7 @@ def save(out: Path, name: str, identity: Identity) -> None:
 def check_owner(out: Path, cluster_file: Path, record: bool) -> None:
     """out/ holds one cluster: building another cluster file into it is refused (it would
     retire every VM of the first). `record`: remember `cluster_file` as the owner."""
-    owner = out / "state" / "cluster-file"
+    owner = Layout(out).owner
     try:
         recorded = owner.read_text().strip()
     except OSError:

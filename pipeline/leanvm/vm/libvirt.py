@@ -2,38 +2,36 @@
 
 A domain uses the files run.sh uses: the shared usr.img (read-only, shareable), the VM's
 root and OEM disks, its config drive as 9p, its Ignition config through fw_cfg, the same
-kernel command line. out/libvirt.sh defines and starts them with virsh; it adds the
-first-boot arguments at start (the XML is static) and swaps KVM for TCG where asked.
+kernel command line, all from the VM's values file (out/state/vms/NAME.env). out/libvirt.sh
+has each domain rendered complete for the boot it starts (`python -m leanvm.vm.libvirt`:
+the paths where out/ lies on the libvirt host, KVM or TCG, the first-boot arguments or not),
+and defines and starts it with virsh; domain.xml is the same rendering for out/ itself.
 
 The user-mode NIC (ssh and `forward` ports on 127.0.0.1) is QEMU's own user network,
 passed with <qemu:commandline>: libvirt 9.0 (Debian 12) rejects the passt backend (9.2
 added it), and its plain <interface type='user'> cannot forward ports.
 """
 
+import argparse
 import hashlib
+import sys
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from pathlib import Path
 from shlex import quote
 
-from leanvm.config.cluster import VM, Release, kernel_args
-from leanvm.errors import LeanvmError
+from leanvm.errors import LeanvmError, report
+from leanvm.state.identity import parse_values
+from leanvm.state.layout import Layout
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ET.register_namespace("qemu", QEMU_NS)
-XML_SPECIAL = set("&<>'\"")
 
 
 def prefix(out: Path) -> str:
     """Names of this out/'s domains and network start with it, so two clusters coexist."""
     return "leanvm-" + hashlib.sha256(str(out).encode()).hexdigest()[:8]
-
-
-def check_path(out: Path) -> None:
-    """libvirt.sh moves out/ paths inside the XML by plain text: keep them free of XML escapes."""
-    if XML_SPECIAL & set(str(out)):
-        raise LeanvmError(f"{out}: the out/ path holds one of & < > ' \" which libvirt.sh cannot carry",
-                          "use an out= directory without them")
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -55,7 +53,7 @@ def _disk(devices: ET.Element, path: Path, target: str, serial: str, shared: boo
         _sub(disk, "shareable")
 
 
-def _devices(domain: ET.Element, vm: VM, vm_dir: Path, images: Path, network: str) -> None:
+def _devices(domain: ET.Element, values: Mapping[str, str], vm_dir: Path, images: Path, network: str) -> None:
     devices = _sub(domain, "devices")
     _disk(devices, images / "usr.img", "vda", "usr.readonly", shared=True)
     _disk(devices, vm_dir / "rootfs.img", "vdb", "rootfs", shared=False)
@@ -65,7 +63,7 @@ def _devices(domain: ET.Element, vm: VM, vm_dir: Path, images: Path, network: st
     _sub(config, "target", dir="config-2")
     _sub(config, "readonly")
     cluster = _sub(devices, "interface", type="network")
-    _sub(cluster, "mac", address=vm.cluster_mac)
+    _sub(cluster, "mac", address=values["cluster_mac"])
     _sub(cluster, "source", network=network)
     _sub(cluster, "model", type="virtio")
     serial = _sub(devices, "serial", type="pty")
@@ -74,38 +72,43 @@ def _devices(domain: ET.Element, vm: VM, vm_dir: Path, images: Path, network: st
     _sub(devices, "memballoon", model="virtio", freePageReporting="on")
 
 
-def _user_network(domain: ET.Element, vm: VM) -> None:
+def _user_network(domain: ET.Element, values: Mapping[str, str]) -> None:
     """NIC 1 as in run.sh; on pcie.0 slot 0x10, clear of the root ports libvirt puts on slots 1-2."""
-    forwards = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in vm.forward)
-    args = ["-netdev", f"user,id=leanvm-user,hostfwd=tcp:127.0.0.1:{vm.ssh_port}-:22{forwards},hostname={vm.name}",
-            "-device", f"virtio-net-pci,netdev=leanvm-user,mac={vm.mac},bus=pcie.0,addr=0x10"]
+    args = ["-netdev", values["user_netdev"],
+            "-device", f"virtio-net-pci,netdev=net0,mac={values['mac']},bus=pcie.0,addr=0x10"]
     commandline = _sub(domain, f"{{{QEMU_NS}}}commandline")
     for arg in args:
         _sub(commandline, f"{{{QEMU_NS}}}arg", value=arg)
 
 
-def domain_xml(vm: VM, release: Release, out: Path, images: Path) -> str:
-    """The domain as written: KVM, and the kernel command line of a boot that is not a first boot."""
-    vm_dir = out / "vms" / vm.name
-    domain = ET.Element("domain", type="kvm")
-    _sub(domain, "name", f"{prefix(out)}-{vm.name}")
-    _sub(domain, "uuid", str(uuid.uuid5(uuid.NAMESPACE_URL, f"leanvm:{out}:{vm.name}")))
-    _sub(domain, "memory", str(vm.memory), unit="MiB")
-    _sub(domain, "vcpu", str(vm.cpus))
-    if vm.ignition and release.ignition_fw_cfg:
+def _boot(domain: ET.Element, values: Mapping[str, str], vm_dir: Path, images: Path, cmdline: str) -> None:
+    if values["ignition_fw_cfg"]:
         sysinfo = _sub(domain, "sysinfo", type="fwcfg")
-        _sub(sysinfo, "entry", name=release.ignition_fw_cfg, file=str(vm_dir / "ignition.json"))
+        _sub(sysinfo, "entry", name=values["ignition_fw_cfg"], file=str(vm_dir / "ignition.json"))
     os_ = _sub(domain, "os")
-    _sub(os_, "type", "hvm", arch="x86_64", machine="q35")
+    _sub(os_, "type", "hvm", arch="x86_64", machine=values["machine"])
     _sub(os_, "kernel", str(images / "vmlinuz"))
-    if release.initrd:
+    if values["initrd"]:
         _sub(os_, "initrd", str(images / "initrd"))
-    _sub(os_, "cmdline", kernel_args(vm, release))
+    _sub(os_, "cmdline", cmdline)
+
+
+def domain_xml(name: str, values: Mapping[str, str], base: Path, prefix: str, accel: str, cmdline: str) -> str:
+    """VM `name`'s domain, complete: its files under `base` (where out/ is on the libvirt
+    host), `accel` kvm or tcg, kernel command line `cmdline`."""
+    layout = Layout(base)
+    vm_dir, images = layout.vm(name), base / values["image_dir"]
+    domain = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
+    _sub(domain, "name", f"{prefix}-{name}")
+    _sub(domain, "uuid", str(uuid.uuid5(uuid.NAMESPACE_URL, f"leanvm:{prefix}:{name}")))
+    _sub(domain, "memory", values["memory"], unit="MiB")
+    _sub(domain, "vcpu", values["cpus"])
+    _boot(domain, values, vm_dir, images, cmdline)
     _sub(_sub(domain, "features"), "acpi")
-    _sub(domain, "cpu", mode="host-passthrough")
+    _sub(domain, "cpu", mode="host-passthrough" if accel == "kvm" else "maximum")
     _sub(domain, "on_poweroff", "destroy")
-    _devices(domain, vm, vm_dir, images, f"{prefix(out)}-cluster")
-    _user_network(domain, vm)
+    _devices(domain, values, vm_dir, images, f"{prefix}-cluster")
+    _user_network(domain, values)
     return _text(domain)
 
 
@@ -123,16 +126,38 @@ def _text(root: ET.Element) -> str:
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
-def vm_env(vm: VM, release: Release) -> str:
-    """out/vms/NAME/libvirt.env: what libvirt.sh needs to build a boot's command line."""
-    return (f"# leanvm: read by out/libvirt.sh; written by `doit libvirt`\n"
-            f"kernel_args={quote(kernel_args(vm, release))}\n"
-            f"first_boot_args={quote(release.first_boot_args or '')}\n")
-
-
 def cluster_env(out: Path) -> str:
-    """out/libvirt/cluster.env: the names, and the out/ path the XML was written for."""
+    """out/libvirt/cluster.env: the names, and the Python that renders the domains."""
     return (f"# leanvm: read by out/libvirt.sh; written by `doit libvirt`\n"
             f"prefix={quote(prefix(out))}\n"
             f"network={quote(prefix(out) + '-cluster')}\n"
-            f"built_out={quote(str(out))}\n")
+            f"python={quote(sys.executable)}\n")
+
+
+def read_values(out: Path, name: str) -> dict[str, str]:
+    path = Layout(out).values(name)
+    try:
+        values = parse_values(path.read_text())
+    except OSError as e:
+        raise LeanvmError(f"{path}: cannot read VM {name}'s values: {e.strerror}", "run doit again") from None
+    if values is None or "user_netdev" not in values:
+        raise LeanvmError(f"{path}: not a values file of this leanvm", "run doit again to rewrite it")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m leanvm.vm.libvirt OUT DIR PREFIX NAME ACCEL CMDLINE`: the domain libvirt.sh defines."""
+    parser = argparse.ArgumentParser(prog="python -m leanvm.vm.libvirt")
+    for arg in ("out", "dir", "prefix", "name", "accel", "cmdline"):
+        parser.add_argument(arg)
+    args = parser.parse_args(argv)
+    try:
+        values = read_values(Path(args.out), args.name)
+    except LeanvmError as e:
+        return report(e)
+    sys.stdout.write(domain_xml(args.name, values, Path(args.dir), args.prefix, args.accel, args.cmdline))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from leanvm.fsutil import temp_path
 from leanvm.proc import run
+from leanvm.state.layout import Layout
 
 
 def ssh_dir(out: Path) -> Path:
-    return out / "ssh"
+    return Layout(out).ssh
 
 
 def private_key(out: Path) -> Path:
