@@ -1,10 +1,14 @@
-"""doit entry point: wiring only; the tasks live in the leanvm package (pipeline/leanvm/dag)."""
+"""doit entry point: wiring only; the tasks live in the leanvm package (pipeline/leanvm/dag).
+
+doit runs them through leanvm's task loader, which pyproject.toml's [tool.doit] names, so
+`doit` is run from this directory; from anywhere else, use the `leanvm` command.
+"""
 
 from pathlib import Path
 
-from leanvm.dag.doitenv import set_defaults
+from doit.exceptions import InvalidDodoFile
+from leanvm.dag.doitenv import LOADER_IN_USE, set_defaults
 from leanvm.dag.tasks import (  # noqa: F401  (doit discovers task_* by name)
-    doit_config,
     task_bundle,
     task_cluster,
     task_configdrive,
@@ -20,6 +24,8 @@ from leanvm.dag.tasks import (  # noqa: F401  (doit discovers task_* by name)
     task_verify,
 )
 
+if not LOADER_IN_USE:
+    raise InvalidDodoFile("leanvm's dodo.py runs through leanvm's task loader, which its pyproject.toml names: "
+                          "run doit in the leanvm checkout, or use the `leanvm` command from anywhere")
 HERE = Path(__file__).resolve().parent
 set_defaults(config=HERE / "configs" / "cluster.yaml", out=HERE / "out")
-DOIT_CONFIG = doit_config()

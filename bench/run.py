@@ -2,8 +2,11 @@
 """leanvm against what users would do instead: every figure a ratio or a count against a
 baseline measured in the same run (median of several repetitions).
 
-    .venv/bin/python bench/run.py            # full run (a few minutes), prints a Markdown table
-    .venv/bin/python bench/run.py --smoke    # tiny sizes, one repetition (CI runs this)
+    PYTHONPATH=pipeline:tests .venv/bin/python bench/run.py          # full run (a few minutes)
+    PYTHONPATH=pipeline:tests .venv/bin/python bench/run.py --smoke  # tiny sizes, one repetition (CI)
+
+It uses the developer tools beside the package (pipeline/leanvm_dev: the mini release) and
+the tests' support package (tests/support: the signed mirror, the doit runner).
 """
 
 import argparse
@@ -18,16 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+from leanvm.proc import stop_gpg_agent
+from leanvm.release import fetch
+from leanvm.release.extract import extract_usr_disk
+from leanvm_dev import minirelease
+from support import DOIT_CWD, Keyring, Mirror, doit_argv, make_cpio_gz, make_squashfs, run, serve
+
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
-sys.path[:0] = [str(PROJECT / "pipeline"), str(PROJECT / "tests"), str(HERE)]
-
-import yaml  # noqa: E402
-from leanvm.proc import stop_gpg_agent  # noqa: E402
-from leanvm.release import fetch  # noqa: E402
-from leanvm.release.extract import extract_usr_disk  # noqa: E402
-from leanvm_dev import minirelease  # noqa: E402
-from support import Keyring, Mirror, doit_argv, make_cpio_gz, make_squashfs, run, serve  # noqa: E402
 
 MiB = 1 << 20
 
@@ -71,8 +73,8 @@ def sh(cmd: str) -> None:
 
 
 def doit(cluster: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(doit_argv(*args, f"config={cluster}", f"out={out}"), capture_output=True, text=True,
-                          check=True)
+    return subprocess.run(doit_argv(*args, f"config={cluster}", f"out={out}"), cwd=DOIT_CWD, capture_output=True,
+                          text=True, check=True)
 
 
 def verdict(ok: bool) -> str:

@@ -1,5 +1,6 @@
 """A tiny run of the benchmark script: it must run end to end and print its table (no timings asserted)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,8 +8,9 @@ from support import PROJECT, run
 
 
 def test_bench_smoke_prints_every_section(tmp_path: Path):
+    env = {**os.environ, "PYTHONPATH": f"{PROJECT / 'pipeline'}:{PROJECT / 'tests'}"}  # as bench/run.py says
     result = run([sys.executable, str(PROJECT / "bench" / "run.py"), "--smoke", "--work", str(tmp_path)],
-                 capture_output=True, text=True, timeout=300)
+                 capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     sections = {row.split("|")[1].strip() for row in rows[1:]}

@@ -15,12 +15,24 @@ from leanvm.errors import LeanvmError
 from leanvm.proc import stop_gpg_agent
 from leanvm.release.extract import extract_usr_disk
 from leanvm.release.verify import check_signature
-from support import IMAGE, KERNEL, Keyring, Mirror, MirrorServer, Project, doit_argv, newc, sh, usr_partition
+from support import (
+    DOIT_CWD,
+    IMAGE,
+    KERNEL,
+    Keyring,
+    Mirror,
+    MirrorServer,
+    Project,
+    doit_argv,
+    newc,
+    sh,
+    usr_partition,
+)
 
 
 def start_doit(project: Project, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        doit_argv(f"config={project.cluster_file}", f"out={project.out}"),
+        doit_argv(f"config={project.cluster_file}", f"out={project.out}"), cwd=DOIT_CWD,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, **(env or {})},
     )
@@ -134,7 +146,7 @@ def test_disk_full_while_extracting(project: Project, mirror: Mirror, tmp_path: 
     try:
         project.root.joinpath("cluster.yaml").write_text(project.cluster_file.read_text())
         result = subprocess.run(doit_argv(f"config={project.cluster_file}", f"out={small / 'out'}"),
-                                capture_output=True, text=True)
+                                cwd=DOIT_CWD, capture_output=True, text=True)
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "No space left on device" in lines[0] and "usr.img" in lines[0], lines

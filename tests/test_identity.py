@@ -1,13 +1,15 @@
 """In process: the cluster file is only read; the DAG gives each VM its identity, which is
-kept across builds; the config drive merges keys, the network unit and /etc/hosts."""
+kept across builds; the config drive merges keys, the network unit and /etc/hosts; the
+launcher takes everything from the VM's values file."""
 
 import pytest
 import yaml
 from leanvm.config.cluster import load_cluster
 from leanvm.dag.tasks import with_identities
 from leanvm.errors import LeanvmError
-from leanvm.vm import configdrive
-from support import Project
+from leanvm.resources import SHELL_LIB
+from leanvm.vm import configdrive, launcher
+from support import Project, printed
 
 
 def never_in_use(port: int) -> bool:
@@ -75,3 +77,24 @@ def test_the_identity_file_is_sh_that_python_reads_back(tmp_path):
     sourced = subprocess.run(["sh", "-c", script, "sh", str(Layout(tmp_path).values("core1"))],
                              capture_output=True, text=True, check=True)
     assert sourced.stdout == "2222|2222 8080|images/it's here/1.0|a='b c' $HOME `x`"
+
+
+def test_run_sh_takes_everything_from_the_values_file(project: Project, tmp_path):
+    project.write_profile("http://127.0.0.1:9/", ignition_fw_cfg="opt/test/config")  # nothing is fetched
+    (project.root / "a.ign").write_text('{"ignition": {"version": "3.3.0"}}')
+    project.write_cluster({"a": {"forward": ["18080:80"], "ignition": "a.ign", "cpus": 2, "memory": 384},
+                           "c": {"kernel_args": "quiet"}})
+    cluster = with_identities(load_cluster(project.cluster_file), {}, set(), never_in_use)
+    out = tmp_path / "o,ut"  # a comma: QEMU's option separator, doubled in paths
+    for vm in cluster.vms:
+        launcher.write(vm, cluster.release, "9.9", out)
+    (out / "lib.sh").write_bytes(SHELL_LIB.read_bytes())
+    a, c = (printed(out / "vms" / vm.name / "run.sh", {"LEANVM_ACCEL": "tcg"}) for vm in cluster.vms)
+    vm_a = cluster.vms[0]
+    assert a[a.index("-smp") + 1] == "2" and a[a.index("-m") + 1] == "384" and a[a.index("-name") + 1] == "a"
+    assert a[a.index("-netdev") + 1] == (f"user,id=net0,hostfwd=tcp:127.0.0.1:{vm_a.ssh_port}-:22,"
+                                         "hostfwd=tcp:127.0.0.1:18080-:80,hostname=a")
+    assert a[a.index("-fw_cfg") + 1] == f"name=opt/test/config,file={str(out).replace(',', ',,')}/vms/a/ignition.json"
+    assert a[a.index("-kernel") + 1] == f"{out}/images/test/9.9/vmlinuz"
+    assert "-fw_cfg" not in c and c[c.index("-append") + 1].endswith(" quiet")
+    assert a[a.index("-machine") + 1] == "q35,accel=tcg" and a[a.index("-cpu") + 1] == "max"

@@ -42,3 +42,32 @@ def test_imports_point_down_the_layers():
                 if used != own and (layer[used] > layer[own] or layer[used] == layer[own] > 0):  # base: may use itself
                     wrong.append(f"{path.relative_to(PROJECT)} imports {name}")
     assert wrong == []
+
+
+def package_functions():
+    import ast
+
+    for path in (PROJECT / "pipeline").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                yield path, node
+
+
+def test_every_function_is_under_40_lines():
+    long = [f"{path.relative_to(PROJECT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path, node in package_functions() if node.end_lineno - node.lineno + 1 >= 40]
+    assert long == []
+
+
+def test_no_python_string_in_the_package_holds_shell():
+    """Shell lives in real files (resources/*.sh) that shellcheck reads, never in strings."""
+    import ast
+
+    shell_marks = ("#!/bin/sh", "set -eu", "; then", "\nfi\n", "$(")
+    found = []
+    for path in (PROJECT / "pipeline" / "leanvm").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if any(mark in node.value for mark in shell_marks):
+                    found.append(f"{path.relative_to(PROJECT)}:{node.lineno}")
+    assert found == []

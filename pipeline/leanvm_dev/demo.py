@@ -78,8 +78,8 @@ def main() -> int:
         print("demo: building the mini release (Debian kernel + busybox) ...", file=sys.stderr)
         minirelease.build(OUT / "minirelease")
         print("demo: building the 3-VM demo cluster with doit ...", file=sys.stderr)
-        doit = run([sys.executable, "-m", "doit", "-f", PROJECT / "dodo.py", f"config={DEMO_CONFIG}"],
-                   capture=False, check=False)
+        doit = run([sys.executable, "-m", "doit", f"config={DEMO_CONFIG}"],  # in the checkout, as the README says
+                   cwd=PROJECT, capture=False, check=False)
         if doit.returncode != 0:
             return doit.returncode
         run_sh = OUT / "vms" / "demo1" / "run.sh"

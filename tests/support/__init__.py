@@ -3,7 +3,7 @@ mirror on loopback), doit (running the DAG, a project directory), vm (building, 
 watching VMs), hosts (libvirtd, an ssh host). Test modules import from here, never from each
 other."""
 
-from .doit import DoitResult, Project, doit, doit_argv  # noqa: F401
+from .doit import DOIT_CWD, DoitResult, Project, doit, doit_argv  # noqa: F401
 from .hosts import LIBVIRT_URI, free_port, libvirt_answers, start_libvirtd, start_ssh_host, stop_daemons, virsh  # noqa: F401
 from .mirror import IMAGE, KERNEL, Keyring, Mirror, MirrorServer, make_cpio_gz, make_squashfs, newc, serve  # noqa: F401
 from .procs import PROJECT, finish, processes, run, sh, start  # noqa: F401

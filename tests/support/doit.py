@@ -22,13 +22,17 @@ class DoitResult:
         return {line[3:].strip() for line in self.stdout.splitlines() if line.startswith(".  ")}
 
 
+# doit runs in the checkout, as the README says: its pyproject.toml names leanvm's task loader
+DOIT_CWD = PROJECT
+
+
 def doit_argv(*args: str | Path) -> list[str]:
-    """The command line that runs leanvm's DAG (the checkout's dodo.py) with `args`."""
+    """The command line that runs leanvm's DAG (the checkout's dodo.py) with `args`, in DOIT_CWD."""
     return [sys.executable, "-m", "doit", "-f", str(PROJECT / "dodo.py"), *map(str, args)]
 
 
 def doit(*args: str, env: dict | None = None, timeout: float = 300) -> DoitResult:
-    proc = run(doit_argv(*args),
+    proc = run(doit_argv(*args), cwd=DOIT_CWD,
                capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     return DoitResult(proc.returncode, proc.stdout, proc.stderr)
 

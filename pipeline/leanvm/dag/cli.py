@@ -27,25 +27,15 @@ def default_args(args: list[str], cwd: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
 
-    args = default_args(list(sys.argv[1:] if argv is None else argv), Path.cwd())
-    sys.argv = [sys.argv[0], *args]  # doitenv reads the command line as doit does
     from leanvm import errors
-    from leanvm.dag import tasks
+    from leanvm.dag.loader import PackageLoader
 
     errors.command = "leanvm"
-
-    class Loader(ModuleTaskLoader):
-        """leanvm's tasks; their doit settings (lock, database in out/) are read only once
-        doit has parsed the command line's `out=`."""
-
-        def load_doit_config(self) -> dict:
-            return tasks.doit_config()
-
-    members = {name: getattr(tasks, name) for name in dir(tasks) if name.startswith("task_")}
-    return DoitMain(Loader(members)).run(args)
+    args = default_args(list(sys.argv[1:] if argv is None else argv), Path.cwd())
+    # no config files: a pyproject.toml where leanvm runs belongs to someone else's project
+    return DoitMain(PackageLoader(), config_filenames=()).run(args)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """How leanvm runs inside doit: the command in use, the out/ lock, one-line user errors."""
 
 import fcntl
-import functools
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from doit import cmd_info, get_initial_workdir, get_var
+from doit import get_initial_workdir, get_var
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
@@ -108,10 +108,33 @@ def refuse_while_running(out: Path, doing: str) -> None:
                           f"stop them first ({out / 'cluster.sh'} down)")
 
 
-def check_command(argv: list[str], out: Path) -> None:
+@dataclass
+class Invocation:
+    """The doit command of this run and its positional arguments (the task names given)."""
+
+    command: str = "run"
+    words: tuple[str, ...] = ()
+
+
+INVOCATION = Invocation()
+LOADER_IN_USE = False  # set by leanvm's loaders (leanvm.dag.loader) before they load dodo.py
+
+
+def begin(command: str, words: list[str]) -> None:
+    """Called by the loader once doit knows the command: refuse what would break VMs, then
+    hold out/'s lock unless the command only reads."""
+    INVOCATION.command, INVOCATION.words = command, tuple(words)
+    out = out_dir()
+    try:
+        check_command(command, words, out)
+    except LeanvmError as e:
+        fail(e)
+    if writing():
+        lock_out(out)
+
+
+def check_command(command: str, words: list[str], out: Path) -> None:
     """Commands that would break VMs are refused before doit does anything."""
-    words = _words(argv)
-    command = _command(argv)
     if "reset" in words:
         raise LeanvmError("`reset` alone would recreate every VM's disks",
                           f"name the VM whose disks to recreate: {tool('reset:NAME')}")
@@ -119,16 +142,16 @@ def check_command(argv: list[str], out: Path) -> None:
         refuse_while_running(out, tool(command))
 
 
+def check_info_names(command: str, words: list[str], names: set[str]) -> None:
+    """`doit info NOSUCH` would end in a KeyError traceback inside doit: one line instead."""
+    if command == "info" and words and words[0] not in names:
+        fail(LeanvmError(f"no task named {words[0]!r}", f"see the task names with {tool('list --all')}"))
+
+
 def doit_config(default_tasks: list[str]) -> dict:
+    """doit's settings; out/ must exist before doit opens its database there."""
     out = out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        check_command(sys.argv[1:], out)
-    except LeanvmError as e:
-        fail(e)
-    if _command(sys.argv[1:]) not in READ_ONLY_COMMANDS:
-        lock_out(out)
-    _one_line_info_errors()
     return {
         "default_tasks": default_tasks,
         "check_file_uptodate": "timestamp",  # never re-hash big images on a no-op run
@@ -138,48 +161,15 @@ def doit_config(default_tasks: list[str]) -> dict:
     }
 
 
-def _words(argv: list[str]) -> list[str]:
-    """The command line after loader options, without VAR=VALUE."""
-    words = [a for a in argv if "=" not in a or a.startswith("-")]
-    while words and words[0] in ("-f", "--file", "-d", "--dir", "-k", "--seek-file"):
-        words = words[1:] if words[0] in ("-k", "--seek-file") else words[2:]
-    while words and words[0].startswith(("--file=", "--dir=")):
-        words = words[1:]
-    return words
-
-
 def command_words() -> list[str]:
-    """The words of this command line that may name tasks (no options, no VAR=VALUE)."""
-    return [w for w in _words(sys.argv[1:]) if not w.startswith("-")]
-
-
-def _command(argv: list[str]) -> str:
-    """The doit command, found as doit finds it."""
-    words = _words(argv)
-    return words[0] if words else "run"
-
-
-def _one_line_info_errors() -> None:
-    """`doit info NOSUCH` ends in a KeyError traceback inside doit: make it one line."""
-    original = cmd_info.Info._execute
-    if getattr(original, "leanvm", False):
-        return
-
-    @functools.wraps(original)  # doit passes parameters by the names in its signature
-    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return original(self, *args, **kwargs)
-        except KeyError as e:
-            fail(LeanvmError(f"no task named {e.args[0]!r}", f"see the task names with {tool('list --all')}"))
-
-    execute.leanvm = True  # type: ignore[attr-defined]
-    cmd_info.Info._execute = execute
+    """The words of this command line that may name tasks."""
+    return list(INVOCATION.words)
 
 
 def building() -> bool:
-    return _command(sys.argv[1:]) not in OFFLINE_COMMANDS
+    return INVOCATION.command not in OFFLINE_COMMANDS
 
 
 def writing() -> bool:
     """True unless the command only reads (list, info, ...)."""
-    return _command(sys.argv[1:]) not in READ_ONLY_COMMANDS
+    return INVOCATION.command not in READ_ONLY_COMMANDS

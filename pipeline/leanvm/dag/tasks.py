@@ -30,10 +30,6 @@ from leanvm.vm import configdrive, launcher, libvirt, rootfs, sshkey
 BUILD_TASKS = ["download", "verify", "extract", "rootfs", "sshkey", "configdrive", "launcher", "cluster", "retire"]
 
 
-def doit_config() -> dict:
-    return doitenv.doit_config(BUILD_TASKS)
-
-
 @dataclass(frozen=True)
 class Context:
     """The loaded cluster, the release version it is built for, and where things go."""
