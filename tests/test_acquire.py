@@ -1,8 +1,10 @@
 """Download -> verify -> extract against a signed mirror on loopback."""
 
+import itertools
 from pathlib import Path
 
 import yaml
+from leanvm.config.cluster import load_profile
 from support import IMAGE, KERNEL, Mirror, MirrorServer, Project, usr_partition
 
 
@@ -137,13 +139,16 @@ def test_list_info_clean_need_no_network(project: Project, server: MirrorServer)
 
 def test_real_flatcar_profiles_pin_the_real_key():
     configs = Path(__file__).resolve().parent.parent / "configs"
-    for channel in ("stable", "beta", "alpha"):
-        profile = yaml.safe_load((configs / "releases" / f"flatcar-{channel}.yaml").read_text())
+    for channel, arch in itertools.product(("stable", "beta", "alpha"), ("amd64", "arm64")):
+        name = f"flatcar-{channel}" + ("-arm64" if arch == "arm64" else "")
+        profile = yaml.safe_load((configs / "releases" / f"{name}.yaml").read_text())
+        assert load_profile(configs / "releases" / f"{name}.yaml").arch == arch
         assert profile["fingerprints"] == ["F88CFEDEFF29A5B4D9523864E25D9AED0593B34A"]
-        assert profile["base_url"] == f"https://{channel}.release.flatcar-linux.net/amd64-usr/"
+        assert profile["base_url"] == f"https://{channel}.release.flatcar-linux.net/{arch}-usr/"
+        console = "ttyS0" if arch == "amd64" else "ttyAMA0"  # the PL011 UART of QEMU's virt machine
         assert profile["kernel_args"].split() == [
             "mount.usr=PARTLABEL=USR-A", "mount.usrfstype=squashfs", "mount.usrflags=ro", "root=LABEL=ROOT",
-            "rootflags=rw", "console=ttyS0,115200n8", "flatcar.autologin"]
+            "rootflags=rw", f"console={console},115200n8", "flatcar.autologin"]
         assert profile["first_boot_args"] == "flatcar.first_boot=1"
         key = (configs / "releases" / profile["signing_key"]).resolve()
         assert "BEGIN PGP PUBLIC KEY BLOCK" in key.read_text()

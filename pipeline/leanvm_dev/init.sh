@@ -64,14 +64,15 @@ shut_down() {
   if [ "$1" = reboot ]; then say "rebooting"; reboot -f; else say "powering off"; poweroff -f; fi
 }
 
-# Block until an ACPI power button is pressed (QEMU's system_powerdown), or forever when
-# there is none. There can be more than one "Power Button" input device: watch them all.
+# Block until the power button is pressed (QEMU's system_powerdown), or forever when there
+# is none: ACPI's "Power Button" on amd64 (there can be more than one: watch them all), the
+# device tree's GPIO power key ("gpio-keys") on arm64's virt machine.
 wait_for_power_button() {
   buttons=""
   for input in /sys/class/input/event*; do
-    if [ "$(cat "$input/device/name" 2>/dev/null)" = "Power Button" ]; then
-      buttons="$buttons /dev/input/${input##*/}"
-    fi
+    case $(cat "$input/device/name" 2>/dev/null) in
+      "Power Button"|gpio-keys) buttons="$buttons /dev/input/${input##*/}" ;;
+    esac
   done
   if [ -z "$buttons" ]; then
     say "holding (leanvm.hold) until QEMU is stopped: no power button"

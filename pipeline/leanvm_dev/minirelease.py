@@ -1,12 +1,16 @@
 """Build a tiny release that boots the way Flatcar does, from Debian parts (offline demo).
 
-Kernel and modules come from Debian's linux-image-amd64; the initrd is busybox plus the
+Kernel and modules come from Debian's linux-image-ARCH; the initrd is busybox plus the
 modules for virtio, squashfs, ext4 and 9p (resolved through modules.dep); usr.squashfs holds
 busybox, Debian's dropbear sshd with its libraries, and an os-release; the image is a
 gzip'd newc cpio holding it, like Flatcar's PXE image. Every file is signed by a demo key
 made locally, published as a file:// mirror with release profiles that point at it.
 
-    python -m leanvm_dev.minirelease [--out DIR] [--pad-mb N]
+For the host's arch (amd64 here) the programs are the host's own; for arm64 they come from
+Debian's arm64 packages (debroot), so the arm64 release is built here too, offline but for
+apt: mini.yaml and mini-vdx.yaml (amd64), mini-arm64.yaml (arm64).
+
+    python -m leanvm_dev.minirelease [--out DIR] [--pad-mb N] [--arch amd64|arm64]
 """
 
 import argparse
@@ -22,12 +26,14 @@ from pathlib import Path
 
 import libarchive
 import yaml
+from leanvm.arch import Arch
 from leanvm.errors import LeanvmError, report
 from leanvm.fsutil import temp_path, write_atomic
 from leanvm.proc import run, stop_gpg_agent
 from libarchive.entry import FileType
 
-from leanvm_dev import CHECKOUT, kmod
+from leanvm_dev import CHECKOUT, debroot, kmod
+from leanvm_dev.debroot import Root
 
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
 # loop: for PXE-style boots that mount /usr from a squashfs file held in the initramfs.
@@ -35,6 +41,12 @@ INIT_SCRIPT = Path(__file__).with_name("init.sh")
 # virtio_balloon: free page reporting.
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "ext4", "9p", "9pnet_virtio", "loop",
                   "qemu_fw_cfg", "button", "evdev", "virtio_balloon")
+# arm64: QEMU's virt machine has no ACPI power button without firmware; its power key is a
+# GPIO key (PL061, built in) described by the device tree: gpio_keys.
+ARCH_MODULES = {Arch.AMD64: (), Arch.ARM64: ("gpio_keys",)}
+BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
+# The Debian packages holding the programs, for a root of another arch (debroot.unpacked).
+PACKAGES = ["busybox-static", "dropbear-bin", "ignition", "passwd"]
 KERNEL, INITRD, IMAGE = "mini.vmlinuz", "mini.initrd.cpio.gz", "mini_image.cpio.gz"
 DROPBEAR = Path("/usr/sbin/dropbear")  # Debian's dropbear-bin: the mini release's sshd
 PROGRAMS = {DROPBEAR: "sbin/dropbear"}  # host file -> place in /usr
@@ -52,6 +64,7 @@ FLATCAR_ARGS = (
     "root=LABEL=ROOT rootflags=rw console=ttyS0,115200n8 flatcar.autologin"
 )
 VDX_ARGS = "mount.usr=/dev/vda1 mount.usrfstype=squashfs mount.usrflags=ro root=/dev/vdb rootflags=rw console=ttyS0"
+CONSOLES = {Arch.AMD64: "ttyS0", Arch.ARM64: "ttyAMA0"}
 FIRST_BOOT_ARGS = "flatcar.first_boot=1"
 
 
@@ -64,17 +77,17 @@ class Kernel:
 
 # --- kernel --------------------------------------------------------------------------
 
-def kernel_package() -> str:
-    """The versioned package that linux-image-amd64 currently depends on."""
+def kernel_package(arch: Arch) -> str:
+    """The versioned package that linux-image-ARCH currently depends on."""
     for attempt in range(2):
-        out = run(["apt-cache", "depends", "linux-image-amd64"], check=False).stdout.decode()
+        out = run(["apt-cache", "depends", debroot.apt_name(f"linux-image-{arch}", arch)], check=False).stdout.decode()
         for line in out.splitlines():
             name = line.strip().removeprefix("Depends:").strip()
             if line.strip().startswith("Depends:") and name.startswith("linux-image-"):
-                return name
+                return debroot.apt_name(name.split(":")[0], arch)
         if attempt == 0:
             run(["apt-get", "update", "-q"])  # a fresh machine may have no package lists yet
-    raise LeanvmError("apt-cache knows no linux-image-amd64", "check /etc/apt/sources.list and the network")
+    raise LeanvmError(f"apt-cache knows no linux-image-{arch}", "check /etc/apt/sources.list and the network")
 
 
 def _apt_download(package: str, where: Path) -> Path:
@@ -83,27 +96,32 @@ def _apt_download(package: str, where: Path) -> Path:
     except LeanvmError:
         run(["apt-get", "update", "-q"])
         run(["apt-get", "download", package], cwd=where)
-    return next(where.glob(f"{package}_*.deb"))
+    return next(where.glob(f"{package.split(':')[0]}_*.deb"))
 
 
-def fetch_kernel(cache: Path) -> Kernel:
+def wanted_modules(arch: Arch) -> tuple[str, ...]:
+    return WANTED_MODULES + ARCH_MODULES[arch]
+
+
+def fetch_kernel(cache: Path, arch: Arch) -> Kernel:
     """Download and unpack Debian's kernel once; later calls reuse the cache.
 
     Only the kernel, the modules.* indexes and the modules the initrd needs are kept (a few
     MB instead of the package's ~400 MB); the cache is made again if that set changes.
     """
     done = cache / "kernel.ready"
-    wanted = " ".join(WANTED_MODULES)
+    wanted = " ".join(wanted_modules(arch))
     if not done.exists() or done.read_text().split("\n")[1:2] != [wanted]:
         shutil.rmtree(cache, ignore_errors=True)
         (cache / "deb").mkdir(parents=True)
-        deb = _apt_download(kernel_package(), cache / "deb")
+        debroot.add_architecture(arch)
+        deb = _apt_download(kernel_package(arch), cache / "deb")
         run(["dpkg-deb", "-x", deb, cache / "root"])
         shutil.rmtree(cache / "deb")
         version = next((cache / "root" / "lib" / "modules").iterdir()).name
         run(["depmod", "-b", cache / "root", version])
         kmod.keep_only(cache / "root" / "lib" / "modules" / version, kmod.resolve_modules(
-            cache / "root" / "lib" / "modules" / version, WANTED_MODULES))
+            cache / "root" / "lib" / "modules" / version, wanted_modules(arch)))
         done.write_text(f"{version}\n{wanted}\n")
     version = done.read_text().split("\n")[0]
     root = cache / "root"
@@ -135,11 +153,11 @@ def write_cpio_gz(dest: Path, files: dict[str, Path | bytes], mode: dict[str, in
     os.replace(tmp, dest)
 
 
-def make_initrd(dest: Path, kernel: Kernel, busybox: Path) -> None:
-    order = kmod.resolve_modules(kernel.modules, WANTED_MODULES)
+def make_initrd(dest: Path, kernel: Kernel, root: Root) -> None:
+    order = kmod.resolve_modules(kernel.modules, wanted_modules(root.arch))
     files: dict[str, Path | bytes] = {
         "init": INIT_SCRIPT.read_bytes(),
-        "bin/busybox": busybox,
+        "bin/busybox": root.file(BUSYBOX),
         "lib/modules/load.order": "".join(f"{m}\n" for m in order).encode(),
     }
     files.update({f"lib/modules/{m}": kernel.modules / m for m in order})
@@ -147,47 +165,37 @@ def make_initrd(dest: Path, kernel: Kernel, busybox: Path) -> None:
         files[f"{empty}/.keep"] = b""
     files["usr/sbin/setfiles"] = SETFILES_STUB
     for program, place in INITRD_PROGRAMS.items():
-        files[place] = program
-        files.update({library_place(lib): lib.resolve() for lib in shared_libraries(program)})
-    executable = {"init", "bin/busybox", "usr/sbin/setfiles", *INITRD_PROGRAMS.values(),
-                  *(name for name in files if name.startswith("lib64/ld-linux"))}  # the kernel execs the loader
+        files[place] = debroot.real_path(root, root.file(program))
+        files.update(debroot.shared_libraries(root, root.file(program)))
+    loaders = {name for name in files if Path(name).name.startswith("ld-linux")}  # the kernel execs them
+    executable = {"init", "bin/busybox", "usr/sbin/setfiles", *INITRD_PROGRAMS.values(), *loaders}
     write_cpio_gz(dest, files, {name: 0o755 for name in executable})
 
 
-def library_place(lib: Path) -> str:
-    """Where a shared library goes in the initrd or /usr (the loader in lib64, as on Debian)."""
-    return f"lib64/{lib.name}" if lib.name.startswith("ld-linux") else f"lib/x86_64-linux-gnu/{lib.name}"
+def applets() -> list[str]:
+    """busybox's applets. The host's busybox-static lists them (a foreign one cannot run
+    here); Debian builds every arch's busybox-static from one source and config."""
+    return [a for a in run([BUSYBOX, "--list"]).stdout.decode().split() if a != "busybox"]
 
 
-def shared_libraries(binary: Path) -> list[Path]:
-    """The shared libraries `binary` loads (ldd), the dynamic loader included."""
-    libs = []
-    for line in run(["ldd", binary]).stdout.decode().splitlines():
-        words = line.split()
-        path = words[2] if len(words) >= 3 and words[1] == "=>" else words[0]
-        if path.startswith("/"):
-            libs.append(Path(path))
-    return libs
-
-
-def make_usr(dest: Path, busybox: Path, version: str, pad_mb: int) -> None:
+def make_usr(dest: Path, root: Root, version: str, pad_mb: int) -> None:
     """usr.squashfs: busybox and its applets, Debian's dropbear sshd with the libraries it
     loads, an os-release and optional incompressible padding."""
     tree = dest.with_name("usr-tree")
     shutil.rmtree(tree, ignore_errors=True)
-    for d in ("bin", "sbin", "lib64", "lib/x86_64-linux-gnu"):
+    for d in ("bin", "sbin", "lib64", f"lib/{root.triplet}"):
         (tree / d).mkdir(parents=True)
-    shutil.copy2(busybox, tree / "bin" / "busybox")
-    for applet in run([busybox, "--list"]).stdout.decode().split():
-        if applet != "busybox":
-            (tree / "bin" / applet).symlink_to("busybox")
+    shutil.copy2(root.file(BUSYBOX), tree / "bin" / "busybox")
+    for applet in applets():
+        (tree / "bin" / applet).symlink_to("busybox")
     # busybox sh runs its own applets, ping included, in-process: core's shell needs raw
     # sockets for ping, as Flatcar's ping has (squashfs keeps the capability xattr).
     run(["setcap", "cap_net_raw+ep", tree / "bin" / "busybox"])
     for program, place in PROGRAMS.items():
-        shutil.copy2(program, tree / place)
-        for lib in shared_libraries(program):
-            shutil.copy2(lib.resolve(), tree / library_place(lib))
+        shutil.copy2(debroot.real_path(root, root.file(program)), tree / place)
+        for lib_place, lib in debroot.shared_libraries(root, root.file(program)).items():
+            (tree / lib_place).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(lib, tree / lib_place)
     (tree / "lib" / "os-release").write_text(
         f'NAME="leanvm mini"\nID=leanvm-mini\nVERSION_ID={version}\nPRETTY_NAME="leanvm mini release {version}"\n'
     )
@@ -237,8 +245,9 @@ def sign(home: Path, fingerprint: str, path: Path) -> None:
     run([*gpg(home), "--local-user", fingerprint, "--detach-sign", "--output", f"{path}.sig", path])
 
 
-def write_profile(dest: Path, mirror: Path, key: Path, fingerprint: str, kernel_args: str) -> None:
+def write_profile(dest: Path, mirror: Path, key: Path, fingerprint: str, kernel_args: str, arch: Arch) -> None:
     profile = {
+        "arch": arch.value,
         "base_url": mirror.as_uri() + "/",
         "version": "current",
         "version_file": "version.txt",
@@ -258,41 +267,61 @@ def write_profile(dest: Path, mirror: Path, key: Path, fingerprint: str, kernel_
     write_atomic(dest, (header + yaml.safe_dump(profile, sort_keys=False)).encode())
 
 
-def publish_version(work: Path, vdir: Path, kernel: Kernel, busybox: Path, pad_mb: int,
+def publish_version(work: Path, vdir: Path, kernel: Kernel, root: Root, pad_mb: int,
                     sign_file: Callable[[Path], None]) -> None:
     """Write and sign one version of the mini release into the mirror directory vdir."""
     work.mkdir(parents=True, exist_ok=True)
-    make_usr(work / "usr.squashfs", busybox, vdir.name, pad_mb)
+    make_usr(work / "usr.squashfs", root, vdir.name, pad_mb)
     vdir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(kernel.vmlinuz, vdir / KERNEL)
-    make_initrd(vdir / INITRD, kernel, busybox)
+    make_initrd(vdir / INITRD, kernel, root)
     write_cpio_gz(vdir / IMAGE, {"usr.squashfs": work / "usr.squashfs"})
     (work / "usr.squashfs").unlink()
     for name in (KERNEL, INITRD, IMAGE):
         sign_file(vdir / name)
 
 
-def build(out: Path, pad_mb: int = 0, busybox: Path = Path("/bin/busybox")) -> Path:
-    """Build the mini release under `out`; returns the directory holding its profiles."""
-    kernel = fetch_kernel(out / "kernel")
-    for program, package in ((DROPBEAR, "dropbear-bin"), (IGNITION, "ignition"), (Path("/usr/sbin/useradd"), "passwd")):
+def program_root(out: Path, arch: Arch) -> Root:
+    """The programs of the release: the host's (checked to be there), or Debian's of `arch`."""
+    if arch is not debroot.host_arch():
+        return debroot.unpacked(PACKAGES, arch, out / f"root-{arch}")
+    for program, package in ((DROPBEAR, "dropbear-bin"), (IGNITION, "ignition"), (Path("/usr/sbin/useradd"), "passwd"),
+                             (BUSYBOX, "busybox-static")):
         if not program.exists():
             raise LeanvmError(f"{program}: not found", f"install it: apt-get install {package}")
-    programs = b"".join(hashlib.sha256(p.read_bytes()).digest() for p in [*PROGRAMS, *INITRD_PROGRAMS])
-    inputs = Path(__file__).read_bytes() + INIT_SCRIPT.read_bytes() + programs + f"{kernel.version}/{pad_mb}".encode()
-    digest = hashlib.sha256(inputs).hexdigest()
-    version = f"1.{pad_mb}.{digest[:8]}"
-    mirror = out / "mirror"
+    return Root(Path("/"), arch)
+
+
+def suffix(arch: Arch) -> str:
+    """What names the arch's files: nothing for amd64 (mini.yaml, mirror/), -arm64 else."""
+    return "" if arch is Arch.AMD64 else f"-{arch}"
+
+
+def build(out: Path, pad_mb: int = 0, arch: Arch = Arch.AMD64) -> Path:
+    """Build the mini release for `arch` under `out`; returns the directory holding its
+    profiles (mini.yaml and mini-vdx.yaml for amd64, mini-arm64.yaml for arm64)."""
+    kernel = fetch_kernel(out / f"kernel{suffix(arch)}", arch)
+    root = program_root(out, arch)
+    programs = b"".join(hashlib.sha256(debroot.real_path(root, root.file(p)).read_bytes()).digest()
+                        for p in [BUSYBOX, *PROGRAMS, *INITRD_PROGRAMS])
+    inputs = (Path(__file__).read_bytes() + INIT_SCRIPT.read_bytes() + programs
+              + f"{kernel.version}/{pad_mb}/{arch}".encode())
+    version = f"1.{pad_mb}.{hashlib.sha256(inputs).hexdigest()[:8]}"
+    mirror = out / f"mirror{suffix(arch)}"
     vdir = mirror / version
     key = out / "demo-signing-key.asc"
     with gnupg_home(out / "gnupg") as home:
         fingerprint = demo_key(home)
         if not (vdir / f"{IMAGE}.sig").exists():
-            publish_version(out / "work", vdir, kernel, busybox, pad_mb, lambda path: sign(home, fingerprint, path))
+            publish_version(out / f"work{suffix(arch)}", vdir, kernel, root, pad_mb,
+                            lambda path: sign(home, fingerprint, path))
         key.write_bytes(run([*gpg(home), "--armor", "--export", fingerprint]).stdout)
     write_atomic(mirror / "current" / "version.txt", f"MINI_VERSION={version}\n".encode())
-    write_profile(out / "mini.yaml", mirror, key, fingerprint, FLATCAR_ARGS)
-    write_profile(out / "mini-vdx.yaml", mirror, key, fingerprint, VDX_ARGS)
+    console = CONSOLES[arch]
+    write_profile(out / f"mini{suffix(arch)}.yaml", mirror, key, fingerprint,
+                  FLATCAR_ARGS.replace("console=ttyS0", f"console={console}"), arch)
+    if arch is Arch.AMD64:
+        write_profile(out / "mini-vdx.yaml", mirror, key, fingerprint, VDX_ARGS, arch)
     return out
 
 
@@ -300,12 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m leanvm_dev.minirelease", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=CHECKOUT / "out" / "minirelease")
     parser.add_argument("--pad-mb", type=int, default=0, help="pad /usr with N MiB of random data")
+    parser.add_argument("--arch", type=Arch, choices=list(Arch), default=Arch.AMD64)
     args = parser.parse_args(argv)
     try:
-        out = build(args.out.resolve(), args.pad_mb)
+        out = build(args.out.resolve(), args.pad_mb, args.arch)
     except LeanvmError as e:
         return report(e)
-    print(f"mini release profiles: {out / 'mini.yaml'} (Flatcar's arguments), {out / 'mini-vdx.yaml'} (/dev/vdX)")
+    print(f"mini release profile: {out / f'mini{suffix(args.arch)}.yaml'} (Flatcar's arguments)")
     return 0
 
 

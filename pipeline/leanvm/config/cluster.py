@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from leanvm.arch import Arch
 from leanvm.errors import LeanvmError
 from leanvm.resources import PROFILES
 from leanvm.state.identity import Identity, Wanted
@@ -46,6 +47,7 @@ class Release:
     kernel_args: str
     ignition_fw_cfg: str | None = None
     first_boot_args: str | None = None  # kernel args for boots whose root has no Ignition result
+    arch: Arch = Arch.AMD64
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,13 @@ class Key:
     required: bool = False
 
 
+def _arch(value: Any, where: _Where) -> Arch:
+    try:
+        return Arch(value)
+    except ValueError:
+        raise where.error(f"unknown arch {value!r}", f"use one of: {', '.join(a.value for a in Arch)}") from None
+
+
 def _as_is(value: Any, where: _Where) -> Any:
     return value  # checked where it is used (a nested mapping, a profile reference)
 
@@ -324,6 +333,7 @@ PROFILE_KEYS = {
     "kernel_args": Key(_string, required=True),
     "ignition_fw_cfg": Key(_optional_string),
     "first_boot_args": Key(_optional_string),
+    "arch": Key(_arch),
 }
 VM_KEYS = {
     "memory": Key(_int_at_least(128)),
@@ -464,6 +474,7 @@ def load_profile(path: Path) -> Release:
         kernel_args=" ".join(values["kernel_args"].split()),
         ignition_fw_cfg=values.get("ignition_fw_cfg"),
         first_boot_args=" ".join(values["first_boot_args"].split()) if values.get("first_boot_args") else None,
+        arch=values.get("arch", Arch.AMD64),
     )
 
 

@@ -266,7 +266,7 @@ case ${1-} in
     case ${1-} in -*) die "up: unknown option '$1' (usage: cluster.sh up [--wait [SECONDS]] [NAME...])" ;; esac
     select_vms "$@"
     accel=$(resolve_accel "${LEANVM_ACCEL:-auto}") ||
-      die "LEANVM_ACCEL must be auto, kvm or tcg, not '${LEANVM_ACCEL-}'"
+      die "LEANVM_ACCEL must be auto, kvm, hvf or tcg, not '${LEANVM_ACCEL-}'"
     up_status=0
     up || up_status=$?
     if [ -n "$wait_seconds" ]; then

@@ -37,7 +37,7 @@ Start VM $name ($release $version).
   --detach     run in the background: console in console.log
 The QEMU monitor is reachable through the FIFOs monitor.in/.out beside run.sh.
   --help       this text
-Environment: LEANVM_ACCEL=auto|kvm|tcg (default auto), LEANVM_QEMU=BINARY,
+Environment: LEANVM_ACCEL=auto|kvm|hvf|tcg (default auto), LEANVM_QEMU=BINARY,
   LEANVM_APPEND="ARGS" (extra kernel arguments), LEANVM_BALLOON=on|off (default on)
 EOF
 }
@@ -159,9 +159,12 @@ if [ "$mode" = detach ]; then
   exit 0
 fi
 
-accel=$(resolve_accel "${LEANVM_ACCEL:-auto}") ||
-  die "LEANVM_ACCEL must be auto, kvm or tcg, not '${LEANVM_ACCEL-}'"
-if [ "$accel" = kvm ]; then cpu=host; else cpu=max; fi
+accel=$(resolve_accel "${LEANVM_ACCEL:-auto}" "$arch") ||
+  die "LEANVM_ACCEL must be auto, kvm, hvf or tcg, not '${LEANVM_ACCEL-}'"
+if [ "$accel" != tcg ] && [ "$arch" != "$(host_arch)" ]; then
+  die "LEANVM_ACCEL=$accel cannot run VM $name ($arch) on this $(host_arch) host: use LEANVM_ACCEL=tcg or auto"
+fi
+if [ "$accel" = tcg ]; then cpu=max; else cpu=host; fi
 
 # The kernel command line, with the first-boot arguments if this is a first boot (decided
 # once nothing else stands in the way: a running VM's disk is not ours to read).
@@ -221,7 +224,7 @@ fi
 
 # --- checks, before anything is touched ----------------------------------------------------
 command -v "$qemu" >/dev/null 2>&1 ||
-  die "$qemu not found: install it (apt-get install qemu-system-x86) or set LEANVM_QEMU"
+  die "$qemu not found: install it (apt-get install $qemu_package) or set LEANVM_QEMU"
 refuse_if_running
 # One run.sh at a time per VM (fd 8 on run.lock, never inherited by QEMU): a run.sh that was
 # killed leaves a keeper that stops its QEMU and clears up; a start waits for it.

@@ -28,12 +28,33 @@ check_ports() {
   done
 }
 
-# The accelerator for LEANVM_ACCEL ($1: auto, kvm or tcg): auto is KVM when /dev/kvm is
-# usable by this user, else TCG. Prints kvm or tcg; fails for any other value.
+# This host's architecture in leanvm's names (amd64, arm64), from uname -m (Linux says
+# x86_64 or aarch64, macOS x86_64 or arm64).
+host_arch() {
+  case $(uname -m) in
+    x86_64|amd64) echo amd64 ;;
+    aarch64|arm64) echo arm64 ;;
+    *) uname -m ;;
+  esac
+}
+
+# The accelerator for LEANVM_ACCEL ($1: auto, kvm, hvf or tcg) and a guest of arch $2
+# (default: this host's). auto is, for a guest of the host's own arch, KVM on Linux when
+# /dev/kvm is usable by this user and HVF on macOS when the kernel offers it; TCG otherwise
+# (a guest of another arch is always emulated). Prints kvm, hvf or tcg; fails for any other value.
 resolve_accel() {
   case $1 in
-    auto) if [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then echo kvm; else echo tcg; fi ;;
-    kvm|tcg) echo "$1" ;;
+    auto)
+      if [ "${2:-$(host_arch)}" != "$(host_arch)" ]; then
+        echo tcg
+      elif [ "$(uname -s)" = Darwin ]; then
+        if [ "$(sysctl -n kern.hv_support 2>/dev/null)" = 1 ]; then echo hvf; else echo tcg; fi
+      elif [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
+        echo kvm
+      else
+        echo tcg
+      fi ;;
+    kvm|hvf|tcg) echo "$1" ;;
     *) return 1 ;;
   esac
 }

@@ -32,7 +32,7 @@ Options:
                  e.g. qemu:///system or qemu+ssh://HOST/system
   --dir DIR      where this out/ is on the libvirt host (default: $out); a remote host
                  needs this out/ (a bundle) unpacked there
-Environment: LEANVM_ACCEL=auto|kvm|tcg (default auto: KVM if the host offers it).
+Environment: LEANVM_ACCEL=auto|kvm|tcg (default auto: KVM if the host offers it for the VM's arch).
 The console: virsh console $prefix-NAME, logged to vms/NAME/console.log.
 EOF
 }
@@ -98,10 +98,12 @@ check_python() {
     die "$python cannot import leanvm: set LEANVM_PYTHON to a Python that has leanvm installed"
 }
 
+# KVM or TCG for the VM whose values are loaded: auto is KVM where the libvirt host offers
+# it for the VM's arch (never for a guest of another arch than the host's).
 choose_accel() {
   accel=${LEANVM_ACCEL:-auto}
   case $accel in
-    auto) if v domcapabilities --virttype kvm >/dev/null 2>&1; then accel=kvm; else accel=tcg; fi ;;
+    auto) if v domcapabilities --virttype kvm --arch "$cpu_arch" >/dev/null 2>&1; then accel=kvm; else accel=tcg; fi ;;
     kvm|tcg) ;;
     *) die "LEANVM_ACCEL must be auto, kvm or tcg, not '$accel'" ;;
   esac
@@ -118,12 +120,12 @@ define_vm() {
 }
 
 define() {
-  choose_accel
   check_python
   v net-info "$network" >/dev/null 2>&1 ||
     v_or_die "cannot define network $network" net-define "$out/libvirt/network.xml"
   for vm in $(vms); do
     load_vm "$vm"
+    choose_accel
     define_vm "$vm" "$kernel_args"
     echo "$vm: defined as $(domain_of "$vm") ($accel)"
   done
@@ -162,12 +164,12 @@ check_startable() {
 
 start() {
   [ -n "$(vms)" ] || die "no domain.xml in $out/vms: run doit libvirt"
-  choose_accel
   check_python
   check_startable
   network_active || v_or_die "cannot start network $network" net-start "$network"
   for vm in $(vms); do
     load_vm "$vm"
+    choose_accel
     args=$kernel_args rule="not a first boot"
     if is_first_boot "$vm"; then args="$args $first_boot_args" rule="first boot"; fi
     # this boot's command line, then the plain one again for the next start (virt-manager, virsh)

@@ -86,7 +86,7 @@ def _boot(domain: ET.Element, values: Mapping[str, str], vm_dir: Path, images: P
         sysinfo = _sub(domain, "sysinfo", type="fwcfg")
         _sub(sysinfo, "entry", name=values["ignition_fw_cfg"], file=str(vm_dir / "ignition.json"))
     os_ = _sub(domain, "os")
-    _sub(os_, "type", "hvm", arch="x86_64", machine=values["machine"])
+    _sub(os_, "type", "hvm", arch=values["cpu_arch"], machine=values["machine"].split(",")[0])
     _sub(os_, "kernel", str(images / "vmlinuz"))
     if values["initrd"]:
         _sub(os_, "initrd", str(images / "initrd"))
@@ -104,7 +104,8 @@ def domain_xml(name: str, values: Mapping[str, str], base: Path, prefix: str, ac
     _sub(domain, "memory", values["memory"], unit="MiB")
     _sub(domain, "vcpu", values["cpus"])
     _boot(domain, values, vm_dir, images, cmdline)
-    _sub(_sub(domain, "features"), "acpi")
+    if values["arch"] == "amd64":  # arm64: ACPI needs UEFI; a -kernel boot describes the machine with a device tree
+        _sub(_sub(domain, "features"), "acpi")
     _sub(domain, "cpu", mode="host-passthrough" if accel == "kvm" else "maximum")
     _sub(domain, "on_poweroff", "destroy")
     _devices(domain, values, vm_dir, images, f"{prefix}-cluster")
