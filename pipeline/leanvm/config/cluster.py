@@ -62,6 +62,7 @@ class VM:
     user_data: Path | None
     ssh_authorized_keys: tuple[str, ...]
     wanted: Wanted  # the ssh port, cluster address and forwarded ports the file gives
+    release: Release  # the cluster's, or the VM's own `release` (e.g. an arm64 VM among amd64 ones)
     forward: tuple[tuple[int, int], ...] = ()  # the `forward` key: extra (host, guest) TCP ports
     ignition: Path | None = None
     kernel_args: str = ""  # appended after the release profile's kernel_args
@@ -93,17 +94,25 @@ class VM:
         return self.wanted.cluster_ip is not None
 
 
-def kernel_args(vm: VM, release: Release) -> str:
-    """VM vm's kernel command line: the profile's arguments, then the VM's own."""
-    return " ".join(filter(None, (release.kernel_args, vm.kernel_args)))
+def kernel_args(vm: VM) -> str:
+    """VM vm's kernel command line: its release profile's arguments, then the VM's own."""
+    return " ".join(filter(None, (vm.release.kernel_args, vm.kernel_args)))
 
 
 @dataclass(frozen=True)
 class Cluster:
     path: Path
-    release: Release
+    release: Release  # the cluster file's `release`: every VM's unless it names its own
     vms: tuple[VM, ...]
     subnet: str = "10.77.0.0/24"
+
+    @property
+    def releases(self) -> tuple[Release, ...]:
+        """Every release a VM of the cluster runs, the cluster's own first."""
+        found = {self.release.name: self.release}
+        for vm in self.vms:
+            found.setdefault(vm.release.name, vm.release)
+        return tuple(found.values())
 
 
 class _Where:
@@ -346,6 +355,7 @@ VM_KEYS = {
     "forward": Key(_forward_pairs),
     "ignition": Key(_string),
     "kernel_args": Key(_string),
+    "release": Key(_string),
 }
 CLUSTER_KEYS = {
     "release": Key(_as_is, required=True),
@@ -528,9 +538,21 @@ def load_cluster(path: Path) -> Cluster:
     return Cluster(path=path, release=release, vms=vms, subnet=str(subnet))
 
 
+def _vm_release(settings: dict[str, Any], where: _Where, path: Path, default: Release) -> Release:
+    """The VM's own `release` (a profile name or path, as the cluster's), else the cluster's.
+    Two profiles of one name would share out/images/NAME: refused."""
+    if "release" not in settings:
+        return default
+    release = load_profile(_release_path(settings["release"], where / "release", path))
+    if release.name == default.name and release.path != default.path:
+        raise (where / "release").error(f"{release.path} has the name of the cluster's release {default.path}",
+                                        "rename one of the profile files")
+    return release
+
+
 def _parse_vms(data: dict, where: _Where, path: Path, release: Release,
                subnet: ipaddress.IPv4Network) -> dict[str, dict[str, Any]]:
-    """Each VM's settings, defaults applied, every key checked."""
+    """Each VM's settings, defaults applied, every key checked; "release" holds the VM's."""
     raw_defaults = _mapping(data.get("defaults"), where / "defaults", VM_KEYS)  # checked below
     if "ssh_port" in raw_defaults:
         raise (where / "defaults" / "ssh_port").error(
@@ -545,8 +567,21 @@ def _parse_vms(data: dict, where: _Where, path: Path, release: Release,
         if not isinstance(name, str) or not VM_NAME.match(name):
             raise vm_where.error("bad VM name", "use lower-case letters, digits and '-', starting with a letter")
         per_vm[name] = {**defaults, **_vm_settings(raw, vm_where, path)}
-        _check_vm(per_vm[name], vm_where, release, subnet)
+        where_release = vm_where if "release" in (raw or {}) else where / "defaults"
+        per_vm[name]["release"] = _vm_release(per_vm[name], where_release, path, release)
+        _check_vm(per_vm[name], vm_where, per_vm[name]["release"], subnet)
+    _check_release_names(per_vm, where)
     return per_vm
+
+
+def _check_release_names(per_vm: dict[str, dict[str, Any]], where: _Where) -> None:
+    seen: dict[str, Release] = {}
+    for name, settings in per_vm.items():
+        release = settings["release"]
+        other = seen.setdefault(release.name, release)
+        if other.path != release.path:
+            raise (where / "vms" / name / "release").error(
+                f"{release.path} and {other.path} have one name", "rename one of the profile files")
 
 
 def _check_unique(per_vm: dict[str, dict[str, Any]], where: _Where) -> None:
@@ -581,6 +616,7 @@ def _vm(name: str, settings: dict[str, Any]) -> VM:
         ssh_authorized_keys=settings.get("ssh_authorized_keys", ()),
         wanted=Wanted(name, settings.get("ssh_port"), settings.get("cluster_ip"),
                                tuple(host for host, _ in forward)),
+        release=settings["release"],
         forward=forward,
         ignition=settings.get("ignition"),
         kernel_args=settings.get("kernel_args", ""),

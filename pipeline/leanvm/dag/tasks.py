@@ -32,23 +32,27 @@ BUILD_TASKS = ["download", "verify", "extract", "rootfs", "sshkey", "configdrive
 
 @dataclass(frozen=True)
 class Context:
-    """The loaded cluster, the release version it is built for, and where things go."""
+    """The loaded cluster, the version of each release it runs, and where things go."""
 
     cluster: Cluster
-    version: str
+    versions: dict[str, str]  # release name -> the version it is built for
     layout: Layout
 
     @property
     def out(self) -> Path:
         return self.layout.out
 
-    @property
-    def images(self) -> Path:
-        return self.layout.images(self.cluster.release.name, self.version)
+    def version(self, release: Release) -> str:
+        return self.versions[release.name]
 
-    @property
-    def cache(self) -> Path:
-        return self.layout.cache(self.cluster.release.name, self.version)
+    def images(self, release: Release) -> Path:
+        return self.layout.images(release.name, self.version(release))
+
+    def cache(self, release: Release) -> Path:
+        return self.layout.cache(release.name, self.version(release))
+
+    def all_images(self) -> list[Path]:
+        return [self.images(release) for release in self.cluster.releases]
 
     def disks(self, vm: VM) -> rootfs.Disks:
         vm_dir = self.layout.vm(vm.name)
@@ -100,11 +104,12 @@ def context() -> Context:
         if claims:  # only a cluster file that loads claims out/
             identity.check_owner(out, config, record=True)
             identity.register(out)
-        state = Layout(out).current_version(cluster.release.name)
-        version = fetch.resolve_version(cluster.release, state, online=claims)
+        versions = {release.name: fetch.resolve_version(release, Layout(out).current_version(release.name),
+                                                        online=claims)
+                    for release in cluster.releases}
     except LeanvmError as e:
         fail(e)
-    return Context(cluster, version, Layout(out))
+    return Context(cluster, versions, Layout(out))
 
 
 # --- release stages (what "done" means for them: publish.py) -------------------------
@@ -132,22 +137,27 @@ def artifacts(release: Release, images: Path) -> list[Artifact]:
     return found
 
 
-def _raw(ctx: Context, artifact: Artifact) -> tuple[Path, Path]:
-    data = ctx.cache / artifact.upstream
-    return data, data.with_name(data.name + ctx.cluster.release.signature_suffix)
+def _raw(ctx: Context, release: Release, artifact: Artifact) -> tuple[Path, Path]:
+    data = ctx.cache(release) / artifact.upstream
+    return data, data.with_name(data.name + release.signature_suffix)
 
 
-def _verified_image(ctx: Context) -> Path:
-    return ctx.cache / "verified" / ctx.cluster.release.image
+def _verified_image(ctx: Context, release: Release) -> Path:
+    return ctx.cache(release) / "verified" / release.image
+
+
+def _release_artifacts(ctx: Context) -> Iterator[tuple[Release, Artifact]]:
+    for release in ctx.cluster.releases:
+        for artifact in artifacts(release, ctx.images(release)):
+            yield release, artifact
 
 
 def task_download() -> Iterator[dict]:
-    """download the release's kernel, initrd and image, each with its signature"""
+    """download each release's kernel, initrd and image, each with its signature"""
     ctx = context()
-    release = ctx.cluster.release
-    for artifact in artifacts(release, ctx.images):
-        data, sig = _raw(ctx, artifact)
-        url = fetch.url_for(release, ctx.version, artifact.upstream)
+    for release, artifact in _release_artifacts(ctx):
+        data, sig = _raw(ctx, release, artifact)
+        url = fetch.url_for(release, ctx.version(release), artifact.upstream)
         yield {
             "name": f"{release.name}:{artifact.kind}",
             "doc": f"download {artifact.upstream} and its signature",
@@ -160,11 +170,10 @@ def task_download() -> Iterator[dict]:
 def task_verify() -> Iterator[dict]:
     """check each download's signature against the pinned key; publish it into out/images"""
     ctx = context()
-    release = ctx.cluster.release
-    for artifact in artifacts(release, ctx.images):
-        data, sig = _raw(ctx, artifact)
+    for release, artifact in _release_artifacts(ctx):
+        data, sig = _raw(ctx, release, artifact)
         final = artifact.kind is not Kind.IMAGE
-        target = artifact.published if final else _verified_image(ctx)
+        target = artifact.published if final else _verified_image(ctx, release)
         yield {
             "name": f"{release.name}:{artifact.kind}",
             "doc": f"check the signature of {artifact.upstream}",
@@ -179,16 +188,17 @@ def task_verify() -> Iterator[dict]:
 def task_extract() -> Iterator[dict]:
     """write the verified usr.squashfs into the USR-A partition of out/images/.../usr.img"""
     ctx = context()
-    release = ctx.cluster.release
-    image = next(a for a in artifacts(release, ctx.images) if a.kind is Kind.IMAGE)
-    yield {
-        "name": release.name,
-        "doc": f"write {release.usr_member} of the verified image into the USR-A partition of usr.img",
-        "actions": [action(publish.extract_and_publish, _verified_image(ctx), release.usr_member, image.published,
-                           _raw(ctx, image))],
-        "task_dep": [f"verify:{release.name}:image"],
-        "uptodate": [(publish.done_when, [release.fingerprints, image.published])],
-    }
+    for release, image in _release_artifacts(ctx):
+        if image.kind is not Kind.IMAGE:
+            continue
+        yield {
+            "name": release.name,
+            "doc": f"write {release.usr_member} of the verified image into the USR-A partition of usr.img",
+            "actions": [action(publish.extract_and_publish, _verified_image(ctx, release), release.usr_member,
+                               image.published, _raw(ctx, release, image))],
+            "task_dep": [f"verify:{release.name}:image"],
+            "uptodate": [(publish.done_when, [release.fingerprints, image.published])],
+        }
 
 
 # --- per-VM stages -------------------------------------------------------------------
@@ -242,11 +252,11 @@ def task_launcher() -> Iterator[dict]:
     """per VM: install run.sh and write its values file out/state/vms/NAME.env"""
     ctx = context()
     for vm in ctx.cluster.vms:
-        values = launcher.values(vm, ctx.cluster.release, ctx.version)
+        values = launcher.values(vm, ctx.version(vm.release))
         yield {
             "name": vm.name,
             "doc": "install run.sh and write the VM's values (identity, boot) in out/state/vms/NAME.env",
-            "actions": [action(launcher.write, vm, ctx.cluster.release, ctx.version, ctx.out)],
+            "actions": [action(launcher.write, vm, ctx.version(vm.release), ctx.out)],
             "file_dep": [LAUNCHER_BODY],
             "targets": [ctx.layout.vm(vm.name) / "run.sh"],  # not the values: clean never deletes them
             "uptodate": [config_changed(values), (os.path.exists, [ctx.layout.values(vm.name)])],
@@ -306,14 +316,14 @@ def write_files(files: dict[Path, str]) -> None:
 def task_libvirt() -> dict:
     """The cluster for libvirt (explicit: `doit libvirt`); out/libvirt.sh drives virsh."""
     ctx = context()
-    layout, release = ctx.layout, ctx.cluster.release
+    layout = ctx.layout
     files = {layout.libvirt / "network.xml": libvirt.network_xml(layout.out),
              layout.libvirt / "cluster.env": libvirt.cluster_env(layout.out),
              layout.script("libvirt.sh"): LIBVIRT_SCRIPT.read_text()}
     for vm in ctx.cluster.vms:
-        values = launcher.values(vm, release, ctx.version)
+        values = launcher.values(vm, ctx.version(vm.release))
         files[layout.vm(vm.name) / "domain.xml"] = libvirt.domain_xml(
-            vm.name, values, layout.out, libvirt.prefix(layout.out), "kvm", kernel_args(vm, release))
+            vm.name, values, layout.out, libvirt.prefix(layout.out), "kvm", kernel_args(vm))
     return {
         "doc": "write out/vms/NAME/domain.xml, out/libvirt/network.xml and out/libvirt.sh (define|start|stop|...)",
         "actions": [action(write_files, files)],
@@ -328,12 +338,14 @@ def task_bundle() -> dict:
     """One archive of the whole built cluster (explicit: `doit bundle`)."""
     ctx = context()
     layout, cluster = ctx.layout, ctx.cluster
-    dest = layout.bundles / f"{cluster.path.stem}-{cluster.release.name}-{ctx.version}.tar.gz"
-    meta = {"release": cluster.release.name, "version": ctx.version, "cluster": cluster.path.name}
+    dest = layout.bundles / f"{cluster.path.stem}-{cluster.release.name}-{ctx.version(cluster.release)}.tar.gz"
+    meta = {"release": cluster.release.name, "version": ctx.version(cluster.release), "cluster": cluster.path.name,
+            "releases": {r.name: ctx.version(r) for r in cluster.releases},
+            "arches": sorted({r.arch.value for r in cluster.releases})}
     names = [vm.name for vm in cluster.vms]
     return {
         "doc": "write out/bundles/CLUSTER-RELEASE-VERSION.tar.gz (images once, every VM, MANIFEST.json)",
-        "actions": [action(bundle.write_bundle, layout.out, ctx.images, names, dest, meta)],
+        "actions": [action(bundle.write_bundle, layout.out, ctx.all_images(), names, dest, meta)],
         "task_dep": BUILD_TASKS,
         "uptodate": [False],
     }
@@ -345,7 +357,7 @@ def task_prune() -> dict:
     return {
         "doc": "remove out/images/RELEASE/VERSION directories that no VM uses any more",
         "actions": [action(doitenv.refuse_while_running, ctx.out, tool("prune")),
-                    action(prune.prune, ctx.out, {ctx.images})],
+                    action(prune.prune, ctx.out, set(ctx.all_images()))],
         "uptodate": [False],
     }
 

@@ -5,7 +5,10 @@ VM's directory, out/cluster.sh and MANIFEST.json (sha256 of every file, release,
 version). Root disks are stored sparse (libarchive finds the holes), so a 4G disk stays
 a few MB in the archive and after `tar -xf` (GNU tar or bsdtar) or `unbundle`.
 
-    python -m leanvm.ship.bundle unbundle ARCHIVE DIR   # unpack sparse and check the manifest
+    python -m leanvm.ship.bundle unbundle [--arch ARCH] ARCHIVE DIR   # unpack sparse, check the manifest
+
+The manifest records the arch of the bundle's VMs (`arches`): `--arch` refuses, before
+anything is written, a bundle whose VMs are of another arch.
 """
 
 import argparse
@@ -18,6 +21,7 @@ import libarchive
 import libarchive.exception
 from libarchive.extract import EXTRACT_PERM, EXTRACT_SPARSE, EXTRACT_TIME
 
+from leanvm.arch import Arch
 from leanvm.errors import LeanvmError, note, report, tool
 from leanvm.fsutil import temp_path
 from leanvm.release.record import sha256_file
@@ -29,11 +33,11 @@ CLUSTER_FILES = ("lib.sh", "cluster.sh", "libvirt.sh", "libvirt/network.xml", "l
 RUNTIME_FILES = {"qemu.pid", "console.log", "monitor.in", "monitor.out", "run.sh.retired"}
 
 
-def cluster_files(out: Path, images: Path, vm_names: list[str]) -> list[Path]:
+def cluster_files(out: Path, images: list[Path], vm_names: list[str]) -> list[Path]:
     """The files a bundle carries, relative to out/."""
-    # The images with their recorded digests (.NAME.sha256), so an unpacked bundle is also a
-    # ready out/images cache.
-    files = [p for p in sorted(images.iterdir())
+    # The images of every release with their recorded digests (.NAME.sha256), so an unpacked
+    # bundle is also a ready out/images cache.
+    files = [p for d in images for p in sorted(d.iterdir())
              if p.is_file() and (not p.name.startswith(".") or p.name.endswith(".sha256"))]
     files += [out / script for script in CLUSTER_FILES if (out / script).exists()]
     # The cluster key travels: whoever unpacks the bundle logs in with `cluster.sh ssh`, as
@@ -46,7 +50,7 @@ def cluster_files(out: Path, images: Path, vm_names: list[str]) -> list[Path]:
     return [p.relative_to(out) for p in files]
 
 
-def write_bundle(out: Path, images: Path, vm_names: list[str], dest: Path, meta: dict[str, str]) -> None:
+def write_bundle(out: Path, images: list[Path], vm_names: list[str], dest: Path, meta: dict[str, str]) -> None:
     for name in vm_names:
         pid = running_pid(Layout(out).vm(name))
         if pid is not None:
@@ -98,9 +102,32 @@ def check_dest(dest: Path) -> None:
                           "unpack into a new or empty directory")
 
 
-def unbundle(archive: Path, dest: Path) -> dict:
-    """Unpack a bundle (keeping holes) into `dest` and check it against its manifest."""
+def read_manifest(archive: Path) -> dict:
+    """The manifest, read from the archive itself (its first member) before unpacking."""
+    try:
+        with libarchive.file_reader(str(archive)) as entries:
+            for entry in entries:
+                if entry.pathname == MANIFEST:
+                    return json.loads(b"".join(entry.get_blocks()))
+                break
+    except (libarchive.exception.ArchiveError, ValueError) as e:
+        raise LeanvmError(f"{archive}: not a leanvm bundle: {e}", f"make one with {tool('bundle')}") from None
+    raise LeanvmError(f"{archive}: not a leanvm bundle (no {MANIFEST} first)", f"make one with {tool('bundle')}")
+
+
+def check_arch(archive: Path, manifest: dict, arch: str) -> None:
+    arches = manifest.get("arches", ["amd64"])  # bundles made before arm64 were amd64
+    if arches != [arch]:
+        raise LeanvmError(f"{archive} holds VMs of arch {', '.join(arches)}, not {arch}",
+                          "unpack it where those VMs are to run, with --arch set to theirs (or no --arch)")
+
+
+def unbundle(archive: Path, dest: Path, arch: str | None = None) -> dict:
+    """Unpack a bundle (keeping holes) into `dest` and check it against its manifest; with
+    `arch`, only a bundle whose VMs are all of that arch."""
     archive = archive.resolve()  # before changing into dest: a relative path means the caller's
+    if arch is not None:
+        check_arch(archive, read_manifest(archive), arch)
     check_dest(dest)
     dest.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
@@ -118,15 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m leanvm.ship.bundle", description="unpack a leanvm bundle")
     sub = parser.add_subparsers(dest="command", required=True)
     unpack = sub.add_parser("unbundle", help="unpack ARCHIVE into DIR and check its manifest")
+    unpack.add_argument("--arch", choices=[a.value for a in Arch], help="refuse a bundle of VMs of another arch")
     unpack.add_argument("archive", type=Path)
     unpack.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
     try:
-        manifest = unbundle(args.archive, args.dir)
+        manifest = unbundle(args.archive, args.dir, args.arch)
     except LeanvmError as e:
         return report(e)
-    print(f"{args.dir}: {len(manifest['files'])} files match the manifest "
-          f"({manifest.get('release')} {manifest.get('version')}); start a VM with {args.dir}/vms/NAME/run.sh")
+    arches = ", ".join(manifest.get("arches", ["amd64"]))
+    print(f"{args.dir}: {len(manifest['files'])} files match the manifest ({manifest.get('release')} "
+          f"{manifest.get('version')}, {arches}); start a VM with {args.dir}/vms/NAME/run.sh")
     return 0
 
 

@@ -9,7 +9,7 @@ identity by identity.save). libvirt.sh renders its domains from the same values.
 from dataclasses import replace
 from pathlib import Path
 
-from leanvm.config.cluster import VM, Release, kernel_args
+from leanvm.config.cluster import VM, kernel_args
 from leanvm.fsutil import write_atomic
 from leanvm.resources import LAUNCHER_BODY
 from leanvm.state import identity
@@ -22,9 +22,10 @@ def user_netdev(name: str, netdev_id: str, ssh_port: int, forward: tuple[tuple[i
     return f"user,id={netdev_id},hostfwd=tcp:127.0.0.1:{ssh_port}-:22{forwards},hostname={name}"
 
 
-def values(vm: VM, release: Release, version: str) -> dict[str, str]:
+def values(vm: VM, version: str) -> dict[str, str]:
     """Everything run.sh, cluster.sh and libvirt.sh read of the VM: its identity, hardware,
-    boot arguments and image directory (relative to out/)."""
+    boot arguments and image directory (relative to out/), for `version` of its release."""
+    release = vm.release
     assert vm.identity is not None, "the DAG gives every VM its identity before its launcher"
     image_dir = Layout(Path("")).images(release.name, version)
     return {
@@ -39,16 +40,16 @@ def values(vm: VM, release: Release, version: str) -> dict[str, str]:
         "cpus": str(vm.cpus),
         "memory": str(vm.memory),
         "user_netdev": user_netdev(vm.name, "net0", vm.ssh_port, vm.forward),
-        "kernel_args": kernel_args(vm, release),
+        "kernel_args": kernel_args(vm),
         "first_boot_args": release.first_boot_args or "",
         "initrd": "yes" if release.initrd else "",
         "ignition_fw_cfg": release.ignition_fw_cfg if vm.ignition and release.ignition_fw_cfg else "",
     }
 
 
-def write(vm: VM, release: Release, version: str, out: Path) -> None:
+def write(vm: VM, version: str, out: Path) -> None:
     """The values file first (run.sh needs it), then run.sh."""
-    identity.save(out, vm.name, values(vm, release, version))
+    identity.save(out, vm.name, values(vm, version))
     dest = Layout(out).vm(vm.name) / "run.sh"
     write_atomic(dest, LAUNCHER_BODY.read_bytes(), mode=0o755)
     dest.with_name("run.sh.retired").unlink(missing_ok=True)  # a VM added back is no longer retired
