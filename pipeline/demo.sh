@@ -5,4 +5,4 @@ cd "$(dirname -- "$0")/.."
 sh pipeline/setup.sh
 PYTHONPATH="$PWD/pipeline${PYTHONPATH:+:$PYTHONPATH}"  # leanvm_dev: beside the package, not in it
 export PYTHONPATH
-exec .venv/bin/python -m leanvm_dev.demo
+exec .venv/bin/python -m leanvm_dev.demo "$@"  # --arch arm64: the arm64 demo, in out/arm64

@@ -5,7 +5,7 @@ set -eu
 cd "$(dirname -- "$0")/.."
 
 packages="python3 python3-venv gnupg libarchive13 e2fsprogs fdisk squashfs-tools cpio gzip pigz curl
-qemu-system-x86 qemu-utils shellcheck busybox-static kmod vde2 dpkg apt openssh-client dropbear-bin libcap2-bin
+qemu-system-x86 qemu-system-arm binutils qemu-utils shellcheck busybox-static kmod vde2 dpkg apt openssh-client dropbear-bin libcap2-bin
 libvirt-daemon-system libvirt-clients libxml2-utils tini ignition passwd"
 missing=""
 for package in $packages; do

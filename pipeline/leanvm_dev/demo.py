@@ -1,24 +1,32 @@
-"""The README's main command: mini release -> 3-VM demo cluster (via doit) -> one real boot."""
+"""The README's main command: mini release -> 3-VM demo cluster (via doit) -> one real boot.
 
+    python -m leanvm_dev.demo [--arch amd64|arm64]   # arm64: into out/arm64, under TCG here
+"""
+
+import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
+from leanvm.arch import Arch
 from leanvm.errors import LeanvmError, report
 from leanvm.proc import run
 
-from leanvm_dev import CHECKOUT, minirelease
+from leanvm_dev import CHECKOUT, debroot, minirelease
 
 PROJECT = CHECKOUT
 OUT = PROJECT / "out"
-DEMO_CONFIG = PROJECT / "configs" / "demo.yaml"
+# out/ holds one cluster: the arm64 demo has its own, inside it
+DEMOS = {Arch.AMD64: (PROJECT / "configs" / "demo.yaml", OUT),
+         Arch.ARM64: (PROJECT / "configs" / "demo-arm64.yaml", OUT / "arm64")}
 KVM_TIMEOUT, TCG_TIMEOUT = 30, 180
 READY = "leanvm: ready"
 
 
-def kvm_usable() -> bool:
-    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+def kvm_usable(arch: Arch) -> bool:
+    """KVM runs only guests of the host's own arch."""
+    return arch is debroot.host_arch() and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
 def boot(run_sh: Path, accel: str, timeout: float) -> tuple[str, str]:
@@ -36,12 +44,12 @@ def boot(run_sh: Path, accel: str, timeout: float) -> tuple[str, str]:
     return console, f"failed ({errors[-1] if errors else f'exit code {result.returncode}'})"
 
 
-def boot_with_fallback(run_sh: Path) -> tuple[str, str]:
+def boot_with_fallback(run_sh: Path, arch: Arch) -> tuple[str, str]:
     """Boot under KVM when it looks usable, else TCG; a KVM that hangs or fails (nested
     virtualisation does both) is stopped, said in one line, and TCG used instead."""
     accel = os.environ.get("LEANVM_ACCEL", "auto")
     if accel == "auto":
-        accel = "kvm" if kvm_usable() else "tcg"
+        accel = "kvm" if kvm_usable(arch) else "tcg"
     console, problem = boot(run_sh, accel, KVM_TIMEOUT if accel == "kvm" else TCG_TIMEOUT)
     if problem and accel == "kvm":
         print(f"demo: KVM {problem}: booting under TCG instead (LEANVM_ACCEL=tcg sh pipeline/demo.sh "
@@ -58,7 +66,7 @@ def boot_with_fallback(run_sh: Path) -> tuple[str, str]:
 def ssh_round_trip(run_sh: Path, accel: str) -> str:
     """Start the VM detached, run one command in it over ssh with the cluster key, stop it."""
     env = {**os.environ, "LEANVM_ACCEL": accel, "LEANVM_APPEND": "leanvm.hold"}
-    cluster_sh = OUT / "cluster.sh"
+    cluster_sh = run_sh.parents[2] / "cluster.sh"
     run([run_sh, "--detach"], env=env)
     try:
         deadline = time.monotonic() + (KVM_TIMEOUT if accel == "kvm" else TCG_TIMEOUT)
@@ -73,36 +81,41 @@ def ssh_round_trip(run_sh: Path, accel: str) -> str:
         run([cluster_sh, "down"], env=env, check=False)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sh pipeline/demo.sh", description="leanvm's offline demo")
+    parser.add_argument("--arch", type=Arch, choices=list(Arch), default=Arch.AMD64)
+    arch = parser.parse_args(argv).arch
+    config, out = DEMOS[arch]
     try:
-        print("demo: building the mini release (Debian kernel + busybox) ...", file=sys.stderr)
-        minirelease.build(OUT / "minirelease")
+        print(f"demo: building the {arch} mini release (Debian kernel + busybox) ...", file=sys.stderr)
+        minirelease.build(OUT / "minirelease", arch=arch)
         print("demo: building the 3-VM demo cluster with doit ...", file=sys.stderr)
-        doit = run([sys.executable, "-m", "doit", f"config={DEMO_CONFIG}"],  # in the checkout, as the README says
-                   cwd=PROJECT, capture=False, check=False)
+        doit = run([sys.executable, "-m", "doit", f"config={config}", f"out={out}"],  # in the checkout, as the
+                   cwd=PROJECT, capture=False, check=False)                             # README says
         if doit.returncode != 0:
             return doit.returncode
-        run_sh = OUT / "vms" / "demo1" / "run.sh"
+        run_sh = out / "vms" / "demo1" / "run.sh"
         print(f"demo: booting demo1 non-interactively ({run_sh}) ...", file=sys.stderr)
-        accel, console = boot_with_fallback(run_sh)
+        accel, console = boot_with_fallback(run_sh, arch)
         print("demo: starting demo1 in the background and running one command in it over ssh ...", file=sys.stderr)
         over_ssh = ssh_round_trip(run_sh, accel)
     except LeanvmError as e:
         return report(e)
     print("".join(line + "\n" for line in console.splitlines() if line.startswith("leanvm: ")), end="")
-    print(f"\n$ out/cluster.sh ssh demo1 -- grep ' /usr ' /proc/mounts\n{over_ssh}", end="")
+    cluster_sh = (out / "cluster.sh").relative_to(PROJECT)
+    print(f"\n$ {cluster_sh} ssh demo1 -- grep ' /usr ' /proc/mounts\n{over_ssh}", end="")
     relative = run_sh.relative_to(PROJECT)
-    fell_back = accel == "tcg" and kvm_usable() and os.environ.get("LEANVM_ACCEL", "auto") == "auto"
+    fell_back = accel == "tcg" and kvm_usable(arch) and os.environ.get("LEANVM_ACCEL", "auto") == "auto"
     env = "LEANVM_ACCEL=tcg " if fell_back else ""
     print(f"""
 demo1 booted under {accel.upper()}: /usr is the shared read-only squashfs disk, / its own root disk.
-Launchers: {OUT / 'vms'}/demo{{1,2,3}}/run.sh   (console log: {relative.parent / 'console.log'})
+Launchers: {out / 'vms'}/demo{{1,2,3}}/run.sh   (console log: {relative.parent / 'console.log'})
 Start one interactively (a shell instead of power-off; Ctrl-a x quits QEMU):
     {env}LEANVM_APPEND=leanvm.shell {relative}
 Start the whole cluster in the background, log in, stop it:
-    {env}LEANVM_APPEND=leanvm.hold out/cluster.sh up --wait; out/cluster.sh status
-    out/cluster.sh ssh demo1
-    out/cluster.sh down
+    {env}LEANVM_APPEND=leanvm.hold {cluster_sh} up --wait; {cluster_sh} status
+    {cluster_sh} ssh demo1
+    {cluster_sh} down
 Show a QEMU command line:
     {relative} --print""")
     return 0

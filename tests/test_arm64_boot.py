@@ -1,0 +1,64 @@
+"""Real arm64 boots (qemu-system-aarch64 under TCG on this x86 host) of the arm64 mini release,
+built from Debian's arm64 packages: through the same run.sh, in a cluster of their own and
+beside an amd64 VM. Each arm64 boot is emulated (about 17 s here), so they are slow tests."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from leanvm.arch import Arch
+from leanvm_dev import minirelease
+from support import ENV, boot, build_cluster, marker, printed, qemu_pids, run
+
+pytestmark = pytest.mark.slow
+HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold"}
+
+
+@pytest.fixture(scope="module")
+def mini_arm64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return minirelease.build(tmp_path_factory.mktemp("mini-arm64"), arch=Arch.ARM64) / "mini-arm64.yaml"
+
+
+def cluster(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([out / "cluster.sh", *args], capture_output=True, text=True, env=HOLD, stdin=subprocess.DEVNULL,
+               timeout=400)
+
+
+def on(out: Path, vm: str, command: str) -> str:
+    result = cluster(out, "ssh", vm, "--", command)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_arm64_mini_release_boots_to_ready_through_run_sh(mini_arm64: Path, tmp_path: Path):
+    out = build_cluster(tmp_path, mini_arm64, {"arm1": {}})
+    run_sh = out / "vms" / "arm1" / "run.sh"
+    assert printed(run_sh, ENV)[0] == "qemu-system-aarch64"
+    console = boot(run_sh)
+    assert "Booting Linux on physical CPU" in console and "Machine model: linux,dummy-virt" in console
+    assert marker(console, "usr mounted").startswith("/dev/vda1 /sysroot/usr squashfs ro")
+    assert marker(console, "first boot") == "yes (flatcar.first_boot=1)"
+    assert "reboot: Power down" in console
+
+
+def test_arm64_vms_ping_each_other_and_an_amd64_vm_in_one_cluster(mini: Path, mini_arm64: Path, tmp_path: Path):
+    out = build_cluster(tmp_path, mini / "mini.yaml", {
+        "x1": {"cluster_ip": "10.77.0.11"},
+        "a1": {"cluster_ip": "10.77.0.21", "release": str(mini_arm64)},
+        "a2": {"cluster_ip": "10.77.0.22", "release": str(mini_arm64)}})
+    try:
+        up = cluster(out, "up", "--wait", "300")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert on(out, "a1", "uname -m").strip() == on(out, "a2", "uname -m").strip() == "aarch64"
+        assert on(out, "x1", "uname -m").strip() == "x86_64"
+        assert "0% packet loss" in on(out, "a1", "ping -c 1 -W 5 a2")
+        assert "0% packet loss" in on(out, "x1", "ping -c 1 -W 5 a1")
+        status = cluster(out, "status")
+        assert [line.split()[1] for line in status.stdout.splitlines()[1:]] == ["running"] * 3, status.stdout
+        down = cluster(out, "down")
+        assert down.returncode == 0, down.stdout + down.stderr
+        for name in ("a1", "a2"):  # the power button (a GPIO key on arm64's virt machine) was honoured
+            assert "power button pressed" in (out / "vms" / name / "console.log").read_text(errors="replace")
+    finally:
+        cluster(out, "down")
+    assert qemu_pids(out) == []
