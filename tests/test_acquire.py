@@ -152,3 +152,9 @@ def test_real_flatcar_profiles_pin_the_real_key():
         assert profile["first_boot_args"] == "flatcar.first_boot=1"
         key = (configs / "releases" / profile["signing_key"]).resolve()
         assert "BEGIN PGP PUBLIC KEY BLOCK" in key.read_text()
+    for arch, name in (("amd64", "flatcar-lts"), ("arm64", "flatcar-lts-arm64")):  # its kernel_args: test_lts.py
+        release = load_profile(configs / "releases" / f"{name}.yaml")
+        assert release.base_url == f"https://lts.release.flatcar-linux.net/{arch}-usr/" and release.arch == arch
+        assert list(release.fingerprints) == ["F88CFEDEFF29A5B4D9523864E25D9AED0593B34A"]
+        key = release.signing_key
+        assert "BEGIN PGP PUBLIC KEY BLOCK" in key.read_text()

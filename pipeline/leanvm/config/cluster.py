@@ -458,9 +458,9 @@ def _check_key_file(path: Path, where: _Where) -> None:
 def load_profile(path: Path) -> Release:
     where = _Where(path)
     values = _checked(read_yaml(path), where, PROFILE_KEYS)
-    if values["version"] == "current" and not (values.get("version_file") and values.get("version_key")):
+    if values["version"].startswith("current") and not (values.get("version_file") and values.get("version_key")):
         raise (where / "version").error(
-            "'current' needs version_file and version_key", "add them, or pin a version"
+            f"'{values['version']}' needs version_file and version_key", "add them, or pin a version"
         )
     key_path = (path.parent / values["signing_key"]).resolve()
     _check_key_file(key_path, where / "signing_key")

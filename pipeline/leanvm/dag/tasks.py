@@ -104,8 +104,8 @@ def context() -> Context:
         if claims:  # only a cluster file that loads claims out/
             identity.check_owner(out, config, record=True)
             identity.register(out)
-        versions = {release.name: fetch.resolve_version(release, Layout(out).current_version(release.name),
-                                                        online=claims)
+        versions = {release.name: fetch.resolve_version(
+                        release, Layout(out).current_version(release.name, release.version), online=claims)
                     for release in cluster.releases}
     except LeanvmError as e:
         fail(e)

@@ -1,6 +1,7 @@
 """Resolve `version: current` and download files: streamed, resumable, retried, atomic."""
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -102,14 +103,20 @@ def parse_version(text: str, key: str, url: str) -> str:
     raise LeanvmError(f"{url}: no {key}= line", "check version_file and version_key in the profile")
 
 
+def is_stream(version: str) -> bool:
+    """`current`, or a pinned stream such as Flatcar LTS's `current-2024`: a directory on the
+    release server whose version file names the version it holds today."""
+    return version == "current" or re.fullmatch(r"current-\d{4}", version) is not None
+
+
 def resolve_version(release: Release, state_file: Path, online: bool) -> str:
     """The concrete version: pinned, freshly resolved, or the last one resolved into out/."""
-    if release.version != "current":
+    if not is_stream(release.version):
         return release.version
     cached = state_file.read_text().strip() if state_file.is_file() else None
     if not online:
-        return cached or "current"
-    url = urljoin(release.base_url, f"current/{release.version_file}")
+        return cached or release.version
+    url = urljoin(release.base_url, f"{release.version}/{release.version_file}")
     try:
         version = parse_version(fetch_small(url), str(release.version_key), url)
     except LeanvmError as e:

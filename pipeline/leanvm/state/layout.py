@@ -36,8 +36,9 @@ class Layout:
     def image_dirs(self) -> list[Path]:
         return sorted(p for p in (self.out / "images").glob("*/*") if p.is_dir())
 
-    def current_version(self, release: str) -> Path:
-        return self.release_images(release) / ".current-version"
+    def current_version(self, release: str, stream: str = "current") -> Path:
+        """The version a stream (`current`, `current-2024`) resolved to last."""
+        return self.release_images(release) / f".{stream}-version"
 
     def cache(self, release: str, version: str) -> Path:
         """Downloads and their signatures, before they are verified and published."""
