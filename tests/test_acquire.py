@@ -158,3 +158,15 @@ def test_real_flatcar_profiles_pin_the_real_key():
         assert list(release.fingerprints) == ["F88CFEDEFF29A5B4D9523864E25D9AED0593B34A"]
         key = release.signing_key
         assert "BEGIN PGP PUBLIC KEY BLOCK" in key.read_text()
+
+
+def test_a_pinned_stream_like_lts_current_2024_resolves_from_its_own_directory(project: Project, mirror: Mirror,
+                                                                                server: MirrorServer):
+    mirror.add_version("200.0.0")  # `current` moves on
+    (mirror.root / "current-2024").mkdir()
+    (mirror.root / "current-2024" / "version.txt").write_text("TEST_VERSION=100.0.0\n")
+    project.write_profile(server.url, version="current-2024")
+    result = project.doit()
+    assert result.returncode == 0, result.stderr
+    assert (project.images("100.0.0") / "usr.img").is_file() and not project.images("200.0.0").exists()
+    assert (project.out / "images" / "test" / ".current-2024-version").read_text() == "100.0.0\n"
