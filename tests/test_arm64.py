@@ -3,13 +3,14 @@ mix arches; bundles carry their arch. The boots of the arm64 mini release are be
 slow marker (test_arm64_boot.py)."""
 
 import json
+import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 import yaml
-from support import PROJECT, Project, printed, run
+from support import PROJECT, Mirror, MirrorServer, Project, printed, run
 
 
 def add_arm64_profile(project: Project) -> None:
@@ -104,3 +105,19 @@ def test_two_profiles_of_one_name_and_a_bad_arch_are_one_line(project: Project):
     bad = project.doit("list")
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1, bad.stderr
     assert "test.yaml: arch: unknown arch 'riscv'; use one of: amd64, arm64" in bad.stderr
+
+
+def test_images_of_one_version_from_another_arch_url_are_fetched_again(project: Project, mirror: Mirror,
+                                                                       server: MirrorServer):
+    """Flatcar's amd64 and arm64 releases share version numbers: a profile switched to
+    arm64-usr/ under the same name must not be served the amd64 images (a CI cache keyed on
+    the profile name would restore them)."""
+    assert project.doit().returncode == 0
+    shutil.copytree(mirror.root / "100.0.0", mirror.root / "arm64-usr" / "100.0.0")
+    shutil.copytree(mirror.root / "current", mirror.root / "arm64-usr" / "current")
+    project.write_profile(server.url + "arm64-usr/", arch="arm64")
+    again = project.doit()
+    assert again.returncode == 0, again.stderr
+    assert {"download:test:kernel", "download:test:image", "extract:test"} <= again.executed
+    assert "came from " + server.url + "100.0.0/" in again.stderr
+    assert project.doit().executed.isdisjoint({"download:test:kernel", "extract:test"})  # and then kept

@@ -162,7 +162,7 @@ def task_download() -> Iterator[dict]:
             "name": f"{release.name}:{artifact.kind}",
             "doc": f"download {artifact.upstream} and its signature",
             "actions": [action(publish.download_pair, url, data, release.signature_suffix)],
-            "uptodate": [(publish.done_when, [release.fingerprints, artifact.published, data, sig])],
+            "uptodate": [(publish.done_when, [release.fingerprints, url, artifact.published, data, sig])],
             "clean": [(publish.remove, [data, sig])],
         }
 
@@ -174,12 +174,14 @@ def task_verify() -> Iterator[dict]:
         data, sig = _raw(ctx, release, artifact)
         final = artifact.kind is not Kind.IMAGE
         target = artifact.published if final else _verified_image(ctx, release)
+        url = fetch.url_for(release, ctx.version(release), artifact.upstream)
         yield {
             "name": f"{release.name}:{artifact.kind}",
             "doc": f"check the signature of {artifact.upstream}",
-            "actions": [action(publish.verify_and_publish, data, sig, release, target, final)],
+            "actions": [action(publish.verify_and_publish, data, sig, release, target, final, url)],
             "task_dep": [f"download:{release.name}:{artifact.kind}"],
-            "uptodate": [(publish.done_when, [release.fingerprints, artifact.published, *([] if final else [target])])],
+            "uptodate": [(publish.done_when, [release.fingerprints, url, artifact.published,
+                                              *([] if final else [target])])],
             # published images are kept by `doit clean`: `doit prune` removes unused versions
             "clean": [] if final else [(publish.remove, [target])],
         }
@@ -191,13 +193,14 @@ def task_extract() -> Iterator[dict]:
     for release, image in _release_artifacts(ctx):
         if image.kind is not Kind.IMAGE:
             continue
+        url = fetch.url_for(release, ctx.version(release), image.upstream)
         yield {
             "name": release.name,
             "doc": f"write {release.usr_member} of the verified image into the USR-A partition of usr.img",
             "actions": [action(publish.extract_and_publish, _verified_image(ctx, release), release.usr_member,
-                               image.published, _raw(ctx, release, image))],
+                               image.published, _raw(ctx, release, image), url)],
             "task_dep": [f"verify:{release.name}:image"],
-            "uptodate": [(publish.done_when, [release.fingerprints, image.published])],
+            "uptodate": [(publish.done_when, [release.fingerprints, url, image.published])],
         }
 
 

@@ -18,16 +18,24 @@ from leanvm.fsutil import temp_path
 from leanvm.release import extract, fetch, record, verify
 
 
-def done_when(pins: tuple[str, ...], published: Path, *alternatives: Path) -> bool:
-    """Up to date if the published file is intact and verified by a key pinned now (`pins`),
-    or all the intermediate files exist. A file verified by a key no longer pinned is
-    unpublished (never booted again) and so fetched and checked again."""
+def done_when(pins: tuple[str, ...], source: str, published: Path, *alternatives: Path) -> bool:
+    """Up to date if the published file is intact, verified by a key pinned now (`pins`) and
+    came from `source` (its URL: a profile now pointing elsewhere, e.g. at arm64-usr/ instead
+    of amd64-usr/ for the same version, is not served the old bytes), or all the intermediate
+    files exist. Any other published file is unpublished (never booted again) and so fetched
+    and checked again."""
     intact = record.intact(published)
     signer = record.recorded_signer(published)
+    came_from = record.recorded(published, "source")
     if intact and signer not in pins:
         remove(published)
         note(f"{published} was verified by key {signer or '(not recorded)'}, which is not pinned in fingerprints "
              "now: removed, to be downloaded and checked against the pin again")
+        intact = False
+    elif intact and came_from not in (None, source):  # None: recorded before sources were
+        remove(published)
+        note(f"{published} came from {came_from}, not from {source} as the profile says now: removed, "
+             "to be downloaded and checked again")
         intact = False
     return intact or (bool(alternatives) and all(p.exists() for p in alternatives))
 
@@ -51,7 +59,7 @@ def _link(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def verify_and_publish(data: Path, sig: Path, release: Release, target: Path, final: bool) -> None:
+def verify_and_publish(data: Path, sig: Path, release: Release, target: Path, final: bool, source: str) -> None:
     """Check the signature, then publish by hard link; rejected files are moved aside.
 
     A kernel or initrd is final once published (its raw download is removed); the image
@@ -67,7 +75,7 @@ def verify_and_publish(data: Path, sig: Path, release: Release, target: Path, fi
     _link(data, target)
     if final:
         remove(data, sig)
-        record.record(target, record.sha256_file(target), signer)
+        record.record(target, record.sha256_file(target), signer, source)
     else:
         signer_file(target).write_text(signer)
 
@@ -77,8 +85,8 @@ def signer_file(verified: Path) -> Path:
     return verified.with_name(f".{verified.name}.signer")
 
 
-def extract_and_publish(image: Path, member: str, target: Path, raw: tuple[Path, Path]) -> None:
+def extract_and_publish(image: Path, member: str, target: Path, raw: tuple[Path, Path], source: str) -> None:
     digest = extract.extract_usr_disk(image, member, target)
     signer = signer_file(image).read_text().strip() if signer_file(image).exists() else None
     remove(image, signer_file(image), *raw)  # the verified image is no longer needed: one copy of /usr on disk
-    record.record(target, digest, signer)
+    record.record(target, digest, signer, source)

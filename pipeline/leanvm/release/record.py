@@ -29,16 +29,23 @@ def _stat(path: Path) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
-def record(path: Path, digest: str, signer: str | None = None) -> None:
-    """Record `path`'s digest, stat and the fingerprint of the key whose signature it passed."""
-    write_atomic(sidecar(path), json.dumps({"sha256": digest, "signer": signer, **_stat(path)}).encode())
+def record(path: Path, digest: str, signer: str | None = None, source: str | None = None) -> None:
+    """Record `path`'s digest, stat, the fingerprint of the key whose signature it passed and
+    the URL it came from."""
+    saved = {"sha256": digest, "signer": signer, "source": source, **_stat(path)}
+    write_atomic(sidecar(path), json.dumps(saved).encode())
+
+
+def recorded(path: Path, key: str) -> str | None:
+    """What the record says of `key` (signer, source); None if it says nothing."""
+    try:
+        return json.loads(sidecar(path).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def recorded_signer(path: Path) -> str | None:
-    try:
-        return json.loads(sidecar(path).read_text()).get("signer")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return recorded(path, "signer")
 
 
 def recorded_digest(path: Path) -> str | None:
@@ -61,5 +68,5 @@ def intact(path: Path) -> bool:
         return True
     if current["size"] != saved.get("size") or sha256_file(path) != saved["sha256"]:
         return False
-    record(path, saved["sha256"], saved.get("signer"))
+    record(path, saved["sha256"], saved.get("signer"), saved.get("source"))
     return True
