@@ -306,10 +306,29 @@ def is_butane(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Key:
-    """A key a mapping may have: how to check its value, and whether it must be there."""
+    """A key a mapping may have: how to check its value, whether it must be there, its value
+    when it is not (`default`), and the dataclass field it fills (`dest`: the key's own name
+    unless given; "" for a key that fills none directly)."""
 
     check: Callable[[Any, _Where], Any]
     required: bool = False
+    default: Any = None
+    dest: str | None = None
+
+
+def fields_from(values: dict[str, Any], table: dict[str, Key]) -> dict[str, Any]:
+    """The dataclass fields a checked mapping fills: each key's value, or its default."""
+    return {spec.dest or key: values.get(key, spec.default) for key, spec in table.items() if spec.dest != ""}
+
+
+def _words(value: Any, where: _Where) -> str:
+    """Kernel arguments: the words of a string, one space apart (YAML's folded lines too)."""
+    return " ".join(_string(value, where).split())
+
+
+def _usr_member(value: Any, where: _Where) -> str:
+    member = _string(value, where)
+    return member.lstrip("./") or member
 
 
 def _arch(value: Any, where: _Where) -> Arch:
@@ -335,26 +354,26 @@ PROFILE_KEYS = {
     "kernel": Key(_filename, required=True),
     "initrd": Key(_optional(_filename)),
     "image": Key(_filename, required=True),
-    "usr_member": Key(_string, required=True),
-    "signature_suffix": Key(_string),
+    "usr_member": Key(_usr_member, required=True),
+    "signature_suffix": Key(_string, default=".sig"),
     "signing_key": Key(_string, required=True),
     "fingerprints": Key(_fingerprints, required=True),
-    "kernel_args": Key(_string, required=True),
+    "kernel_args": Key(_words, required=True),
     "ignition_fw_cfg": Key(_optional_string),
-    "first_boot_args": Key(_optional_string),
-    "arch": Key(_arch),
+    "first_boot_args": Key(_optional(_words)),
+    "arch": Key(_arch, default=Arch.AMD64),
 }
 VM_KEYS = {
-    "memory": Key(_int_at_least(128)),
-    "cpus": Key(_int_at_least(1)),
-    "disk": Key(_size),
-    "ssh_port": Key(_port),
+    "memory": Key(_int_at_least(128), default=1024),
+    "cpus": Key(_int_at_least(1), default=1),
+    "disk": Key(_size, default=4 << 30, dest="disk_size"),
+    "ssh_port": Key(_port, dest=""),  # these three make the VM's `wanted`
+    "cluster_ip": Key(_ipv4, dest=""),
+    "forward": Key(_forward_pairs, default=()),
     "user_data": Key(_string),
-    "ssh_authorized_keys": Key(_string_list),
-    "cluster_ip": Key(_ipv4),
-    "forward": Key(_forward_pairs),
+    "ssh_authorized_keys": Key(_string_list, default=()),
     "ignition": Key(_string),
-    "kernel_args": Key(_string),
+    "kernel_args": Key(_string, default=""),
     "release": Key(_string),
 }
 CLUSTER_KEYS = {
@@ -364,7 +383,6 @@ CLUSTER_KEYS = {
     "network": Key(_as_is),
 }
 NETWORK_KEYS = {"subnet": Key(_subnet)}
-DEFAULTS = {"memory": 1024, "cpus": 1, "disk": 4 << 30}
 HINTS = {"release": "add `release: PROFILE-NAME`", "vms": "add `vms: {core1: {}}`"}
 
 
@@ -467,25 +485,7 @@ def load_profile(path: Path) -> Release:
     name = path.stem
     if not RELEASE_NAME.match(name):
         raise where.error(f"profile name {name!r} is not usable", "rename the file to letters, digits, . _ -")
-    return Release(
-        name=name,
-        path=path,
-        base_url=values["base_url"],
-        version=values["version"],
-        version_file=values.get("version_file"),
-        version_key=values.get("version_key"),
-        kernel=values["kernel"],
-        initrd=values.get("initrd"),
-        image=values["image"],
-        usr_member=values["usr_member"].lstrip("./") or values["usr_member"],
-        signature_suffix=values.get("signature_suffix", ".sig"),
-        signing_key=key_path,
-        fingerprints=values["fingerprints"],
-        kernel_args=" ".join(values["kernel_args"].split()),
-        ignition_fw_cfg=values.get("ignition_fw_cfg"),
-        first_boot_args=" ".join(values["first_boot_args"].split()) if values.get("first_boot_args") else None,
-        arch=values.get("arch", Arch.AMD64),
-    )
+    return Release(name=name, path=path, **{**fields_from(values, PROFILE_KEYS), "signing_key": key_path})
 
 
 def _release_path(value: Any, where: _Where, cluster_file: Path) -> Path:
@@ -557,7 +557,7 @@ def _parse_vms(data: dict, where: _Where, path: Path, release: Release,
     if "ssh_port" in raw_defaults:
         raise (where / "defaults" / "ssh_port").error(
             "a port cannot be a default: every VM needs its own", "set ssh_port per VM, or leave it out to assign one")
-    defaults = {**DEFAULTS, **_vm_settings(raw_defaults, where / "defaults", path)}
+    defaults = _vm_settings(raw_defaults, where / "defaults", path)
     vms_raw = data.get("vms")
     if not isinstance(vms_raw, dict) or not vms_raw:
         raise (where / "vms").error("expected a mapping of at least one VM", "add `vms: {core1: {}}`")
@@ -606,21 +606,10 @@ def _check_unique(per_vm: dict[str, dict[str, Any]], where: _Where) -> None:
 
 
 def _vm(name: str, settings: dict[str, Any]) -> VM:
-    forward = settings.get("forward", ())
-    return VM(
-        name=name,
-        memory=settings["memory"],
-        cpus=settings["cpus"],
-        disk_size=settings["disk"],
-        user_data=settings.get("user_data"),
-        ssh_authorized_keys=settings.get("ssh_authorized_keys", ()),
-        wanted=Wanted(name, settings.get("ssh_port"), settings.get("cluster_ip"),
-                               tuple(host for host, _ in forward)),
-        release=settings["release"],
-        forward=forward,
-        ignition=settings.get("ignition"),
-        kernel_args=settings.get("kernel_args", ""),
-    )
+    fields = fields_from(settings, VM_KEYS)
+    wanted = Wanted(name, settings.get("ssh_port"), settings.get("cluster_ip"),
+                    tuple(host for host, _ in fields["forward"]))
+    return VM(name=name, wanted=wanted, **fields)
 
 
 def _check_vm(settings: dict[str, Any], where: _Where, release: Release, subnet: ipaddress.IPv4Network) -> None:
