@@ -225,8 +225,8 @@ def task_configdrive() -> Iterator[dict]:
     ctx = context()
     hosts = configdrive.hosts(ctx.cluster.vms)
     for vm in ctx.cluster.vms:
-        dest = ctx.layout.vm(vm.name) / "config" / "openstack" / "latest" / "user_data"
-        ignition = ctx.layout.vm(vm.name) / "ignition.json"
+        dest = ctx.layout.user_data(vm.name)
+        ignition = ctx.layout.ignition(vm.name)
         inputs = {"name": vm.name, "keys": list(vm.ssh_authorized_keys), "ip": vm.cluster_ip, "mac": vm.cluster_mac,
                   "ip_given": vm.cluster_ip_given, "ignition": str(vm.ignition), "hosts": hosts}
         yield {
@@ -261,7 +261,7 @@ def task_launcher() -> Iterator[dict]:
             "doc": "install run.sh and write the VM's values (identity, boot) in out/state/vms/NAME.env",
             "actions": [action(launcher.write, vm, ctx.version(vm.release), ctx.out)],
             "file_dep": [LAUNCHER_BODY],
-            "targets": [ctx.layout.vm(vm.name) / "run.sh"],  # not the values: clean never deletes them
+            "targets": [ctx.layout.run_sh(vm.name)],  # not the values: clean never deletes them
             "uptodate": [config_changed(values), (os.path.exists, [ctx.layout.values(vm.name)])],
             "clean": True,
         }
@@ -303,7 +303,7 @@ def retire(vm_dirs: list[Path], config: Path) -> None:
 def task_retire() -> dict:
     ctx = context()
     current = {vm.name for vm in ctx.cluster.vms}
-    stale = sorted(d for d in ctx.layout.vms.glob("*") if (d / "run.sh").exists() and d.name not in current)
+    stale = sorted(d for d in ctx.layout.vms.glob("*") if ctx.layout.run_sh(d.name).exists() and d.name not in current)
     return {
         "doc": "retire the launchers of VMs removed from the cluster file (their disks stay)",
         "actions": [action(retire, stale, ctx.cluster.path)],
@@ -325,7 +325,7 @@ def task_libvirt() -> dict:
              layout.script("libvirt.sh"): LIBVIRT_SCRIPT.read_text()}
     for vm in ctx.cluster.vms:
         values = launcher.values(vm, ctx.version(vm.release))
-        files[layout.vm(vm.name) / "domain.xml"] = libvirt.domain_xml(
+        files[layout.domain_xml(vm.name)] = libvirt.domain_xml(
             vm.name, values, layout.out, libvirt.prefix(layout.out), "kvm", kernel_args(vm))
     return {
         "doc": "write out/vms/NAME/domain.xml, out/libvirt/network.xml and out/libvirt.sh (define|start|stop|...)",

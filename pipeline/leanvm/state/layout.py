@@ -52,6 +52,19 @@ class Layout:
     def vm(self, name: str) -> Path:
         return self.vms / name
 
+    def run_sh(self, name: str) -> Path:
+        return self.vm(name) / "run.sh"
+
+    def user_data(self, name: str) -> Path:
+        """The config drive's user_data (the drive is vms/NAME/config, 9p tag config-2)."""
+        return self.vm(name) / "config" / "openstack" / "latest" / "user_data"
+
+    def ignition(self, name: str) -> Path:
+        return self.vm(name) / "ignition.json"
+
+    def domain_xml(self, name: str) -> Path:
+        return self.vm(name) / "domain.xml"
+
     @property
     def values_dir(self) -> Path:
         return self.out / "state" / "vms"

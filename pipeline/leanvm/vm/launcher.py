@@ -50,6 +50,6 @@ def values(vm: VM, version: str) -> dict[str, str]:
 def write(vm: VM, version: str, out: Path) -> None:
     """The values file first (run.sh needs it), then run.sh."""
     identity.save(out, vm.name, values(vm, version))
-    dest = Layout(out).vm(vm.name) / "run.sh"
+    dest = Layout(out).run_sh(vm.name)
     write_atomic(dest, LAUNCHER_BODY.read_bytes(), mode=0o755)
     dest.with_name("run.sh.retired").unlink(missing_ok=True)  # a VM added back is no longer retired
