@@ -2,32 +2,21 @@
 built from Debian's arm64 packages: through the same run.sh, in a cluster of their own and
 beside an amd64 VM. Each arm64 boot is emulated (about 17 s here), so they are slow tests."""
 
-import subprocess
 from pathlib import Path
 
 import pytest
 from leanvm.arch import Arch
 from leanvm_dev import minirelease
-from support import ENV, boot, build_cluster, marker, printed, qemu_pids, run
+from support import ENV, boot, build_cluster, cluster_sh, marker, on_vm, printed, qemu_pids
 
 pytestmark = pytest.mark.slow
-HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold"}
+cluster, on = cluster_sh, on_vm
 
 
 @pytest.fixture(scope="module")
 def mini_arm64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return minirelease.build(tmp_path_factory.mktemp("mini-arm64"), arch=Arch.ARM64) / "mini-arm64.yaml"
 
-
-def cluster(out: Path, *args: str) -> subprocess.CompletedProcess:
-    return run([out / "cluster.sh", *args], capture_output=True, text=True, env=HOLD, stdin=subprocess.DEVNULL,
-               timeout=400)
-
-
-def on(out: Path, vm: str, command: str) -> str:
-    result = cluster(out, "ssh", vm, "--", command)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def test_the_arm64_mini_release_boots_to_ready_through_run_sh(mini_arm64: Path, tmp_path: Path):

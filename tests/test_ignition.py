@@ -9,21 +9,26 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import ENV, DoitResult, Project, boot, build_cluster, marker, printed, qemu_pids, run, sh, wait_for_text
+from support import (
+    HOLD,
+    DoitResult,
+    Project,
+    boot,
+    build_cluster,
+    cluster_sh,
+    marker,
+    on_vm,
+    printed,
+    qemu_pids,
+    run,
+    sh,
+    wait_for_text,
+)
 
-HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "60"}
 UNIT = "[Unit]\nDescription=hello\n[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"
 
 
-def cluster(out: Path, *args: str, env: dict = HOLD) -> subprocess.CompletedProcess:
-    return run([out / "cluster.sh", *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
-               timeout=400)
-
-
-def on(out: Path, vm: str, command: str) -> str:
-    result = cluster(out, "ssh", vm, "--", command)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+cluster, on = cluster_sh, on_vm
 
 
 def debugfs_cat(disk: Path, path: str) -> str:

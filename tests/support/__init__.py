@@ -10,10 +10,13 @@ from .procs import PROJECT, finish, processes, run, sh, start  # noqa: F401
 from .vm import (  # noqa: F401
     BOOT_TIMEOUT,
     ENV,
+    HOLD,
     QUIT,
     boot,
     build_cluster,
+    cluster_sh,
     marker,
+    on_vm,
     paths_in,
     printed,
     qemu_pids,

@@ -94,3 +94,19 @@ def marker(console: str, name: str) -> str:
     match = re.search(rf"^leanvm: {name}: (.*?)\r?$", console, re.M)
     assert match, f"no '{name}' marker in:\n{console[-3000:]}"
     return match.group(1)
+
+
+HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "60"}  # VMs that stay up for ssh
+
+
+def cluster_sh(out: Path, *args: str, env: dict = HOLD) -> subprocess.CompletedProcess:
+    """out/cluster.sh ARGS, with the mini release's VMs held up (leanvm.hold)."""
+    return run([out / "cluster.sh", *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+               timeout=400)
+
+
+def on_vm(out: Path, vm: str, command: str) -> str:
+    """What `command` prints, run in VM `vm` over `cluster.sh ssh`."""
+    result = cluster_sh(out, "ssh", vm, "--", command)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
