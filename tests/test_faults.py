@@ -230,7 +230,33 @@ def extract_fails(tmp_path: Path, archive_bytes: bytes, expect: str) -> None:
 
 def test_corrupt_gzip(tmp_path: Path):
     good = gzip.compress(newc([("usr.squashfs", SQUASH, 0o100644)]))
-    extract_fails(tmp_path, good[:20] + bytes(b ^ 0x55 for b in good[20:200]) + good[200:], "corrupt")
+    extract_fails(tmp_path, good[:20] + bytes(b ^ 0x55 for b in good[20:200]) + good[200:], "corrupt gzip")
+
+
+def test_a_gzip_whose_crc_fails_at_its_end_is_corrupt_and_nothing_is_published(tmp_path: Path):
+    """ISA-L checks the CRC after the last byte: extraction reads to the end before publishing."""
+    good = gzip.compress(newc([("usr.squashfs", SQUASH, 0o100644)]))
+    crc = good[-8:-4]
+    extract_fails(tmp_path, good[:-8] + bytes(b ^ 0xFF for b in crc) + good[-4:], "corrupt gzip")
+
+
+@pytest.mark.parametrize("padding", [0, 3 << 20])  # one block and several, a member of odd size
+def test_isal_and_libarchive_decoding_give_the_same_disk_and_digest(tmp_path: Path, padding: int):
+    squashfs = tmp_path / "usr.squashfs"
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "os-release").write_text("ID=leanvm-test\n")
+    (tree / "random").write_bytes(os.urandom(padding + 12345))
+    sh("mksquashfs", tree, squashfs, "-quiet", "-noappend")
+    archive = tmp_path / "image.cpio.gz"
+    archive.write_bytes(gzip.compress(newc([("./usr.squashfs", squashfs.read_bytes(), 0o100644)]), compresslevel=1))
+    for decoder in ("isal", "libarchive"):  # each disk has GPT GUIDs of its own: compare each with itself
+        disk = tmp_path / decoder / "usr.img"
+        digest = extract_usr_disk(archive, "usr.squashfs", disk, decoder=decoder)
+        assert digest == hashlib.sha256(disk.read_bytes()).hexdigest()
+        partition = usr_partition(disk)
+        assert partition[:squashfs.stat().st_size] == squashfs.read_bytes()
+        assert partition[squashfs.stat().st_size:] == bytes(len(partition) - squashfs.stat().st_size)
 
 
 def test_truncated_cpio(tmp_path: Path):

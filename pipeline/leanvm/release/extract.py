@@ -1,19 +1,32 @@
-"""Stream the /usr member of a (gzip'd cpio) image into the partition of usr.img, atomically."""
+"""Stream the /usr member of a (gzip'd cpio) image into the partition of usr.img, atomically.
+
+Three steps run at once, each in a thread of its own, so that extraction takes as long as
+the slowest of them rather than their sum (each releases the GIL while it works): ISA-L
+decodes the gzip (python-isal's threaded reader, several times faster than zlib),
+libarchive reads the cpio from the decoded stream and writes the member into the
+partition, and SHA-256 hashes the bytes in file order. An image that is not gzip (xz,
+zstd, plain cpio) is read by libarchive alone, as `decoder="libarchive"` does for any image.
+"""
 
 import hashlib
 import os
-from collections.abc import Iterable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import libarchive
 import libarchive.exception
+from isal import igzip_threaded
 
 from leanvm.errors import LeanvmError
 from leanvm.fsutil import temp_path
 from leanvm.release.usrdisk import UsrDisk, write_table
 
 BLOCK = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _normalise(name: str) -> str:
@@ -22,50 +35,128 @@ def _normalise(name: str) -> str:
     return name
 
 
-def _stream_into(out: BinaryIO, blocks: Iterable[bytes], disk: UsrDisk, digest: Any) -> int:
+class _Decoded:
+    """The decoded bytes of a gzip file for libarchive's stream reader. A decoding error is
+    kept (a ctypes callback cannot raise) and libarchive is told to stop."""
+
+    def __init__(self, archive: Path) -> None:
+        self.file = igzip_threaded.open(archive, "rb", threads=1, block_size=BLOCK)
+        self.error: Exception | None = None
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            return self.file.readinto(buffer)
+        except Exception as e:  # BadGzipFile, IsalError, EOFError: whatever the decoder raises
+            self.error = e
+            return -30  # ARCHIVE_FATAL
+
+    def seekable(self) -> bool:
+        return False
+
+    def check(self, archive: Path) -> None:
+        """Raise the decoding error, if there was one (libarchive may just stop reading)."""
+        if self.error is not None:
+            raise LeanvmError(f"{archive}: corrupt gzip: {self.error}", "delete it and download again")
+
+
+@contextmanager
+def _entries(archive: Path, decoder: str) -> Iterator[tuple[Any, Callable[[], None]]]:
+    """The archive's entries, and a check that the bytes read so far decoded cleanly; a gzip
+    image is decoded by ISA-L unless `decoder` is libarchive."""
+    with open(archive, "rb") as f:
+        gzipped = f.read(2) == GZIP_MAGIC
+    if decoder == "libarchive" or not gzipped:
+        with libarchive.file_reader(str(archive)) as entries:
+            yield entries, lambda: None
+        return
+    decoded = _Decoded(archive)
+    try:
+        with libarchive.stream_reader(decoded, "all", "none", block_size=BLOCK) as entries:
+            yield entries, lambda: decoded.check(archive)
+    except (libarchive.exception.ArchiveError, LeanvmError):  # e.g. "truncated": say why
+        decoded.check(archive)
+        raise
+    finally:
+        decoded.file.close()
+
+
+class _Hasher(threading.Thread):
+    """SHA-256 of the blocks put to it, in order, beside the writer."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.digest = hashlib.sha256()
+        self.blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+
+    def run(self) -> None:
+        while (block := self.blocks.get()) is not None:
+            self.digest.update(block)
+
+    def finish(self) -> str:
+        self.blocks.put(None)
+        self.join()
+        return self.digest.hexdigest()
+
+
+def _stream_into(out: BinaryIO, blocks: Iterable[bytes], disk: UsrDisk, hasher: _Hasher) -> int:
     """Write the member at the partition's offset; hash usr.img's bytes in file order."""
     out.seek(0)
-    digest.update(out.read(disk.offset))  # the primary GPT, already written
+    hasher.blocks.put(out.read(disk.offset))  # the primary GPT, already written
     written = 0
     for block in blocks:
         out.write(block)
-        digest.update(block)
+        hasher.blocks.put(block)
         written += len(block)
     if written == disk.member_size:
-        digest.update(bytes(disk.backup_offset - disk.offset - written))  # the partition's zero tail
+        tail = disk.backup_offset - disk.offset - written  # the partition's zero tail
+        for start in range(0, tail, BLOCK):
+            hasher.blocks.put(bytes(min(BLOCK, tail - start)))
         out.seek(disk.backup_offset)
-        digest.update(out.read())  # the backup GPT
+        hasher.blocks.put(out.read())  # the backup GPT
     return written
 
 
-def extract_usr_disk(archive: Path, member: str, dest: Path) -> str:
+def _write_member(entry: Any, tmp: Path, archive: Path, member: str) -> str:
+    if not entry.isreg:
+        raise LeanvmError(f"{archive}: member {member} is not a regular file", "check usr_member")
+    if not entry.size:
+        raise LeanvmError(f"{archive}: member {member} is empty", "the image is corrupt")
+    disk = UsrDisk(entry.size)
+    with open(tmp, "wb") as out:
+        out.truncate(disk.size)
+    write_table(tmp, disk)
+    hasher = _Hasher()
+    hasher.start()
+    try:
+        with open(tmp, "r+b") as out:
+            out.seek(disk.offset)
+            written = _stream_into(out, entry.get_blocks(BLOCK), disk, hasher)
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        digest = hasher.finish()
+    if written != disk.member_size:
+        raise LeanvmError(f"{archive}: member {member} is truncated", "the image is corrupt")
+    return digest
+
+
+def extract_usr_disk(archive: Path, member: str, dest: Path, decoder: str = "isal") -> str:
     """Write `member` of `archive` as the USR-A partition of the GPT disk `dest`; only a
-    complete, regular member lands there. Returns the sha256 of `dest`, computed on the way."""
+    complete, regular member lands there. Returns the sha256 of `dest`, computed on the way.
+    `decoder`: isal (ISA-L for gzip images), or libarchive (its own zlib, for comparison)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dest)
     try:
-        with libarchive.file_reader(str(archive)) as entries:
+        with _entries(archive, decoder) as (entries, decoded_cleanly):
             for entry in entries:
-                if _normalise(entry.pathname) != member:
-                    continue
-                if not entry.isreg:
-                    raise LeanvmError(f"{archive}: member {member} is not a regular file", "check usr_member")
-                if not entry.size:
-                    raise LeanvmError(f"{archive}: member {member} is empty", "the image is corrupt")
-                disk = UsrDisk(entry.size)
-                with open(tmp, "wb") as out:
-                    out.truncate(disk.size)
-                write_table(tmp, disk)
-                digest = hashlib.sha256()
-                with open(tmp, "r+b") as out:
-                    out.seek(disk.offset)
-                    written = _stream_into(out, entry.get_blocks(BLOCK), disk, digest)
-                    out.flush()
-                    os.fsync(out.fileno())
-                if written != disk.member_size:
-                    raise LeanvmError(f"{archive}: member {member} is truncated", "the image is corrupt")
-                os.replace(tmp, dest)
-                return digest.hexdigest()
+                if _normalise(entry.pathname) == member:
+                    digest = _write_member(entry, tmp, archive, member)
+                    for _rest in entries:  # read to the end: gzip's CRC is checked there
+                        pass
+                    decoded_cleanly()
+                    os.replace(tmp, dest)
+                    return digest
+            decoded_cleanly()
     except libarchive.exception.ArchiveError as e:
         raise LeanvmError(f"{archive}: corrupt archive: {e.msg}", "delete it and download again") from None
     except OSError as e:
