@@ -1,10 +1,10 @@
 """Stream the /usr member of a (gzip'd cpio) image into the partition of usr.img, atomically.
 
-Three steps run at once, each in a thread of its own, so that extraction takes as long as
-the slowest of them rather than their sum (each releases the GIL while it works): ISA-L
-decodes the gzip (python-isal's threaded reader, several times faster than zlib),
-libarchive reads the cpio from the decoded stream and writes the member into the
-partition, and SHA-256 hashes the bytes in file order. An image that is not gzip (xz,
+Three steps run at once, each in a thread of its own, so that extraction takes about as long
+as the slowest of them rather than their sum (each releases the GIL while it works): ISA-L
+decodes the gzip (several times faster than zlib) and libarchive reads the cpio from the
+decoded stream, a writer writes the member into the partition, and SHA-256 hashes the
+bytes in file order. An image that is not gzip (xz,
 zstd, plain cpio) is read by libarchive alone, as `decoder="libarchive"` does for any image.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 import libarchive
 import libarchive.exception
-from isal import igzip_threaded
+from isal import igzip
 
 from leanvm.errors import LeanvmError
 from leanvm.fsutil import temp_path
@@ -40,7 +40,7 @@ class _Decoded:
     kept (a ctypes callback cannot raise) and libarchive is told to stop."""
 
     def __init__(self, archive: Path) -> None:
-        self.file = igzip_threaded.open(archive, "rb", threads=1, block_size=BLOCK)
+        self.file = igzip.open(archive, "rb")
         self.error: Exception | None = None
 
     def readinto(self, buffer: Any) -> int:
@@ -80,39 +80,54 @@ def _entries(archive: Path, decoder: str) -> Iterator[tuple[Any, Callable[[], No
         decoded.file.close()
 
 
-class _Hasher(threading.Thread):
-    """SHA-256 of the blocks put to it, in order, beside the writer."""
+class _Worker(threading.Thread):
+    """Applies `step` to each block put to it, in order, in a thread of its own; an error is
+    kept and raised by `finish` (the blocks after it are dropped)."""
 
-    def __init__(self) -> None:
+    def __init__(self, step: Callable[[bytes], object]) -> None:
         super().__init__(daemon=True)
-        self.digest = hashlib.sha256()
+        self.step = step
         self.blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        self.error: BaseException | None = None
+        self.start()
 
     def run(self) -> None:
         while (block := self.blocks.get()) is not None:
-            self.digest.update(block)
+            if self.error is None:
+                try:
+                    self.step(block)
+                except BaseException as e:  # raised again in the caller's thread by finish()
+                    self.error = e
 
-    def finish(self) -> str:
+    def finish(self) -> None:
         self.blocks.put(None)
         self.join()
-        return self.digest.hexdigest()
+        if self.error is not None:
+            raise self.error
 
 
-def _stream_into(out: BinaryIO, blocks: Iterable[bytes], disk: UsrDisk, hasher: _Hasher) -> int:
-    """Write the member at the partition's offset; hash usr.img's bytes in file order."""
+def _stream_into(out: BinaryIO, blocks: Iterable[bytes], disk: UsrDisk, digest: Any) -> int:
+    """Write the member at the partition's offset and hash usr.img's bytes in file order,
+    the writing and the hashing each in a thread of its own beside the reading."""
     out.seek(0)
-    hasher.blocks.put(out.read(disk.offset))  # the primary GPT, already written
+    digest.update(out.read(disk.offset))  # the primary GPT, already written
+    out.seek(disk.offset)
+    writer, hasher = _Worker(out.write), _Worker(digest.update)
     written = 0
-    for block in blocks:
-        out.write(block)
-        hasher.blocks.put(block)
-        written += len(block)
+    try:
+        for block in blocks:
+            writer.blocks.put(block)
+            hasher.blocks.put(block)
+            written += len(block)
+    finally:
+        writer.finish()
+        hasher.finish()
     if written == disk.member_size:
         tail = disk.backup_offset - disk.offset - written  # the partition's zero tail
         for start in range(0, tail, BLOCK):
-            hasher.blocks.put(bytes(min(BLOCK, tail - start)))
+            digest.update(bytes(min(BLOCK, tail - start)))
         out.seek(disk.backup_offset)
-        hasher.blocks.put(out.read())  # the backup GPT
+        digest.update(out.read())  # the backup GPT
     return written
 
 
@@ -125,19 +140,14 @@ def _write_member(entry: Any, tmp: Path, archive: Path, member: str) -> str:
     with open(tmp, "wb") as out:
         out.truncate(disk.size)
     write_table(tmp, disk)
-    hasher = _Hasher()
-    hasher.start()
-    try:
-        with open(tmp, "r+b") as out:
-            out.seek(disk.offset)
-            written = _stream_into(out, entry.get_blocks(BLOCK), disk, hasher)
-            out.flush()
-            os.fsync(out.fileno())
-    finally:
-        digest = hasher.finish()
+    digest = hashlib.sha256()
+    with open(tmp, "r+b") as out:
+        written = _stream_into(out, entry.get_blocks(BLOCK), disk, digest)
+        out.flush()
+        os.fsync(out.fileno())
     if written != disk.member_size:
         raise LeanvmError(f"{archive}: member {member} is truncated", "the image is corrupt")
-    return digest
+    return digest.hexdigest()
 
 
 def extract_usr_disk(archive: Path, member: str, dest: Path, decoder: str = "isal") -> str:
