@@ -97,6 +97,14 @@ def test_two_vm_cluster_over_ssh(mini: Path, tmp_path: Path):
         assert ping.returncode == 0, ping.stdout + ping.stderr
         assert cluster(out, "ssh", "node-b", "--", "exit 7").returncode == 7  # the remote status, passed through
         assert cluster(out, "ssh", "node-b", "--", "id", "-un").stdout.strip() == "core"
+        # free page reporting: the balloon device is bound to its driver in the guest
+        bound = cluster(out, "ssh", "node-a", "--", "ls", "/sys/bus/virtio/drivers/virtio_balloon")
+        assert bound.returncode == 0 and re.search(r"^virtio\d+$", bound.stdout, re.M), bound.stdout + bound.stderr
+        status = cluster(out, "status").stdout
+        for name in ("node-a", "node-b"):  # each running VM's host memory, as PSS
+            pss = re.search(rf"^{name}\s+running\s+\d+\s+127\.0\.0\.1:\d+\s+(\d+) MiB$", status, re.M)
+            assert pss and 16 < int(pss[1]) < 1024, status
+        assert re.search(r"^KSM: (off: .*sudo tee /sys/kernel/mm/ksm/run|on: \d+ MiB .*)$", status, re.M), status
         assert_wrong_key_refused(tmp_path, out, "node-a")
     finally:
         assert_down_cleanly(out)

@@ -58,7 +58,7 @@ finish() {
 # "reboot: Restarting system".
 shut_down() {
   [ -f /sysroot/run/dropbear.pid ] && kill "$(cat /sysroot/run/dropbear.pid)" 2>/dev/null
-  umount /sysroot/dev/pts /sysroot/dev /sysroot/proc 2>/dev/null
+  umount /sysroot/dev/pts /sysroot/dev /sysroot/proc /sysroot/sys 2>/dev/null
   umount /mnt/config /sysroot/oem /sysroot/usr /sysroot 2>/dev/null
   sync
   if [ "$1" = reboot ]; then say "rebooting"; reboot -f; else say "powering off"; poweroff -f; fi
@@ -385,6 +385,7 @@ start_sshd() {
   mkdir -p /sysroot/dev /sysroot/proc /sysroot/sys
   mount --bind /dev /sysroot/dev && mkdir -p /sysroot/dev/pts && mount -t devpts devpts /sysroot/dev/pts
   mount -t proc proc /sysroot/proc
+  mount -t sysfs sysfs /sysroot/sys  # as on Flatcar: the drivers (virtio_balloon, ...) are visible
   if chroot /sysroot /usr/sbin/dropbear -R -p 22 -P /run/dropbear.pid; then
     say "sshd: listening on port 22"
   else

@@ -229,11 +229,33 @@ libvirt_running() {
   [ "$(virsh -q domstate "$prefix-$1" 2>/dev/null)" = running ]
 }
 
+# The host memory of process $1 in MiB, as PSS (a page shared by N processes counts 1/N in
+# each), or - where /proc does not tell (not Linux).
+pss_mib() { awk '/^Pss:/ { printf "%d MiB", $2 / 1024; found = 1 } END { if (!found) print "-" }' "/proc/$1/smaps_rollup" 2>/dev/null || echo -; }
+
+# One line on KSM (Linux's same-page merging): how much of these VMs' memory it merged, or,
+# when it is off, how to turn it on. Nothing where the host has no KSM.
+ksm_line() {
+  run=$(cat /sys/kernel/mm/ksm/run 2>/dev/null) || return 0
+  if [ "$run" != 1 ]; then
+    echo "KSM: off: the pages these VMs hold alike (kernel, the /usr they read) are kept once per VM;" \
+      "merge them with: echo 1 | sudo tee /sys/kernel/mm/ksm/run"
+    return 0
+  fi
+  pages=0
+  for pid in $1; do
+    pages=$((pages + $(cat "/proc/$pid/ksm_merging_pages" 2>/dev/null || echo 0)))
+  done
+  echo "KSM: on: $((pages * $(getconf PAGESIZE) / 1048576)) MiB of these VMs' memory merged with identical pages"
+}
+
 status() {
-  printf '%-24s %-17s %-8s %s\n' VM STATE PID SSH
+  printf '%-24s %-17s %-8s %-22s %s\n' VM STATE PID SSH "HOST MEMORY (PSS)"
+  pids=""
   for vm in $(vms); do
+    memory=-
     if pid=$(vm_pid "$vm"); then
-      state=running
+      state=running memory=$(pss_mib "$pid") pids="$pids $pid"
     elif launcher_active "$vm"; then
       state=reboot pid=-
     elif libvirt_running "$vm"; then
@@ -241,8 +263,9 @@ status() {
     else
       state=stopped pid=-
     fi
-    printf '%-24s %-17s %-8s %s\n' "$vm" "$state" "$pid" "127.0.0.1:$(ssh_port "$vm")"
+    printf '%-24s %-17s %-8s %-22s %s\n' "$vm" "$state" "$pid" "127.0.0.1:$(ssh_port "$vm")" "$memory"
   done
+  [ -z "$pids" ] || ksm_line "$pids"
 }
 
 # The VMs named in "$@" (each must exist), or every VM.
