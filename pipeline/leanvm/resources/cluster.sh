@@ -239,7 +239,8 @@ ksm_line() {
   run=$(cat /sys/kernel/mm/ksm/run 2>/dev/null) || return 0
   if [ "$run" != 1 ]; then
     echo "KSM: off: the pages these VMs hold alike (kernel, the /usr they read) are kept once per VM;" \
-      "merge them with: echo 1 | sudo tee /sys/kernel/mm/ksm/run"
+      "merge them with: echo 1 | sudo tee /sys/kernel/mm/ksm/run (3 idle 256 MiB VMs: 320 -> 227 MiB each," \
+      "see README, Memory)"
     return 0
   fi
   pages=0
