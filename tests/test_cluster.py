@@ -146,6 +146,7 @@ def test_down_stops_a_guest_that_ignores_the_power_button(mini: Path, tmp_path: 
     assert qemu_pids(out) == []
 
 
+@pytest.mark.slow  # ~50 s: in CI's slow run, keeping the main suite under its 10 minutes
 def test_two_clusters_coexist_with_distinct_ports_and_isolated_networks(mini: Path, tmp_path: Path):
     # Both clusters have a core1 with an assigned port; B's core1 sits on A's subnet address
     # range, so only the separate switches keep the two apart.

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from leanvm.release.record import sha256_file
 from support import ENV, Mirror, MirrorServer, Project, build_cluster, doit, paths_in, printed, run, sh, usr_partition
 
@@ -22,6 +23,7 @@ def printed_paths(run_sh: Path) -> list[Path]:
     return [p for p in paths_in(printed(run_sh)) if p.name != "qemu.pid"]
 
 
+@pytest.mark.slow  # ~25 s: in CI's slow run, keeping the main suite under its 10 minutes
 def test_bundle_unpacked_with_tar_elsewhere_is_complete_sparse_and_matches(project: Project, tmp_path: Path):
     project.write_cluster({"big": {"disk": "4G", "ssh_port": 2701}, "small": {}})
     assert project.doit().returncode == 0

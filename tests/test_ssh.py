@@ -104,7 +104,7 @@ def test_two_vm_cluster_over_ssh(mini: Path, tmp_path: Path):
         for name in ("node-a", "node-b"):  # each running VM's host memory, as PSS
             pss = re.search(rf"^{name}\s+running\s+\d+\s+127\.0\.0\.1:\d+\s+(\d+) MiB$", status, re.M)
             assert pss and 16 < int(pss[1]) < 1024, status
-        assert re.search(r"^KSM: (off: .*sudo tee /sys/kernel/mm/ksm/run|on: \d+ MiB .*)$", status, re.M), status
+        assert re.search(r"^KSM: (off: .*sudo tee /sys/kernel/mm/ksm/run .*|on: \d+ MiB .*)$", status, re.M), status
         assert_wrong_key_refused(tmp_path, out, "node-a")
     finally:
         assert_down_cleanly(out)

@@ -1,6 +1,15 @@
 """The guest architectures leanvm runs, and what each needs of QEMU and libvirt."""
 
+from dataclasses import dataclass
 from enum import StrEnum
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    qemu: str  # the QEMU binary
+    qemu_package: str  # Debian's package holding it
+    machine: str  # QEMU's machine; arm64's `virt` lets QEMU choose the GIC for the accelerator
+    cpu_name: str  # `uname -m` on a host of this arch, and libvirt's arch name
 
 
 class Arch(StrEnum):
@@ -10,20 +19,11 @@ class Arch(StrEnum):
     ARM64 = "arm64"
 
     @property
-    def qemu(self) -> str:
-        return {Arch.AMD64: "qemu-system-x86_64", Arch.ARM64: "qemu-system-aarch64"}[self]
+    def facts(self) -> ArchFacts:
+        return FACTS[self]
 
-    @property
-    def qemu_package(self) -> str:
-        """Debian's package holding `qemu`."""
-        return {Arch.AMD64: "qemu-system-x86", Arch.ARM64: "qemu-system-arm"}[self]
 
-    @property
-    def machine(self) -> str:
-        """QEMU's machine: arm64's `virt` lets QEMU choose the GIC for the accelerator."""
-        return {Arch.AMD64: "q35", Arch.ARM64: "virt,gic-version=max"}[self]
-
-    @property
-    def cpu_name(self) -> str:
-        """`uname -m` on a host of this arch, and libvirt's arch name."""
-        return {Arch.AMD64: "x86_64", Arch.ARM64: "aarch64"}[self]
+FACTS = {
+    Arch.AMD64: ArchFacts("qemu-system-x86_64", "qemu-system-x86", "q35", "x86_64"),
+    Arch.ARM64: ArchFacts("qemu-system-aarch64", "qemu-system-arm", "virt,gic-version=max", "aarch64"),
+}
