@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import membench as memory
 import yaml
 from isal import igzip_threaded
 from leanvm.arch import Arch
@@ -45,9 +46,11 @@ class Sizes:
     vms: int
     boot_pad_mb: int  # 0: skip the boot benchmarks (6, 7, 8)
     scale: tuple[int, ...] = ()  # cluster sizes for the scale benchmark
+    memory: tuple[int, ...] = ()  # cluster sizes for the memory benchmark
 
 
-FULL = Sizes(reps=5, extract_mb=300, noop_mb=(100, 1000), vms=10, boot_pad_mb=150, scale=(1, 2, 4, 8))
+FULL = Sizes(reps=5, extract_mb=300, noop_mb=(100, 1000), vms=10, boot_pad_mb=150, scale=(1, 2, 4, 8),
+             memory=(1, 2, 4, 8))
 SMOKE = Sizes(reps=1, extract_mb=8, noop_mb=(4, 16), vms=3, boot_pad_mb=0, scale=())
 
 
@@ -469,6 +472,57 @@ def bench_balloon(work: Path, sizes: Sizes, pxe_rss: int) -> list[Row]:
     ]
 
 
+# --- 9. memory: N idle VMs' host memory as PSS, KSM off and on, PXE-style beside ------------
+
+PLOT = HERE / "memory.png"
+MEMORY_PAD_MB = 16  # /usr padded by 16 MiB: a PXE-style 256 MiB VM runs out of memory at 64
+
+
+def memory_out(work: Path, mini: Path, count: int, kind: str) -> Path:
+    names = [f"{kind[0]}{i}" for i in range(1, count + 1)]
+    config = work / f"memory-{kind}-{count}.yaml"
+    config.write_text(yaml.safe_dump({"release": str(mini / "mini.yaml"), "vms": {n: {} for n in names},
+                                      "defaults": {"memory": memory.MEMORY_MIB, "disk": "1G"}}))
+    out = work / f"out-memory-{kind}-{count}"
+    shutil.rmtree(out, ignore_errors=True)
+    doit(config, out)
+    return out
+
+
+def pxe_args(out: Path, mini: Path) -> list[str]:
+    """-initrd and -append of a PXE-style boot: the image (usr.squashfs) appended to the initrd."""
+    images = next(p for p in out.glob("images/mini/*") if p.is_dir())
+    initrd = out / "pxe.initrd"
+    image = next((mini / "mirror").glob(f"*/{minirelease.IMAGE}"))
+    initrd.write_bytes((images / "initrd").read_bytes() + image.read_bytes())
+    return [str(initrd), "mount.usr=/usr.squashfs mount.usrfstype=squashfs mount.usrflags=ro "
+                         "root=LABEL=ROOT rootflags=rw console=ttyS0"]
+
+
+def bench_memory(work: Path, sizes: Sizes, plot_to: Path | None = None) -> list[Row]:
+    mini = minirelease.build(work / f"mini-{MEMORY_PAD_MB}", pad_mb=MEMORY_PAD_MB)
+    off, on, pxe, parts = {}, {}, {}, {}
+    for count in sizes.memory:
+        off[count], on[count], parts = memory.measure(memory_out(work, mini, count, "lean"), None)
+        out = memory_out(work, mini, count, "pxe")
+        pxe[count], _, _ = memory.measure(out, pxe_args(out, mini))
+    rows = [Row("9 memory", f"{n} idle VM(s): per VM PSS / RSS, KSM off; KSM on", memory.per_vm(off[n]) + "; "
+                + memory.per_vm(on[n]), memory.per_vm(pxe[n]) + " (PXE-style, KSM off)",
+                f"{off[n].pss / pxe[n].pss:.2f}x") for n in sizes.memory]
+    slope = {name: memory.marginal(series) for name, series in (("off", off), ("on", on), ("pxe", pxe))}
+    shown = {k: "-" if v is None else f"{v / MiB:.0f} MiB" for k, v in slope.items()}
+    rows.append(Row("9 memory", "marginal host PSS per extra idle VM, KSM on (KSM off)",
+                    f"{shown['on']} ({shown['off']})", f"{shown['pxe']} (PXE-style, KSM off)",
+                    "-" if slope["on"] is None else f"{slope['on'] / slope['pxe']:.2f}x",
+                    f"<= {memory.MEMORY_MIB // 2} MiB (TCG, KSM on)",
+                    "-" if slope["on"] is None else verdict(slope["on"] <= memory.MEMORY_MIB // 2 * MiB)))
+    rows.append(Row("9 memory", "one idle VM, host PSS: " + ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in
+                                                                   parts.items()), "", "", ""))
+    drawn = memory.plot(plot_to or work / "memory.png", off, on, pxe)
+    rows.append(Row("9 memory", "plot: host memory against the number of VMs", drawn, "", ""))
+    return rows
+
+
 def table(rows: list[Row]) -> str:
     lines = ["| # | measured | leanvm | baseline | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -488,7 +542,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
     parser.add_argument("--work", type=Path, default=HERE / "work", help="scratch directory (several GB)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: extract,download,doit,boot")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated sections to skip: extract,download,doit,boot,memory")
     parser.add_argument("--publish", action="store_true",
                         help="also write the table into README.md and bench/RESULTS.md (between their markers)")
     args = parser.parse_args()
@@ -496,29 +551,34 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     rows: list[Row] = []
-    sections = [("extract", bench_extract), ("download", bench_download), ("doit", bench_doit), ("boot", bench_vms)]
+    sections = [("extract", bench_extract), ("download", bench_download), ("doit", bench_doit), ("boot", bench_vms),
+                ("memory", lambda work, sizes: bench_memory(work, sizes, PLOT if args.publish else None))]
     for name, bench in sections:
-        if name in skip or (name == "download" and "extract" in skip) or (name == "boot" and not sizes.boot_pad_mb):
+        if name in skip or (name == "download" and "extract" in skip) or (name == "boot" and not sizes.boot_pad_mb) \
+                or (name == "memory" and not sizes.memory):
             continue
         print(f"bench: {name} ...", file=sys.stderr)
         rows += bench(args.work, sizes)
-    report = (f"Run on {time.strftime('%Y-%m-%d')}. Machine: {machine()}. "
-              f"Repetitions: {sizes.reps} (median).\n\n{table(rows)}")
-    print(report)
-    if args.publish:
-        for path in (HERE.parent / "README.md", HERE / "RESULTS.md"):
-            publish(path, report)
+    head = f"Run on {time.strftime('%Y-%m-%d')}. Machine: {machine()}. Repetitions: {sizes.reps} (median)."
+    # the memory section has a table of its own, published on its own (it takes long to run)
+    for marker, part in (("bench", [r for r in rows if r.section != "9 memory"]),
+                         ("bench memory", [r for r in rows if r.section == "9 memory"])):
+        if not part:
+            continue
+        report = f"{head}\n\n{table(part)}"
+        print(report)
+        if args.publish:
+            for path in (HERE.parent / "README.md", HERE / "RESULTS.md"):
+                publish(path, report, marker)
     return 0
 
 
-BEGIN, END = "<!-- bench: generated by bench/run.py --publish -->", "<!-- bench: end -->"
-
-
-def publish(path: Path, report: str) -> None:
-    """Replace the text between the markers in `path` with `report`."""
+def publish(path: Path, report: str, marker: str) -> None:
+    """Replace the text between `marker`'s begin and end comments in `path` with `report`."""
+    begin, end = f"<!-- {marker}: generated by bench/run.py --publish -->", f"<!-- {marker}: end -->"
     text = path.read_text()
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    path.write_text(f"{text[:start]}\n{report}\n{text[end:]}")
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    path.write_text(f"{text[:start]}\n{report}\n{text[stop:]}")
 
 
 if __name__ == "__main__":

@@ -21,4 +21,4 @@ if [ -n "$missing" ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' >&2
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]' >&2

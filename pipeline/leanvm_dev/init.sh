@@ -11,7 +11,9 @@
 # `leanvm.hold` keeps the VM up until QEMU is stopped, `leanvm.ping=IP,...` pings peers on
 # the cluster network (configured from the systemd-networkd unit in user_data) for up to
 # 90 s each, `leanvm.unreachable=IP,...` checks for 10 s each that they do not answer,
-# `leanvm.fillcache` reads all of /usr into the page cache and drops it again (benchmarks).
+# `leanvm.fillcache` reads all of /usr into the page cache, waits 20 s (for the host to
+# measure) and drops it again; `leanvm.dropcaches` drops the page cache (benchmarks). Both
+# then print the guest's memory (meminfo: ... kB).
 # `reboot` and `poweroff` inside the guest work as on any Linux (see the traps below).
 PATH=/bin
 export PATH
@@ -25,7 +27,7 @@ exec </dev/console >/dev/console 2>&1
 say() { echo "leanvm: $*"; }
 
 usr="" usrfstype="" usrflags="ro" root="" rootflags="rw" rootfstype="" shell="" hold="" ping="" first_boot=""
-unreachable="" fillcache=""
+unreachable="" fillcache="" dropcaches=""
 # shellcheck disable=SC2013  # the command line is split into words on purpose
 for word in $(cat /proc/cmdline); do
   case $word in
@@ -40,6 +42,7 @@ for word in $(cat /proc/cmdline); do
     leanvm.ping=*) ping=${word#*=} ;;
     leanvm.unreachable=*) unreachable=${word#*=} ;;
     leanvm.fillcache) fillcache=1 ;;
+    leanvm.dropcaches) dropcaches=1 ;;
     flatcar.first_boot=*|coreos.first_boot=*) first_boot=${word#*=} ;;
   esac
 done
@@ -402,9 +405,13 @@ say "boots logged: $(wc -l </sysroot/var/log/leanvm-boots.log)"
 if [ -n "$fillcache" ]; then
   find /sysroot/usr -type f -exec cat {} + >/dev/null 2>&1
   say "cache filled: $(sed -n 's/^Cached: *//p' /proc/meminfo)"
+  sleep 20
+fi
+if [ -n "$fillcache" ] || [ -n "$dropcaches" ]; then
   sync
   echo 3 >/proc/sys/vm/drop_caches
   say "cache dropped: $(sed -n 's/^Cached: *//p' /proc/meminfo)"
+  say "meminfo:$(awk '/^(MemTotal|MemFree|Buffers|Cached|Shmem):/ { printf " %s %s", $1, $2 }' /proc/meminfo) kB"
 fi
 say "ready"
 finish
