@@ -172,4 +172,4 @@ def plot(path: Path, lean_off: dict, lean_on: dict, pxe: dict) -> str:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
-    return str(path)
+    return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
