@@ -314,7 +314,8 @@ while :; do
   qemu_child=$!
   while :; do
     status=0
-    wait "$qemu_child" || status=$?
+    # a signal caught before qemu_child was set stopped nothing: do not wait for QEMU then
+    [ -n "$caught" ] || wait "$qemu_child" || status=$?
     [ -z "$caught" ] || break
     kill -0 "$qemu_child" 2>/dev/null || break  # QEMU ended and was reaped
   done
