@@ -7,15 +7,17 @@ import os
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from support import run
+from vmrun import accel_env, cluster_sh, down, pids, wait_console
 
 MiB = 1 << 20
 KSM = Path("/sys/kernel/mm/ksm")
 MEMORY_MIB = 256
 READY = "leanvm: meminfo:"
+APPEND = "leanvm.hold leanvm.dropcaches"  # the mini release drops its caches and prints meminfo
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,7 @@ class Sample:
     pss: int  # bytes, all VMs
     rss: int
     count: int
-
-
-def pids(out: Path) -> list[int]:
-    return [int(p.read_text()) for p in sorted(out.glob("vms/*/qemu.pid"))]
+    boot_s: float = 0  # from starting the VMs until every guest printed its meminfo
 
 
 def rollup(pid: int, field: str) -> int:
@@ -57,7 +56,7 @@ def breakdown(pid: int, console: Path) -> dict[str, int]:
     the guest's own view of its RAM from the meminfo line the mini release prints."""
     maps = mappings(pid)
     guest = sum(pss for _, size, pss in maps if size == MEMORY_MIB * MiB)
-    code = sum(pss for head, size, pss in maps if " rwxp " in head and size >= 64 * MiB)
+    code = sum(pss for head, size, pss in maps if " rwxp " in head and size >= MiB)
     line = next(ln for ln in console.read_text(errors="replace").splitlines() if READY in ln)
     kb = {k: int(v) * 1024 for k, v in re.findall(r"(\w+): (\d+)", line)}
     cache = kb["Cached"] + kb["Buffers"]
@@ -89,39 +88,29 @@ def ksm_settle(timeout: float = 300) -> None:
         time.sleep(1)
 
 
-def wait_console(out: Path, text: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    for log in sorted(out.glob("vms/*/console.log")):
-        while text not in (console := log.read_text(errors="replace")):
-            if "Kernel panic" in console:
-                raise RuntimeError(f"{log}: the guest's kernel panicked")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{log}: no {text!r} within {timeout} s")
-            time.sleep(0.5)
-
-
-def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "LEANVM_ACCEL": os.environ.get("LEANVM_ACCEL", "tcg"), **extra}
-
-
-def up(out: Path, pxe: list[str] | None) -> None:
-    append = "leanvm.hold leanvm.dropcaches"
+def up(out: Path, pxe: list[str] | None, settle_s: float, env: dict[str, str]) -> float:
+    """Start out/'s VMs (PXE-style with run.sh's extra QEMU arguments `pxe`), wait until every
+    guest dropped its caches (the seconds that took), then `settle_s` for free page reporting."""
+    start = time.monotonic()
     if pxe is None:
-        run([out / "cluster.sh", "up"], check=True, capture_output=True, timeout=600,
-            env=env(LEANVM_APPEND=append, LEANVM_BALLOON="on"))
+        cluster_sh(out, "up", LEANVM_APPEND=APPEND, LEANVM_BALLOON="on", **env)
     else:
         for run_sh in sorted(out.glob("vms/*/run.sh")):
-            run([run_sh, "--detach", "-initrd", pxe[0], "-append", f"{pxe[1]} {append}"], check=True,
-                capture_output=True, timeout=600, env=env(LEANVM_BALLOON="on"))
+            run([run_sh, "--detach", *pxe], check=True, capture_output=True, timeout=600,
+                env=accel_env(LEANVM_BALLOON="on", **env))
     wait_console(out, READY)
-    time.sleep(15)  # free page reporting hands back what the guests freed, in batches
+    boot_s = time.monotonic() - start
+    time.sleep(settle_s)
+    return boot_s
 
 
-def measure(out: Path, pxe: list[str] | None) -> tuple[Sample, Sample | None, dict[str, int]]:
-    """KSM off, then on (if this process may turn it on), and one VM's breakdown."""
+def measure(out: Path, pxe: list[str] | None, settle_s: float,
+            env: dict[str, str]) -> tuple[Sample, Sample | None, dict[str, int]]:
+    """KSM off, then on (if this process may turn it on), and one VM's breakdown; `env` for
+    the launchers (LEANVM_TCG_CACHE)."""
     try:
-        up(out, pxe)
-        off = sample(out)
+        boot_s = up(out, pxe, settle_s, env)
+        off = replace(sample(out), boot_s=boot_s)
         parts = breakdown(pids(out)[0], next(out.glob("vms/*/console.log")))
         on = None
         if ksm_writable():
@@ -134,8 +123,7 @@ def measure(out: Path, pxe: list[str] | None) -> tuple[Sample, Sample | None, di
                 ksm_set(**old)
         return off, on, parts
     finally:
-        run([out / "cluster.sh", "down"], check=True, capture_output=True, timeout=600,
-            env=env(LEANVM_STOP_TIMEOUT="60"))
+        down(out)
 
 
 def per_vm(s: Sample | None) -> str:
@@ -150,7 +138,8 @@ def marginal(series: dict[int, Sample | None]) -> float | None:
     return statistics.linear_regression([n for n, _ in points], [p for _, p in points]).slope
 
 
-def plot(path: Path, lean_off: dict, lean_on: dict, pxe: dict) -> str:
+def plot(path: Path, lines: dict[str, dict[int, Sample | None]]) -> str:
+    """Draw each series of `lines` (label -> {N: sample}); PXE-style ones dashed."""
     try:
         import matplotlib
     except ImportError:
@@ -159,8 +148,8 @@ def plot(path: Path, lean_off: dict, lean_on: dict, pxe: dict) -> str:
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(6, 4))
-    for label, series, style in (("leanvm, KSM off", lean_off, "o-"), ("leanvm, KSM on", lean_on, "s-"),
-                                 ("PXE-style, KSM off", pxe, "^--")):
+    for (label, series), marker in zip(lines.items(), "os^vD", strict=False):
+        style = f"{marker}{'--' if label.startswith('PXE') else '-'}"
         points = [(n, s.pss / MiB) for n, s in sorted(series.items()) if s is not None]
         if points:
             axes.plot(*zip(*points, strict=True), style, label=label)

@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import membench as memory
+import membench
 import yaml
 from isal import igzip_threaded
 from leanvm.arch import Arch
@@ -31,6 +32,7 @@ from leanvm.release import fetch
 from leanvm.release.extract import extract_usr_disk
 from leanvm_dev import minirelease
 from support import DOIT_CWD, Keyring, Mirror, doit_argv, make_cpio_gz, make_squashfs, run, serve
+from vmrun import accel_env, cluster_sh, down, qemu_rss, wait_console
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
@@ -47,11 +49,14 @@ class Sizes:
     boot_pad_mb: int  # 0: skip the boot benchmarks (6, 7, 8)
     scale: tuple[int, ...] = ()  # cluster sizes for the scale benchmark
     memory: tuple[int, ...] = ()  # cluster sizes for the memory benchmark
+    settle_s: float = 15  # how long free page reporting gets to hand freed memory back
+    capped_tcg_cache: bool = True  # section 9 also with LEANVM_TCG_CACHE=TCG_CACHE_MIB
 
 
 FULL = Sizes(reps=5, extract_mb=300, noop_mb=(100, 1000), vms=10, boot_pad_mb=150, scale=(1, 2, 4, 8),
              memory=(1, 2, 4, 8))
-SMOKE = Sizes(reps=1, extract_mb=8, noop_mb=(4, 16), vms=3, boot_pad_mb=0, scale=())
+SMOKE = Sizes(reps=1, extract_mb=8, noop_mb=(4, 16), vms=3, boot_pad_mb=0, scale=(), memory=(1,), settle_s=3,
+              capped_tcg_cache=False)
 
 
 @dataclass
@@ -321,9 +326,19 @@ print(mark, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
 """
 
 
+def pxe_args(out: Path, mini: Path, append: str = "") -> list[str]:
+    """run.sh's extra QEMU arguments for a PXE-style boot: the image (usr.squashfs) appended
+    to the initrd, and the kernel arguments that loop-mount it from RAM (plus `append`)."""
+    images = next(p for p in out.glob("images/mini/*") if p.is_dir())  # not the .current-version record
+    initrd = out / "pxe.initrd"
+    image = next((mini / "mirror").glob(f"*/{minirelease.IMAGE}"))
+    initrd.write_bytes((images / "initrd").read_bytes() + image.read_bytes())
+    return ["-initrd", str(initrd), "-append", "mount.usr=/usr.squashfs mount.usrfstype=squashfs "
+            f"mount.usrflags=ro root=LABEL=ROOT rootflags=rw console=ttyS0 {append}".rstrip()]
+
+
 def boot_once(argv: list[str]) -> tuple[float, int]:
-    env = {**os.environ, "LEANVM_ACCEL": os.environ.get("LEANVM_ACCEL", "tcg")}
-    out = run([sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, env=env,
+    out = run([sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, env=accel_env(),
               timeout=600, check=True).stdout.split()
     if out[0] == "None":
         raise RuntimeError(f"{argv[0]} never printed the 'usr mounted' marker")
@@ -341,16 +356,11 @@ def bench_boot(work: Path, sizes: Sizes) -> tuple[list[Row], int, float]:
     run_sh = out / "vms" / "boot" / "run.sh"
     images = next(p for p in out.glob("images/mini/*") if p.is_dir())  # not the .current-version record
     usr_size = (images / "usr.img").stat().st_size
-    pxe_initrd = work / "pxe.initrd"
-    image = next((mini / "mirror").glob(f"*/{minirelease.IMAGE}"))
-    pxe_initrd.write_bytes((images / "initrd").read_bytes() + image.read_bytes())
-    pxe_args = ["-initrd", str(pxe_initrd), "-append",
-                "mount.usr=/usr.squashfs mount.usrfstype=squashfs mount.usrflags=ro "
-                "root=LABEL=ROOT rootflags=rw console=ttyS0"]
+    pxe_style = pxe_args(out, mini)
     lean, pxe = [], []
     for _ in range(max(sizes.reps - 2, 1)):
         lean.append(boot_once([str(run_sh)]))
-        pxe.append(boot_once([str(run_sh), *pxe_args]))
+        pxe.append(boot_once([str(run_sh), *pxe_style]))
     lean_t, pxe_t = statistics.median(t for t, _ in lean), statistics.median(t for t, _ in pxe)
     lean_rss, pxe_rss = statistics.median(r for _, r in lean), statistics.median(r for _, r in pxe)
     return [
@@ -384,35 +394,11 @@ def bench_vms(work: Path, sizes: Sizes) -> list[Row]:
 
 # --- 7. scale: N VMs up at once; 8. host RAM of an idle VM, with and without free page reporting ---
 
-def qemu_rss(out: Path) -> int:
-    """Total resident memory of the QEMUs of out/'s VMs."""
-    total = 0
-    for pidfile in out.glob("vms/*/qemu.pid"):
-        status = Path(f"/proc/{pidfile.read_text().strip()}/status").read_text()
-        total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
-    return total
-
-
-def wait_console(out: Path, names: list[str], text: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    for name in names:
-        log = out / "vms" / name / "console.log"
-        while not (log.exists() and text in log.read_text(errors="replace")):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{log}: no {text!r} within {timeout} s")
-            time.sleep(0.2)
-
-
-def cluster_sh(out: Path, command: str, env: dict[str, str]) -> None:
-    run([out / "cluster.sh", command], check=True, capture_output=True, timeout=600,
-        env={**os.environ, "LEANVM_ACCEL": os.environ.get("LEANVM_ACCEL", "tcg"), **env})
-
-
-def up_until(out: Path, names: list[str], append: str, marker: str, env: dict[str, str] | None = None) -> float:
+def up_until(out: Path, names: list[str], append: str, marker: str) -> float:
     """Seconds from `cluster.sh up` until every VM printed `marker`."""
     start = time.monotonic()
-    cluster_sh(out, "up", {"LEANVM_APPEND": append, **(env or {})})
-    wait_console(out, names, marker)
+    cluster_sh(out, "up", LEANVM_APPEND=append)
+    wait_console(out, marker, names)
     return time.monotonic() - start
 
 
@@ -432,7 +418,7 @@ def bench_scale(work: Path, sizes: Sizes, pxe_rss: int) -> list[Row]:
             time.sleep(5)
             rss[count] = qemu_rss(out)
         finally:
-            cluster_sh(out, "down", {"LEANVM_STOP_TIMEOUT": "60"})
+            down(out)
         one = min(sizes.scale)
         rows.append(Row("7 scale", f"{count} VM(s) up at once: all ready / host RSS of all QEMUs",
                         f"{ready[count]:.1f} s / {rss[count] / MiB:.0f} MiB",
@@ -445,8 +431,24 @@ def bench_scale(work: Path, sizes: Sizes, pxe_rss: int) -> list[Row]:
     return rows
 
 
+def fill_and_drop(out: Path, balloon: str, settle_s: float) -> tuple[int, int, int]:
+    """Host RSS of the VM while its page cache holds all of /usr and `settle_s` after the
+    guest dropped it, and how much the guest had cached (bytes)."""
+    try:
+        cluster_sh(out, "up", LEANVM_APPEND="leanvm.hold leanvm.fillcache", LEANVM_BALLOON=balloon)
+        wait_console(out, "cache filled")
+        time.sleep(3)  # the guest holds its cache for 20 s
+        full = qemu_rss(out)
+        cached = int(re.search(r"cache filled: (\d+) kB", (out / "vms/idle/console.log").read_text()).group(1))
+        wait_console(out, "holding (leanvm.hold)")
+        time.sleep(settle_s)  # free page reporting batches its reports every few seconds
+        return full, qemu_rss(out), cached * 1024
+    finally:
+        down(out)
+
+
 def bench_balloon(work: Path, sizes: Sizes, pxe_rss: int) -> list[Row]:
-    """An idle VM's host RAM after the guest read all of /usr and dropped its page cache."""
+    """An idle VM's host RAM before and after the guest read all of /usr and dropped its page cache."""
     mini = minirelease.build(work / "mini", pad_mb=sizes.boot_pad_mb)
     cluster = work / "balloon.yaml"
     cluster.write_text(yaml.safe_dump({"release": str(mini / "mini.yaml"),
@@ -454,17 +456,12 @@ def bench_balloon(work: Path, sizes: Sizes, pxe_rss: int) -> list[Row]:
     out = work / "out-balloon"
     shutil.rmtree(out, ignore_errors=True)
     doit(cluster, out)
-    idle = {}
-    for balloon in ("off", "on"):
-        try:
-            up_until(out, ["idle"], "leanvm.hold leanvm.fillcache", "holding (leanvm.hold)",
-                     {"LEANVM_BALLOON": balloon})
-            time.sleep(15)  # free page reporting batches its reports every few seconds
-            idle[balloon] = qemu_rss(out)
-        finally:
-            cluster_sh(out, "down", {"LEANVM_STOP_TIMEOUT": "60"})
-    on, off = idle["on"], idle["off"]
+    (full_off, off, _), (full_on, on, cached) = (fill_and_drop(out, b, sizes.settle_s) for b in ("off", "on"))
     return [
+        Row("8 idle RAM", f"free page reporting on: host RSS with the guest's cache full ({cached / MiB:.0f} MiB)"
+            " -> after the guest dropped it", f"{full_on / MiB:.0f} -> {on / MiB:.0f} MiB",
+            f"{full_off / MiB:.0f} -> {off / MiB:.0f} MiB (off)", f"{on / full_on:.2f}x",
+            "falls by >= half the cache", verdict(full_on - on >= cached / 2)),
         Row("8 idle RAM", "idle VM after filling and dropping its page cache, free page reporting on",
             f"{on / MiB:.0f} MiB", f"{off / MiB:.0f} MiB (off)", f"{on / off:.2f}x", "lower", verdict(on < off)),
         Row("8 idle RAM", "the same VM vs the PXE-style boot's peak", f"{on / MiB:.0f} MiB",
@@ -476,49 +473,59 @@ def bench_balloon(work: Path, sizes: Sizes, pxe_rss: int) -> list[Row]:
 
 PLOT = HERE / "memory.png"
 MEMORY_PAD_MB = 16  # /usr padded by 16 MiB: a PXE-style 256 MiB VM runs out of memory at 64
+TCG_CACHE_MIB = 32  # the capped series (16 doubled the mini VM's boot time here, 32 did not)
 
 
 def memory_out(work: Path, mini: Path, count: int, kind: str) -> Path:
     names = [f"{kind[0]}{i}" for i in range(1, count + 1)]
     config = work / f"memory-{kind}-{count}.yaml"
     config.write_text(yaml.safe_dump({"release": str(mini / "mini.yaml"), "vms": {n: {} for n in names},
-                                      "defaults": {"memory": memory.MEMORY_MIB, "disk": "1G"}}))
+                                      "defaults": {"memory": membench.MEMORY_MIB, "disk": "1G"}}))
     out = work / f"out-memory-{kind}-{count}"
     shutil.rmtree(out, ignore_errors=True)
     doit(config, out)
     return out
 
 
-def pxe_args(out: Path, mini: Path) -> list[str]:
-    """-initrd and -append of a PXE-style boot: the image (usr.squashfs) appended to the initrd."""
-    images = next(p for p in out.glob("images/mini/*") if p.is_dir())
-    initrd = out / "pxe.initrd"
-    image = next((mini / "mirror").glob(f"*/{minirelease.IMAGE}"))
-    initrd.write_bytes((images / "initrd").read_bytes() + image.read_bytes())
-    return [str(initrd), "mount.usr=/usr.squashfs mount.usrfstype=squashfs mount.usrflags=ro "
-                         "root=LABEL=ROOT rootflags=rw console=ttyS0"]
-
-
 def bench_memory(work: Path, sizes: Sizes, plot_to: Path | None = None) -> list[Row]:
     mini = minirelease.build(work / f"mini-{MEMORY_PAD_MB}", pad_mb=MEMORY_PAD_MB)
-    off, on, pxe, parts = {}, {}, {}, {}
+    kinds = {"": {}, f", LEANVM_TCG_CACHE={TCG_CACHE_MIB}": {"LEANVM_TCG_CACHE": str(TCG_CACHE_MIB)}}
+    if not sizes.capped_tcg_cache:
+        del kinds[f", LEANVM_TCG_CACHE={TCG_CACHE_MIB}"]
+    off, on = {k: {} for k in kinds}, {k: {} for k in kinds}
+    pxe, parts = {}, {}
     for count in sizes.memory:
-        off[count], on[count], parts = memory.measure(memory_out(work, mini, count, "lean"), None)
+        for kind, env in kinds.items():
+            out = memory_out(work, mini, count, "lean")
+            off[kind][count], on[kind][count], found = membench.measure(out, None, sizes.settle_s, env)
+            parts = parts or found  # the breakdown of the smallest cluster's first VM, QEMU's cache size
         out = memory_out(work, mini, count, "pxe")
-        pxe[count], _, _ = memory.measure(out, pxe_args(out, mini))
-    rows = [Row("9 memory", f"{n} idle VM(s): per VM PSS / RSS, KSM off; KSM on", memory.per_vm(off[n]) + "; "
-                + memory.per_vm(on[n]), memory.per_vm(pxe[n]) + " (PXE-style, KSM off)",
-                f"{off[n].pss / pxe[n].pss:.2f}x") for n in sizes.memory]
-    slope = {name: memory.marginal(series) for name, series in (("off", off), ("on", on), ("pxe", pxe))}
-    shown = {k: "-" if v is None else f"{v / MiB:.0f} MiB" for k, v in slope.items()}
-    rows.append(Row("9 memory", "marginal host PSS per extra idle VM, KSM on (KSM off)",
-                    f"{shown['on']} ({shown['off']})", f"{shown['pxe']} (PXE-style, KSM off)",
-                    "-" if slope["on"] is None else f"{slope['on'] / slope['pxe']:.2f}x",
-                    f"<= {memory.MEMORY_MIB // 2} MiB (TCG, KSM on)",
-                    "-" if slope["on"] is None else verdict(slope["on"] <= memory.MEMORY_MIB // 2 * MiB)))
+        pxe[count], _, _ = membench.measure(out, pxe_args(out, mini, membench.APPEND), sizes.settle_s, {})
+    slope_pxe = membench.marginal(pxe)
+    rows = []
+    for kind in kinds:
+        rows += [Row("9 memory", f"{n} idle VM(s){kind}: per VM PSS / RSS, KSM off; KSM on",
+                     membench.per_vm(off[kind][n]) + "; " + membench.per_vm(on[kind][n]),
+                     membench.per_vm(pxe[n]) + " (PXE-style, KSM off)", f"{off[kind][n].pss / pxe[n].pss:.2f}x")
+                 for n in sizes.memory]
+    for kind in kinds:
+        slope_on, slope_off = membench.marginal(on[kind]), membench.marginal(off[kind])
+        shown = ["-" if v is None else f"{v / MiB:.0f} MiB" for v in (slope_on, slope_off, slope_pxe)]
+        rows.append(Row("9 memory", f"marginal host PSS per extra idle VM{kind}, KSM on (KSM off)",
+                        f"{shown[0]} ({shown[1]})", f"{shown[2]} (PXE-style, KSM off)",
+                        "-" if slope_on is None else f"{slope_on / slope_pxe:.2f}x",
+                        f"<= {membench.MEMORY_MIB // 2} MiB (TCG, KSM on)",
+                        "-" if slope_on is None else verdict(slope_on <= membench.MEMORY_MIB // 2 * MiB)))
+    if len(kinds) > 1:
+        one, capped = min(sizes.memory), list(kinds)[1]
+        default_s, capped_s = off[""][one].boot_s, off[capped][one].boot_s
+        rows.append(Row("9 memory", f"{one} VM(s), first boot to caches dropped{capped} (cost of the smaller cache)",
+                        f"{capped_s:.1f} s", f"{default_s:.1f} s (QEMU's cache)", f"{capped_s / default_s:.2f}x"))
     rows.append(Row("9 memory", "one idle VM, host PSS: " + ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in
                                                                    parts.items()), "", "", ""))
-    drawn = memory.plot(plot_to or work / "memory.png", off, on, pxe)
+    lines = {**{f"leanvm{kind}, KSM {state}": series[kind] for kind in kinds
+                for state, series in (("off", off), ("on", on))}, "PXE-style, KSM off": pxe}
+    drawn = membench.plot(plot_to or work / "memory.png", lines)
     rows.append(Row("9 memory", "plot: host memory against the number of VMs", drawn, "", ""))
     return rows
 

@@ -32,10 +32,12 @@ def mixed(project: Project) -> Project:
 
 def test_each_vm_runs_on_the_qemu_of_its_arch(mixed: Project):
     a1, x1 = (printed(mixed.vm(name) / "run.sh", {"LEANVM_ACCEL": "tcg"}) for name in ("a1", "x1"))
-    assert a1[0] == "qemu-system-aarch64" and a1[a1.index("-machine") + 1] == "virt,gic-version=max,accel=tcg"
+    assert a1[0] == "qemu-system-aarch64" and a1[a1.index("-machine") + 1] == "virt,gic-version=max"
+    assert a1[a1.index("-accel") + 1] == "tcg"
     assert a1[a1.index("-cpu") + 1] == "max" and "console=ttyAMA0" in a1[a1.index("-append") + 1]
     assert a1[a1.index("-kernel") + 1] == str(mixed.out / "images" / "test-arm64" / "100.0.0" / "vmlinuz")
-    assert x1[0] == "qemu-system-x86_64" and x1[x1.index("-machine") + 1] == "q35,accel=tcg"
+    assert x1[0] == "qemu-system-x86_64" and x1[x1.index("-machine") + 1] == "q35"
+    assert x1[x1.index("-accel") + 1] == "tcg"
     # each release is downloaded, verified and extracted once, into its own images directory
     for release in ("test", "test-arm64"):
         assert (mixed.out / "images" / release / "100.0.0" / "usr.img").is_file()
@@ -44,7 +46,7 @@ def test_each_vm_runs_on_the_qemu_of_its_arch(mixed: Project):
 def test_auto_never_picks_kvm_for_a_guest_of_another_arch(mixed: Project):
     """/dev/kvm exists here, and this host is x86_64: an arm64 guest is emulated (TCG)."""
     a1 = printed(mixed.vm("a1") / "run.sh", {"LEANVM_ACCEL": "auto"})
-    assert a1[a1.index("-machine") + 1].endswith(",accel=tcg") and a1[a1.index("-cpu") + 1] == "max"
+    assert a1[a1.index("-accel") + 1] == "tcg" and a1[a1.index("-cpu") + 1] == "max"
     forced = run([str(mixed.vm("a1") / "run.sh"), "--print"], env={"LEANVM_ACCEL": "kvm", "PATH": "/usr/bin:/bin"},
                  capture_output=True, text=True, timeout=30)
     assert forced.returncode == 1 and forced.stderr.count("\n") == 1, forced.stderr

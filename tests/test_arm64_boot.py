@@ -10,7 +10,6 @@ from leanvm_dev import minirelease
 from support import ENV, boot, build_cluster, cluster_sh, marker, on_vm, printed, qemu_pids
 
 pytestmark = pytest.mark.slow
-cluster, on = cluster_sh, on_vm
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +35,19 @@ def test_arm64_vms_ping_each_other_and_an_amd64_vm_in_one_cluster(mini: Path, mi
         "a1": {"cluster_ip": "10.77.0.21", "release": str(mini_arm64)},
         "a2": {"cluster_ip": "10.77.0.22", "release": str(mini_arm64)}})
     try:
-        up = cluster(out, "up", "--wait", "300")
+        up = cluster_sh(out, "up", "--wait", "300")
         assert up.returncode == 0, up.stdout + up.stderr
-        assert on(out, "a1", "uname -m").strip() == on(out, "a2", "uname -m").strip() == "aarch64"
-        assert on(out, "x1", "uname -m").strip() == "x86_64"
-        assert "0% packet loss" in on(out, "a1", "ping -c 1 -W 5 a2")
-        assert "0% packet loss" in on(out, "x1", "ping -c 1 -W 5 a1")
-        status = cluster(out, "status")
+        assert on_vm(out, "a1", "uname -m").strip() == on_vm(out, "a2", "uname -m").strip() == "aarch64"
+        assert on_vm(out, "x1", "uname -m").strip() == "x86_64"
+        assert "0% packet loss" in on_vm(out, "a1", "ping -c 1 -W 5 a2")
+        assert "0% packet loss" in on_vm(out, "x1", "ping -c 1 -W 5 a1")
+        status = cluster_sh(out, "status")
         states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:4]}
         assert states == {"a1": "running", "a2": "running", "x1": "running"}, status.stdout
-        down = cluster(out, "down")
+        down = cluster_sh(out, "down")
         assert down.returncode == 0, down.stdout + down.stderr
         for name in ("a1", "a2"):  # the power button (a GPIO key on arm64's virt machine) was honoured
             assert "power button pressed" in (out / "vms" / name / "console.log").read_text(errors="replace")
     finally:
-        cluster(out, "down")
+        cluster_sh(out, "down")
     assert qemu_pids(out) == []

@@ -132,6 +132,7 @@ def test_cluster_script_is_installed_once_and_relocatable(mini: Path, tmp_path: 
     assert os.access(moved / "cluster.sh", os.X_OK)
 
 
+@pytest.mark.slow  # ~17 s: in CI's slow run (the main suite stays under its 10 minutes)
 def test_down_stops_a_guest_that_ignores_the_power_button(mini: Path, tmp_path: Path):
     out = build_cluster(tmp_path, mini / "mini.yaml", {"stubborn": {}})
     cluster_sh = str(out / "cluster.sh")

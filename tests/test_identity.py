@@ -97,4 +97,4 @@ def test_run_sh_takes_everything_from_the_values_file(project: Project, tmp_path
     assert a[a.index("-fw_cfg") + 1] == f"name=opt/test/config,file={str(out).replace(',', ',,')}/vms/a/ignition.json"
     assert a[a.index("-kernel") + 1] == f"{out}/images/test/9.9/vmlinuz"
     assert "-fw_cfg" not in c and c[c.index("-append") + 1].endswith(" quiet")
-    assert a[a.index("-machine") + 1] == "q35,accel=tcg" and a[a.index("-cpu") + 1] == "max"
+    assert a[a.index("-machine") + 1] == "q35" and a[a.index("-accel") + 1] == "tcg" and a[a.index("-cpu") + 1] == "max"

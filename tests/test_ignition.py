@@ -28,9 +28,6 @@ from support import (
 UNIT = "[Unit]\nDescription=hello\n[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"
 
 
-cluster, on = cluster_sh, on_vm
-
-
 def debugfs_cat(disk: Path, path: str) -> str:
     return sh("debugfs", "-R", f"cat {path}", disk).decode()
 
@@ -68,7 +65,7 @@ def test_ignition_provisions_on_the_first_boot_and_a_guest_reboot_is_no_first_bo
                     "root@127.0.0.1", command], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
 
     try:
-        up = cluster(out, "up", "--wait", env=env)
+        up = cluster_sh(out, "up", "--wait", env=env)
         assert up.returncode == 0, up.stdout + up.stderr
         console = (out / "vms" / "prov" / "console.log").read_text(errors="replace")
         assert marker(console, "first boot") == "yes (flatcar.first_boot=1)"
@@ -76,7 +73,7 @@ def test_ignition_provisions_on_the_first_boot_and_a_guest_reboot_is_no_first_bo
         assert result.returncode == 0 and "provisioningBootID" in result.stdout, result.stderr
         as_root("reboot")  # the guest reboots itself during its first boot
         wait_for_text(out / "vms" / "prov" / "run.log", "VM prov rebooted: starting it again", timeout=60)
-        again = cluster(out, "up", "--wait", env=env)  # between two launches: still running
+        again = cluster_sh(out, "up", "--wait", env=env)  # between two launches: still running
         assert again.returncode == 0 and "prov: already running" in again.stdout, again.stdout + again.stderr
         console = (out / "vms" / "prov" / "console.log").read_text(errors="replace")
         assert console.index("leanvm: reboot requested") < console.index("leanvm: first boot: no")
@@ -84,17 +81,17 @@ def test_ignition_provisions_on_the_first_boot_and_a_guest_reboot_is_no_first_bo
         qemu = (out / "vms" / "prov" / "qemu.pid").read_text().strip()
         assert "flatcar.first_boot" not in Path(f"/proc/{qemu}/cmdline").read_text()
         assert as_root("cat /etc/.ignition-result.json").stdout == result.stdout  # Ignition did not run again
-        assert "alice:x:1000:" in on(out, "prov", "cat /etc/passwd")
-        groups = on(out, "prov", "cat /etc/group")
+        assert "alice:x:1000:" in on_vm(out, "prov", "cat /etc/passwd")
+        groups = on_vm(out, "prov", "cat /etc/group")
         assert "builders:x:4242:alice" in groups and "docker:x:233:core,alice" in groups
-        assert on(out, "prov", "cat /etc/leanvm/hello.txt") == "written by Ignition"
-        assert on(out, "prov", "stat -c %a /etc/leanvm/hello.txt").strip() == "604"
-        assert on(out, "prov", "cat /etc/systemd/system/hello.service") == UNIT
-        assert "enable hello.service" in on(out, "prov", "cat /etc/systemd/system-preset/20-ignition.preset")
-        assert mine in on(out, "prov", "cat /home/core/.ssh/authorized_keys.d/ignition")
-        assert on(out, "prov", "stat -c '%a %U' /etc/.ignition-result.json").strip() == "600 root"
+        assert on_vm(out, "prov", "cat /etc/leanvm/hello.txt") == "written by Ignition"
+        assert on_vm(out, "prov", "stat -c %a /etc/leanvm/hello.txt").strip() == "604"
+        assert on_vm(out, "prov", "cat /etc/systemd/system/hello.service") == UNIT
+        assert "enable hello.service" in on_vm(out, "prov", "cat /etc/systemd/system-preset/20-ignition.preset")
+        assert mine in on_vm(out, "prov", "cat /home/core/.ssh/authorized_keys.d/ignition")
+        assert on_vm(out, "prov", "stat -c '%a %U' /etc/.ignition-result.json").strip() == "600 root"
     finally:
-        down = cluster(out, "down", env=env)
+        down = cluster_sh(out, "down", env=env)
     assert down.returncode == 0 and "did not power off" not in down.stdout and qemu_pids(out) == []
     result = json.loads(debugfs_cat(out / "vms" / "prov" / "rootfs.img", "/etc/.ignition-result.json"))
     assert result["userConfigProvided"] is True and "provisioningBootID" in result  # Ignition's own fields
@@ -111,17 +108,17 @@ def test_a_two_vm_cluster_has_its_addresses_and_names_on_the_first_boot(mini: Pa
     out = build_cluster(tmp_path, mini / "mini.yaml", {
         "one": {"cluster_ip": "10.77.0.11", **config}, "two": {"cluster_ip": "10.77.0.12", **config}})
     try:
-        up = cluster(out, "up", "--wait")
+        up = cluster_sh(out, "up", "--wait")
         assert up.returncode == 0, up.stdout + up.stderr
         for name, own, peer in (("one", "10.77.0.11", "two"), ("two", "10.77.0.12", "one")):
             console = (out / "vms" / name / "console.log").read_text(errors="replace")
             assert marker(console, "first boot").startswith("yes")
             assert f"leanvm: cluster network: eth1 {own}/24 (50-leanvm-cluster.network)" in console
             assert ("restarting networkd" in console) == (kind == "cloud-config")
-            assert f"{own} {name}" in on(out, name, "cat /etc/hosts")
-            assert "0% packet loss" in on(out, name, f"ping -c 1 -W 5 {peer}")
+            assert f"{own} {name}" in on_vm(out, name, "cat /etc/hosts")
+            assert "0% packet loss" in on_vm(out, name, f"ping -c 1 -W 5 {peer}")
     finally:
-        cluster(out, "down")
+        cluster_sh(out, "down")
     assert qemu_pids(out) == []
 
 

@@ -17,14 +17,14 @@ from support import ENV, PROJECT, QUIT, build_cluster, finish, qemu_pids, run, s
 # issue's "sleeps forever", and a real QEMU whose CPUs never start (it daemonizes, writes
 # its pid file and answers its monitor, as a hung KVM QEMU does).
 SLEEPING_KVM = """#!/bin/sh
-case " $* " in *accel=kvm*) exec sleep 100000 ;; esac
+case " $* " in *" -accel kvm "*) exec sleep 100000 ;; esac
 exec qemu-system-x86_64 "$@"
 """
 STOPPED_KVM = """#!/bin/sh
-case " $* " in *accel=kvm*) ;; *) exec qemu-system-x86_64 "$@" ;; esac
+case " $* " in *" -accel kvm "*) ;; *) exec qemu-system-x86_64 "$@" ;; esac
 for arg; do
   shift
-  case $arg in q35,accel=kvm) arg=q35,accel=tcg ;; host) arg=max ;; esac
+  case $arg in kvm) arg=tcg ;; host) arg=max ;; esac
   set -- "$@" "$arg"
 done
 exec qemu-system-x86_64 "$@" -S
@@ -160,7 +160,8 @@ def test_cluster_sh_up_wait_under_auto_falls_back_to_tcg_when_kvm_hangs(mini: Pa
         (line,) = up.stderr.strip().splitlines()
         assert "KVM hangs" in line and "starting them under TCG" in line
         assert "every VM answers ssh" in up.stdout
-        assert "accel=tcg" in Path(f"/proc/{(out / 'vms' / 'h1' / 'qemu.pid').read_text().strip()}/cmdline").read_text()
+        pid = (out / "vms" / "h1" / "qemu.pid").read_text().strip()
+        assert "\0-accel\0tcg\0" in Path(f"/proc/{pid}/cmdline").read_text()
     finally:
         run([out / "cluster.sh", "down"], capture_output=True, env=env, timeout=120)
     assert qemu_pids(out) == []

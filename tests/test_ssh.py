@@ -136,6 +136,7 @@ def test_host_keys_survive_a_reboot_and_reset_makes_new_ones(mini: Path, tmp_pat
         assert_down_cleanly(out)
 
 
+@pytest.mark.slow  # ~25 s: in CI's slow run (the main suite stays under its 10 minutes)
 def test_up_wait_names_the_vms_whose_sshd_never_answers(mini: Path, tmp_path: Path):
     out = build_cluster(tmp_path, mini / "mini.yaml", {"quiet": {}})
     paused = tmp_path / "paused-qemu"  # a VM that runs but never boots: its CPUs stay stopped

@@ -23,8 +23,19 @@ def cluster(project: Project) -> Project:
     return project
 
 
-
-
+def test_tcg_code_cache_is_capped_only_when_asked_and_only_under_tcg(cluster: Project):
+    run_sh = cluster.vm("core1") / "run.sh"
+    argv = printed(run_sh, {"LEANVM_ACCEL": "tcg"})
+    assert argv[argv.index("-accel") + 1] == "tcg"  # QEMU's own cache size unless asked
+    argv = printed(run_sh, {"LEANVM_ACCEL": "tcg", "LEANVM_TCG_CACHE": "32"})
+    assert argv[argv.index("-accel") + 1] == "tcg,tb-size=32"
+    argv = printed(run_sh, {"LEANVM_ACCEL": "kvm", "LEANVM_TCG_CACHE": "32"})
+    assert argv[argv.index("-accel") + 1] == "kvm"  # KVM has no code cache
+    for bad in ("32M", "0", "-1", " "):
+        result = run([run_sh, "--print"], capture_output=True, text=True, timeout=30,
+                     env={**os.environ, "LEANVM_ACCEL": "tcg", "LEANVM_TCG_CACHE": bad})
+        assert result.returncode == 1 and result.stdout == "", result.stdout
+        assert result.stderr == f"run.sh: LEANVM_TCG_CACHE must be a size in MiB such as 64, not '{bad}'\n"
 
 
 def test_files_modes_and_shell_checks(cluster: Project):
@@ -52,7 +63,7 @@ def test_print_shows_distinct_macs_ports_and_existing_paths(cluster: Project):
         text = " ".join(argv)
         macs.add(re.search(r"mac=([0-9a-f:]{17})", text).group(1))
         ports.add(re.search(r"hostfwd=tcp:127.0.0.1:(\d+)-:22", text).group(1))
-        assert "-cpu max" in text and "accel=tcg" in text
+        assert "-cpu max" in text and "-accel tcg " in text
         assert argv.index("-name") + 1 == argv.index(name)
         usr = next(a for a in argv if "serial=usr.readonly" in a)
         root = next(a for a in argv if "serial=rootfs" in a)

@@ -146,18 +146,18 @@ def _verified_image(ctx: Context, release: Release) -> Path:
     return ctx.cache(release) / "verified" / release.image
 
 
-def _release_artifacts(ctx: Context) -> Iterator[tuple[Release, Artifact]]:
+def _release_artifacts(ctx: Context) -> Iterator[tuple[Release, Artifact, str]]:
+    """Each artifact of each release, with its URL on the release's mirror."""
     for release in ctx.cluster.releases:
         for artifact in artifacts(release, ctx.images(release)):
-            yield release, artifact
+            yield release, artifact, fetch.url_for(release, ctx.version(release), artifact.upstream)
 
 
 def task_download() -> Iterator[dict]:
     """download each release's kernel, initrd and image, each with its signature"""
     ctx = context()
-    for release, artifact in _release_artifacts(ctx):
+    for release, artifact, url in _release_artifacts(ctx):
         data, sig = _raw(ctx, release, artifact)
-        url = fetch.url_for(release, ctx.version(release), artifact.upstream)
         yield {
             "name": f"{release.name}:{artifact.kind}",
             "doc": f"download {artifact.upstream} and its signature",
@@ -170,11 +170,10 @@ def task_download() -> Iterator[dict]:
 def task_verify() -> Iterator[dict]:
     """check each download's signature against the pinned key; publish it into out/images"""
     ctx = context()
-    for release, artifact in _release_artifacts(ctx):
+    for release, artifact, url in _release_artifacts(ctx):
         data, sig = _raw(ctx, release, artifact)
         final = artifact.kind is not Kind.IMAGE
         target = artifact.published if final else _verified_image(ctx, release)
-        url = fetch.url_for(release, ctx.version(release), artifact.upstream)
         yield {
             "name": f"{release.name}:{artifact.kind}",
             "doc": f"check the signature of {artifact.upstream}",
@@ -190,10 +189,9 @@ def task_verify() -> Iterator[dict]:
 def task_extract() -> Iterator[dict]:
     """write the verified usr.squashfs into the USR-A partition of out/images/.../usr.img"""
     ctx = context()
-    for release, image in _release_artifacts(ctx):
+    for release, image, url in _release_artifacts(ctx):
         if image.kind is not Kind.IMAGE:
             continue
-        url = fetch.url_for(release, ctx.version(release), image.upstream)
         yield {
             "name": release.name,
             "doc": f"write {release.usr_member} of the verified image into the USR-A partition of usr.img",

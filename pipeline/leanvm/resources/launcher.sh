@@ -38,7 +38,8 @@ Start VM $name ($release $version).
 The QEMU monitor is reachable through the FIFOs monitor.in/.out beside run.sh.
   --help       this text
 Environment: LEANVM_ACCEL=auto|kvm|hvf|tcg (default auto), LEANVM_QEMU=BINARY,
-  LEANVM_APPEND="ARGS" (extra kernel arguments), LEANVM_BALLOON=on|off (default on)
+  LEANVM_APPEND="ARGS" (extra kernel arguments), LEANVM_BALLOON=on|off (default on),
+  LEANVM_TCG_CACHE=MiB (TCG's translated-code cache; default QEMU's, 1 GiB at most)
 EOF
 }
 
@@ -60,7 +61,8 @@ vm_qemu() {
   shift
   $runner "$qemu" \
     -name "$name" \
-    -machine "$machine,accel=$accel" \
+    -machine "$machine" \
+    -accel "$accel_options" \
     -cpu "$cpu" \
     -smp "$cpus" \
     -m "$memory" \
@@ -164,7 +166,17 @@ accel=$(resolve_accel "${LEANVM_ACCEL:-auto}" "$arch") ||
 if [ "$accel" != tcg ] && [ "$arch" != "$(host_arch)" ]; then
   die "LEANVM_ACCEL=$accel cannot run VM $name ($arch) on this $(host_arch) host: use LEANVM_ACCEL=tcg or auto"
 fi
-if [ "$accel" = tcg ]; then cpu=max; else cpu=host; fi
+cpu=host accel_options=$accel
+if [ "$accel" = tcg ]; then
+  # TCG keeps the code it translated in a cache that QEMU sizes at 1 GiB; the host holds
+  # every page of it that fills (~100 MiB for an idle mini VM). LEANVM_TCG_CACHE caps it.
+  cpu=max
+  case ${LEANVM_TCG_CACHE-} in
+    '') ;;
+    *[!0-9]* | 0*) die "LEANVM_TCG_CACHE must be a size in MiB such as 64, not '$LEANVM_TCG_CACHE'" ;;
+    *) accel_options="tcg,tb-size=$LEANVM_TCG_CACHE" ;;
+  esac
+fi
 
 # The kernel command line, with the first-boot arguments if this is a first boot (decided
 # once nothing else stands in the way: a running VM's disk is not ours to read).
