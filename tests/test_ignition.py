@@ -122,6 +122,7 @@ def test_a_two_vm_cluster_has_its_addresses_and_names_on_the_first_boot(mini: Pa
     assert qemu_pids(out) == []
 
 
+@pytest.mark.slow  # ~12 s: in CI's slow run (the main suite stays under its 10 minutes)
 def test_a_network_unit_only_in_write_files_gets_no_address_as_on_flatcar(mini: Path, tmp_path: Path):
     out = build_cluster(tmp_path, mini / "mini.yaml", {"wf": {}})
     vm = out / "vms" / "wf"

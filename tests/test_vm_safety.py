@@ -126,6 +126,7 @@ def test_a_readded_vm_has_no_stale_retired_launcher(trio):
     assert "run.sh.retired" not in listing
 
 
+@pytest.mark.slow  # ~12 s: in CI's slow run (the main suite stays under its 10 minutes)
 def test_a_refused_second_start_leaves_the_running_vm_intact(trio):
     _, out = trio
     vm = out / "vms" / "d1"
