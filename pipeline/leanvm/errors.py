@@ -8,6 +8,7 @@ import os
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 # The command that runs leanvm's tasks, as the user typed it: hints name it ("run `doit
 # reset:core1`" or "run `leanvm reset:core1`"). The `leanvm` command sets it.
@@ -35,6 +36,12 @@ def report(error: LeanvmError | str) -> int:
     """Write `leanvm: error: ...` (one line) and return the exit status for it."""
     sys.stderr.write(f"leanvm: error: {error}\n")
     return EXIT_USER_ERROR
+
+
+def interrupted() -> int:
+    """Ctrl-C: one line, the shell's exit status for SIGINT (temp files were removed on the way out)."""
+    sys.stderr.write("leanvm: interrupted\n")
+    return EXIT_INTERRUPTED
 
 
 def warn(message: str) -> None:

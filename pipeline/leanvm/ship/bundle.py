@@ -14,15 +14,18 @@ anything is written, a bundle whose VMs are of another arch.
 import argparse
 import json
 import os
+import shutil
 import sys
-from pathlib import Path
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
 
 import libarchive
 import libarchive.exception
-from libarchive.extract import EXTRACT_PERM, EXTRACT_SPARSE, EXTRACT_TIME
+from libarchive.entry import ArchiveEntry
+from libarchive.extract import EXTRACT_PERM, EXTRACT_SPARSE, EXTRACT_TIME, PREVENT_ESCAPE, extract_entries
 
 from leanvm.arch import Arch
-from leanvm.errors import LeanvmError, note, report, tool
+from leanvm.errors import LeanvmError, interrupted, note, report, tool
 from leanvm.fsutil import temp_path
 from leanvm.release.record import sha256_file
 from leanvm.state.layout import Layout
@@ -30,7 +33,12 @@ from leanvm.state.vmstate import running_pid
 
 MANIFEST = "MANIFEST.json"
 CLUSTER_FILES = ("lib.sh", "cluster.sh", "libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env")
-RUNTIME_FILES = {"qemu.pid", "console.log", "monitor.in", "monitor.out", "run.sh.retired"}
+# What a run leaves beside a VM's disks: never shipped (a lock, a pid, a log of this host's runs).
+RUNTIME_FILES = {"qemu.pid", "console.log", "monitor.in", "monitor.out", "run.sh.retired", "run.log", "run.lock",
+                 "forced-stop"}
+# libarchive's own guards (no '..', no absolute path, nothing through a symlink) on top of the
+# check of every member against the manifest before it is written.
+UNPACK_FLAGS = EXTRACT_SPARSE | EXTRACT_PERM | EXTRACT_TIME | PREVENT_ESCAPE
 
 
 def cluster_files(out: Path, images: list[Path], vm_names: list[str]) -> list[Path]:
@@ -74,16 +82,32 @@ def write_bundle(out: Path, images: list[Path], vm_names: list[str], dest: Path,
     note(f"bundle {dest} ({dest.stat().st_size >> 20} MiB, {len(files)} files)")
 
 
+def _plain_relative(path: str) -> bool:
+    """A path inside the directory it is unpacked in: relative, no '..', '.' or empty parts."""
+    parts = PurePosixPath(path).parts
+    return bool(parts) and not path.startswith("/") and all(p not in ("..", ".", "") for p in parts) \
+        and "\\" not in path
+
+
+def listed_files(where: Path | str, manifest: dict) -> dict[str, str]:
+    """The manifest's files (relative path -> sha256), each a plain relative path."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise LeanvmError(f"{where}: {MANIFEST} has no list of files", f"unpack a bundle made by {tool('bundle')}")
+    for rel in files:
+        if not isinstance(rel, str) or not _plain_relative(rel) or rel == MANIFEST:
+            raise LeanvmError(f"{where}: {MANIFEST} lists {rel!r}, which is not a plain relative path",
+                              "the bundle was not made by leanvm or was altered: do not use it")
+    return files
+
+
 def check_manifest(root: Path) -> dict:
     """Every file the manifest names exists in `root` with its sha256."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise LeanvmError(f"{root / MANIFEST}: unreadable manifest: {e}", "unpack a complete bundle") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict):
-        raise LeanvmError(f"{root / MANIFEST}: has no list of files", f"unpack a bundle made by {tool('bundle')}")
-    for rel, digest in files.items():
+    for rel, digest in listed_files(root / MANIFEST, manifest).items():
         path = root / rel
         if not path.is_file() or sha256_file(path) != digest:
             raise LeanvmError(f"{path}: does not match {MANIFEST}", "the bundle is damaged; copy it again")
@@ -93,6 +117,8 @@ def check_manifest(root: Path) -> dict:
 def check_dest(dest: Path) -> None:
     """Unpacking replaces files: never under a running VM (its QEMU would go on writing to a
     deleted disk), and never over anything else that is there."""
+    if dest.exists() and not dest.is_dir():
+        raise LeanvmError(f"{dest} is not a directory", "give a new or empty directory to unpack into")
     running = [f"{vm.name} (pid {pid})" for vm in sorted(dest.glob("vms/*")) if (pid := running_pid(vm))]
     if running:
         raise LeanvmError(f"cannot unpack into {dest} while its VMs run: {', '.join(running)}",
@@ -104,6 +130,8 @@ def check_dest(dest: Path) -> None:
 
 def read_manifest(archive: Path) -> dict:
     """The manifest, read from the archive itself (its first member) before unpacking."""
+    if not archive.is_file():
+        raise LeanvmError(f"{archive}: no such file", "give the path of a bundle (out/bundles/*.tar.gz)")
     try:
         with libarchive.file_reader(str(archive)) as entries:
             for entry in entries:
@@ -122,23 +150,75 @@ def check_arch(archive: Path, manifest: dict, arch: str) -> None:
                           "unpack it where those VMs are to run, with --arch set to theirs (or no --arch)")
 
 
+def _member_problem(entry: ArchiveEntry, listed: set[str]) -> str | None:
+    if entry.islnk:
+        return f"is a hard link to {entry.linkpath!r}"
+    if entry.issym:
+        return f"is a symbolic link to {entry.linkpath!r}"
+    if not entry.isreg:
+        return "is not a regular file (a directory, device or FIFO)"
+    if not _plain_relative(entry.pathname):
+        return "is not a plain relative path"
+    if entry.pathname not in listed:
+        return f"is not listed in {MANIFEST}"
+    return None
+
+
+def checked_members(entries: Iterable[ArchiveEntry], archive: Path, listed: set[str]) -> Iterator[ArchiveEntry]:
+    """The archive's members, each checked before it is written: a regular file the manifest
+    lists (MANIFEST.json first), once."""
+    seen: set[str] = set()
+    for entry in entries:
+        name = entry.pathname
+        problem = _member_problem(entry, listed | {MANIFEST}) or ("appears twice" if name in seen else None)
+        if not seen and name != MANIFEST:
+            problem = f"comes before {MANIFEST}"
+        if problem:
+            raise LeanvmError(f"{archive}: member {name!r} {problem}; nothing was unpacked",
+                              "the bundle was not made by leanvm or was altered: do not use it")
+        seen.add(name)
+        yield entry
+
+
+def _restore(dest: Path, made: bool) -> None:
+    """Leave `dest` as it was before unpacking: absent if this run made it, else empty."""
+    if made:
+        shutil.rmtree(dest, ignore_errors=True)
+        return
+    for child in dest.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 def unbundle(archive: Path, dest: Path, arch: str | None = None) -> dict:
     """Unpack a bundle (keeping holes) into `dest` and check it against its manifest; with
-    `arch`, only a bundle whose VMs are all of that arch."""
+    `arch`, only a bundle whose VMs are all of that arch. Any failure leaves `dest` as it was."""
     archive = archive.resolve()  # before changing into dest: a relative path means the caller's
+    manifest = read_manifest(archive)
+    listed = set(listed_files(archive, manifest))
     if arch is not None:
-        check_arch(archive, read_manifest(archive), arch)
+        check_arch(archive, manifest, arch)
     check_dest(dest)
+    made = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
-    os.chdir(dest)
     try:
-        libarchive.extract_file(str(archive), flags=EXTRACT_SPARSE | EXTRACT_PERM | EXTRACT_TIME)
-    except libarchive.exception.ArchiveError as e:
-        raise LeanvmError(f"{archive}: cannot unpack: {e.msg}", "check the file") from None
-    finally:
+        os.chdir(dest)
+        with libarchive.file_reader(str(archive)) as entries:
+            extract_entries(checked_members(entries, archive, listed), flags=UNPACK_FLAGS)
         os.chdir(cwd)
-    return check_manifest(dest)
+        return check_manifest(dest)
+    except libarchive.exception.ArchiveError as e:
+        os.chdir(cwd)
+        _restore(dest, made)
+        raise LeanvmError(f"{archive}: cannot unpack into {dest}: {e.msg}; nothing was kept",
+                          "check the file and the free space") from None
+    except BaseException:
+        os.chdir(cwd)
+        _restore(dest, made)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         manifest = unbundle(args.archive, args.dir, args.arch)
     except LeanvmError as e:
         return report(e)
+    except OSError as e:
+        return report(LeanvmError(f"cannot unpack {args.archive} into {args.dir}: {e.strerror or e}",
+                                  "check the directory and the free space"))
+    except KeyboardInterrupt:
+        return interrupted()
     arches = ", ".join(manifest.get("arches", ["amd64"]))
     print(f"{args.dir}: {len(manifest['files'])} files match the manifest ({manifest.get('release')} "
           f"{manifest.get('version')}, {arches}); start a VM with {args.dir}/vms/NAME/run.sh")
