@@ -139,6 +139,7 @@ monitor() {
 up() {
   failed=0
   for vm in $selected; do
+    clear_stale_pid "$out/vms/$vm"
     if pid=$(vm_pid "$vm"); then
       echo "$vm: already running (pid $pid)"
     elif launcher_active "$vm"; then
@@ -205,6 +206,7 @@ press_power_button() { monitor system_powerdown "$@"; }
 
 down() {
   timeout=$(stop_timeout) || exit 1
+  for vm in $selected; do clear_stale_pid "$out/vms/$vm"; done
   power_off still_running press_power_button "$timeout"
   stubborn=$(still_running)
   for vm in $stubborn; do
@@ -254,6 +256,7 @@ status() {
   printf '%-24s %-17s %-8s %-22s %s\n' VM STATE PID SSH "HOST MEMORY (PSS)"
   pids=""
   for vm in $(vms); do
+    clear_stale_pid "$out/vms/$vm"
     memory=-
     if pid=$(vm_pid "$vm"); then
       state=running memory=$(pss_mib "$pid") pids="$pids $pid"

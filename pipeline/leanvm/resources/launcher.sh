@@ -52,7 +52,8 @@ print_command() {
   echo
 }
 
-qemu_pid() { cat "$1/qemu.pid" 2>/dev/null || true; }
+# The pid of VM directory $1's QEMU if it runs, else nothing.
+qemu_pid() { running_pid "$1" || true; }
 
 # This VM's QEMU command: $1 runs it (exec, command or print_command); the rest are extra
 # QEMU arguments. Optional parts are ${value:+words}: absent when the value is empty.
@@ -181,13 +182,14 @@ fi
 # The kernel command line, with the first-boot arguments if this is a first boot (decided
 # once nothing else stands in the way: a running VM's disk is not ours to read).
 decide_boot() {
-  if first_boot "$here/rootfs.img" "$first_boot_args"; then
+  if first_boot "$here/rootfs.img" "$first_boot_args" "$mode"; then
     boot_rule="first boot: $here/rootfs.img has no /etc/.ignition-result.json, so '$first_boot_args' is added"
     append="$kernel_args $first_boot_args"
   else
     boot_rule="not a first boot${first_boot_args:+: $here/rootfs.img has /etc/.ignition-result.json}"
     append=$kernel_args
   fi
+  boot_rule="$boot_rule${first_boot_note-}"
   append="$append${LEANVM_APPEND:+ $LEANVM_APPEND}"
 }
 
@@ -243,6 +245,10 @@ refuse_if_running
 exec 8>"$here/run.lock"
 flock -w 15 8 || die "VM $name is starting or stopping in another run.sh; try again"
 refuse_if_running
+if [ -f "$here/qemu.pid" ]; then  # not this VM's QEMU (refuse_if_running): left by a QEMU that died
+  warn "removed a stale qemu.pid (pid $(cat "$here/qemu.pid") is not VM $name's QEMU)"
+  rm -f "$here/qemu.pid"
+fi
 check_ports "$name" "$host_ports"
 
 # --- start ------------------------------------------------------------------------------
@@ -265,7 +271,7 @@ mkfifo "$here/monitor.in" "$here/monitor.out"
 # What a run holds: the monitor FIFOs, a pid file QEMU did not remove, the switch entry.
 release_vm() {
   rm -f "$here/monitor.in" "$here/monitor.out"
-  if ! alive "$(qemu_pid "$here")"; then rm -f "$here/qemu.pid"; fi
+  running_pid "$here" >/dev/null || rm -f "$here/qemu.pid"
   if [ "$cluster_net" = true ]; then with_net_lock leave_switch; fi
 }
 

@@ -12,11 +12,35 @@ alive() (
   [ "${state%% *}" != Z ]
 )
 
+# True if process $1 is the QEMU of the VM in directory $2: its command line names $2/qemu.pid
+# (-pidfile). A QEMU killed with SIGKILL, or a host that lost power, leaves its pid file
+# behind, and by then the pid may belong to any process. (leanvm.state.vmstate: the same rule.)
+is_vm_qemu() (
+  if [ -r "/proc/$1/cmdline" ]; then
+    tr '\0' '\n' <"/proc/$1/cmdline" | grep -Fxq -- "$2/qemu.pid"
+  else  # no /proc (macOS): ps joins the arguments with spaces
+    case $(ps -o args= -p "$1" 2>/dev/null) in *"-pidfile $2/qemu.pid"*) ;; *) exit 1 ;; esac
+  fi
+)
+
 # The pid of the QEMU that run.sh started for the VM in directory $1 (its qemu.pid), if it
-# runs; false otherwise.
+# runs; false otherwise (no file, a dead process, or one that is not this VM's QEMU).
 running_pid() (
   pid=$(cat "$1/qemu.pid" 2>/dev/null) || exit 1
-  alive "$pid" && echo "$pid"
+  alive "$pid" && is_vm_qemu "$pid" "$1" && echo "$pid"
+)
+
+# Remove the qemu.pid of the VM in directory $1 if it names no QEMU of this VM, and say so;
+# only while no run.sh holds the VM's run.lock (a starting QEMU writes the file).
+clear_stale_pid() (
+  [ -f "$1/qemu.pid" ] || exit 0
+  running_pid "$1" >/dev/null && exit 0
+  exec 8>>"$1/run.lock"
+  flock -n 8 || exit 0
+  running_pid "$1" >/dev/null && exit 0
+  stale=$(cat "$1/qemu.pid" 2>/dev/null) || exit 0
+  rm -f "$1/qemu.pid"
+  echo "${1##*/}: removed a stale qemu.pid (pid $stale is not this VM's QEMU)" >&2
 )
 
 # Refuse, in one line, to start VM $1 if one of its host ports ($2: a list) is taken.
@@ -79,17 +103,56 @@ stop_switch() (
 
 # First boot: Ignition runs only while root disk $1 has no /etc/.ignition-result.json, read
 # host side with debugfs (read-only). False if the profile has no first-boot arguments ($2).
+# A disk whose VM stopped uncleanly (kill -9, a host that lost power) needs journal recovery
+# and may fail its bitmap checksums until e2fsck runs: unless $3 is "print" (run.sh --print
+# writes nothing), its journal is replayed first (e2fsck -E journal_only, so that a file
+# only the journal holds counts), and debugfs reads in catastrophic mode (-c: inodes and
+# directories, no bitmaps). Sets first_boot_note (read by run.sh) when the disk needed recovery.
+# shellcheck disable=SC2034
 first_boot() {
   [ -n "$2" ] || return 1
   command -v debugfs >/dev/null 2>&1 || die "debugfs not found: install it (apt-get install e2fsprogs)"
   # (not a subshell: die must end the caller)
-  first_boot_stat=$(DEBUGFS_PAGER=__none__ debugfs -R 'stat /etc/.ignition-result.json' "$1" 2>&1) ||
-    die "cannot read $1: $first_boot_stat"
-  case $first_boot_stat in
+  first_boot_note=""
+  first_boot_disk=$(read_root_disk "$1") || true
+  case $first_boot_disk in
+    *needs_recovery*)
+      if [ "${3-}" = print ]; then
+        first_boot_note=" (its VM stopped uncleanly: run.sh replays the disk's journal before booting, which may change this)"
+      else
+        replay_journal "$1"
+        first_boot_note=" (its VM had stopped uncleanly: the disk's journal was replayed)"
+        first_boot_disk=$(read_root_disk "$1") || true
+      fi ;;
+  esac
+  case $first_boot_disk in
     *Inode:*) return 1 ;;
     *"File not found"*) return 0 ;;
-    *) die "cannot read $1 with debugfs: $(printf '%s' "$first_boot_stat" | tail -n 1)" ;;
+    *) die "cannot read $1 with debugfs ($(disk_problem "$first_boot_disk")): the disk is damaged;" \
+      "repair it with: e2fsck -f '$1'" ;;
   esac
+}
+
+# What debugfs says of root disk $1: its features, and whether it holds the Ignition result.
+read_root_disk() {
+  printf 'features\nstat /etc/.ignition-result.json\n' | DEBUGFS_PAGER=__none__ debugfs -c -f - "$1" 2>&1
+}
+
+# The line of debugfs's output $1 that says what is wrong ("... while opening filesystem").
+disk_problem() {
+  printf '%s\n' "$1" | grep -m 1 ' while ' || printf '%s\n' "$1" | tail -n 1
+}
+
+# Replay root disk $1's journal (e2fsck exits 1 or 2 when it corrected something: fine), or
+# one line saying how to repair the disk.
+replay_journal() {
+  command -v e2fsck >/dev/null 2>&1 || die "e2fsck not found: install it (apt-get install e2fsprogs)"
+  replay_status=0
+  replay_output=$(e2fsck -E journal_only -p "$1" 2>&1) || replay_status=$?
+  if [ "$replay_status" -gt 2 ]; then
+    die "$1 needs journal recovery and e2fsck could not replay it ($(printf '%s' "$replay_output" | tail -n 1)):" \
+      "repair it with: e2fsck -f '$1'"
+  fi
 }
 
 # The VMs of the out/ directory $1: each vms/NAME with an executable run.sh (a retired VM
