@@ -106,3 +106,28 @@ def test_a_vm_killed_right_after_its_first_boot_starts_again(one_vm):
         assert up.returncode == 0, (delay, up.stdout + up.stderr)
         assert "every VM answers ssh" in up.stdout
         assert cluster_sh(out, "down").returncode == 0
+
+
+@pytest.mark.slow  # two boots (~35 s)
+def test_an_out_dir_with_spaces_commas_and_quotes_works_through_reset(mini: Path, tmp_path: Path):
+    root = tmp_path / "sp ace,comma'q%"
+    root.mkdir()
+    (root / "cluster.yaml").write_text(f"release: {mini / 'mini.yaml'}\ndefaults: {{memory: 256, disk: 128M}}\n"
+                                       "vms:\n  q1: {}\n")
+    out = root / "o u,t"
+    build = doit(f"config={root / 'cluster.yaml'}", f"out={out}")
+    assert build.returncode == 0, build.stderr
+    try:
+        for boot in ("first", "after reset"):
+            up = cluster_sh(out, "up", "--wait", "120")
+            assert up.returncode == 0, (boot, up.stdout + up.stderr)
+            ssh = cluster_sh(out, "ssh", "q1", "--", "hostname")
+            assert ssh.returncode == 0 and ssh.stdout.strip() == "q1", (boot, ssh.stderr)
+            assert "leanvm-q1" in (out / "ssh" / "known_hosts").read_text()
+            assert cluster_sh(out, "down").returncode == 0
+            reset = doit(f"config={root / 'cluster.yaml'}", f"out={out}", "reset:q1")
+            assert reset.returncode == 0, reset.stderr
+        assert sorted(p.name for p in root.iterdir()) == ["cluster.yaml", "o u,t"]
+        assert not any(p.name.startswith("sp") for p in tmp_path.iterdir() if p != root)
+    finally:
+        cluster_sh(out, "down", env={**ENV, "LEANVM_STOP_TIMEOUT": "1"})

@@ -29,15 +29,21 @@ EOF
 }
 
 # ssh to VM $1 with the cluster key; host keys in ssh/known_hosts under the alias leanvm-NAME.
+# ssh runs in out/ssh and is given both files by their plain names: ssh splits
+# UserKnownHostsFile at spaces and expands % and ~ in both, so an out/ path holding a space, a
+# quote or a % would otherwise send host keys elsewhere or break ssh.
 vm_ssh() {
   vm=$1
   shift
   port=$(ssh_port "$vm")
   [ -n "$port" ] || die "VM $vm has no recorded ssh port: run doit"
   [ -r "$out/ssh/id_ed25519" ] || die "no cluster key $out/ssh/id_ed25519: run doit"
-  ssh -i "$out/ssh/id_ed25519" -p "$port" -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR \
-    -o UserKnownHostsFile="$out/ssh/known_hosts" -o StrictHostKeyChecking=accept-new \
-    -o HostKeyAlias="leanvm-$vm" -o HashKnownHosts=no -o ConnectTimeout=10 "${LEANVM_SSH_USER:-core}@127.0.0.1" "$@"
+  (
+    cd "$out/ssh" || exit 255
+    exec ssh -i ./id_ed25519 -p "$port" -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR \
+      -o UserKnownHostsFile=./known_hosts -o StrictHostKeyChecking=accept-new \
+      -o HostKeyAlias="leanvm-$vm" -o HashKnownHosts=no -o ConnectTimeout=10 "${LEANVM_SSH_USER:-core}@127.0.0.1" "$@"
+  )
 }
 
 # Seconds after which a VM that printed nothing on its serial console under KVM counts as
