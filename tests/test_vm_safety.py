@@ -9,7 +9,6 @@ import pytest
 import yaml
 from support import (
     ENV,
-    QUIT,
     build_cluster,
     doit,
     finish,
@@ -142,17 +141,20 @@ def test_a_refused_second_start_leaves_the_running_vm_intact(trio):
     assert "leanvm: power button pressed" in (vm / "console.log").read_text()
 
 
-def test_printed_command_runs_when_pasted_elsewhere(trio):
+def test_printed_command_runs_when_pasted_elsewhere_with_no_other_vm_up(trio):
     _, out = trio
-    detach_paused(out / "vms" / "d1")  # the cluster switch is up
+    assert qemu_pids(out) == [] and not (out / "net").exists()  # no VM has run: no switch, no out/net
     line = subprocess.run([str(out / "vms" / "d2" / "run.sh"), "--print"], capture_output=True, text=True,
                           check=True, env=ENV).stdout
     words = shlex.split(line, comments=True)
-    assert words[:3] == ["cd", str(out / "net"), "&&"]
-    pasted = run(["sh", "-c", line.strip() + " -S"], input=QUIT, capture_output=True, cwd="/",
-                 timeout=60)
-    assert pasted.returncode == 0, pasted.stderr.decode()
+    assert words[:3] == ["mkdir", "-p", str(out / "net")]
+    pasted = run(["sh", "-c", line.strip()], stdin=subprocess.DEVNULL, capture_output=True, cwd="/", timeout=120)
+    console = pasted.stdout.decode(errors="replace")
+    assert pasted.returncode == 0, console[-2000:] + pasted.stderr.decode()
+    assert "leanvm: ready" in console and "leanvm: cluster network: eth1" in console, console[-3000:]
     assert printed(out / "vms" / "d2" / "run.sh")[0] == "qemu-system-x86_64"
+    down = run([str(out / "cluster.sh"), "down"], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0 and switch_processes(out) == [], down.stderr
 
 
 def test_a_run_sh_stopped_by_a_signal_stops_its_switch(trio):

@@ -31,12 +31,14 @@ def switch_processes(out: Path) -> list[int]:
 
 
 def printed(run_sh: Path, env: dict | None = None) -> list[str]:
-    """The QEMU argv that `run.sh --print` shows (after its comment and its `cd DIR &&`)."""
+    """The QEMU argv that `run.sh --print` shows (after its comment, `mkdir -p DIR && cd DIR &&`
+    and the start of the cluster switch)."""
     out = subprocess.run([str(run_sh), "--print"], capture_output=True, text=True, check=True,
                          env={**os.environ, **(env or {})})
     words = shlex.split(out.stdout, comments=True)
-    assert words[0] == "cd" and words[2] == "&&", words
-    return words[3:]
+    assert words[:2] == ["mkdir", "-p"] and words[3:5] == ["&&", "cd"] and words[6] == "&&", words
+    last = len(words) - 1 - words[::-1].index("&&")
+    return words[last + 1:]
 
 
 def paths_in(argv: list[str]) -> list[Path]:

@@ -21,10 +21,10 @@ from leanvm.errors import LeanvmError
 from leanvm.resources import PROFILES
 from leanvm.state.identity import Identity, Wanted
 
-VM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-FINGERPRINT = re.compile(r"^[0-9A-F]{40}$")
-SIZE = re.compile(r"^([1-9][0-9]*)([KMGT])$")
+VM_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")  # every pattern here is used with fullmatch
+RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+FINGERPRINT = re.compile(r"[0-9A-F]{40}")
+SIZE = re.compile(r"([1-9][0-9]*)([KMGT])")
 SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MIN_DISK = 64 << 20
 
@@ -173,7 +173,7 @@ def _guest_port(value: int, where: _Where) -> int:
 
 
 def _size(value: Any, where: _Where) -> int:
-    match = SIZE.match(value) if isinstance(value, str) else None
+    match = SIZE.fullmatch(value) if isinstance(value, str) else None
     if not match:
         raise where.error(f"cannot parse size {value!r}", "write an integer with K, M, G or T, e.g. 4G")
     size = int(match.group(1)) * SIZE_UNITS[match.group(2)]
@@ -193,7 +193,7 @@ def _fingerprints(value: Any, where: _Where) -> tuple[str, ...]:
     if not prints:
         raise where.error("the list is empty", "pin at least one primary-key fingerprint")
     for i, fp in enumerate(prints):
-        if not FINGERPRINT.match(fp.replace(" ", "").upper()):
+        if not FINGERPRINT.fullmatch(fp.replace(" ", "").upper()):
             raise (where / str(i)).error(
                 f"{fp!r} is not a 40-hex-digit fingerprint", "copy it from `gpg --show-keys KEYFILE`"
             )
@@ -210,7 +210,7 @@ def _base_url(value: Any, where: _Where) -> str:
 
 def _version(value: Any, where: _Where) -> str:
     version = _string(str(value) if isinstance(value, (int, float)) else value, where)
-    if not RELEASE_NAME.match(version):
+    if not RELEASE_NAME.fullmatch(version):
         raise where.error(f"{version!r} is not a version", "write 'current' or e.g. 4081.2.0")
     return version
 
@@ -232,11 +232,20 @@ def _ipv4(value: Any, where: _Where) -> str:
         raise where.error(f"{value!r} is not an IPv4 address", "write e.g. 10.77.0.11") from None
 
 
+# QEMU's user-mode network, every VM's first NIC (ssh, forwards, the way out): the guest
+# routes 10.0.2.0/24 there, so a cluster network overlapping it would lose packets to one.
+USER_NETWORK = ipaddress.IPv4Network("10.0.2.0/24")
+
+
 def _subnet(value: Any, where: _Where) -> str:
     try:
-        return str(ipaddress.IPv4Network(_string(value, where)))
+        subnet = ipaddress.IPv4Network(_string(value, where))
     except ValueError:
         raise where.error(f"{value!r} is not an IPv4 network", "write e.g. 10.77.0.0/24") from None
+    if subnet.overlaps(USER_NETWORK):
+        raise where.error(f"{subnet} overlaps {USER_NETWORK}, QEMU's user-mode network (each VM's first NIC)",
+                          "pick another private range, e.g. 10.77.0.0/24")
+    return str(subnet)
 
 
 def _ignition(path: Path, where: _Where) -> None:
@@ -403,6 +412,30 @@ def yaml_problem(error: yaml.YAMLError) -> str:
     return line + (getattr(error, "problem", None) or "invalid YAML")
 
 
+class _DuplicateKey(yaml.MarkedYAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (YAML
+    1.2 says keys are unique; PyYAML would keep the last one silently: two `vms:` blocks
+    would drop every VM of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: PyYAML says so itself
+                continue
+            if duplicate and key != "<<":
+                raise _DuplicateKey(problem=f"key {key!r} appears twice (the second would replace the first)",
+                                    problem_mark=key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> Any:
     try:
         text = path.read_text()
@@ -411,7 +444,9 @@ def read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise LeanvmError(f"{path}: cannot read: {e}", "check the file") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as e:
+        raise LeanvmError(f"{path}: {yaml_problem(e)}", "keep one of them") from None
     except yaml.YAMLError as e:
         raise LeanvmError(f"{path}: YAML syntax error: {yaml_problem(e)}", "fix the YAML") from None
 
@@ -483,7 +518,7 @@ def load_profile(path: Path) -> Release:
     key_path = (path.parent / values["signing_key"]).resolve()
     _check_key_file(key_path, where / "signing_key")
     name = path.stem
-    if not RELEASE_NAME.match(name):
+    if not RELEASE_NAME.fullmatch(name):
         raise where.error(f"profile name {name!r} is not usable", "rename the file to letters, digits, . _ -")
     return Release(name=name, path=path, **{**fields_from(values, PROFILE_KEYS), "signing_key": key_path})
 
@@ -497,7 +532,7 @@ def _release_path(value: Any, where: _Where, cluster_file: Path) -> Path:
         if not path.is_file():
             raise where.error(f"release profile {path} does not exist", "give the path of a profile file")
         return path
-    if not RELEASE_NAME.match(ref):
+    if not RELEASE_NAME.fullmatch(ref):
         raise where.error(f"{ref!r} is not a profile name", "name a profile in releases/ or give a path")
     places = [(cluster_file.parent / "releases" / f"{ref}.yaml").resolve(), PROFILES / f"{ref}.yaml"]
     found = next((p for p in places if p.is_file()), None)
@@ -564,7 +599,7 @@ def _parse_vms(data: dict, where: _Where, path: Path, release: Release,
     per_vm: dict[str, dict[str, Any]] = {}
     for name, raw in vms_raw.items():
         vm_where = where / "vms" / str(name)
-        if not isinstance(name, str) or not VM_NAME.match(name):
+        if not isinstance(name, str) or not VM_NAME.fullmatch(name):
             raise vm_where.error("bad VM name", "use lower-case letters, digits and '-', starting with a letter")
         per_vm[name] = {**defaults, **_vm_settings(raw, vm_where, path)}
         where_release = vm_where if "release" in (raw or {}) else where / "defaults"

@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from doit import get_initial_workdir, get_var
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
-from leanvm.errors import LeanvmError, report, tool
+from leanvm.errors import LeanvmError, interrupted, report, tool
 from leanvm.resources import DEFAULT_CLUSTER
 from leanvm.state.layout import Layout
 from leanvm.state.vmstate import running_pid
@@ -48,8 +49,12 @@ def action(step: Callable[..., None], *args: Any) -> tuple:
 
 def var_path(name: str, default: Path) -> Path:
     value = get_var(name, None)
+    if value is None:
+        return default
+    if not value.strip():  # `out=` would mean the current directory: never what was meant
+        fail(LeanvmError(f"{name}= is empty", f"give a path ({name}=DIR), or leave {name}= out for {default}"))
     # doit's dodo loader records the directory it started in; the `leanvm` command's loader does not
-    return default if value is None else Path(get_initial_workdir() or os.getcwd(), value).resolve()
+    return Path(get_initial_workdir() or os.getcwd(), value).resolve()
 
 
 # config= and out= when the command line gives none: set by the entry point (dodo.py: the
@@ -120,9 +125,15 @@ INVOCATION = Invocation()
 LOADER_IN_USE = False  # set by leanvm's loaders (leanvm.dag.loader) before they load dodo.py
 
 
+def _interrupted(signum: int, frame: Any) -> NoReturn:
+    """Ctrl-C: unwind (every temp file is removed in a `finally` on the way), one line, 130."""
+    raise SystemExit(interrupted())
+
+
 def begin(command: str, words: list[str]) -> None:
     """Called by the loader once doit knows the command: refuse what would break VMs, then
     hold out/'s lock unless the command only reads."""
+    signal.signal(signal.SIGINT, _interrupted)
     INVOCATION.command, INVOCATION.words = command, tuple(words)
     out = out_dir()
     try:
@@ -156,7 +167,7 @@ def doit_config(default_tasks: list[str]) -> dict:
         "default_tasks": default_tasks,
         "check_file_uptodate": "timestamp",  # never re-hash big images on a no-op run
         "dep_file": str(Layout(out).doit_db),
-        "backend": "sqlite3",
+        "backend": "leanvm",  # doit's sqlite3 with one-line errors (leanvm.dag.doitdb)
         "reporter": Reporter,
     }
 

@@ -18,6 +18,7 @@ from leanvm.dag import doitenv, tasks
 
 class _Leanvm(NamespaceTaskLoader):
     def load_doit_config(self) -> dict:
+        tasks.cluster_file()  # a bad cluster file fails here, before doit opens its database in out/
         return doitenv.doit_config(tasks.BUILD_TASKS)
 
     def load_tasks(self, cmd: Any, pos_args: list[str]) -> list:

@@ -90,8 +90,18 @@ def with_identities(cluster: Cluster, previous: dict[str, identity.Identity], av
 
 
 @cache
+def cluster_file() -> Cluster:
+    """The cluster file, loaded and checked once per doit run, before doit creates anything
+    in out/ (a bad file leaves no out/ behind); a user error ends doit with one line."""
+    try:
+        return load_cluster(config_file())
+    except LeanvmError as e:
+        fail(e)
+
+
+@cache
 def context() -> Context:
-    """Load the cluster once per doit run; a user error ends doit with one line."""
+    """The cluster with its identities, once per doit run; a user error ends doit with one line."""
     try:
         out = out_dir()
         config = config_file()
@@ -99,7 +109,7 @@ def context() -> Context:
             identity.check_owner(out, config, record=False)
         claims = building()  # only a build claims ports, so only it checks them against the host
         avoid, in_use = (identity.ports_of_other_outs(out), identity.port_in_use) if claims else (set(), _not_checked)
-        cluster = with_identities(load_cluster(config), identity.load(out), avoid, in_use)
+        cluster = with_identities(cluster_file(), identity.load(out), avoid, in_use)
         check_task_names(cluster)
         if claims:  # only a cluster file that loads claims out/
             identity.check_owner(out, config, record=True)

@@ -1,5 +1,6 @@
 """Resolve `version: current` and download files: streamed, resumable, retried, atomic."""
 
+import errno
 import os
 import re
 import shutil
@@ -28,9 +29,12 @@ def read_timeout() -> float:
     """Seconds without a byte before a download is retried (LEANVM_TIMEOUT, default 30)."""
     value = os.environ.get("LEANVM_TIMEOUT", "30")
     try:
-        return max(float(value), 0.1)
+        seconds = float(value)
     except ValueError:
-        raise LeanvmError(f"LEANVM_TIMEOUT={value!r} is not a number", "set it to seconds, e.g. 30") from None
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise LeanvmError(f"LEANVM_TIMEOUT={value!r} is not a number of seconds", "set it to seconds, e.g. 30")
+    return max(seconds, 0.1)
 ATTEMPTS = 6
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -97,7 +101,7 @@ def parse_version(text: str, key: str, url: str) -> str:
         name, sep, value = line.partition("=")
         if sep and name.strip() == key:
             version = value.strip().strip("\"'")
-            if RELEASE_NAME.match(version):
+            if RELEASE_NAME.fullmatch(version):
                 return version
             raise LeanvmError(f"{url}: {key}={version!r} is not a usable version", "check version_key")
     raise LeanvmError(f"{url}: no {key}= line", "check version_file and version_key in the profile")
@@ -116,6 +120,7 @@ def resolve_version(release: Release, state_file: Path, online: bool) -> str:
     cached = state_file.read_text().strip() if state_file.is_file() else None
     if not online:
         return cached or release.version
+    read_timeout()  # a bad LEANVM_TIMEOUT is the user's to fix, not a mirror that cannot be reached
     url = urljoin(release.base_url, f"{release.version}/{release.version_file}")
     try:
         version = parse_version(fetch_small(url), str(release.version_key), url)
@@ -152,12 +157,20 @@ class _Progress:
         sys.stderr.flush()
 
 
+# Errors of writing a download, never a sign of a wrong URL.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
 def _copy_local(url: str, dest: Path, part: Path) -> None:
+    source = _local_path(url)
     try:
-        shutil.copyfile(_local_path(url), part)
+        shutil.copyfile(source, part)
+        os.replace(part, dest)
     except OSError as e:
+        part.unlink(missing_ok=True)  # a local copy starts over: nothing to resume
+        if e.errno in WRITE_ERRORS or e.filename == str(part):
+            raise LeanvmError(f"{part}: cannot write: {e.strerror}", "free disk space and run again") from None
         raise LeanvmError(f"{url}: {e.strerror}", "check base_url and version in the profile") from None
-    os.replace(part, dest)
 
 
 def _get_once(session: requests.Session, url: str, part: Path, progress: _Progress | None) -> None:

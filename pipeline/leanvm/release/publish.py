@@ -55,8 +55,11 @@ def _link(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(target)
     tmp.unlink(missing_ok=True)
-    os.link(source, tmp)
-    os.replace(tmp, target)
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def verify_and_publish(data: Path, sig: Path, release: Release, target: Path, final: bool, source: str) -> None:

@@ -143,17 +143,17 @@ monitor() {
 }
 
 up() {
-  failed=0
+  failed=0 not_started=""
   for vm in $selected; do
     clear_stale_pid "$out/vms/$vm"
     if pid=$(vm_pid "$vm"); then
       echo "$vm: already running (pid $pid)"
     elif launcher_active "$vm"; then
-      echo "$vm: already running (rebooting)"
+      echo "$vm: already starting (its run.sh runs; QEMU is not up yet, or restarts after a guest reboot)"
     elif "$out/vms/$vm/run.sh" --detach; then
-      echo "$vm: started (pid $(cat "$out/vms/$vm/qemu.pid"), ssh 127.0.0.1:$(ssh_port "$vm"))"
+      echo "$vm: started (pid $(vm_pid "$vm" || echo -), ssh 127.0.0.1:$(ssh_port "$vm"))"
     else
-      failed=1
+      failed=1 not_started="$not_started $vm"
     fi
   done
   return "$failed"
@@ -292,8 +292,13 @@ case ${1-} in
       shift
       wait_seconds=300
       case ${1-} in
-        ''|*[!0-9]*) ;;
-        *) wait_seconds=$1; shift ;;
+        ''|-*) ;;
+        *[!0-9]*)  # a VM name (they start with a letter), or a mistyped number
+          case $1 in [0-9]*) die "up --wait takes a whole number of seconds, not '$1'" ;; esac
+          [ -x "$out/vms/$1/run.sh" ] ||
+            die "up --wait: '$1' is neither a number of seconds nor a VM in $out/vms (usage: up --wait [SECONDS] [NAME...])" ;;
+        *) [ "$1" -gt 0 ] || die "up --wait: SECONDS must be at least 1, not '$1'"
+           wait_seconds=$1; shift ;;
       esac
     fi
     case ${1-} in -*) die "up: unknown option '$1' (usage: cluster.sh up [--wait [SECONDS]] [NAME...])" ;; esac
@@ -303,7 +308,7 @@ case ${1-} in
     up_status=0
     up || up_status=$?
     if [ -n "$wait_seconds" ]; then
-      [ "$up_status" -eq 0 ] || die "some VMs did not start; not waiting for ssh"
+      [ "$up_status" -eq 0 ] || die "VMs that did not start:$not_started; not waiting for ssh"
       wait_for_ssh "$wait_seconds"
     fi
     exit "$up_status" ;;

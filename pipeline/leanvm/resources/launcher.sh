@@ -144,6 +144,27 @@ case ${1-} in
   --help|-h) usage; exit 0 ;;
 esac
 
+# A QEMU that fails at once under a KVM that auto chose (nested virtualisation: "failed to set
+# MSR", an assertion) is started again under TCG, said in one line that holds this text.
+KVM_FALLBACK="failed under KVM"
+
+# Detach under a KVM that auto chose: QEMU counts as started once its guest printed on the
+# console, or 3 s after start (the $1-th tenth of a second), or once it fell back to TCG.
+kvm_settled() {
+  [ "${LEANVM_ACCEL:-auto}" = auto ] && [ "$(resolve_accel auto "$arch")" = kvm ] || return 0
+  [ "$1" -ge 30 ] || [ -s "$here/console.log" ] || grep -q -a "$KVM_FALLBACK" "$here/run.log"
+}
+
+# The detached run.sh ended before QEMU ran: its own last word, or QEMU's first error line.
+failed_start() {
+  last=$(tail -n 1 "$here/run.log")
+  case $last in
+    run.sh:*) printf '%s\n' "$last" >&2 ;;
+    *) qemu_error=$(grep -a -m 1 -e 'qemu-system' -e 'qemu:' "$here/run.log" || printf '%s' "$last")
+       printf 'run.sh: VM %s: QEMU ended at once: %s; see %s\n' "$name" "$qemu_error" "$here/run.log" >&2 ;;
+  esac
+}
+
 # --- detach: run.sh supervises the VM in a session of its own ----------------------------
 # (so that a guest reboot relaunches QEMU there too); errors of that run.sh are its last
 # line in run.log, said here.
@@ -153,12 +174,16 @@ if [ "$mode" = detach ]; then
   setsid sh "$here/run.sh" --supervise "$@" </dev/null >/dev/null 2>"$here/run.log" &
   supervisor=$!
   tries=0
-  until alive "$(qemu_pid "$here")"; do  # started once QEMU runs: its pid is what status shows
-    if ! alive "$supervisor"; then tail -n 1 "$here/run.log" >&2; exit 1; fi
+  until alive "$(qemu_pid "$here")" && kvm_settled "$tries"; do  # started once QEMU runs
+    if ! alive "$supervisor"; then
+      failed_start
+      exit 1
+    fi
     [ "$tries" -lt 600 ] || die "VM $name did not start within 60 s: see $here/run.log"
     sleep 0.1
     tries=$((tries + 1))
   done
+  grep -a "$KVM_FALLBACK" "$here/run.log" >&2 || true
   exit 0
 fi
 
@@ -167,17 +192,21 @@ accel=$(resolve_accel "${LEANVM_ACCEL:-auto}" "$arch") ||
 if [ "$accel" != tcg ] && [ "$arch" != "$(host_arch)" ]; then
   die "LEANVM_ACCEL=$accel cannot run VM $name ($arch) on this $(host_arch) host: use LEANVM_ACCEL=tcg or auto"
 fi
-cpu=host accel_options=$accel
-if [ "$accel" = tcg ]; then
-  # TCG keeps the code it translated in a cache that QEMU sizes at 1 GiB; the host holds
-  # every page of it that fills (~100 MiB for an idle mini VM). LEANVM_TCG_CACHE caps it.
-  cpu=max
-  case ${LEANVM_TCG_CACHE-} in
-    '') ;;
-    *[!0-9]* | 0*) die "LEANVM_TCG_CACHE must be a size in MiB such as 64, not '$LEANVM_TCG_CACHE'" ;;
-    *) accel_options="tcg,tb-size=$LEANVM_TCG_CACHE" ;;
-  esac
-fi
+# QEMU's -cpu and -accel for accelerator $1.
+use_accel() {
+  accel=$1 cpu=host accel_options=$1
+  if [ "$accel" = tcg ]; then
+    # TCG keeps the code it translated in a cache that QEMU sizes at 1 GiB; the host holds
+    # every page of it that fills (~100 MiB for an idle mini VM). LEANVM_TCG_CACHE caps it.
+    cpu=max
+    case ${LEANVM_TCG_CACHE-} in
+      '') ;;
+      *[!0-9]* | 0*) die "LEANVM_TCG_CACHE must be a size in MiB such as 64, not '$LEANVM_TCG_CACHE'" ;;
+      *) accel_options="tcg,tb-size=$LEANVM_TCG_CACHE" ;;
+    esac
+  fi
+}
+use_accel "$accel"
 
 # The kernel command line, with the first-boot arguments if this is a first boot (decided
 # once nothing else stands in the way: a running VM's disk is not ours to read).
@@ -231,7 +260,12 @@ set -- -no-reboot "$@"
 if [ "$mode" = print ]; then
   decide_boot
   echo "# VM $name: $boot_rule"
-  printf 'cd %s && ' "$(print_command "$net" | sed 's/ $//')"  # QEMU finds the switch as ./switch
+  quoted_net=$(print_command "$net" | sed 's/ $//')
+  printf 'mkdir -p %s && cd %s && ' "$quoted_net" "$quoted_net"  # QEMU finds the switch as ./switch
+  # the cluster switch, started if none runs (cluster.sh down stops it once no VM uses it)
+  # shellcheck disable=SC2016  # expanded where the printed line runs
+  printf '{ kill -0 "$(cat switch.pid 2>/dev/null)" 2>/dev/null || { rm -rf switch && %s; }; } && ' \
+    'vde_switch --sock switch --pidfile "$PWD/switch.pid" --daemon'
   vm_qemu print_command "$@"
   exit 0
 fi
@@ -305,6 +339,13 @@ guest_rebooted() {
     grep -a -e 'reboot: Restarting system' -e 'reboot: Power down' | tail -n 1 | grep -q 'Restarting system'
 }
 
+# True if the QEMU whose console began at byte $1 of console.log failed under a KVM that
+# LEANVM_ACCEL=auto chose before its guest printed anything (and nobody stopped it).
+kvm_failed() {
+  [ "$accel" = kvm ] && [ "${LEANVM_ACCEL:-auto}" = auto ] && [ ! -f "$here/forced-stop" ] &&
+    [ "$(wc -c <"$here/console.log")" -le "$1" ]
+}
+
 # A signal to run.sh: remember the exit status it gives ($1) and stop QEMU cleanly.
 on_signal() {
   caught=$1
@@ -341,6 +382,14 @@ while :; do
     stop_qemu_child 10
     wait "$qemu_child" 2>/dev/null || true
     exit "$caught"
+  fi
+  if [ "$status" -ne 0 ] && kvm_failed "$offset"; then
+    qemu_error="exit status $status"  # (in the foreground, QEMU's own words are on the terminal)
+    if [ "$mode" = supervise ]; then qemu_error=$(grep -a -m 1 -e 'qemu-system' "$here/run.log" || echo "$qemu_error"); fi
+    printf 'run.sh: VM %s: QEMU %s (%s): starting it under TCG (LEANVM_ACCEL=tcg skips the KVM try)\n' \
+      "$name" "$KVM_FALLBACK" "$qemu_error" >&2
+    use_accel tcg
+    continue
   fi
   if [ -f "$here/forced-stop" ] || [ "$status" -ne 0 ] || ! guest_rebooted "$offset"; then break; fi
   printf 'run.sh: VM %s rebooted: starting it again\n' "$name" >&2

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from leanvm.errors import LeanvmError
+from leanvm.errors import LeanvmError, tool
 from leanvm.fsutil import write_atomic
 from leanvm.state.layout import Layout
 
@@ -107,8 +107,9 @@ def check_owner(out: Path, cluster_file: Path, record: bool) -> None:
         recorded = ""
     if recorded and recorded != str(cluster_file):
         raise LeanvmError(f"{out} holds the cluster of {recorded}, not of {cluster_file}",
-                          "build this cluster file into its own directory (out=DIR), or, if it replaces "
-                          f"{recorded} (its VMs that it lacks are retired), remove {owner}")
+                          f"build this cluster file into its own directory with out=DIR (for example "
+                          f"{tool(f'out={out.name}-{cluster_file.stem}')}), or, if it replaces {recorded} "
+                          f"(its VMs that it lacks are retired), remove {owner}")
     if record and not recorded:
         write_atomic(owner, f"{cluster_file}\n".encode())
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import yaml
 
 from leanvm.config.cluster import VM, is_butane, read_user_data
-from leanvm.errors import LeanvmError
 from leanvm.fsutil import temp_path, write_atomic
 from leanvm.vm import ignitioncheck
 
@@ -129,9 +128,8 @@ def write(vm: VM, dest: Path, ignition_dest: Path, cluster_key_file: Path | None
         write_atomic(tmp, (json.dumps(merged, indent=2) + "\n").encode())
         try:
             ignitioncheck.validate(vm.name, tmp, vm.ignition)
-        except LeanvmError:
-            tmp.unlink()
-            raise
-        os.replace(tmp, ignition_dest)
+            os.replace(tmp, ignition_dest)
+        finally:
+            tmp.unlink(missing_ok=True)
     else:
         ignition_dest.unlink(missing_ok=True)

@@ -36,8 +36,9 @@ def validate(vm: str, merged: Path, source: Path) -> None:
     if any("unsupported config version" in line for line in lines):
         version = str(json.loads(merged.read_text()).get("ignition", {}).get("version"))
         if version in FLATCAR_SPECS:
-            note(f"{where}: spec {version} is newer than the installed ignition-validate knows: built without "
-                 "validation (Flatcar's Ignition accepts it)")
+            why = ("older than the 3.x specs the installed ignition-validate checks" if version.startswith("2.")
+                   else "newer than the installed ignition-validate knows")
+            note(f"{where}: spec {version} is {why}: built without validation (Flatcar's Ignition accepts it)")
             return
         raise LeanvmError(f"{where}: spec version {version!r} is not one Flatcar's Ignition accepts",
                           "use 3.0.0 to 3.5.0 (the mini release's Ignition 2.14 boots 3.0.0 to 3.3.0)")

@@ -39,15 +39,19 @@ def create(path: Path, size: int, label: str = "ROOT") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     tmp.unlink(missing_ok=True)
-    tmp.touch()
-    run(["chattr", "+C", tmp], check=False)  # only btrfs and friends support it
-    os.truncate(tmp, size)
     try:
+        tmp.touch()
+        run(["chattr", "+C", tmp], check=False)  # only btrfs and friends support it
+        try:
+            os.truncate(tmp, size)
+        except OSError as e:  # EFBIG: larger than the host filesystem's largest file
+            raise LeanvmError(f"{path}: cannot make a {human(size)} disk file here: {e.strerror}",
+                              "set a smaller `disk` for this VM (the disk is sparse: only what the guest writes "
+                              "takes space)") from None
         run(["mkfs.ext4", "-q", "-F", "-L", label, "-E", MKFS_OPTIONS, tmp])
-    except LeanvmError:
+        os.replace(tmp, path)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 def _refuse_if_running(path: Path, vm: str, doing: str) -> None:

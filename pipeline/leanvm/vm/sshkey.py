@@ -32,9 +32,13 @@ def create(out: Path) -> None:
     tmp = temp_path(private_key(out))
     for path in (tmp, tmp.with_name(tmp.name + ".pub")):
         path.unlink(missing_ok=True)
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"leanvm cluster key for {out}", "-f", tmp])
-    os.replace(tmp.with_name(tmp.name + ".pub"), public_key(out))
-    os.replace(tmp, private_key(out))
+    try:
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"leanvm cluster key for {out}", "-f", tmp])
+        os.replace(tmp.with_name(tmp.name + ".pub"), public_key(out))
+        os.replace(tmp, private_key(out))
+    finally:
+        for path in (tmp, tmp.with_name(tmp.name + ".pub")):
+            path.unlink(missing_ok=True)
 
 
 def read_public(out: Path) -> str:
