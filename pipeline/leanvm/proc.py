@@ -64,6 +64,9 @@ def run(
         except subprocess.TimeoutExpired:
             stop_session(proc)
             raise LeanvmError(f"{shlex.join(args)} did not finish within {timeout:.0f} s") from None
+        except BaseException:  # Ctrl-C (leanvm's SIGINT handler exits): never wait for a command that goes on
+            proc.kill()
+            raise
     result = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
     if check and result.returncode != 0:
         lines = (result.stderr or b"").decode(errors="replace").strip().splitlines()

@@ -27,6 +27,7 @@ FINGERPRINT = re.compile(r"[0-9A-F]{40}")
 SIZE = re.compile(r"([1-9][0-9]*)([KMGT])")
 SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MIN_DISK = 64 << 20
+MAX_DISK = 1 << 60  # 1 EiB: ext4's largest filesystem (4 KiB blocks)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ class _Where:
         return _Where(self.file, f"{self.key}.{key}" if self.key else key)
 
     def error(self, problem: str, hint: str) -> LeanvmError:
-        where = f"{self.file}: {self.key}" if self.key else str(self.file)
+        key = self.key if self.key.isprintable() else repr(self.key)  # a name with a newline stays one line
+        where = f"{self.file}: {key}" if key else str(self.file)
         return LeanvmError(f"{where}: {problem}", hint)
 
 
@@ -179,6 +181,8 @@ def _size(value: Any, where: _Where) -> int:
     size = int(match.group(1)) * SIZE_UNITS[match.group(2)]
     if size < MIN_DISK:
         raise where.error(f"{value} is smaller than 64M", "use a size of at least 64M")
+    if size > MAX_DISK:
+        raise where.error(f"{value} is larger than ext4's largest filesystem (1 EiB)", "use a smaller size")
     return size
 
 

@@ -14,7 +14,9 @@ from leanvm.errors import LeanvmError, report
 
 
 def _fail(name: str, error: Exception) -> NoReturn:
-    raise SystemExit(report(LeanvmError(f"{name}: doit cannot keep its records there: {error}",
+    # doit wraps sqlite's own error in a paragraph of its own: say sqlite's
+    cause = error.__context__ if isinstance(error.__context__, sqlite3.Error) else error
+    raise SystemExit(report(LeanvmError(f"{name}: doit cannot keep its records there: {cause}",
                                         "free disk space (or remove that file) and run again")))
 
 
