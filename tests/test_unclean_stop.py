@@ -131,3 +131,33 @@ def test_an_out_dir_with_spaces_commas_and_quotes_works_through_reset(mini: Path
         assert not any(p.name.startswith("sp") for p in tmp_path.iterdir() if p != root)
     finally:
         cluster_sh(out, "down", env={**ENV, "LEANVM_STOP_TIMEOUT": "1"})
+
+
+def test_up_wait_checks_its_seconds_before_starting_anything(one_vm):
+    _, out = one_vm
+    for args, said in ((["--wait", "0"], "SECONDS must be at least 1, not '0'"),
+                       (["--wait", "12abc"], "takes a whole number of seconds, not '12abc'"),
+                       (["--wait", "abc"], "'abc' is neither a number of seconds nor a VM in")):
+        result = cluster_sh(out, "up", *args)
+        assert said in one_line(result), (args, result.stderr)
+        assert not (out / "vms" / "k1" / "qemu.pid").exists() and not (out / "net").exists()
+
+
+@pytest.mark.slow  # one boot (~15 s)
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="auto picks KVM only where /dev/kvm is usable")
+def test_up_falls_back_to_tcg_when_kvm_fails_at_once_naming_the_vm(one_vm, tmp_path: Path):
+    """As KVM fails on these machines (nested virtualisation): QEMU asserts and aborts at its
+    first vCPU run. A QEMU that does so whenever it is given KVM stands in for that host, so
+    that the test holds wherever /dev/kvm exists; the TCG boot after it is the real QEMU."""
+    _, out = one_vm
+    qemu = tmp_path / "qemu-kvm-aborts"
+    qemu.write_text('#!/bin/sh\nfor arg; do case $arg in kvm*)\n'
+                    '  echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69" >&2; kill -ABRT $$ ;;\n'
+                    'esac; done\nexec qemu-system-x86_64 "$@"\n')
+    qemu.chmod(0o755)
+    env = {k: v for k, v in HOLD.items() if k != "LEANVM_ACCEL"}
+    up = cluster_sh(out, "up", "--wait", "120", env={**env, "LEANVM_QEMU": str(qemu)})
+    assert up.returncode == 0, up.stdout + up.stderr
+    (line,) = up.stderr.strip().splitlines()
+    assert "VM k1: QEMU failed under KVM (qemu-system-x86_64: error: failed to set MSR" in line, line
+    assert "starting it under TCG" in line and "every VM answers ssh" in up.stdout
