@@ -176,7 +176,11 @@ def test_a_warning_names_the_vm_and_a_newer_spec_is_built_with_a_note(ign_projec
     result = build_with(ign_project, {"ignition": {"version": "3.5.0"}})
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stderr.splitlines() if "3.5.0" in line]
-    assert "built without validation" in line and "VM core1" in line
+    assert "built without validation" in line and "VM core1" in line and "newer than" in line
+    older = build_with(ign_project, {"ignition": {"version": "2.2.0"}})
+    (line,) = [line for line in older.stderr.splitlines() if "2.2.0" in line]
+    assert "older than the 3.x specs the installed ignition-validate checks" in line and "newer" not in line, line
+    result = build_with(ign_project, {"ignition": {"version": "3.5.0"}})
     merged = json.loads((ign_project.vm("core1") / "ignition.json").read_text())
     assert merged["ignition"]["version"] == "3.5.0"
     assert merged["storage"]["files"][0]["path"] == "/etc/systemd/network/50-leanvm-cluster.network"

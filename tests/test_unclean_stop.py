@@ -161,3 +161,21 @@ def test_up_falls_back_to_tcg_when_kvm_fails_at_once_naming_the_vm(one_vm, tmp_p
     (line,) = up.stderr.strip().splitlines()
     assert "VM k1: QEMU failed under KVM (qemu-system-x86_64: error: failed to set MSR" in line, line
     assert "starting it under TCG" in line and "every VM answers ssh" in up.stdout
+
+
+def test_up_of_a_vm_whose_run_sh_is_starting_says_so(one_vm):
+    """A second `cluster.sh up` while the first's run.sh holds run.lock, before its QEMU runs."""
+    _, out = one_vm
+    vm = out / "vms" / "k1"
+    holder = subprocess.Popen(["flock", vm / "run.lock", "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["flock", "-n", vm / "run.lock", "true"]).returncode == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        up = cluster_sh(out, "up")
+        assert up.returncode == 0 and "k1: already starting" in up.stdout, up.stdout + up.stderr
+        assert "already running" not in up.stdout and not (vm / "qemu.pid").exists()
+    finally:
+        holder.kill()
+        holder.wait()

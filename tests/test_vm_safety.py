@@ -120,9 +120,12 @@ def test_a_readded_vm_has_no_stale_retired_launcher(trio):
     (root / "cluster.yaml").write_text(full)
     assert run_doit(root).returncode == 0
     assert sorted(p.name for p in (out / "vms" / "d3").glob("run.sh*")) == ["run.sh"]
+    for runtime in ("run.log", "run.lock", "console.log", "forced-stop"):
+        (out / "vms" / "d1" / runtime).write_text("this host's run\n")
     assert run_doit(root, "bundle").returncode == 0
     listing = sh("tar", "-tzf", next((out / "bundles").glob("*.tar.gz"))).decode()
-    assert "run.sh.retired" not in listing
+    assert "run.sh.retired" not in listing and "vms/d1/rootfs.img" in listing
+    assert not any(runtime in listing for runtime in ("run.log", "run.lock", "console.log", "forced-stop"))
 
 
 @pytest.mark.slow  # ~12 s: in CI's slow run (the main suite stays under its 10 minutes)
