@@ -212,10 +212,10 @@ use_accel "$accel"
 # once nothing else stands in the way: a running VM's disk is not ours to read).
 decide_boot() {
   if first_boot "$here/rootfs.img" "$first_boot_args" "$mode"; then
-    boot_rule="first boot: $here/rootfs.img has no /etc/.ignition-result.json, so '$first_boot_args' is added"
+    boot_rule="first boot: $here/rootfs.img $first_boot_why, so '$first_boot_args' is added"
     append="$kernel_args $first_boot_args"
   else
-    boot_rule="not a first boot${first_boot_args:+: $here/rootfs.img has /etc/.ignition-result.json}"
+    boot_rule="not a first boot${first_boot_args:+: $here/rootfs.img $first_boot_why}"
     append=$kernel_args
   fi
   boot_rule="$boot_rule${first_boot_note-}"

@@ -102,12 +102,15 @@ stop_switch() (
 )
 
 # First boot: Ignition runs only while root disk $1 has no /etc/.ignition-result.json, read
-# host side with debugfs (read-only). False if the profile has no first-boot arguments ($2).
+# host side with debugfs (read-only), or while it holds /selective-os-reset, which
+# flatcar-reset writes to ask for a first boot (flatcar/init bin/flatcar-reset, 32982439;
+# Flatcar's GRUB gets /boot/flatcar/first_boot, which a leanvm VM has not). False if the
+# profile has no first-boot arguments ($2). Sets first_boot_why (the reason, read by run.sh).
 # A disk whose VM stopped uncleanly (kill -9, a host that lost power) needs journal recovery
 # and may fail its bitmap checksums until e2fsck runs: unless $3 is "print" (run.sh --print
 # writes nothing), its journal is replayed first (e2fsck -E journal_only, so that a file
 # only the journal holds counts), and debugfs reads in catastrophic mode (-c: inodes and
-# directories, no bitmaps). Sets first_boot_note (read by run.sh) when the disk needed recovery.
+# directories, no bitmaps); first_boot_note says so.
 # shellcheck disable=SC2034
 first_boot() {
   [ -n "$2" ] || return 1
@@ -126,16 +129,29 @@ first_boot() {
       fi ;;
   esac
   case $first_boot_disk in
-    *Inode:*) return 1 ;;
-    *"File not found"*) return 0 ;;
+    *"/selective-os-reset"*Inode:*)
+      first_boot_why="holds /selective-os-reset (flatcar-reset asked for a first boot)"
+      return 0 ;;
+    *"/etc/.ignition-result.json"*Inode:*)
+      first_boot_why="has /etc/.ignition-result.json"
+      return 1 ;;
+    *"File not found"*)
+      first_boot_why="has no /etc/.ignition-result.json"
+      return 0 ;;
     *) die "cannot read $1 with debugfs ($(disk_problem "$first_boot_disk")): the disk is damaged;" \
       "repair it with: e2fsck -f '$1'" ;;
   esac
 }
 
-# What debugfs says of root disk $1: its features, and whether it holds the Ignition result.
+# What debugfs says of root disk $1: its features, then each file the first-boot rule reads
+# ("debugfs: stat PATH" and "Inode: ..." for a file there, "File not found" for one that is not),
+# /selective-os-reset first and only if it is there.
 read_root_disk() {
-  printf 'features\nstat /etc/.ignition-result.json\n' | DEBUGFS_PAGER=__none__ debugfs -c -f - "$1" 2>&1
+  printf 'features\nstat /selective-os-reset\nstat /etc/.ignition-result.json\n' |
+    DEBUGFS_PAGER=__none__ debugfs -c -f - "$1" 2>&1 | sed '/^debugfs: stat \/selective-os-reset$/{
+N
+/File not found/d
+}'
 }
 
 # The line of debugfs's output $1 that says what is wrong ("... while opening filesystem").

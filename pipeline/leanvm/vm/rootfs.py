@@ -14,6 +14,16 @@ from leanvm.proc import run
 from leanvm.state.vmstate import running_pid
 
 MKFS_OPTIONS = "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
+# The disks' ext4 features, spelled out rather than taken from the host's mke2fs.conf:
+# e2fsprogs >= 1.47 (Fedora, Arch, Homebrew) adds orphan_file there, which the e2fsck of
+# Flatcar LTS 2023 (e2fsprogs 1.46.5) refuses as unknown, ending its boot in the emergency
+# shell. These are ext4's defaults that 1.46.5 knows (mke2fs.conf of e2fsprogs 1.46/1.47).
+EXT4_FEATURES = ("has_journal", "ext_attr", "resize_inode", "dir_index", "filetype", "extent", "64bit", "flex_bg",
+                 "sparse_super", "large_file", "huge_file", "dir_nlink", "extra_isize", "metadata_csum")
+# mke2fs reads no mke2fs.conf (its built-in one instead) with these, and sizes blocks and
+# inodes as it does for every ext4 of 512 MiB and more, whatever the disk's size.
+MKFS_ARGS = ("-T", "default", "-b", "4096", "-I", "256", "-O", ",".join(("none", *EXT4_FEATURES)))
+MKFS_ENV = {"MKE2FS_CONFIG": "/dev/null"}
 OEM_SIZE = 128 << 20  # Flatcar's OEM partition is 128 MiB
 
 
@@ -48,7 +58,7 @@ def create(path: Path, size: int, label: str = "ROOT") -> None:
             raise LeanvmError(f"{path}: cannot make a {human(size)} disk file here: {e.strerror}",
                               "set a smaller `disk` for this VM (the disk is sparse: only what the guest writes "
                               "takes space)") from None
-        run(["mkfs.ext4", "-q", "-F", "-L", label, "-E", MKFS_OPTIONS, tmp])
+        run(["mkfs.ext4", "-q", "-F", *MKFS_ARGS, "-L", label, "-E", MKFS_OPTIONS, tmp], env={**os.environ, **MKFS_ENV})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
