@@ -54,3 +54,46 @@ def test_a_root_disk_holding_selective_os_reset_boots_as_a_first_boot(mini: Path
     sh("debugfs", "-w", "-R", f"write {tmp_path / 'reset'} /selective-os-reset", disk)
     line = printed()
     assert line.startswith("# VM r1: first boot:") and "/selective-os-reset" in line, line
+
+
+def test_each_bundled_release_accepts_the_specs_its_ignition_does():
+    """Ignition per Flatcar branch (flatcar/scripts sys-apps/ignition): 3033 0.36.1, 3510
+    2.14.0, 4081 2.19.0, 4593 (stable) 2.24.0; each with Flatcar's 2.x conversion patch."""
+    from leanvm.config.cluster import accepted_specs, load_profile, spec_ranges
+    from leanvm.resources import PROFILES
+    for arch in ("", "-arm64"):
+        lts = load_profile(PROFILES / f"flatcar-lts{arch}.yaml")
+        assert spec_ranges(accepted_specs(lts, "3510.2.8")) == "2.0.0-2.4.0, 3.0.0-3.3.0"
+        assert spec_ranges(accepted_specs(lts, "4081.3.6")) == "2.0.0-2.4.0, 3.0.0-3.4.0"
+        assert accepted_specs(lts, "3033.3.18") is None
+        for channel in ("stable", "beta", "alpha"):
+            release = load_profile(PROFILES / f"flatcar-{channel}{arch}.yaml")
+            assert spec_ranges(accepted_specs(release, "4593.2.0")) == "2.0.0-2.4.0, 3.0.0-3.5.0"
+
+
+def build_spec(project, spec: str, profile_extra: str = ""):
+    import json
+    project.profile_file.write_text(project.profile_file.read_text() + "ignition_fw_cfg: opt/org.flatcar-linux/config\n"
+                                    + profile_extra)
+    (project.root / "vm.ign").write_text(json.dumps({"ignition": {"version": spec}}))
+    project.write_cluster({"core1": {"ignition": "vm.ign"}})
+    result = project.doit()
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert not (project.out / "vms" / "core1" / "ignition.json").exists()
+    return lines[0]
+
+
+def test_a_spec_the_release_does_not_accept_fails_the_build_naming_vm_spec_release_and_range(project):
+    line = build_spec(project, "3.4.0", "ignition_specs: {default: 3.0.0-3.3.0}\n")
+    assert "VM core1" in line and "spec 3.4.0 is not one that release test 100.0.0 accepts (3.0.0-3.3.0)" in line
+
+
+def test_a_2x_config_is_refused_with_how_to_move_to_3x(project):
+    line = build_spec(project, "2.4.0")
+    assert "spec 2.4.0 (2.x)" in line and "move the config to spec 3" in line, line
+
+
+def test_a_release_whose_ignition_writes_no_result_file_is_refused(project):
+    line = build_spec(project, "3.3.0", "ignition_specs: {'100': none}\n")
+    assert "release test 100.0.0 ships an Ignition that writes no /etc/.ignition-result.json" in line, line

@@ -74,7 +74,7 @@ def test_ignition_provisions_on_the_first_boot_and_a_guest_reboot_is_no_first_bo
         as_root("reboot")  # the guest reboots itself during its first boot
         wait_for_text(out / "vms" / "prov" / "run.log", "VM prov rebooted: starting it again", timeout=60)
         again = cluster_sh(out, "up", "--wait", env=env)  # between two launches: still running
-        assert again.returncode == 0 and "prov: already running" in again.stdout, again.stdout + again.stderr
+        assert again.returncode == 0 and "prov: already" in again.stdout, again.stdout + again.stderr  # or starting
         console = (out / "vms" / "prov" / "console.log").read_text(errors="replace")
         assert console.index("leanvm: reboot requested") < console.index("leanvm: first boot: no")
         assert console.count("leanvm: first boot: yes") == 1 and console.count("leanvm: ignition: result written") == 1
@@ -152,7 +152,8 @@ def build_with(project: Project, config: str | dict, name: str = "vm.ign") -> Do
     ({"ignition": {"version": "3.3.0"}, "storage": {"files": [{"path": "relative/path"}]}},
      "Ignition config {file}: Error at $.storage.files.0.path"),
     ({"ignition": {"version": "3.3.0"}, "kernelArguments": {"shouldExist": ["quiet"]}}, "kernelArguments"),
-    ({"ignition": {"version": "9.9.9"}}, "spec version '9.9.9' is not one Flatcar's Ignition accepts"),
+    ({"ignition": {"version": "9.9.9"}}, "spec 9.9.9 is not one that release test 100.0.0 accepts (2.0.0-2.4.0, "
+                                         "3.0.0-3.5.0)"),
     ("variant: flatcar\nversion: 1.0.0\n", "is a Butane config, and butane is not installed"),
     ({"ignition": {"version": "3.3.0"}, "passwd": {"users": [{"name": "core", "sshAuthorizedKeys": "ssh-ed25519 A"}]}},
      "passwd.users.0.sshAuthorizedKeys must be a list of keys, not str 'ssh-ed25519 A'"),
@@ -177,9 +178,6 @@ def test_a_warning_names_the_vm_and_a_newer_spec_is_built_with_a_note(ign_projec
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stderr.splitlines() if "3.5.0" in line]
     assert "built without validation" in line and "VM core1" in line and "newer than" in line
-    older = build_with(ign_project, {"ignition": {"version": "2.2.0"}})
-    (line,) = [line for line in older.stderr.splitlines() if "2.2.0" in line]
-    assert "older than the 3.x specs the installed ignition-validate checks" in line and "newer" not in line, line
     result = build_with(ign_project, {"ignition": {"version": "3.5.0"}})
     merged = json.loads((ign_project.vm("core1") / "ignition.json").read_text())
     assert merged["ignition"]["version"] == "3.5.0"

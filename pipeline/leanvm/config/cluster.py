@@ -49,6 +49,42 @@ class Release:
     ignition_fw_cfg: str | None = None
     first_boot_args: str | None = None  # kernel args for boots whose root has no Ignition result
     arch: Arch = Arch.AMD64
+    # The Ignition specs the release's own Ignition accepts, by the release's major version
+    # ("default" for any other): (major, specs), specs None for an Ignition that writes no
+    # /etc/.ignition-result.json (every boot would be a first boot).
+    ignition_specs: tuple[tuple[str, tuple[str, ...] | None], ...] = ()
+
+
+# Every Ignition spec version there is (coreos/ignition config/ and Flatcar's 2.x fork, which
+# adds 2.4.0), in order: what a range in a profile's ignition_specs spans.
+IGNITION_SPECS = ("2.0.0", "2.1.0", "2.2.0", "2.3.0", "2.4.0",
+                  "3.0.0", "3.1.0", "3.2.0", "3.3.0", "3.4.0", "3.5.0", "3.6.0")
+# Flatcar stable's (Ignition 2.24: 3.0.0-3.5.0; 2.x translated by Flatcar's patch): the
+# default of a profile that gives no ignition_specs.
+DEFAULT_IGNITION_SPECS = ("2.0.0", "2.1.0", "2.2.0", "2.3.0", "2.4.0", "3.0.0", "3.1.0", "3.2.0", "3.3.0",
+                          "3.4.0", "3.5.0")
+
+
+def accepted_specs(release: Release, version: str) -> tuple[str, ...] | None:
+    """The Ignition specs release `release` at `version` accepts (None: its Ignition writes no
+    result file), from the profile's entry for the version's major number, else its default."""
+    table = dict(release.ignition_specs)
+    major = version.split(".", 1)[0]
+    return table[major] if major in table else table.get("default", DEFAULT_IGNITION_SPECS)
+
+
+def spec_ranges(specs: tuple[str, ...]) -> str:
+    """'3.0.0-3.3.0' for the specs from 3.0.0 to 3.3.0 (runs of IGNITION_SPECS, comma-separated)."""
+    runs: list[list[str]] = []
+    for spec in IGNITION_SPECS:
+        if spec not in specs:
+            continue
+        if runs and IGNITION_SPECS.index(runs[-1][-1]) == IGNITION_SPECS.index(spec) - 1 \
+                and runs[-1][-1][0] == spec[0]:
+            runs[-1].append(spec)
+        else:
+            runs.append([spec])
+    return ", ".join(run[0] if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
 
 
 @dataclass(frozen=True)
@@ -334,6 +370,35 @@ def fields_from(values: dict[str, Any], table: dict[str, Key]) -> dict[str, Any]
     return {spec.dest or key: values.get(key, spec.default) for key, spec in table.items() if spec.dest != ""}
 
 
+def _spec_list(value: Any, where: _Where) -> tuple[str, ...] | None:
+    """'3.0.0-3.3.0', '2.0.0-2.4.0 3.0.0-3.5.0', a list of those, or `none`."""
+    if value == "none":
+        return None
+    words = [w for item in (value if isinstance(value, list) else [value]) for w in _string(str(item), where).split()]
+    specs: list[str] = []
+    for word in words:
+        first, _, last = word.partition("-")
+        if first not in IGNITION_SPECS or (last and last not in IGNITION_SPECS):
+            raise where.error(f"{word!r} is not an Ignition spec or range of specs",
+                              f"write e.g. 3.0.0-3.3.0 (specs: {', '.join(IGNITION_SPECS)}), or none")
+        specs += IGNITION_SPECS[IGNITION_SPECS.index(first):IGNITION_SPECS.index(last or first) + 1]
+    return tuple(spec for spec in IGNITION_SPECS if spec in specs)
+
+
+def _ignition_specs(value: Any, where: _Where) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
+    """major version (or `default`) -> the specs that release's Ignition accepts."""
+    if not isinstance(value, dict):
+        raise where.error(f"expected a mapping, got {value!r}",
+                          "write e.g. {default: 3.0.0-3.5.0, '3510': 3.0.0-3.3.0}")
+    pairs = []
+    for major, specs in value.items():
+        key = str(major)
+        if key != "default" and not key.isdigit():
+            raise (where / key).error("is neither `default` nor a major version", "write e.g. '3510'")
+        pairs.append((key, _spec_list(specs, where / key)))
+    return tuple(pairs)
+
+
 def _words(value: Any, where: _Where) -> str:
     """Kernel arguments: the words of a string, one space apart (YAML's folded lines too)."""
     return " ".join(_string(value, where).split())
@@ -375,6 +440,7 @@ PROFILE_KEYS = {
     "ignition_fw_cfg": Key(_optional_string),
     "first_boot_args": Key(_optional(_words)),
     "arch": Key(_arch, default=Arch.AMD64),
+    "ignition_specs": Key(_ignition_specs, default=()),
 }
 VM_KEYS = {
     "memory": Key(_int_at_least(128), default=1024),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from leanvm.config.cluster import VM, Cluster, Release, kernel_args, load_cluster
+from leanvm.config.cluster import VM, Cluster, Release, accepted_specs, kernel_args, load_cluster
 from leanvm.dag import doitenv
 from leanvm.dag.doitenv import action, building, command_words, config_file, fail, out_dir, writing
 from leanvm.errors import LeanvmError, tool, warn
@@ -89,6 +89,15 @@ def with_identities(cluster: Cluster, previous: dict[str, identity.Identity], av
     return replace(cluster, vms=tuple(replace(vm, identity=given[vm.name]) for vm in cluster.vms))
 
 
+def check_result_file(release: Release, version: str) -> None:
+    """leanvm tells a first boot by Ignition's result file: a release whose Ignition writes
+    none (Flatcar 3033, Ignition 0.36.1) would provision every boot anew."""
+    if accepted_specs(release, version) is None:
+        raise LeanvmError(f"{release.path}: release {release.name} {version} ships an Ignition that writes no "
+                          "/etc/.ignition-result.json (ignition_specs: none), so every boot would be a first boot",
+                          "use a newer version or stream (Flatcar LTS: current-2023 or later)")
+
+
 @cache
 def cluster_file() -> Cluster:
     """The cluster file, loaded and checked once per doit run, before doit creates anything
@@ -117,6 +126,8 @@ def context() -> Context:
         versions = {release.name: fetch.resolve_version(
                         release, Layout(out).current_version(release.name, release.version), online=claims)
                     for release in cluster.releases}
+        for release in cluster.releases:
+            check_result_file(release, versions[release.name])
     except LeanvmError as e:
         fail(e)
     return Context(cluster, versions, Layout(out))
@@ -236,11 +247,13 @@ def task_configdrive() -> Iterator[dict]:
         dest = ctx.layout.user_data(vm.name)
         ignition = ctx.layout.ignition(vm.name)
         inputs = {"name": vm.name, "keys": list(vm.ssh_authorized_keys), "ip": vm.cluster_ip, "mac": vm.cluster_mac,
-                  "ip_given": vm.cluster_ip_given, "ignition": str(vm.ignition), "hosts": hosts}
+                  "ip_given": vm.cluster_ip_given, "ignition": str(vm.ignition), "hosts": hosts,
+                  "specs": accepted_specs(vm.release, ctx.version(vm.release))}
         yield {
             "name": vm.name,
             "doc": "write the config drive's user_data (and the Ignition config)",
-            "actions": [action(configdrive.write, vm, dest, ignition, sshkey.public_key(ctx.out), hosts)],
+            "actions": [action(configdrive.write, vm, dest, ignition, sshkey.public_key(ctx.out), hosts,
+                               ctx.version(vm.release))],
             "file_dep": [p for p in (vm.user_data, vm.ignition) if p] + [sshkey.public_key(ctx.out)],
             "targets": [dest, ignition] if vm.ignition else [dest],
             "uptodate": [config_changed(inputs)],

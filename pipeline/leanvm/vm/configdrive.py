@@ -118,11 +118,14 @@ def ignition_with_keys(config: dict, keys: tuple[str, ...]) -> dict:
 
 
 def write(vm: VM, dest: Path, ignition_dest: Path, cluster_key_file: Path | None = None,
-          hosts_text: str = "") -> None:
+          hosts_text: str = "", version: str = "") -> None:
+    """VM vm's user_data, and its merged Ignition config if it has one (its release at
+    `version` decides which specs are accepted)."""
     cluster_key = cluster_key_file.read_text().strip() if cluster_key_file else None
     write_atomic(dest, render(vm, cluster_key, hosts_text).encode())
     if vm.ignition:
         config = ignitioncheck.load(vm.ignition, is_butane(vm.ignition.read_text()))
+        ignitioncheck.check_spec(vm.name, vm.ignition, config, vm.release, version)
         merged = ignition_with_network(ignition_with_keys(config, _keys(vm, cluster_key)), vm, hosts_text)
         tmp = temp_path(ignition_dest)
         write_atomic(tmp, (json.dumps(merged, indent=2) + "\n").encode())
