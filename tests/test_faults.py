@@ -26,6 +26,7 @@ from support import (
     doit_argv,
     newc,
     sh,
+    stand_in_qemu,
     usr_partition,
 )
 
@@ -358,9 +359,8 @@ def test_user_data_change_keeps_root_disk_byte_for_byte(project: Project):
 def test_reset_and_grow_refused_while_vm_runs(project: Project):
     assert project.doit().returncode == 0
     disk = project.vm("core1") / "rootfs.img"
-    runner = subprocess.Popen(["sleep", "60"])
+    runner = stand_in_qemu(project.vm("core1"))
     try:
-        (project.vm("core1") / "qemu.pid").write_text(f"{runner.pid}\n")
         reset = project.doit("reset:core1")
         assert reset.returncode != 0 and "is running" in reset.stderr
         project.write_cluster({"core1": {"ssh_port": 2222, "disk": "128M"}})

@@ -97,3 +97,24 @@ def test_a_2x_config_is_refused_with_how_to_move_to_3x(project):
 def test_a_release_whose_ignition_writes_no_result_file_is_refused(project):
     line = build_spec(project, "3.3.0", "ignition_specs: {'100': none}\n")
     assert "release test 100.0.0 ships an Ignition that writes no /etc/.ignition-result.json" in line, line
+
+
+def test_the_config_drive_is_an_iso_labelled_config_2_holding_user_data(mini: Path, tmp_path: Path):
+    """The OpenStack form Flatcar's 90-configdrive.rules mounts (flatcar/coreos-cloudinit
+    units/): a block device labelled config-2, iso9660 (or udf or vfat); no 9p share."""
+    import io
+
+    import pycdlib
+    out = build_cluster(tmp_path, mini / "mini.yaml", {"cc": {"user_data": "alpha.yaml"}})
+    drive = out / "vms" / "cc" / "config.iso"
+    probe = sh("blkid", "-p", "-o", "export", drive).decode()
+    assert "TYPE=iso9660" in probe and "LABEL=config-2" in probe, probe
+    iso = pycdlib.PyCdlib()
+    iso.open(str(drive))
+    got = io.BytesIO()
+    iso.get_file_from_iso_fp(got, rr_path="/openstack/latest/user_data")
+    iso.close()
+    assert got.getvalue() == (out / "vms" / "cc" / "config/openstack/latest/user_data").read_bytes()
+    assert b"hostname: alpha-from-user-data" in got.getvalue()
+    printed = sh(out / "vms" / "cc" / "run.sh", "--print").decode()
+    assert "virtio-9p" not in printed and "file=" + str(drive) in printed and "serial=config-2" in printed

@@ -44,7 +44,8 @@ def test_ignition_provisions_on_the_first_boot_and_a_guest_reboot_is_no_first_bo
                              {"name": "alice", "groups": ["docker", "builders"]}],
                    "groups": [{"name": "builders", "gid": 4242}]},
         "storage": {"files": [{"path": "/etc/leanvm/hello.txt", "mode": 0o604,
-                               "contents": {"source": "data:,written%20by%20Ignition"}}]},
+                               "contents": {"source": "data:,written%20by%20Ignition"}},
+                              {"path": "/etc/hostname", "mode": 0o644, "contents": {"source": "data:,mine-by-ign"}}]},
         "systemd": {"units": [{"name": "hello.service", "enabled": True, "contents": UNIT}]},
     }))
     out = build_cluster(tmp_path, mini / "mini.yaml", {"prov": {"ignition": "prov.ign"}})
@@ -77,6 +78,11 @@ def test_ignition_provisions_on_the_first_boot_and_a_guest_reboot_is_no_first_bo
         assert again.returncode == 0 and "prov: already" in again.stdout, again.stdout + again.stderr  # or starting
         console = (out / "vms" / "prov" / "console.log").read_text(errors="replace")
         assert console.index("leanvm: reboot requested") < console.index("leanvm: first boot: no")
+        # the config drive (a disk now) overrides nothing Ignition wrote, on either boot: the
+        # hostname is Ignition's /etc/hostname, and the drive's cloud-config is skipped
+        # (userConfigProvided), as Flatcar's user-configdrive.service does
+        assert re.findall(r"^leanvm: hostname: (.*?)\r?$", console, re.M) == ["mine-by-ign", "mine-by-ign"]
+        assert console.count("leanvm: config drive: skipped (Ignition had a user config") == 2
         assert console.count("leanvm: first boot: yes") == 1 and console.count("leanvm: ignition: result written") == 1
         qemu = (out / "vms" / "prov" / "qemu.pid").read_text().strip()
         assert "flatcar.first_boot" not in Path(f"/proc/{qemu}/cmdline").read_text()

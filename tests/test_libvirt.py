@@ -107,13 +107,13 @@ def test_domain_and_network_xml_validate_and_use_the_run_sh_files(mini: Path, ro
     prefix = prefix_of(out)
     domain = ET.parse(files[0]).getroot()
     assert domain.findtext("name") == f"{prefix}-node-a"
-    usr, rootfs, oem = domain.findall("devices/disk")
+    usr, rootfs, oem, config = domain.findall("devices/disk")
     assert usr.find("source").get("file") == str(next(out.glob("images/*/*/usr.img")))
     assert usr.find("readonly") is not None and usr.find("shareable") is not None
-    assert [d.findtext("serial") for d in (usr, rootfs, oem)] == ["usr.readonly", "rootfs", "oem"]
+    assert [d.findtext("serial") for d in (usr, rootfs, oem, config)] == ["usr.readonly", "rootfs", "oem", "config-2"]
     assert rootfs.find("source").get("file") == str(out / "vms" / "node-a" / "rootfs.img")
-    config = domain.find("devices/filesystem")
-    assert config.find("target").get("dir") == "config-2" and config.find("readonly") is not None
+    assert config.find("source").get("file") == str(out / "vms" / "node-a" / "config.iso")
+    assert config.find("readonly") is not None and domain.find("devices/filesystem") is None
     assert domain.find("devices/serial/log").get("file") == str(out / "vms" / "node-a" / "console.log")
     args = [a.get("value") for a in domain.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg")]
     port = ssh_port(out, "node-a")

@@ -9,7 +9,20 @@ from pathlib import Path
 
 import pytest
 from leanvm.release.record import sha256_file
-from support import ENV, Mirror, MirrorServer, Project, build_cluster, doit, paths_in, printed, run, sh, usr_partition
+from support import (
+    ENV,
+    Mirror,
+    MirrorServer,
+    Project,
+    build_cluster,
+    doit,
+    paths_in,
+    printed,
+    run,
+    sh,
+    stand_in_qemu,
+    usr_partition,
+)
 
 
 def bundle_of(project: Project) -> Path:
@@ -109,9 +122,8 @@ def test_unbundle_never_replaces_a_running_vm_or_anything_already_there(mini: Pa
 
 def test_bundle_refused_while_a_vm_runs(project: Project):
     assert project.doit().returncode == 0
-    sleeper = subprocess.Popen(["sleep", "30"])
+    sleeper = stand_in_qemu(project.vm("core1"))
     try:
-        (project.vm("core1") / "qemu.pid").write_text(f"{sleeper.pid}\n")
         result = project.doit("bundle")
         assert result.returncode != 0 and "VM core1 is running" in result.stderr
     finally:

@@ -69,7 +69,9 @@ def test_a_cluster_file_that_fails_to_load_does_not_claim_an_out_dir(mini: Path,
     assert not (tmp_path / "out" / "state" / "cluster-file").exists()
     out = build_cluster(tmp_path, mini / "mini.yaml", {"a": {}})  # the right file is not refused
     assert (out / "state" / "cluster-file").read_text().strip() == str(tmp_path / "cluster.yaml")
-    line = one_line(doit(f"config={typo}", f"out={out}"))  # another file, once claimed: one line
+    assert "no release profile 'nosuch-profile'" in one_line(doit(f"config={typo}", f"out={out}"))
+    typo.write_text(f"release: {mini / 'mini.yaml'}\nvms:\n  a: {{}}\n")  # another file, once claimed: one line
+    line = one_line(doit(f"config={typo}", f"out={out}"))
     assert f"holds the cluster of {tmp_path / 'cluster.yaml'}" in line and "remove " in line
 
 

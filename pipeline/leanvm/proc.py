@@ -45,8 +45,8 @@ def run(
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run argv (output captured unless `capture` is False); a missing binary, a failure or a
-    timeout becomes a LeanvmError. A command with a timeout runs in a session of its own, and
-    the timeout stops that whole session (see stop_session), not only the command."""
+    timeout becomes a LeanvmError. A command with a timeout runs in a session of its own, which
+    the timeout stops whole (stop_session)."""
     args = [str(a) for a in argv]
     debug(f"+ {shlex.join(args)}")
     pipe = subprocess.PIPE if capture else None
@@ -65,7 +65,7 @@ def run(
             stop_session(proc)
             raise LeanvmError(f"{shlex.join(args)} did not finish within {timeout:.0f} s") from None
         except BaseException:  # Ctrl-C (leanvm's SIGINT handler exits): never wait for a command that goes on
-            proc.kill()
+            proc.kill()  # (then `with proc` reaps it)
             raise
     result = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
     if check and result.returncode != 0:

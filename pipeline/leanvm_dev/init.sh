@@ -156,15 +156,15 @@ fi
 if touch /sysroot/usr/.leanvm-write-test 2>/dev/null; then say "usr writable: yes"; else say "usr writable: no"; fi
 say "release: $(chroot /sysroot /usr/bin/busybox cat /usr/lib/os-release | grep '^PRETTY_NAME=')"
 
-if mount -t 9p -o trans=virtio,version=9p2000.L,ro config-2 /mnt/config 2>/dev/null; then
-  user_data=/mnt/config/openstack/latest/user_data
-  name=$(sed -n 's/^hostname:[[:space:]]*//p' "$user_data" 2>/dev/null | head -n 1 | tr -d "\"' ")
-  [ -n "$name" ] && hostname "$name"
-  say "config drive mounted: $(head -n 1 "$user_data" 2>/dev/null)"
+# The config drive, found as Flatcar's 90-configdrive.rules finds it (flatcar/coreos-cloudinit
+# units/): a block device labelled config-2 (iso9660, udf or vfat), mounted read-only. No 9p
+# share: Flatcar would apply a 9p config-2 on every boot, and QEMU cannot save a VM that has
+# one mounted. Its cloud-config is applied after Ignition, as coreos-cloudinit runs then.
+if drive=$(wait_for LABEL=config-2) && mkdir -p /mnt/config && mount -o ro "$drive" /mnt/config; then
+  say "config drive mounted: $(head -n 1 /mnt/config/openstack/latest/user_data 2>/dev/null)"
 else
   say "warning: no config-2 drive"
 fi
-say "hostname: $(hostname)"
 
 ip link set lo up
 
@@ -233,6 +233,23 @@ if [ -n "$first_boot" ] && [ "$first_boot" != 0 ]; then
 else
   say "first boot: no"
 fi
+
+# The hostname: /etc/hostname (which Ignition may have written), as systemd sets it at boot;
+# then the config drive's cloud-config (coreos-cloudinit), unless Ignition had a user config:
+# user-configdrive.service skips the drive then (ExecCondition on userConfigProvided in
+# /etc/.ignition-result.json, flatcar/coreos-cloudinit units/user-configdrive.service).
+[ -s /sysroot/etc/hostname ] && hostname "$(head -n 1 /sysroot/etc/hostname)"
+user_data=""
+if [ -r /mnt/config/openstack/latest/user_data ]; then
+  if grep -q '"userConfigProvided": *true' /sysroot/etc/.ignition-result.json 2>/dev/null; then
+    say "config drive: skipped (Ignition had a user config: userConfigProvided)"
+  else
+    user_data=/mnt/config/openstack/latest/user_data
+    name=$(sed -n 's/^hostname:[[:space:]]*//p' "$user_data" 2>/dev/null | head -n 1 | tr -d "\"' ")
+    [ -n "$name" ] && hostname "$name"
+  fi
+fi
+say "hostname: $(hostname)"
 
 # systemd-networkd, as Flatcar runs it: it starts after Ignition (which may have written
 # units) and before the config drive is read, and applies the units in

@@ -1,7 +1,7 @@
 """Build a tiny release that boots the way Flatcar does, from Debian parts (offline demo).
 
 Kernel and modules come from Debian's linux-image-ARCH; the initrd is busybox plus the
-modules for virtio, squashfs, ext4 and 9p (resolved through modules.dep); usr.squashfs holds
+modules for virtio, squashfs, ext4 and isofs (resolved through modules.dep); usr.squashfs holds
 busybox, Debian's dropbear sshd with its libraries, and an os-release; the image is a
 gzip'd newc cpio holding it, like Flatcar's PXE image. Every file is signed by a demo key
 made locally, published as a file:// mirror with release profiles that point at it.
@@ -39,7 +39,7 @@ INIT_SCRIPT = Path(__file__).with_name("init.sh")
 # loop: for PXE-style boots that mount /usr from a squashfs file held in the initramfs.
 # qemu_fw_cfg: Ignition configs passed with -fw_cfg; button, evdev: the ACPI power button;
 # virtio_balloon: free page reporting.
-WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "ext4", "9p", "9pnet_virtio", "loop",
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "ext4", "isofs", "loop",
                   "qemu_fw_cfg", "button", "evdev", "virtio_balloon")
 # arm64: QEMU's virt machine has no ACPI power button without firmware; its power key is a
 # GPIO key (PL061, built in) described by the device tree: gpio_keys.

@@ -62,3 +62,13 @@ def processes(match: Callable[[bytes], bool]) -> list[int]:
         if match(cmdline):
             pids.append(int(proc.name))
     return pids
+
+
+def stand_in_qemu(vm_dir: Path, seconds: int = 60) -> subprocess.Popen:
+    """A process that counts as VM vm_dir's running QEMU for leanvm's checks, without booting
+    one: its command line names the VM's pid file (as QEMU's `-pidfile` does) and its pid is
+    in that file. End it with .kill() and .wait()."""
+    pidfile = vm_dir.resolve() / "qemu.pid"
+    proc = subprocess.Popen(["sh", "-c", f"sleep {seconds}", "stand-in-qemu", "-pidfile", str(pidfile)])
+    pidfile.write_text(f"{proc.pid}\n")
+    return proc

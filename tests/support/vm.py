@@ -48,7 +48,7 @@ def paths_in(argv: list[str]) -> list[Path]:
             paths.append(Path(value))
         for key in ("file", "path"):
             match = re.search(rf"(?:^|,){key}=((?:[^,]|,,)+)", value)
-            if match and flag in ("-drive", "-fsdev"):
+            if match and flag == "-drive":
                 paths.append(Path(match.group(1).replace(",,", ",")))
     return paths
 

@@ -245,17 +245,18 @@ def task_configdrive() -> Iterator[dict]:
     hosts = configdrive.hosts(ctx.cluster.vms)
     for vm in ctx.cluster.vms:
         dest = ctx.layout.user_data(vm.name)
+        drive = ctx.layout.config_drive(vm.name)
         ignition = ctx.layout.ignition(vm.name)
         inputs = {"name": vm.name, "keys": list(vm.ssh_authorized_keys), "ip": vm.cluster_ip, "mac": vm.cluster_mac,
                   "ip_given": vm.cluster_ip_given, "ignition": str(vm.ignition), "hosts": hosts,
                   "specs": accepted_specs(vm.release, ctx.version(vm.release))}
         yield {
             "name": vm.name,
-            "doc": "write the config drive's user_data (and the Ignition config)",
-            "actions": [action(configdrive.write, vm, dest, ignition, sshkey.public_key(ctx.out), hosts,
+            "doc": "write the config drive (config.iso, label config-2) and the Ignition config",
+            "actions": [action(configdrive.write, vm, dest, drive, ignition, sshkey.public_key(ctx.out), hosts,
                                ctx.version(vm.release))],
             "file_dep": [p for p in (vm.user_data, vm.ignition) if p] + [sshkey.public_key(ctx.out)],
-            "targets": [dest, ignition] if vm.ignition else [dest],
+            "targets": [dest, drive, ignition] if vm.ignition else [dest, drive],
             "uptodate": [config_changed(inputs)],
             "clean": True,
         }

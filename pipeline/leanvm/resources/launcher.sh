@@ -76,8 +76,8 @@ vm_qemu() {
     -device virtio-blk-pci,drive=root,serial=rootfs \
     -drive "if=none,id=oem,format=raw,discard=unmap,file=$(qpath "$here/oem.img")" \
     -device virtio-blk-pci,drive=oem,serial=oem \
-    -fsdev "local,id=config,security_model=none,readonly=on,path=$(qpath "$here/config")" \
-    -device virtio-9p-pci,fsdev=config,mount_tag=config-2 \
+    -drive "if=none,id=config,format=raw,readonly=on,file=$(qpath "$here/config.iso")" \
+    -device virtio-blk-pci,drive=config,serial=config-2 \
     ${ignition_fw_cfg:+-fw_cfg "name=$ignition_fw_cfg,file=$(qpath "$here/ignition.json")"} \
     -kernel "$images/vmlinuz" \
     ${initrd:+-initrd "$images/initrd"} \

@@ -56,8 +56,12 @@ class Layout:
         return self.vm(name) / "run.sh"
 
     def user_data(self, name: str) -> Path:
-        """The config drive's user_data (the drive is vms/NAME/config, 9p tag config-2)."""
+        """The user_data the config drive holds, as a plain file beside it (what was put there)."""
         return self.vm(name) / "config" / "openstack" / "latest" / "user_data"
+
+    def config_drive(self, name: str) -> Path:
+        """The config drive: an ISO 9660 image labelled config-2 holding openstack/latest/user_data."""
+        return self.vm(name) / "config.iso"
 
     def ignition(self, name: str) -> Path:
         return self.vm(name) / "ignition.json"

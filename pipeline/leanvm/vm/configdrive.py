@@ -4,11 +4,13 @@ unit the way Flatcar applies it on a first boot (Ignition: storage.files; cloud-
 coreos.units) and /etc/hosts naming every VM of the cluster (Ignition: storage.files;
 cloud-config: write_files). The cluster key joins the user's keys in both."""
 
+import io
 import json
 import os
 import urllib.parse
 from pathlib import Path
 
+import pycdlib
 import yaml
 
 from leanvm.config.cluster import VM, is_butane, read_user_data
@@ -19,6 +21,12 @@ CLOUD_CONFIG = "#cloud-config"
 NETWORK_UNIT_NAME = "50-leanvm-cluster.network"
 NETWORK_UNIT = f"/etc/systemd/network/{NETWORK_UNIT_NAME}"
 HOSTS = "/etc/hosts"
+HOSTNAME = "/etc/hostname"
+CONFIG_DRIVE_LABEL = "config-2"
+# What an Ignition VM's config drive holds: nothing that could override what its Ignition
+# wrote (Flatcar skips it anyway once Ignition had a user config: user-configdrive.service's
+# ExecCondition on userConfigProvided, flatcar/coreos-cloudinit units/, 8df59e8f).
+IGNITION_VM_USER_DATA = CLOUD_CONFIG + "\n# provisioned by Ignition (ignition.json): nothing to apply here\n"
 
 
 class _Dumper(yaml.SafeDumper):
@@ -85,15 +93,38 @@ def render(vm: VM, cluster_key: str | None = None, hosts_text: str = "") -> str:
     return text if doc is None else _dump(_merge(doc, vm, keys, hosts_text))
 
 
+def write_drive(dest: Path, user_data: bytes) -> None:
+    """The config drive: an ISO 9660 image (Rock Ridge and Joliet names) labelled config-2
+    holding openstack/latest/user_data, the OpenStack form that Flatcar's 90-configdrive.rules
+    mounts on /media/configdrive (flatcar/coreos-cloudinit units/). A disk, not a 9p share:
+    QEMU cannot save a VM while a 9p export is mounted in it."""
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, rock_ridge="1.09", joliet=3, vol_ident=CONFIG_DRIVE_LABEL)
+    for iso_dir, name, joliet in (("/OPENSTAC", "openstack", "/openstack"),
+                                  ("/OPENSTAC/LATEST", "latest", "/openstack/latest")):
+        iso.add_directory(iso_dir, rr_name=name, joliet_path=joliet)
+    iso.add_fp(io.BytesIO(user_data), len(user_data), "/OPENSTAC/LATEST/USER_DAT.;1", rr_name="user_data",
+               joliet_path="/openstack/latest/user_data")
+    tmp = temp_path(dest)
+    try:
+        iso.write(str(tmp))
+        iso.close()
+        os.chmod(tmp, 0o444)  # read-only, as QEMU attaches it
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _ignition_file(path: str, text: str) -> dict:
     return {"path": path, "mode": 0o644, "overwrite": True,
             "contents": {"source": "data:," + urllib.parse.quote(text)}}
 
 
 def ignition_with_network(config: dict, vm: VM, hosts_text: str = "") -> dict:
-    """The Ignition config with the cluster network unit and /etc/hosts (unless the config
-    writes one) in storage.files: Ignition writes them in the initramfs, before networkd
-    starts, so the address and the names are there on a first boot."""
+    """The Ignition config with the cluster network unit, /etc/hosts and /etc/hostname (each
+    of the last two unless the config writes it) in storage.files: Ignition writes them in the
+    initramfs, before networkd starts, so the address and the names are there on a first boot
+    (an Ignition VM's config drive sets nothing)."""
     if not vm.cluster_ip:
         return config
     storage = dict(config.get("storage") or {})
@@ -101,6 +132,8 @@ def ignition_with_network(config: dict, vm: VM, hosts_text: str = "") -> dict:
     files.append(_ignition_file(NETWORK_UNIT, network_unit(vm)))
     if hosts_text and all(f.get("path") != HOSTS for f in files):
         files.append(_ignition_file(HOSTS, hosts_text))
+    if all(f.get("path") != HOSTNAME for f in files):
+        files.append(_ignition_file(HOSTNAME, vm.name + "\n"))
     return {**config, "storage": {**storage, "files": files}}
 
 
@@ -117,12 +150,14 @@ def ignition_with_keys(config: dict, keys: tuple[str, ...]) -> dict:
     return {**config, "passwd": {**passwd, "users": users}}
 
 
-def write(vm: VM, dest: Path, ignition_dest: Path, cluster_key_file: Path | None = None,
+def write(vm: VM, dest: Path, drive: Path, ignition_dest: Path, cluster_key_file: Path | None = None,
           hosts_text: str = "", version: str = "") -> None:
-    """VM vm's user_data, and its merged Ignition config if it has one (its release at
-    `version` decides which specs are accepted)."""
+    """VM vm's user_data and config drive, and its merged Ignition config if it has one (its
+    release at `version` decides which specs are accepted)."""
     cluster_key = cluster_key_file.read_text().strip() if cluster_key_file else None
-    write_atomic(dest, render(vm, cluster_key, hosts_text).encode())
+    user_data = (IGNITION_VM_USER_DATA if vm.ignition else render(vm, cluster_key, hosts_text)).encode()
+    write_atomic(dest, user_data)
+    write_drive(drive, user_data)
     if vm.ignition:
         config = ignitioncheck.load(vm.ignition, is_butane(vm.ignition.read_text()))
         ignitioncheck.check_spec(vm.name, vm.ignition, config, vm.release, version)

@@ -40,16 +40,17 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return element
 
 
-def _disk(devices: ET.Element, path: Path, target: str, serial: str, shared: bool) -> None:
+def _disk(devices: ET.Element, path: Path, target: str, serial: str, shared: bool, readonly: bool = False) -> None:
     disk = _sub(devices, "disk", type="file", device="disk")
-    _sub(disk, "driver", name="qemu", type="raw", **({} if shared else {"discard": "unmap"}))
+    _sub(disk, "driver", name="qemu", type="raw", **({} if shared or readonly else {"discard": "unmap"}))
     source = _sub(disk, "source", file=str(path))
     if shared:  # libvirt would chown the image shared by every VM to its QEMU user, and leave it so
         _sub(source, "seclabel", model="dac", relabel="no")
     _sub(disk, "target", dev=target, bus="virtio")
     _sub(disk, "serial", serial)
-    if shared:
+    if shared or readonly:
         _sub(disk, "readonly")
+    if shared:
         _sub(disk, "shareable")
 
 
@@ -58,10 +59,7 @@ def _devices(domain: ET.Element, values: Mapping[str, str], vm_dir: Path, images
     _disk(devices, images / "usr.img", "vda", "usr.readonly", shared=True)
     _disk(devices, vm_dir / "rootfs.img", "vdb", "rootfs", shared=False)
     _disk(devices, vm_dir / "oem.img", "vdc", "oem", shared=False)
-    config = _sub(devices, "filesystem", type="mount", accessmode="squash")
-    _sub(config, "source", dir=str(vm_dir / "config"))
-    _sub(config, "target", dir="config-2")
-    _sub(config, "readonly")
+    _disk(devices, vm_dir / "config.iso", "vdd", "config-2", shared=False, readonly=True)
     cluster = _sub(devices, "interface", type="network")
     _sub(cluster, "mac", address=values["cluster_mac"])
     _sub(cluster, "source", network=network)
