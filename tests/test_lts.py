@@ -1,7 +1,9 @@
-"""Flatcar LTS's dracut initrd, on leanvm's kernel command lines: bootengine's own generators
-(tests/data/bootengine, see SOURCE.md) and this host's systemd 252 fstab generator (LTS
-2023/2024 ship systemd 252 too) write the mount units, and the /usr options they end up with
-are mounted for real: a squashfs on a read-only loop device, as QEMU's readonly=on disk is."""
+"""Flatcar LTS's dracut initrd, on leanvm's kernel command lines: the two rules of its own
+generators that decide how /usr, the root and the OEM partition are mounted (stated here,
+each with its source), with this host's systemd 252 fstab generator (LTS 2023/2024 ship
+systemd 252 too) writing the mount units as in that initrd; the /usr options they end up
+with are mounted for real: a squashfs on a read-only loop device, as QEMU's readonly=on
+disk is."""
 
 import re
 import subprocess
@@ -11,23 +13,48 @@ import pytest
 import yaml
 from support import PROJECT, Project, run, sh
 
-BOOTENGINE = PROJECT / "tests" / "data" / "bootengine"
 RELEASES = PROJECT / "configs" / "releases"
 FSTAB_GENERATOR = Path("/usr/lib/systemd/system-generators/systemd-fstab-generator")
 AMD64_BUILT_IN = "rootflags=rw mount.usrflags=ro"  # Flatcar's amd64 CONFIG_CMDLINE, before -append's words
+# Where the LTS initrd mounts the OEM partition: bootengine dracut/10diskless-generator/
+# diskless-generator, flatcar-3510-backport @ d33a8f0e8ba16a9da632652a1ca152d4777cd575 (LTS
+# 2023: /usr/share/oem) and flatcar-master @ 6c2fba412dbce9a011535a9e57332e1307072855 (LTS 2024: /oem).
+OEM_AT = {"lts-2023": "/sysroot/usr/share/oem", "lts-2024": "/sysroot/oem"}
 OEM_MOUNT = {"lts-2023": "sysroot-usr-share-oem.mount", "lts-2024": "sysroot-oem.mount"}
 
-# Run the generators as the initrd would, in a mount namespace of their own: /proc/cmdline is
-# the given line, /run a fresh tmpfs (usr-generator writes a unit there), $1 the unit directory.
-GENERATE = r"""
+# systemd's fstab generator as the initrd runs it, in a mount namespace of its own (/proc/cmdline
+# is the given line); it writes sysroot.mount (root=) and sysusr-usr.mount (mount.usr=).
+FSTAB = r"""
 set -eu
 printf '%s\n' "$CMDLINE" >"$WORK/cmdline"
 mount --bind "$WORK/cmdline" /proc/cmdline
-mount -t tmpfs tmpfs /run
 SYSTEMD_IN_INITRD=1 SYSTEMD_PROC_CMDLINE="$CMDLINE" "$FSTAB_GENERATOR" "$UNITS" "$UNITS" "$UNITS" 2>/dev/null
-USR_GENERATOR_CMDLINE="$CMDLINE" bash "$STREAM/usr-generator" "$UNITS"
-bash "$STREAM/diskless-generator" "$UNITS"
 """
+
+
+def last_value(cmdline: str, name: str, default: str) -> str:
+    """The value of the last NAME= on the command line (how bootengine's generators read it)."""
+    values = [word.split("=", 1)[1] for word in cmdline.split() if word.split("=", 1)[0] == name and "=" in word]
+    return values[-1] if values else default
+
+
+def bootengine_rules(cmdline: str, stream: str, units: Path) -> None:
+    """The LTS initrd's own generators, as rules (same commits as OEM_AT; the usr rule is the
+    same in both, and on master since c1ae115, 2023-01):
+    - usr-generator (dracut/10usr-generator): with `mount.usr=` (no `usr=`), when the last
+      `mount.usrflags=` (default `ro`) holds the item `ro`, a drop-in
+      sysusr-usr.mount.d/10-norecovery.conf sets Options= to that value plus `,norecovery`,
+      replacing the options systemd's fstab generator gave the unit.
+    - diskless-generator: with `mount.usr=` and `root=` given it writes no root or /usr unit
+      (systemd's fstab generator does), only the OEM mount: What=/dev/disk/by-label/OEM at
+      OEM_AT[stream], Type=auto, Options=nodev."""
+    flags = last_value(cmdline, "mount.usrflags", "ro")
+    if "ro" in flags.split(","):
+        drop_in = units / "sysusr-usr.mount.d"
+        drop_in.mkdir()
+        (drop_in / "10-norecovery.conf").write_text(f"[Mount]\nOptions={flags},norecovery\n")
+    (units / OEM_MOUNT[stream]).write_text(
+        f"[Mount]\nWhat=/dev/disk/by-label/OEM\nWhere={OEM_AT[stream]}\nType=auto\nOptions=nodev\n")
 
 
 def profile_args(name: str) -> tuple[str, str]:
@@ -45,10 +72,11 @@ def generate(stream: str, cmdline: str, work: Path) -> Path:
     units = work / "units"
     units.mkdir(parents=True)
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CMDLINE": cmdline, "WORK": str(work), "UNITS": str(units),
-           "STREAM": str(BOOTENGINE / stream), "FSTAB_GENERATOR": str(FSTAB_GENERATOR)}
-    result = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", GENERATE], env=env,
+           "FSTAB_GENERATOR": str(FSTAB_GENERATOR)}
+    result = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", FSTAB], env=env,
                  capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    bootengine_rules(cmdline, stream, units)
     return units
 
 
