@@ -118,3 +118,35 @@ def test_the_config_drive_is_an_iso_labelled_config_2_holding_user_data(mini: Pa
     assert b"hostname: alpha-from-user-data" in got.getvalue()
     printed = sh(out / "vms" / "cc" / "run.sh", "--print").decode()
     assert "virtio-9p" not in printed and "file=" + str(drive) in printed and "serial=config-2" in printed
+
+
+def test_a_failed_first_boot_is_said_at_once_and_stops_only_that_vm(mini: Path, tmp_path: Path):
+    """Flatcar's failed initrd boot waits 300 s at its emergency prompt, then reboots (bootengine
+    dracut/99emergency-timeout); the mini release does the same, so run.sh must tell the failure
+    from the console, not start the VM again as a first boot, in a loop."""
+    import json
+    import re
+    import time
+
+    from support import HOLD, cluster_sh
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "bad.ign").write_text(json.dumps({  # valid, and fails at boot: useradd has no such group
+        "ignition": {"version": "3.3.0"}, "passwd": {"users": [{"name": "bob", "primaryGroup": "nosuchgroup"}]}}))
+    out = build_cluster(tmp_path, mini / "mini.yaml", {"bad": {"ignition": "bad.ign"}, "good": {}})
+    env = {**HOLD, "LEANVM_APPEND": "leanvm.hold leanvm.emergency_timeout=600"}
+    started = time.monotonic()
+    try:
+        up = cluster_sh(out, "up", "--wait", "300", env=env)
+        took = time.monotonic() - started
+        assert up.returncode != 0 and took < 150, (took, up.stdout + up.stderr)
+        (line,) = up.stderr.strip().splitlines()
+        assert 'VM bad: its boot failed ("Ignition has failed. Please ensure your config is valid.")' in line, line
+        console = (out / "vms" / "bad" / "console.log").read_text(errors="replace")
+        assert "Press Enter for emergency shell or wait 10 minutes for reboot." in console
+        assert console.count("leanvm: first boot: yes") == 1 and "Rebooting." not in console
+        run_log = (out / "vms" / "bad" / "run.log").read_text()
+        assert "its boot failed" in run_log and "starting it again" not in run_log
+        status = cluster_sh(out, "status", env=env).stdout
+        assert re.search(r"^bad\s+stopped", status, re.M) and re.search(r"^good\s+running", status, re.M), status
+    finally:
+        cluster_sh(out, "down", env={**ENV, "LEANVM_STOP_TIMEOUT": "5"})

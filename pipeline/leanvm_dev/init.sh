@@ -27,7 +27,7 @@ exec </dev/console >/dev/console 2>&1
 say() { echo "leanvm: $*"; }
 
 usr="" usrfstype="" usrflags="ro" root="" rootflags="rw" rootfstype="" shell="" hold="" ping="" first_boot=""
-unreachable="" fillcache="" dropcaches=""
+unreachable="" fillcache="" dropcaches="" emergency_timeout=300 ignition_failed=""
 # shellcheck disable=SC2013  # the command line is split into words on purpose
 for word in $(cat /proc/cmdline); do
   case $word in
@@ -43,6 +43,7 @@ for word in $(cat /proc/cmdline); do
     leanvm.unreachable=*) unreachable=${word#*=} ;;
     leanvm.fillcache) fillcache=1 ;;
     leanvm.dropcaches) dropcaches=1 ;;
+    leanvm.emergency_timeout=*) emergency_timeout=${word#*=} ;;
     flatcar.first_boot=*|coreos.first_boot=*) first_boot=${word#*=} ;;
   esac
 done
@@ -92,7 +93,24 @@ wait_for_power_button() {
   say "power button pressed"
 }
 
-fail() { say "FAILED: $*"; finish; }
+# A failed boot fails as Flatcar's initrd does: the emergency target, whose hook (bootengine
+# dracut/99emergency-timeout/timeout.sh, flatcar-master 6c2fba41) says that Ignition failed
+# when it did, then offers a shell for 300 s and reboots: with nobody at the console, a
+# reboot loop. The lines are the hook's; leanvm.emergency_timeout=SECONDS shortens the wait.
+fail() {
+  say "FAILED: $*"
+  if [ -n "$ignition_failed" ]; then
+    echo "Ignition has failed. Please ensure your config is valid."
+    tail -n 20 /run/ignition.log 2>/dev/null
+  fi
+  minutes=$((emergency_timeout / 60)) seconds=$((emergency_timeout % 60)) label=minutes
+  [ "$minutes" != 1 ] || label=minute
+  if [ "$seconds" != 0 ]; then wait_for="$minutes $label $seconds seconds"; else wait_for="$minutes $label"; fi
+  echo "Press Enter for emergency shell or wait $wait_for for reboot."
+  sleep "$emergency_timeout"
+  echo "Rebooting."
+  shut_down reboot
+}
 
 # `reboot` and `poweroff` in the guest (busybox's) signal pid 1, as they do to any init:
 # SIGTERM reboots, SIGUSR2 powers off. (The shell runs a trap once its current command ends:
@@ -220,6 +238,7 @@ run_ignition() {
     if ! IGNITION_CONFIG_FILE=$config PATH=/usr/sbin:/usr/bin:/bin \
         ignition --root=/sysroot --platform=file --stage="$stage" --log-to-stdout >>/run/ignition.log 2>&1; then
       tail -n 5 /run/ignition.log
+      ignition_failed=1
       fail "ignition: stage $stage failed: $(grep CRITICAL /run/ignition.log | tail -n 1)"
     fi
   done

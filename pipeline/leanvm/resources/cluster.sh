@@ -62,6 +62,9 @@ wait_for_ssh() {
       vm_ssh "$vm" true </dev/null >/dev/null 2>&1 && continue
       if ! vm_active "$vm"; then
         stop_switch_if_unused
+        if [ -f "$out/vms/$vm/boot-failed" ]; then
+          die "VM $vm: its boot failed (\"$(cat "$out/vms/$vm/boot-failed")\"): see $out/vms/$vm/console.log"
+        fi
         die "VM $vm stopped before its sshd answered: see $out/vms/$vm/console.log"
       fi
       still="$still $vm"

@@ -291,7 +291,7 @@ if [ "$cluster_net" = true ]; then
   with_net_lock ensure_switch || exit 1
   cd "$net" || exit 1  # QEMU finds the switch as ./switch: short socket paths, wherever out/ is
 fi
-rm -f "$here/monitor.in" "$here/monitor.out" "$here/forced-stop"
+rm -f "$here/monitor.in" "$here/monitor.out" "$here/forced-stop" "$here/boot-failed"
 mkfifo "$here/monitor.in" "$here/monitor.out"
 : >"$here/console.log"
 
@@ -346,6 +346,22 @@ kvm_failed() {
     [ "$(wc -c <"$here/console.log")" -le "$1" ]
 }
 
+# Watch the console of the launch that began at byte $1 while QEMU (pid $2) runs: a failed
+# boot (Ignition's failure, or the prompt of Flatcar's emergency target, which reboots after
+# 300 s: bootengine dracut/99emergency-timeout) is written to boot-failed and QEMU stopped,
+# rather than waited out and started again, a first boot once more, in a loop.
+watch_boot() (
+  while kill -0 "$2" 2>/dev/null; do
+    if line=$(tail -c +"$(($1 + 1))" "$here/console.log" 2>/dev/null |
+        grep -a -m 1 -e 'Ignition has failed' -e 'Press Enter for emergency shell'); then
+      printf '%s\n' "$line" | tr -d '\r' | sed 's/[[:space:]]*$//' >"$here/boot-failed"
+      kill -TERM "$2" 2>/dev/null
+      exit 0
+    fi
+    sleep 1
+  done
+)
+
 # A signal to run.sh: remember the exit status it gives ($1) and stop QEMU cleanly.
 on_signal() {
   caught=$1
@@ -371,6 +387,8 @@ while :; do
   offset=$(wc -c <"$here/console.log")
   vm_qemu "$runner" "$@" <&7 7<&- 8>&- &
   qemu_child=$!
+  watch_boot "$offset" "$qemu_child" </dev/null >/dev/null 2>&1 7<&- 8>&- &
+  watcher=$!
   while :; do
     status=0
     # a signal caught before qemu_child was set stopped nothing: do not wait for QEMU then
@@ -382,6 +400,13 @@ while :; do
     stop_qemu_child 10
     wait "$qemu_child" 2>/dev/null || true
     exit "$caught"
+  fi
+  kill "$watcher" 2>/dev/null || true
+  if [ -f "$here/boot-failed" ]; then
+    printf 'run.sh: VM %s: its boot failed ("%s"): stopped instead of started again; see %s\n' \
+      "$name" "$(cat "$here/boot-failed")" "$here/console.log" >&2
+    status=1
+    break
   fi
   if [ "$status" -ne 0 ] && kvm_failed "$offset"; then
     qemu_error="exit status $status"  # (in the foreground, QEMU's own words are on the terminal)

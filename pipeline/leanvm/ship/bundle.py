@@ -35,7 +35,7 @@ MANIFEST = "MANIFEST.json"
 CLUSTER_FILES = ("lib.sh", "cluster.sh", "libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env")
 # What a run leaves beside a VM's disks: never shipped (a lock, a pid, a log of this host's runs).
 RUNTIME_FILES = {"qemu.pid", "console.log", "monitor.in", "monitor.out", "run.sh.retired", "run.log", "run.lock",
-                 "forced-stop"}
+                 "forced-stop", "boot-failed"}
 # libarchive's own guards (no '..', no absolute path, nothing through a symlink) on top of the
 # check of every member against the manifest before it is written.
 UNPACK_FLAGS = EXTRACT_SPARSE | EXTRACT_PERM | EXTRACT_TIME | PREVENT_ESCAPE
