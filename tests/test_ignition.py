@@ -190,6 +190,19 @@ def test_a_warning_names_the_vm_and_a_newer_spec_is_built_with_a_note(ign_projec
     assert merged["storage"]["files"][0]["path"] == "/etc/systemd/network/50-leanvm-cluster.network"
 
 
+def test_a_flatcar_only_oem_url_builds_with_a_warning_naming_it(ign_project: Project):
+    result = build_with(ign_project, {"ignition": {"version": "3.3.0"}, "storage": {"files": [
+        {"path": "/etc/from-oem", "contents": {"source": "oem:///files/x.txt"}}]}})
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "oem://" in line]
+    assert line.startswith("leanvm: warning: VM core1") and "$.storage.files.0.contents.source" in line, line
+    merged = json.loads((ign_project.vm("core1") / "ignition.json").read_text())
+    assert merged["storage"]["files"][0]["contents"]["source"] == "oem:///files/x.txt"
+    bad = build_with(ign_project, {"ignition": {"version": "3.3.0"}, "storage": {"files": [
+        {"path": "/etc/x", "contents": {"source": "gopher://x"}}]}})
+    assert bad.returncode != 0 and "invalid url scheme" in bad.stderr  # only oem:// is Flatcar's
+
+
 def test_per_vm_kernel_args_follow_the_profiles(ign_project: Project):
     ign_project.write_cluster({"core1": {"kernel_args": "systemd.unit=rescue.target quiet"}, "core2": {}})
     assert ign_project.doit().returncode == 0
