@@ -61,6 +61,7 @@ finish() {
 # Unmount and power off or reboot ($1): the kernel then says "reboot: Power down" or
 # "reboot: Restarting system".
 shut_down() {
+  [ -z "${power_listener-}" ] || kill "$power_listener" 2>/dev/null
   [ -f /sysroot/run/dropbear.pid ] && kill "$(cat /sysroot/run/dropbear.pid)" 2>/dev/null
   umount /sysroot/dev/pts /sysroot/dev /sysroot/proc /sysroot/sys 2>/dev/null
   umount /mnt/config /sysroot/oem /sysroot/usr /sysroot 2>/dev/null
@@ -430,6 +431,20 @@ start_sshd() {
   else
     say "warning: sshd did not start"
   fi
+  listen_for_power_requests
+}
+
+# `sudo systemctl poweroff|reboot` from a user of the guest (the stand-ins in /usr/bin): a
+# request written to this FIFO, read here as root, powers off or reboots as the signals do.
+listen_for_power_requests() {
+  rm -f /sysroot/run/leanvm-power && mkfifo -m 622 /sysroot/run/leanvm-power || return 0
+  (
+    while :; do
+      read -r what </sysroot/run/leanvm-power || continue
+      case $what in poweroff) kill -USR2 1 ;; reboot) kill -TERM 1 ;; esac
+    done
+  ) &
+  power_listener=$!
 }
 if [ -n "$hold" ] || [ -n "$shell" ]; then start_sshd; fi
 

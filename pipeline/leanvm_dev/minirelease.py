@@ -42,8 +42,19 @@ INIT_SCRIPT = Path(__file__).with_name("init.sh")
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "squashfs", "ext4", "isofs", "loop",
                   "qemu_fw_cfg", "button", "evdev", "virtio_balloon")
 # arm64: QEMU's virt machine has no ACPI power button without firmware; its power key is a
-# GPIO key (PL061, built in) described by the device tree: gpio_keys.
-ARCH_MODULES = {Arch.AMD64: (), Arch.ARM64: ("gpio_keys",)}
+# GPIO key (PL061) described by the device tree, which needs gpio_keys (CONFIG_KEYBOARD_GPIO).
+# Flatcar's arm64 kernel has no KEYBOARD_GPIO (flatcar/scripts coreos-modules
+# arm64_defconfig-6.12 and commonconfig-6.12, branch flatcar-4593 @ a60da141), so it ignores
+# that button: the arm64 mini release does too (cluster.sh down asks over ssh instead).
+ARCH_MODULES: dict[Arch, tuple[str, ...]] = {Arch.AMD64: (), Arch.ARM64: ()}
+# `sudo systemctl poweroff|reboot`, as core runs it on Flatcar (passwordless sudo): the mini
+# release's stand-ins hand the request to its init through a FIFO that init reads as root.
+POWER_SCRIPTS = {
+    "sudo": '#!/bin/sh\n# leanvm mini release: core may (as on Flatcar, without a password)\nexec "$@"\n',
+    "systemctl": '#!/bin/sh\n# leanvm mini release: systemctl poweroff|reboot only, through init\'s FIFO\n'
+                 'case ${1-} in poweroff|reboot) echo "$1" >/run/leanvm-power ;; *) echo "systemctl: $1: not in the '
+                 'mini release" >&2; exit 1 ;; esac\n',
+}
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 # The Debian packages holding the programs, for a root of another arch (debroot.unpacked).
 PACKAGES = ["busybox-static", "dropbear-bin", "ignition", "passwd"]
@@ -188,6 +199,9 @@ def make_usr(dest: Path, root: Root, version: str, pad_mb: int) -> None:
     shutil.copy2(root.file(BUSYBOX), tree / "bin" / "busybox")
     for applet in applets():
         (tree / "bin" / applet).symlink_to("busybox")
+    for name, text in POWER_SCRIPTS.items():
+        (tree / "bin" / name).write_text(text)
+        (tree / "bin" / name).chmod(0o755)
     # busybox sh runs its own applets, ping included, in-process: core's shell needs raw
     # sockets for ping, as Flatcar's ping has (squashfs keeps the capability xattr).
     run(["setcap", "cap_net_raw+ep", tree / "bin" / "busybox"])
