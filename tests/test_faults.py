@@ -26,6 +26,7 @@ from support import (
     doit_argv,
     newc,
     sh,
+    slow_mkfs,
     stand_in_qemu,
     usr_partition,
 )
@@ -94,13 +95,8 @@ def test_kill9_during_extraction_then_rebuild(project: Project, mirror: Mirror, 
 
 
 def test_kill9_during_mkfs_then_rebuild(project: Project, tmp_path: Path):
-    wrappers = tmp_path / "bin"
-    wrappers.mkdir()
-    marker = tmp_path / "mkfs-started"
-    slow = wrappers / "mkfs.ext4"
-    slow.write_text(f'#!/bin/sh\ntouch "{marker}"\nsleep 60\nexec /usr/sbin/mkfs.ext4 "$@"\n')
-    slow.chmod(0o755)
-    proc = start_doit(project, {"PATH": f"{wrappers}:{os.environ['PATH']}"})
+    env, marker = slow_mkfs(tmp_path)
+    proc = start_doit(project, env)
     wait_until(marker.exists, proc)
     kill_group(proc)
     disk = project.vm("core1") / "rootfs.img"

@@ -13,7 +13,7 @@ import pytest
 from leanvm.dag.cli import default_args
 from leanvm.errors import LeanvmError
 from leanvm.resources import DEFAULT_CLUSTER
-from support import DOIT_CWD, IMAGE, Mirror, MirrorServer, Project, doit_argv, sh
+from support import DOIT_CWD, IMAGE, Mirror, MirrorServer, Project, doit_argv, sh, slow_mkfs
 
 
 def one_line(result) -> str:
@@ -155,13 +155,8 @@ def test_ctrl_c_during_a_download_exits_130_in_one_line(project: Project, mirror
 
 
 def test_ctrl_c_during_mkfs_exits_130_and_leaves_no_temp_disk(project: Project, tmp_path: Path):
-    wrappers = tmp_path / "bin"
-    wrappers.mkdir()
-    marker = tmp_path / "mkfs-started"
-    slow = wrappers / "mkfs.ext4"
-    slow.write_text(f'#!/bin/sh\ntouch "{marker}"\nsleep 60\nexec /usr/sbin/mkfs.ext4 "$@"\n')
-    slow.chmod(0o755)
-    proc = start(project, {"PATH": f"{wrappers}:{os.environ['PATH']}"})
+    env, marker = slow_mkfs(tmp_path)
+    proc = start(project, env)
     _, err = interrupt(proc, marker.exists)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "leanvm: interrupted", err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -6,7 +6,7 @@ other."""
 from .doit import DOIT_CWD, DoitResult, Project, doit, doit_argv  # noqa: F401
 from .hosts import LIBVIRT_URI, free_port, libvirt_answers, start_libvirtd, start_ssh_host, stop_daemons, virsh  # noqa: F401
 from .mirror import IMAGE, KERNEL, Keyring, Mirror, MirrorServer, make_cpio_gz, make_squashfs, newc, serve  # noqa: F401
-from .procs import PROJECT, finish, processes, run, sh, stand_in_qemu, start  # noqa: F401
+from .procs import PROJECT, finish, processes, run, sh, slow_mkfs, stand_in_qemu, start  # noqa: F401
 from .vm import (  # noqa: F401
     BOOT_TIMEOUT,
     ENV,

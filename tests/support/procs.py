@@ -1,5 +1,6 @@
 """Running processes the way leanvm does: every timed call stops its whole session."""
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -72,3 +73,15 @@ def stand_in_qemu(vm_dir: Path, seconds: int = 60) -> subprocess.Popen:
     proc = subprocess.Popen(["sh", "-c", f"sleep {seconds}", "stand-in-qemu", "-pidfile", str(pidfile)])
     pidfile.write_text(f"{proc.pid}\n")
     return proc
+
+
+def slow_mkfs(work: Path) -> tuple[dict, Path]:
+    """An environment whose mkfs.ext4 waits a minute before it runs (a wrapper first on PATH),
+    and the file that appears once it has started."""
+    wrappers = work / "bin"
+    wrappers.mkdir()
+    marker = work / "mkfs-started"
+    slow = wrappers / "mkfs.ext4"
+    slow.write_text(f'#!/bin/sh\ntouch "{marker}"\nsleep 60\nexec /usr/sbin/mkfs.ext4 "$@"\n')
+    slow.chmod(0o755)
+    return {"PATH": f"{wrappers}:{os.environ['PATH']}"}, marker

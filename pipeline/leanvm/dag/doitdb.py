@@ -5,7 +5,9 @@ file is damaged); this one says it in one line and exits. Registered as doit's `
 backend through the package's entry points (pyproject.toml), which leanvm's doit settings name.
 """
 
+import functools
 import sqlite3
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from doit.dependency import DatabaseException, SqliteDB
@@ -20,6 +22,17 @@ def _fail(name: str, error: Exception) -> NoReturn:
                                         "free disk space (or remove that file) and run again")))
 
 
+def _one_line(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` of doit's SqliteDB, with sqlite's errors said in one line."""
+    @functools.wraps(method)
+    def guarded(self: SqliteDB, *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except sqlite3.Error as e:
+            _fail(self.name, e)
+    return guarded
+
+
 class OutDB(SqliteDB):
     def __init__(self, name: str, codec: Any, **options: Any) -> None:
         try:
@@ -27,32 +40,8 @@ class OutDB(SqliteDB):
         except (sqlite3.Error, DatabaseException) as e:
             _fail(name, e)
 
-    def _get_task_data(self, task_id: str) -> dict:
-        try:
-            return super()._get_task_data(task_id)
-        except sqlite3.Error as e:
-            _fail(self.name, e)
-
-    def in_(self, task_id: str) -> bool:
-        try:
-            return super().in_(task_id)
-        except sqlite3.Error as e:
-            _fail(self.name, e)
-
-    def dump(self) -> None:
-        try:
-            super().dump()
-        except sqlite3.Error as e:
-            _fail(self.name, e)
-
-    def remove(self, task_id: str) -> None:
-        try:
-            super().remove(task_id)
-        except sqlite3.Error as e:
-            _fail(self.name, e)
-
-    def remove_all(self) -> None:
-        try:
-            super().remove_all()
-        except sqlite3.Error as e:
-            _fail(self.name, e)
+    _get_task_data = _one_line(SqliteDB._get_task_data)
+    in_ = _one_line(SqliteDB.in_)
+    dump = _one_line(SqliteDB.dump)
+    remove = _one_line(SqliteDB.remove)
+    remove_all = _one_line(SqliteDB.remove_all)
