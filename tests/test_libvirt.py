@@ -161,7 +161,7 @@ def test_errors_are_one_line_and_two_clusters_coexist(mini: Path, root: Path, li
         assert moved.returncode == 0, moved.stderr
         sources = [d.find("source").get("file") for d in
                    ET.fromstring(virsh("dumpxml", f"{prefix_of(first)}-node-a")).findall("devices/disk")]
-        assert sources[1:] == ["/srv/leanvm/out/vms/node-a/rootfs.img", "/srv/leanvm/out/vms/node-a/oem.img"]
+        assert sources[1:] == [f"/srv/leanvm/out/vms/node-a/{disk}" for disk in ("rootfs.img", "oem.img", "config.iso")]
         assert sources[0].startswith("/srv/leanvm/out/images/")
         for out in (first, second):
             gone = libvirt_sh(out, "undefine")

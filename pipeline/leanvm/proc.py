@@ -71,9 +71,7 @@ def run(
     if check and result.returncode != 0:
         lines = (result.stderr or b"").decode(errors="replace").strip().splitlines()
         detail = lines[-1] if lines else "no error output"
-        raise LeanvmError(
-            f"{shlex.join(args)} failed with exit code {result.returncode}: {detail}"
-        )
+        raise LeanvmError(f"{shlex.join(args)} failed with exit code {result.returncode}: {detail}")
     return result
 
 
