@@ -5,6 +5,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from leanvm.vm import rootfs
 from support import ENV, build_cluster, sh
 
@@ -120,6 +121,7 @@ def test_the_config_drive_is_an_iso_labelled_config_2_holding_user_data(mini: Pa
     assert "virtio-9p" not in printed and "file=" + str(drive) in printed and "serial=config-2" in printed
 
 
+@pytest.mark.slow  # two boots (~45 s): in CI's slow run, keeping the main suite under its 10 minutes
 def test_a_failed_first_boot_is_said_at_once_and_stops_only_that_vm(mini: Path, tmp_path: Path):
     """Flatcar's failed initrd boot waits 300 s at its emergency prompt, then reboots (bootengine
     dracut/99emergency-timeout); the mini release does the same, so run.sh must tell the failure
