@@ -5,9 +5,11 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 from support import PROJECT, run
 
 
+@pytest.mark.slow  # ~70 s: in CI's slow run (the main suite stays under its 10 minutes)
 def test_bench_smoke_prints_every_section(tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": f"{PROJECT / 'pipeline'}:{PROJECT / 'tests'}"}  # as bench/run.py says
     result = run([sys.executable, str(PROJECT / "bench" / "run.py"), "--smoke", "--work", str(tmp_path)],

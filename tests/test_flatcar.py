@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from leanvm.release.usrdisk import BASE_DISK_GUID
 from support import Project, boot, build_cluster, doit, marker, printed, sh, usr_partition
 
@@ -61,6 +62,7 @@ def ignition_result(rootfs: Path) -> dict | None:
     return json.loads(text) if text.strip() else None
 
 
+@pytest.mark.slow  # ~55 s, three boots: in CI's slow run (the main suite stays under its 10 minutes)
 def test_first_boot_rule_follows_the_root_disk_through_boots_and_reset(mini: Path, tmp_path: Path):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "config.ign").write_text(json.dumps({"ignition": {"version": "3.3.0"}, "storage": {}}))

@@ -32,6 +32,7 @@ def debugfs_cat(disk: Path, path: str) -> str:
     return sh("debugfs", "-R", f"cat {path}", disk).decode()
 
 
+@pytest.mark.slow  # ~47 s, two boots: in CI's slow run (the main suite stays under its 10 minutes)
 def test_ignition_provisions_on_the_first_boot_and_a_guest_reboot_is_no_first_boot(mini: Path, tmp_path: Path):
     key = tmp_path / "mine"
     sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mine", "-f", key)

@@ -85,6 +85,7 @@ def assert_down_cleanly(out: Path) -> None:
     assert qemu_pids(out) == []
 
 
+@pytest.mark.slow  # ~23 s: in CI's slow run (the main suite stays under its 10 minutes)
 def test_two_vm_cluster_over_ssh(mini: Path, tmp_path: Path):
     out = two_vm_cluster(tmp_path, mini)
     try:
