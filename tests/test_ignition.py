@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from leanvm.vm.configdrive import write_drive
 from support import (
     HOLD,
     DoitResult,
@@ -134,9 +135,10 @@ def test_a_network_unit_only_in_write_files_gets_no_address_as_on_flatcar(mini: 
     out = build_cluster(tmp_path, mini / "mini.yaml", {"wf": {}})
     vm = out / "vms" / "wf"
     mac = (out / "state" / "vms" / "wf.env").read_text().split("cluster_mac=")[1].split()[0]
-    (vm / "config/openstack/latest/user_data").write_text(  # as a user might write it by hand
+    hand_written = (  # as a user might write it, with no coreos.units
         "#cloud-config\nhostname: wf\nwrite_files:\n- path: /etc/systemd/network/60-mine.network\n  content: |\n"
         f"    [Match]\n    MACAddress={mac}\n\n    [Network]\n    Address=10.77.0.99/24\n")
+    write_drive(vm / "config.iso", hand_written.encode())
     console = boot(vm / "run.sh")
     assert "cloud-config: wrote /etc/systemd/network/60-mine.network" in console  # written, as coreos-cloudinit does
     assert "cluster network:" not in console and "restarting networkd" not in console
