@@ -240,7 +240,7 @@ def task_rootfs() -> Iterator[dict]:
 
 
 def task_configdrive() -> Iterator[dict]:
-    """per VM: write its config drive (user_data with keys and network) and Ignition config"""
+    """per VM: write its config drive (config.iso, label config-2: user_data, keys, network) and Ignition config"""
     ctx = context()
     hosts = configdrive.hosts(ctx.cluster.vms)
     for vm in ctx.cluster.vms:
