@@ -52,8 +52,6 @@ print_command() {
   echo
 }
 
-# The pid of VM directory $1's QEMU if it runs, else nothing.
-qemu_pid() { running_pid "$1" || true; }
 
 # This VM's QEMU command: $1 runs it (exec, command or print_command); the rest are extra
 # QEMU arguments. Optional parts are ${value:+words}: absent when the value is empty.
@@ -122,7 +120,7 @@ ensure_switch() {
 
 # True if VM $1 (an entry in users/) still runs or is still starting.
 net_user_alive() {
-  alive "$(cat "$net/users/$1" 2>/dev/null || true)" || alive "$(qemu_pid "$out/vms/$1")"
+  alive "$(cat "$net/users/$1" 2>/dev/null || true)" || running_pid "$out/vms/$1" >/dev/null
 }
 
 leave_switch() {
@@ -174,7 +172,7 @@ if [ "$mode" = detach ]; then
   setsid sh "$here/run.sh" --supervise "$@" </dev/null >/dev/null 2>"$here/run.log" &
   supervisor=$!
   tries=0
-  until alive "$(qemu_pid "$here")" && kvm_settled "$tries"; do  # started once QEMU runs
+  until running_pid "$here" >/dev/null && kvm_settled "$tries"; do  # started once QEMU runs
     if ! alive "$supervisor"; then
       failed_start
       exit 1
@@ -322,7 +320,7 @@ stop_qemu_child() {
 keeper() {
   trap '' INT HUP TERM
   while alive "$launcher"; do sleep 1 8>&-; done
-  qemu_child=$(qemu_pid "$here")
+  qemu_child=$(running_pid "$here" || true)
   [ -z "$qemu_child" ] || stop_qemu_child 10
   release_vm
 }
