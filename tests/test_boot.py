@@ -58,8 +58,11 @@ def test_two_vms_boot_together_with_shared_readonly_usr_and_persistent_state(min
     macs = {re.search(r"mac=([0-9a-f:]+)", p).group(1) for p in shown}
     assert len(macs) == 2 and "127.0.0.1:2401-:22" in shown[0] and "127.0.0.1:2402-:22" in shown[1]
 
-    # Boot alpha a second time: its root disk remembers the first boot.
-    assert marker(boot(alpha / "run.sh"), "boots logged") == "2"
+    # Boot alpha a second time: its root disk remembers the first boot, and the OEM disk is
+    # mounted again (the drop-in its config wrote resets oem.mount's .noupdate condition).
+    second = boot(alpha / "run.sh")
+    assert marker(second, "boots logged") == "2" and marker(second, "first boot") == "no"
+    assert marker(second, "oem mounted").split()[:2] == ["/dev/vdc", "/sysroot/oem"]
     log = boot_log(alpha / "rootfs.img")
     assert len(log) == 2 and all("alpha-from-user-data booted" in line for line in log)
 
@@ -70,4 +73,8 @@ def test_vdx_profile_boots(mini: Path, tmp_path: Path):
     assert "mount.usr=/dev/vda1" in sh(str(run_sh), "--print").decode()
     console = boot(run_sh)
     assert_lean_boot(console, "plain")
-    assert boot_log(out / "vms" / "plain" / "rootfs.img")[0].endswith("plain booted")
+    disk = out / "vms" / "plain" / "rootfs.img"
+    assert boot_log(disk)[0].endswith("plain booted")
+    # Without the drop-in, a later boot leaves /oem empty, as Flatcar's PXE /usr (.noupdate) does.
+    sh("debugfs", "-w", "-R", "rm /etc/systemd/system/oem.mount.d/10-leanvm-oem.conf", disk)
+    assert marker(boot(run_sh), "oem").startswith("not mounted (/usr/.noupdate")

@@ -1,11 +1,16 @@
 """Rules from Flatcar's own sources that a leanvm VM follows, each with its source:
-root disks its oldest supported e2fsck can check, and flatcar-reset's request for a first boot."""
+root disks its oldest supported e2fsck can check, flatcar-reset's request for a first boot,
+the Ignition specs each release accepts, the config drive, and the OEM disk mounted on every
+boot although the PXE /usr carries .noupdate."""
 
+import json
 import os
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 import pytest
+import yaml
 from leanvm.vm import rootfs
 from support import ENV, build_cluster, sh
 
@@ -119,6 +124,39 @@ def test_the_config_drive_is_an_iso_labelled_config_2_holding_user_data(mini: Pa
     assert b"hostname: alpha-from-user-data" in got.getvalue()
     printed = sh(out / "vms" / "cc" / "run.sh", "--print").decode()
     assert "virtio-9p" not in printed and "file=" + str(drive) in printed and "serial=config-2" in printed
+
+
+def resets_the_oem_mount_condition(text: str) -> bool:
+    """A drop-in that empties ConditionPathExists= in [Unit]: systemd then forgets the unit's
+    ConditionPathExists=!/usr/.noupdate (flatcar/init systemd/system/oem.mount)."""
+    section = ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            section = line.strip()
+        elif section == "[Unit]" and line.strip() == "ConditionPathExists=":
+            return True
+    return False
+
+
+def test_every_vm_config_keeps_the_oem_disk_mounted_after_the_first_boot(mini: Path, tmp_path: Path):
+    """Flatcar's PXE usr.squashfs carries /usr/.noupdate (flatcar/scripts build_library/
+    vm_image_util.sh); the real root's oem.mount (usr-share-oem.mount on LTS 2023) has
+    ConditionPathExists=!/usr/.noupdate; the initrd mounts the OEM disk only for Ignition's
+    files stage (bootengine ignition-files.service). So every VM's config carries a drop-in for
+    both units that resets the condition, unless the user writes that file."""
+    units = ("/etc/systemd/system/oem.mount.d/", "/etc/systemd/system/usr-share-oem.mount.d/")
+    (tmp_path / "ig.ign").write_text(json.dumps({"ignition": {"version": "3.3.0"}, "storage": {"files": [
+        {"path": units[0] + "10-leanvm-oem.conf", "contents": {"source": "data:,%23%20mine%0A"}}]}}))
+    out = build_cluster(tmp_path, mini / "mini.yaml", {"cc": {"user_data": "alpha.yaml"}, "ig": {"ignition": "ig.ign"}})
+    cloud = yaml.safe_load((out / "vms" / "cc" / "config/openstack/latest/user_data").read_text())
+    drop_ins = {f["path"]: f["content"] for f in cloud["write_files"] if f["path"].startswith(units)}
+    assert sorted(p.rsplit("/", 1)[0] + "/" for p in drop_ins) == sorted(units)
+    assert all(resets_the_oem_mount_condition(text) for text in drop_ins.values())
+    ignition = json.loads((out / "vms" / "ig" / "ignition.json").read_text())
+    files = {f["path"]: urllib.parse.unquote(f["contents"]["source"].removeprefix("data:,"))
+             for f in ignition["storage"]["files"] if f["path"].startswith(units)}
+    assert files[units[0] + "10-leanvm-oem.conf"] == "# mine\n"  # the user's own file wins
+    assert resets_the_oem_mount_condition(files[units[1] + "10-leanvm-oem.conf"])
 
 
 @pytest.mark.slow  # two boots (~45 s): in CI's slow run, keeping the main suite under its 10 minutes

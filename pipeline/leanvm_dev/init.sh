@@ -3,7 +3,7 @@
 # /init of leanvm's mini release. It follows the contract of Flatcar's initrd:
 # mount.usr= (a path, LABEL=, UUID= or PARTLABEL=, found as Flatcar's busybox stage 1 finds
 # it), mount.usrfstype=, mount.usrflags=, root=, rootflags=, rootfstype=; it mounts the disk
-# labelled OEM on /oem; and with flatcar.first_boot= it runs the real Ignition (Debian's
+# labelled OEM on /oem when Flatcar would; and with flatcar.first_boot= it runs the real Ignition (Debian's
 # 2.14) on /sysroot with the config from fw_cfg, as Flatcar's initrd does on a first boot.
 # A /usr given as a file in the initramfs is loop-mounted (PXE style).
 # It reports what it did on the serial console, logs the boot on the root disk, powers off.
@@ -166,8 +166,20 @@ if [ -n "$usr" ]; then
   mount_fs "$usrdev" /sysroot/usr "$usrfstype" "$usrflags" || fail "cannot mount $usrdev on /usr"
   say "usr mounted: $(grep ' /sysroot/usr ' /proc/mounts)"
 fi
+# The OEM disk, mounted when Flatcar would: on a first boot by the initrd, for Ignition's
+# files stage (bootengine dracut/30ignition/ignition-files.service); on a later boot only
+# by the real root's oem.mount, whose ConditionPathExists=!/usr/.noupdate skips it with a
+# PXE /usr (flatcar/init systemd/system/oem.mount) unless a drop-in resets that condition
+# (an empty ConditionPathExists= line, as leanvm's configs write).
 mkdir -p /sysroot/oem /sysroot/etc
-if oemdev=$(wait_for LABEL=OEM) && mount -t ext4 -o nodev "$oemdev" /sysroot/oem; then
+oem_wanted() {
+  [ -n "$first_boot" ] && [ "$first_boot" != 0 ] && return 0
+  [ -e /sysroot/usr/.noupdate ] || return 0
+  grep -qx 'ConditionPathExists=' /sysroot/etc/systemd/system/oem.mount.d/*.conf 2>/dev/null
+}
+if ! oem_wanted; then
+  say "oem: not mounted (/usr/.noupdate, and no oem.mount drop-in resets ConditionPathExists)"
+elif oemdev=$(wait_for LABEL=OEM) && mount -t ext4 -o nodev "$oemdev" /sysroot/oem; then
   say "oem mounted: $(grep ' /sysroot/oem ' /proc/mounts)"
 else
   say "warning: no OEM disk (LABEL=OEM)"

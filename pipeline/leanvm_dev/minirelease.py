@@ -191,7 +191,7 @@ def applets() -> list[str]:
 
 def make_usr(dest: Path, root: Root, version: str, pad_mb: int) -> None:
     """usr.squashfs: busybox and its applets, Debian's dropbear sshd with the libraries it
-    loads, an os-release and optional incompressible padding."""
+    loads, an os-release, .noupdate and optional incompressible padding."""
     tree = dest.with_name("usr-tree")
     shutil.rmtree(tree, ignore_errors=True)
     for d in ("bin", "sbin", "lib64", f"lib/{root.triplet}"):
@@ -210,6 +210,10 @@ def make_usr(dest: Path, root: Root, version: str, pad_mb: int) -> None:
         for lib_place, lib in debroot.shared_libraries(root, root.file(program)).items():
             (tree / lib_place).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(lib, tree / lib_place)
+    # as Flatcar's PXE usr.squashfs (flatcar/scripts build_library/vm_image_util.sh): it
+    # turns update-engine and the real root's OEM mount off
+    (tree / ".noupdate").write_text("")
+    (tree / ".noupdate").chmod(0o444)
     (tree / "lib" / "os-release").write_text(
         f'NAME="leanvm mini"\nID=leanvm-mini\nVERSION_ID={version}\nPRETTY_NAME="leanvm mini release {version}"\n'
     )

@@ -1,8 +1,9 @@
 """The config drive's user_data (the VM's own file, or a generated #cloud-config) and the
 VM's Ignition config when it has one, each carrying the cluster network's systemd-networkd
 unit the way Flatcar applies it on a first boot (Ignition: storage.files; cloud-config:
-coreos.units) and /etc/hosts naming every VM of the cluster (Ignition: storage.files;
-cloud-config: write_files). The cluster key joins the user's keys in both."""
+coreos.units), /etc/hosts naming every VM of the cluster and the drop-ins that mount the OEM
+disk on every boot (Ignition: storage.files; cloud-config: write_files). The cluster key
+joins the user's keys in both."""
 
 import io
 import json
@@ -28,6 +29,18 @@ CONFIG_DRIVE_LABEL = "config-2"
 # ExecCondition on userConfigProvided, flatcar/coreos-cloudinit units/, 8df59e8f).
 IGNITION_VM_USER_DATA = CLOUD_CONFIG + "\n# provisioned by Ignition (ignition.json): nothing to apply here\n"
 
+# Flatcar's PXE usr.squashfs carries /usr/.noupdate (flatcar/scripts build_library/
+# vm_image_util.sh), and the real root's OEM mount has ConditionPathExists=!/usr/.noupdate
+# (flatcar/init systemd/system/oem.mount; usr-share-oem.mount on LTS 2023, flatcar-3510-
+# backport); the initrd mounts the OEM disk only for Ignition's files stage (bootengine
+# dracut/30ignition/ignition-files.service), so after the first boot /oem would stay empty.
+# These drop-ins reset that condition: the OEM disk is mounted on every boot, as on a
+# Flatcar disk image. A drop-in for a unit a release does not have does nothing.
+OEM_MOUNT_DROP_IN = ("# written by leanvm: mount the OEM disk on every boot (the PXE /usr's .noupdate\n"
+                     "# would skip it after the first boot)\n[Unit]\nConditionPathExists=\n")
+OEM_MOUNT_DROP_INS = tuple(f"/etc/systemd/system/{unit}.d/10-leanvm-oem.conf"
+                           for unit in ("oem.mount", "usr-share-oem.mount"))
+
 
 class _Dumper(yaml.SafeDumper):
     """Multi-line strings as literal blocks (`|`), as people write unit contents."""
@@ -50,13 +63,17 @@ def hosts(vms: tuple[VM, ...]) -> str:
 
 
 def _merge(doc: dict, vm: VM, keys: tuple[str, ...], hosts_text: str) -> dict:
-    """ssh_authorized_keys, /etc/hosts (unless the user writes one) and, for a VM without
-    Ignition, the cluster network unit, merged into a #cloud-config document. The unit goes
-    under coreos.units: coreos-cloudinit restarts networkd only for network units listed
-    there, not for write_files."""
+    """ssh_authorized_keys, /etc/hosts and the OEM mount drop-ins (each unless the user writes
+    that file) and, for a VM without Ignition, the cluster network unit, merged into a
+    #cloud-config document. The unit goes under coreos.units: coreos-cloudinit restarts
+    networkd only for network units listed there, not for write_files."""
     files = list(doc.get("write_files") or [])
-    if hosts_text and not vm.ignition and all(f.get("path") != HOSTS for f in files):
-        doc = {**doc, "write_files": [*files, {"path": HOSTS, "permissions": "0644", "content": hosts_text}]}
+    ours = [(HOSTS, hosts_text)] if hosts_text and not vm.ignition else []
+    ours += [(path, OEM_MOUNT_DROP_IN) for path in OEM_MOUNT_DROP_INS]
+    added = [{"path": path, "permissions": "0644", "content": text} for path, text in ours
+             if all(f.get("path") != path for f in files)]
+    if added:
+        doc = {**doc, "write_files": [*files, *added]}
     if keys:
         have = list(doc.get("ssh_authorized_keys") or [])
         doc = {**doc, "ssh_authorized_keys": have + [k for k in keys if k not in have]}
@@ -137,6 +154,15 @@ def ignition_with_network(config: dict, vm: VM, hosts_text: str = "") -> dict:
     return {**config, "storage": {**storage, "files": files}}
 
 
+def ignition_with_oem_mount(config: dict) -> dict:
+    """The Ignition config with the OEM mount drop-ins in storage.files (unless it writes them)."""
+    storage = dict(config.get("storage") or {})
+    files = list(storage.get("files") or [])
+    files += [_ignition_file(path, OEM_MOUNT_DROP_IN) for path in OEM_MOUNT_DROP_INS
+              if all(f.get("path") != path for f in files)]
+    return {**config, "storage": {**storage, "files": files}}
+
+
 def ignition_with_keys(config: dict, keys: tuple[str, ...]) -> dict:
     """The Ignition config with `keys` in passwd.users -> core -> sshAuthorizedKeys; all else kept."""
     passwd = dict(config.get("passwd") or {})
@@ -161,7 +187,8 @@ def write(vm: VM, dest: Path, drive: Path, ignition_dest: Path, cluster_key_file
     if vm.ignition:
         config = ignitioncheck.load(vm.ignition, is_butane(vm.ignition.read_text()))
         ignitioncheck.check_spec(vm.name, vm.ignition, config, vm.release, version)
-        merged = ignition_with_network(ignition_with_keys(config, _keys(vm, cluster_key)), vm, hosts_text)
+        merged = ignition_with_oem_mount(
+            ignition_with_network(ignition_with_keys(config, _keys(vm, cluster_key)), vm, hosts_text))
         tmp = temp_path(ignition_dest)
         write_atomic(tmp, (json.dumps(merged, indent=2) + "\n").encode())
         try:
