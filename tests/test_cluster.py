@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from leanvm.vm.configdrive import OEM_MOUNT_DROP_INS
+from leanvm.vm.configdrive import DROP_INS
 from support import ENV, build_cluster, doit, marker, qemu_pids, run, sh, wait_for_text
 
 
@@ -92,7 +92,7 @@ def test_generated_cloud_config_carries_the_cluster_address(mini: Path, tmp_path
                         network={"subnet": "10.9.0.0/16"})
     doc = yaml.safe_load((out / "vms" / "one" / "config/openstack/latest/user_data").read_text())
     # the unit is not in write_files (coreos-cloudinit would not restart networkd for it)
-    assert [f["path"] for f in doc["write_files"]] == ["/etc/hosts", *OEM_MOUNT_DROP_INS]
+    assert [f["path"] for f in doc["write_files"]] == ["/etc/hosts", *DROP_INS]
     assert "10.9.0.5 one" in doc["write_files"][0]["content"]
     (unit,) = doc["coreos"]["units"]
     assert unit["name"] == "50-leanvm-cluster.network"

@@ -1,7 +1,7 @@
 """Rules from Flatcar's own sources that a leanvm VM follows, each with its source:
 root disks its oldest supported e2fsck can check, flatcar-reset's request for a first boot,
-the Ignition specs each release accepts, the config drive, and the OEM disk mounted on every
-boot although the PXE /usr carries .noupdate."""
+the Ignition specs each release accepts, the config drive, and the drop-ins a VM booted from
+a PXE /usr (.noupdate) needs."""
 
 import json
 import os
@@ -126,37 +126,45 @@ def test_the_config_drive_is_an_iso_labelled_config_2_holding_user_data(mini: Pa
     assert "virtio-9p" not in printed and "file=" + str(drive) in printed and "serial=config-2" in printed
 
 
-def resets_the_oem_mount_condition(text: str) -> bool:
-    """A drop-in that empties ConditionPathExists= in [Unit]: systemd then forgets the unit's
-    ConditionPathExists=!/usr/.noupdate (flatcar/init systemd/system/oem.mount)."""
-    section = ""
+def section_lines(text: str, section: str) -> list[str]:
+    """The lines of a unit file's [section], in order."""
+    current, lines = "", []
     for line in text.splitlines():
         if line.startswith("["):
-            section = line.strip()
-        elif section == "[Unit]" and line.strip() == "ConditionPathExists=":
-            return True
-    return False
+            current = line.strip()
+        elif current == section and line.strip() and not line.startswith("#"):
+            lines.append(line.strip())
+    return lines
 
 
-def test_every_vm_config_keeps_the_oem_disk_mounted_after_the_first_boot(mini: Path, tmp_path: Path):
+def test_every_vm_config_carries_the_drop_ins_a_pxe_usr_needs(mini: Path, tmp_path: Path):
     """Flatcar's PXE usr.squashfs carries /usr/.noupdate (flatcar/scripts build_library/
-    vm_image_util.sh); the real root's oem.mount (usr-share-oem.mount on LTS 2023) has
-    ConditionPathExists=!/usr/.noupdate; the initrd mounts the OEM disk only for Ignition's
-    files stage (bootengine ignition-files.service). So every VM's config carries a drop-in for
-    both units that resets the condition, unless the user writes that file."""
-    units = ("/etc/systemd/system/oem.mount.d/", "/etc/systemd/system/usr-share-oem.mount.d/")
+    vm_image_util.sh). (1) The real root's oem.mount (usr-share-oem.mount on LTS 2023) has
+    ConditionPathExists=!/usr/.noupdate (flatcar/init systemd/system/), and the initrd mounts
+    the OEM disk only for Ignition's files stage (bootengine ignition-files.service): a drop-in
+    for each whose [Unit] empties ConditionPathExists= keeps /oem mounted. (2)
+    update-engine-stub.service (ExecStart=/usr/sbin/update_engine_stub, flatcar/update_engine
+    systemd/) fails when the update server is unreachable: a drop-in whose [Service] empties
+    ExecStart= and gives it again with the "-" prefix keeps a VM without internet from going
+    degraded. A file of the user's at the same path wins."""
+    oem = ("/etc/systemd/system/oem.mount.d/", "/etc/systemd/system/usr-share-oem.mount.d/")
+    stub = "/etc/systemd/system/update-engine-stub.service.d/"
     (tmp_path / "ig.ign").write_text(json.dumps({"ignition": {"version": "3.3.0"}, "storage": {"files": [
-        {"path": units[0] + "10-leanvm-oem.conf", "contents": {"source": "data:,%23%20mine%0A"}}]}}))
+        {"path": oem[0] + "10-leanvm-oem.conf", "contents": {"source": "data:,%23%20mine%0A"}}]}}))
     out = build_cluster(tmp_path, mini / "mini.yaml", {"cc": {"user_data": "alpha.yaml"}, "ig": {"ignition": "ig.ign"}})
     cloud = yaml.safe_load((out / "vms" / "cc" / "config/openstack/latest/user_data").read_text())
-    drop_ins = {f["path"]: f["content"] for f in cloud["write_files"] if f["path"].startswith(units)}
-    assert sorted(p.rsplit("/", 1)[0] + "/" for p in drop_ins) == sorted(units)
-    assert all(resets_the_oem_mount_condition(text) for text in drop_ins.values())
+    cloud_files = {f["path"]: f["content"] for f in cloud["write_files"]}
     ignition = json.loads((out / "vms" / "ig" / "ignition.json").read_text())
-    files = {f["path"]: urllib.parse.unquote(f["contents"]["source"].removeprefix("data:,"))
-             for f in ignition["storage"]["files"] if f["path"].startswith(units)}
-    assert files[units[0] + "10-leanvm-oem.conf"] == "# mine\n"  # the user's own file wins
-    assert resets_the_oem_mount_condition(files[units[1] + "10-leanvm-oem.conf"])
+    ignition_files = {f["path"]: urllib.parse.unquote(f["contents"]["source"].removeprefix("data:,"))
+                      for f in ignition["storage"]["files"]}
+    assert ignition_files[oem[0] + "10-leanvm-oem.conf"] == "# mine\n"  # the user's own file wins
+    for files, units in ((cloud_files, oem), (ignition_files, oem[1:])):
+        for unit in units:
+            (text,) = [text for path, text in files.items() if path.startswith(unit)]
+            assert section_lines(text, "[Unit]") == ["ConditionPathExists="], text
+    for files in (cloud_files, ignition_files):
+        (text,) = [text for path, text in files.items() if path.startswith(stub)]
+        assert section_lines(text, "[Service]") == ["ExecStart=", "ExecStart=-/usr/sbin/update_engine_stub"]
 
 
 @pytest.mark.slow  # two boots (~45 s): in CI's slow run, keeping the main suite under its 10 minutes

@@ -56,13 +56,13 @@ def test_the_config_drive_merges_keys_the_network_unit_and_hosts(project: Projec
     (unit,) = doc["coreos"]["units"]
     assert unit["name"] == "50-leanvm-cluster.network" and f"MACAddress={a.cluster_mac}" in unit["content"]
     motd, hosts, *drop_ins = doc["write_files"]
-    assert [f["path"] for f in drop_ins] == list(configdrive.OEM_MOUNT_DROP_INS)
+    assert [f["path"] for f in drop_ins] == list(configdrive.DROP_INS)
     assert motd["path"] == "/etc/motd" and hosts["path"] == "/etc/hosts"
     assert f"{b.cluster_ip.split('/')[0]} b" in hosts["content"]
     (project.root / "u.yaml").write_text("#cloud-config\nwrite_files:\n- path: /etc/hosts\n  content: mine\n")
     doc = yaml.safe_load(configdrive.render(a, None, configdrive.hosts((a, b))))
     assert doc["write_files"][0] == {"path": "/etc/hosts", "content": "mine"}  # the user's own wins
-    assert [f["path"] for f in doc["write_files"][1:]] == list(configdrive.OEM_MOUNT_DROP_INS)
+    assert [f["path"] for f in doc["write_files"][1:]] == list(configdrive.DROP_INS)
 
 
 def test_the_identity_file_is_sh_that_python_reads_back(tmp_path):

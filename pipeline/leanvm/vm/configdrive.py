@@ -1,8 +1,8 @@
 """The config drive's user_data (the VM's own file, or a generated #cloud-config) and the
 VM's Ignition config when it has one, each carrying the cluster network's systemd-networkd
 unit the way Flatcar applies it on a first boot (Ignition: storage.files; cloud-config:
-coreos.units), /etc/hosts naming every VM of the cluster and the drop-ins that mount the OEM
-disk on every boot (Ignition: storage.files; cloud-config: write_files). The cluster key
+coreos.units), /etc/hosts naming every VM of the cluster and the systemd drop-ins a VM
+booted from a PXE /usr needs (Ignition: storage.files; cloud-config: write_files). The cluster key
 joins the user's keys in both."""
 
 import io
@@ -30,16 +30,26 @@ CONFIG_DRIVE_LABEL = "config-2"
 IGNITION_VM_USER_DATA = CLOUD_CONFIG + "\n# provisioned by Ignition (ignition.json): nothing to apply here\n"
 
 # Flatcar's PXE usr.squashfs carries /usr/.noupdate (flatcar/scripts build_library/
-# vm_image_util.sh), and the real root's OEM mount has ConditionPathExists=!/usr/.noupdate
-# (flatcar/init systemd/system/oem.mount; usr-share-oem.mount on LTS 2023, flatcar-3510-
-# backport); the initrd mounts the OEM disk only for Ignition's files stage (bootengine
-# dracut/30ignition/ignition-files.service), so after the first boot /oem would stay empty.
-# These drop-ins reset that condition: the OEM disk is mounted on every boot, as on a
-# Flatcar disk image. A drop-in for a unit a release does not have does nothing.
-OEM_MOUNT_DROP_IN = ("# written by leanvm: mount the OEM disk on every boot (the PXE /usr's .noupdate\n"
-                     "# would skip it after the first boot)\n[Unit]\nConditionPathExists=\n")
-OEM_MOUNT_DROP_INS = tuple(f"/etc/systemd/system/{unit}.d/10-leanvm-oem.conf"
-                           for unit in ("oem.mount", "usr-share-oem.mount"))
+# vm_image_util.sh), and every VM's config carries these drop-ins for what follows from it:
+# - The real root's OEM mount has ConditionPathExists=!/usr/.noupdate (flatcar/init
+#   systemd/system/oem.mount; usr-share-oem.mount on LTS 2023, flatcar-3510-backport), and
+#   the initrd mounts the OEM disk only for Ignition's files stage (bootengine dracut/
+#   30ignition/ignition-files.service): /oem would be empty after the first boot. Resetting
+#   the condition mounts it on every boot, as on a Flatcar disk image (a drop-in for a unit
+#   a release does not have does nothing).
+# - update-engine-stub.timer runs update-engine-stub.service 7 min after boot and every 41
+#   min (flatcar/update_engine systemd/, 73826410); its script fails when the update server
+#   cannot be reached (set -e around curl), and a failed unit leaves the VM `degraded`. The
+#   drop-in keeps the check-in but lets it fail quietly (ExecStart's "-" prefix).
+DROP_INS = {
+    **{f"/etc/systemd/system/{unit}.d/10-leanvm-oem.conf":
+       "# written by leanvm: mount the OEM disk on every boot (the PXE /usr's .noupdate\n"
+       "# would skip it after the first boot)\n[Unit]\nConditionPathExists=\n"
+       for unit in ("oem.mount", "usr-share-oem.mount")},
+    "/etc/systemd/system/update-engine-stub.service.d/10-leanvm-offline.conf":
+       "# written by leanvm: an unreachable update server does not leave the VM degraded\n"
+       "[Service]\nExecStart=\nExecStart=-/usr/sbin/update_engine_stub\n",
+}
 
 
 class _Dumper(yaml.SafeDumper):
@@ -63,13 +73,13 @@ def hosts(vms: tuple[VM, ...]) -> str:
 
 
 def _merge(doc: dict, vm: VM, keys: tuple[str, ...], hosts_text: str) -> dict:
-    """ssh_authorized_keys, /etc/hosts and the OEM mount drop-ins (each unless the user writes
+    """ssh_authorized_keys, /etc/hosts and leanvm's DROP_INS (each unless the user writes
     that file) and, for a VM without Ignition, the cluster network unit, merged into a
     #cloud-config document. The unit goes under coreos.units: coreos-cloudinit restarts
     networkd only for network units listed there, not for write_files."""
     files = list(doc.get("write_files") or [])
     ours = [(HOSTS, hosts_text)] if hosts_text and not vm.ignition else []
-    ours += [(path, OEM_MOUNT_DROP_IN) for path in OEM_MOUNT_DROP_INS]
+    ours += list(DROP_INS.items())
     added = [{"path": path, "permissions": "0644", "content": text} for path, text in ours
              if all(f.get("path") != path for f in files)]
     if added:
@@ -154,11 +164,11 @@ def ignition_with_network(config: dict, vm: VM, hosts_text: str = "") -> dict:
     return {**config, "storage": {**storage, "files": files}}
 
 
-def ignition_with_oem_mount(config: dict) -> dict:
-    """The Ignition config with the OEM mount drop-ins in storage.files (unless it writes them)."""
+def ignition_with_drop_ins(config: dict) -> dict:
+    """The Ignition config with leanvm's DROP_INS in storage.files (each unless it writes it)."""
     storage = dict(config.get("storage") or {})
     files = list(storage.get("files") or [])
-    files += [_ignition_file(path, OEM_MOUNT_DROP_IN) for path in OEM_MOUNT_DROP_INS
+    files += [_ignition_file(path, text) for path, text in DROP_INS.items()
               if all(f.get("path") != path for f in files)]
     return {**config, "storage": {**storage, "files": files}}
 
@@ -187,7 +197,7 @@ def write(vm: VM, dest: Path, drive: Path, ignition_dest: Path, cluster_key_file
     if vm.ignition:
         config = ignitioncheck.load(vm.ignition, is_butane(vm.ignition.read_text()))
         ignitioncheck.check_spec(vm.name, vm.ignition, config, vm.release, version)
-        merged = ignition_with_oem_mount(
+        merged = ignition_with_drop_ins(
             ignition_with_network(ignition_with_keys(config, _keys(vm, cluster_key)), vm, hosts_text))
         tmp = temp_path(ignition_dest)
         write_atomic(tmp, (json.dumps(merged, indent=2) + "\n").encode())
