@@ -6,7 +6,7 @@ cd "$(dirname -- "$0")/.."
 
 packages="python3 python3-venv gnupg libarchive13 e2fsprogs fdisk squashfs-tools cpio gzip pigz curl
 qemu-system-x86 qemu-system-arm binutils qemu-utils shellcheck busybox-static kmod vde2 dpkg apt openssh-client dropbear-bin libcap2-bin
-libvirt-daemon-system libvirt-clients libxml2-utils tini ignition passwd"
+libvirt-daemon-system libvirt-clients libxml2-utils tini ignition passwd b3sum"
 missing=""
 for package in $packages; do
   status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)

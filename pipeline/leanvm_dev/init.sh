@@ -446,14 +446,19 @@ start_sshd() {
   listen_for_power_requests
 }
 
-# `sudo systemctl poweroff|reboot` from a user of the guest (the stand-ins in /usr/bin): a
-# request written to this FIFO, read here as root, powers off or reboots as the signals do.
+# `sudo systemctl poweroff|reboot` and `sudo date -u -s @SECONDS` from a user of the guest
+# (the stand-ins in /usr/bin): a request written to this FIFO, read here as root, powers off
+# or reboots as the signals do, or sets the clock.
 listen_for_power_requests() {
   rm -f /sysroot/run/leanvm-power && mkfifo -m 622 /sysroot/run/leanvm-power || return 0
   (
     while :; do
       read -r what </sysroot/run/leanvm-power || continue
-      case $what in poweroff) kill -USR2 1 ;; reboot) kill -TERM 1 ;; esac
+      case $what in
+        poweroff) kill -USR2 1 ;;
+        reboot) kill -TERM 1 ;;
+        clock\ [0-9]*) case ${what#clock } in *[!0-9]*) ;; *) date -u -s "@${what#clock }" >/dev/null ;; esac ;;
+      esac
     done
   ) &
   power_listener=$!

@@ -12,6 +12,7 @@ from enum import StrEnum
 from functools import cache
 from pathlib import Path
 
+from doit import get_var
 from doit.tools import config_changed
 
 from leanvm.config.cluster import VM, Cluster, Release, accepted_specs, kernel_args, load_cluster
@@ -368,9 +369,14 @@ def task_bundle() -> dict:
             "releases": {r.name: ctx.version(r) for r in cluster.releases},
             "arches": sorted({r.arch.value for r in cluster.releases})}
     names = [vm.name for vm in cluster.vms]
+    snapshot = get_var("snapshot", None)
+    if snapshot is not None:
+        dest = dest.with_name(dest.name.removesuffix(".tar.gz") + f"-snapshot-{snapshot}.tar.gz")
+        meta = {**meta, "snapshot": snapshot}
     return {
-        "doc": "write out/bundles/CLUSTER-RELEASE-VERSION.tar.gz (images once, every VM, MANIFEST.json)",
-        "actions": [action(bundle.write_bundle, layout.out, ctx.all_images(), names, dest, meta)],
+        "doc": "write out/bundles/CLUSTER-RELEASE-VERSION[-snapshot-SNAP].tar.gz (images once, every VM, "
+               "snapshot=SNAP's files, MANIFEST.json)",
+        "actions": [action(bundle.write_bundle, layout.out, ctx.all_images(), names, dest, meta, snapshot)],
         "task_dep": BUILD_TASKS,
         "uptodate": [False],
     }

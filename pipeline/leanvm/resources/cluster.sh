@@ -21,6 +21,14 @@ Usage: $0 COMMAND
                          then stop QEMU after LEANVM_STOP_TIMEOUT seconds (60)
   status                 which VMs run (here or under libvirt), their pids and ssh ports
   console NAME           follow a detached VM's serial console (Ctrl-c stops following)
+  snapshot [--stop] [NAME...] SNAP
+                         save every running VM (or those named) into snapshots/SNAP: memory,
+                         devices and disks at one paused instant; then resume them (or stop
+                         them, with --stop) and set their clocks over ssh
+  restore [--wait [SECONDS]] [NAME...] SNAP
+                         bring the VMs of snapshots/SNAP (or those named) back running as
+                         they were saved; with --wait, return once their sshd answers and
+                         their clocks are set
   ssh NAME [-- CMD...]   ssh into a VM as LEANVM_SSH_USER (default core) with the cluster key
                          (ssh/id_ed25519); the remote command's exit status is passed through
   help                   this text
@@ -28,22 +36,14 @@ LEANVM_ACCEL and LEANVM_APPEND are passed on to each run.sh.
 EOF
 }
 
-# ssh to VM $1 with the cluster key; host keys in ssh/known_hosts under the alias leanvm-NAME.
-# ssh runs in out/ssh and is given both files by their plain names: ssh splits
-# UserKnownHostsFile at spaces and expands % and ~ in both, so an out/ path holding a space, a
-# quote or a % would otherwise send host keys elsewhere or break ssh.
+# ssh to VM $1 with the cluster key (ssh_to_vm); the rest are ssh's command.
 vm_ssh() {
   vm=$1
   shift
   port=$(ssh_port "$vm")
   [ -n "$port" ] || die "VM $vm has no recorded ssh port: run doit"
   [ -r "$out/ssh/id_ed25519" ] || die "no cluster key $out/ssh/id_ed25519: run doit"
-  (
-    cd "$out/ssh" || exit 255
-    exec ssh -i ./id_ed25519 -p "$port" -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR \
-      -o UserKnownHostsFile=./known_hosts -o StrictHostKeyChecking=accept-new \
-      -o HostKeyAlias="leanvm-$vm" -o HashKnownHosts=no -o ConnectTimeout=10 "${LEANVM_SSH_USER:-core}@127.0.0.1" "$@"
-  )
+  ssh_to_vm "$out" "$port" "$vm" "$@"
 }
 
 # Seconds after which a VM that printed nothing on its serial console under KVM counts as
@@ -244,6 +244,197 @@ down() {
   done
 }
 
+# --- snapshots ---------------------------------------------------------------------------
+snapshots=$out/snapshots
+snap=""
+
+joined() { echo "$@"; }  # the words given, on one line
+
+# The value of option $2 on the command line of process $1 (the word after it).
+qemu_option() { tr '\0' '\n' <"/proc/$1/cmdline" | awk -v opt="$2" 'found { print; exit } $0 == opt { found = 1 }'; }
+
+# Set the clocks of the VMs named to this host's time over ssh (a paused or restored guest
+# lives in the past), as the cluster key's user with sudo; one line each that could not.
+set_clocks() {
+  for vm; do
+    vm_ssh "$vm" sudo date -u -s "@$(date +%s)" </dev/null >/dev/null 2>&1 ||
+      echo "cluster.sh: warning: could not set VM $vm's clock over ssh (sudo date); it runs behind by the time it was paused" >&2
+  done
+}
+
+# Resume (or, with --stop, quit) the VMs named that a snapshot paused.
+release_paused() {
+  for vm; do
+    if [ "$stop_after" = yes ]; then hmp "$out/vms/$vm" quit '^$' 1 >/dev/null || true
+    else hmp "$out/vms/$vm" "cont
+info status" '^VM status: ' 10 >/dev/null || true
+    fi
+  done
+}
+
+# A snapshot that failed: the VMs run on (or stop, with --stop), nothing is left; one line.
+snapshot_failed() {
+  # shellcheck disable=SC2086  # one word per VM name
+  release_paused $selected
+  rm -rf "$part"
+  die "snapshot $snap: $*; the VMs were resumed and nothing was kept"
+}
+
+# Save VM $1 (paused) into $part/$1: its RAM and devices (QEMU's migration to a file, not
+# throttled), its root and OEM disks as they are at that instant, and its values.
+save_vm() {
+  dir=$out/vms/$1
+  pid=$(vm_pid "$1") || snapshot_failed "VM $1 stopped"
+  mkdir -p "$part/$1"
+  status=$(hmp "$dir" "migrate_set_parameter max-bandwidth 64G
+migrate $(hmp_string "exec:cat > $(sh_word "$part/$1/memory")")
+info migrate" '^Migration status: ' 600) || snapshot_failed "VM $1's QEMU did not answer on its monitor"
+  [ "$status" = "Migration status: completed" ] || snapshot_failed "QEMU could not save VM $1 ($status)"
+  for disk in rootfs.img oem.img; do
+    cp --sparse=always --reflink=auto "$dir/$disk" "$part/$1/$disk" || snapshot_failed "cannot copy $dir/$disk"
+  done
+  cp "$out/state/vms/$1.env" "$part/$1/values.env"
+  cpu=$(qemu_option "$pid" -cpu)
+  {
+    echo "$1.machine=$(qemu_option "$pid" -machine)"
+    echo "$1.accel=$(qemu_option "$pid" -accel | sed 's/,.*//')"
+    echo "$1.cpu=$cpu"
+    [ "$cpu" != host ] || echo "$1.cpu_model=$(host_cpu_model)"
+    echo "$1.memory=$(qemu_option "$pid" -m)"
+    echo "$1.append=$(qemu_option "$pid" -append)"
+  } >>"$part/manifest.vms"
+  qemu_binary=$(readlink "/proc/$pid/exe")
+}
+
+snapshot() {
+  check_snapshot_name "$snap"
+  [ ! -e "$snapshots/$snap" ] || die "snapshot $snap exists ($snapshots/$snap): remove it or pick another name"
+  command -v b3sum >/dev/null 2>&1 || die "b3sum not found: install it (apt-get install b3sum)"
+  for vm in $selected; do
+    clear_stale_pid "$out/vms/$vm"
+    vm_pid "$vm" >/dev/null || die "VM $vm is not running: a snapshot saves running VMs (start it with $0 up $vm)"
+  done
+  part=$snapshots/.$snap.part
+  rm -rf "$part"
+  mkdir -p "$part" || die "cannot make $part"
+  started=$(date +%s)
+  # every VM paused at one instant, so that the cluster is saved as one moment
+  for vm in $selected; do
+    hmp "$out/vms/$vm" "stop
+info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEMU did not pause"
+  done
+  for vm in $selected; do save_vm "$vm"; done
+  # shellcheck disable=SC2086  # one word per VM name
+  release_paused $selected
+  {
+    echo "# leanvm snapshot (read by cluster.sh restore and run.sh --restore, never sourced)"
+    echo "snapshot=$snap"
+    echo "created=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    # shellcheck disable=SC2086  # one word per VM name
+    echo "vms=$(joined $selected)"
+    echo "qemu_version=$("$qemu_binary" --version | head -n 1)"
+    cat "$part/manifest.vms"
+  } >"$part/manifest"
+  rm -f "$part/manifest.vms"
+  if ! (cd "$part" && find . -type f | sed 's|^\./||' | sort | xargs b3sum) >"$part.B3SUMS"; then
+    rm -rf "$part" "$part.B3SUMS"
+    die "snapshot $snap: cannot compute the digests (b3sum)"
+  fi
+  mv "$part.B3SUMS" "$part/B3SUMS"
+  mv "$part" "$snapshots/$snap"
+  if [ "$stop_after" = yes ]; then
+    wait_for_launchers
+    stop_switch_if_unused
+  else
+    # shellcheck disable=SC2086  # one word per VM name
+    set_clocks $selected
+  fi
+  # shellcheck disable=SC2086  # one word per VM name
+  echo "snapshot $snap: $(joined $selected) saved in $(($(date +%s) - started)) s ($(du -sh "$snapshots/$snap" | cut -f1) in $snapshots/$snap)"
+}
+
+# Put the disks of snapshot $1 back for the VMs in $selected: copied beside each VM's
+# disks first, then swapped in; the old ones stay as *.before-restore until the VM's run.sh
+# has seen QEMU load the snapshot (or puts them back if it could not).
+put_back_disks() {
+  for vm in $selected; do
+    for disk in rootfs.img oem.img; do
+      cp --sparse=always --reflink=auto "$1/$vm/$disk" "$out/vms/$vm/$disk.restoring" || {
+        for gone in $selected; do rm -f "$out/vms/$gone/rootfs.img.restoring" "$out/vms/$gone/oem.img.restoring"; done
+        die "restore $snap: cannot copy $1/$vm/$disk; every VM's disks are as they were"
+      }
+    done
+  done
+  for vm in $selected; do
+    for disk in rootfs.img oem.img; do
+      mv "$out/vms/$vm/$disk" "$out/vms/$vm/$disk.before-restore"
+      mv "$out/vms/$vm/$disk.restoring" "$out/vms/$vm/$disk"
+    done
+  done
+}
+
+# The restore failed: stop what started, and give every VM its disks from before.
+undo_restore() {
+  # shellcheck disable=SC2086  # one word per VM name
+  force_stop $selected
+  wait_for_launchers
+  stop_switch_if_unused
+  for vm in $selected; do
+    for disk in rootfs.img oem.img; do
+      [ ! -f "$out/vms/$vm/$disk.before-restore" ] || mv -f "$out/vms/$vm/$disk.before-restore" "$out/vms/$vm/$disk"
+    done
+  done
+  die "restore $snap: $*; every VM's disks are as they were before"
+}
+
+restore() {
+  check_snapshot_name "$snap"
+  dir=$snapshots/$snap
+  [ -r "$dir/manifest" ] || die "no snapshot $snap in $snapshots: list them with ls $snapshots"
+  [ -n "$selected" ] || selected=$(manifest_value "$dir/manifest" vms)
+  for vm in $selected; do
+    check_vm "$vm"
+    clear_stale_pid "$out/vms/$vm"
+    ! vm_active "$vm" || die "VM $vm is running: stop it first ($0 down $vm); a restore replaces its disks and memory"
+    qemu=$(values_value "$out/state/vms/$vm.env" qemu)
+    check_snapshot "$dir" "$vm" "$out/state/vms/$vm.env" "${LEANVM_QEMU:-$qemu}"
+  done
+  started=$(date +%s)
+  put_back_disks "$dir"
+  for vm in $selected; do
+    rm -f "$out/vms/$vm/restored"
+    "$out/vms/$vm/run.sh" --detach --resume "$snap" || undo_restore "VM $vm did not start from the snapshot"
+    echo "$vm: restored from $snap (pid $(vm_pid "$vm" || echo -), ssh 127.0.0.1:$(ssh_port "$vm"))"
+  done
+  [ -n "$wait_seconds" ] || return 0
+  wait_for_ssh "$wait_seconds"
+  for vm in $selected; do
+    tries=0
+    until [ -s "$out/vms/$vm/restored" ] || [ "$tries" -ge 600 ]; do sleep 0.1; tries=$((tries + 1)); done
+    cat "$out/vms/$vm/restored" 2>/dev/null || echo "$vm: running; its clock was not set yet"
+  done
+  echo "restored in $(($(date +%s) - started)) s"
+}
+
+# --wait [SECONDS] at the start of "$@": sets wait_seconds (300 without a number) and
+# wait_words (how many words it took); $1 is the command, for messages.
+parse_wait() {
+  command=$1
+  shift
+  wait_seconds="" wait_words=0
+  [ "${1-}" = --wait ] || return 0
+  wait_seconds=300 wait_words=1
+  case ${2-} in
+    ''|-*) ;;
+    *[!0-9]*)  # a VM name (they start with a letter), or a mistyped number
+      case $2 in [0-9]*) die "$command --wait takes a whole number of seconds, not '$2'" ;; esac
+      [ -x "$out/vms/$2/run.sh" ] || [ "$command" = restore ] ||
+        die "$command --wait: '$2' is neither a number of seconds nor a VM in $out/vms (usage: $command --wait [SECONDS] [NAME...])" ;;
+    *) [ "$2" -gt 0 ] || die "$command --wait: SECONDS must be at least 1, not '$2'"
+       wait_seconds=$2 wait_words=2 ;;
+  esac
+}
+
 # "running (libvirt)" if VM $1's libvirt domain runs (out/libvirt.sh, LIBVIRT_DEFAULT_URI).
 libvirt_running() {
   [ -r "$out/libvirt/cluster.env" ] && command -v virsh >/dev/null 2>&1 || return 1
@@ -302,20 +493,8 @@ select_vms() {
 case ${1-} in
   up)
     shift
-    wait_seconds=""
-    if [ "${1-}" = --wait ]; then
-      shift
-      wait_seconds=300
-      case ${1-} in
-        ''|-*) ;;
-        *[!0-9]*)  # a VM name (they start with a letter), or a mistyped number
-          case $1 in [0-9]*) die "up --wait takes a whole number of seconds, not '$1'" ;; esac
-          [ -x "$out/vms/$1/run.sh" ] ||
-            die "up --wait: '$1' is neither a number of seconds nor a VM in $out/vms (usage: up --wait [SECONDS] [NAME...])" ;;
-        *) [ "$1" -gt 0 ] || die "up --wait: SECONDS must be at least 1, not '$1'"
-           wait_seconds=$1; shift ;;
-      esac
-    fi
+    parse_wait up "$@"
+    shift "$wait_words"
     case ${1-} in -*) die "up: unknown option '$1' (usage: cluster.sh up [--wait [SECONDS]] [NAME...])" ;; esac
     select_vms "$@"
     accel=$(resolve_accel "${LEANVM_ACCEL:-auto}") ||
@@ -327,6 +506,29 @@ case ${1-} in
       wait_for_ssh "$wait_seconds"
     fi
     exit "$up_status" ;;
+  snapshot)
+    shift
+    stop_after=no
+    [ "${1-}" != --stop ] || { stop_after=yes; shift; }
+    case ${1-} in ''|-*) die "usage: cluster.sh snapshot [--stop] [NAME...] SNAP" ;; esac
+    for snap; do :; done  # the last word
+    names=""
+    while [ $# -gt 1 ]; do names="$names $1"; shift; done
+    # shellcheck disable=SC2086  # one word per VM name
+    select_vms $names
+    snapshot ;;
+  restore)
+    shift
+    parse_wait restore "$@"
+    shift "$wait_words"
+    case ${1-} in ''|-*) die "usage: cluster.sh restore [--wait [SECONDS]] [NAME...] SNAP" ;; esac
+    for snap; do :; done  # the last word
+    selected=""
+    while [ $# -gt 1 ]; do check_vm "$1"; selected="$selected $1"; shift; done
+    selected=${selected# }
+    accel=$(resolve_accel "${LEANVM_ACCEL:-auto}") ||
+      die "LEANVM_ACCEL must be auto, kvm, hvf or tcg, not '${LEANVM_ACCEL-}'"
+    restore ;;
   help|--help|-h) usage ;;
   down) shift; select_vms "$@"; down ;;
   status) status ;;

@@ -3,7 +3,7 @@
 # shellcheck disable=SC2317  # functions run through with_net_lock and traps
 # leanvm launcher of one VM: out/vms/NAME/run.sh, the same file for every VM, copied there by
 # `doit`. Everything it needs of VM NAME is in NAME's values file, out/state/vms/NAME.env.
-# Usage: run.sh [--print | --detach | --help] [QEMU ARGS...]; see run.sh --help.
+# Usage: run.sh [--print | --detach | --help] [--restore SNAP] [QEMU ARGS...]; see run.sh --help.
 set -eu
 
 here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
@@ -30,11 +30,14 @@ warn() { printf 'run.sh: warning: %s\n' "$*" >&2; }
 
 usage() {
   cat <<EOF
-Usage: $0 [--print | --detach | --help] [QEMU ARGS...]
+Usage: $0 [--print | --detach | --help] [--restore SNAP] [QEMU ARGS...]
 Start VM $name ($release $version).
   (no option)  foreground, serial console on this terminal (Ctrl-a x quits)
   --print      print the QEMU command line (runnable as printed) instead of running it
   --detach     run in the background: console in console.log
+  --restore SNAP
+               start it as snapshot SNAP saved it (out/snapshots/SNAP, made by
+               cluster.sh snapshot): its disks put back, its memory loaded, its clock set
 The QEMU monitor is reachable through the FIFOs monitor.in/.out beside run.sh.
   --help       this text
 Environment: LEANVM_ACCEL=auto|kvm|hvf|tcg (default auto), LEANVM_QEMU=BINARY,
@@ -142,6 +145,36 @@ case ${1-} in
   --help|-h) usage; exit 0 ;;
 esac
 
+restore="" resume=""
+case ${1-} in
+  --restore)
+    [ -n "${2-}" ] || die "usage: run.sh [--detach] --restore SNAP"
+    [ "$mode" != print ] || die "--print does not take --restore"
+    restore=$2 resume=$2
+    shift 2 ;;
+  --resume) resume=$2; shift 2 ;;  # internal: the snapshot's disks are in place already
+esac
+snapshot_dir=$out/snapshots/$resume
+
+# --- restore: the snapshot's disks put back, after every check ----------------------------
+# The disks this VM had are kept as *.before-restore until QEMU has loaded the snapshot, and
+# put back if it could not.
+if [ -n "$restore" ]; then
+  check_snapshot_name "$restore"
+  refuse_if_running
+  check_snapshot "$snapshot_dir" "$name" "$values" "$qemu"
+  for disk in rootfs.img oem.img; do
+    cp --sparse=always --reflink=auto "$snapshot_dir/$name/$disk" "$here/$disk.restoring" || {
+      rm -f "$here/rootfs.img.restoring" "$here/oem.img.restoring"
+      die "cannot copy $snapshot_dir/$name/$disk; VM $name's disks are as they were"
+    }
+  done
+  for disk in rootfs.img oem.img; do
+    mv "$here/$disk" "$here/$disk.before-restore" && mv "$here/$disk.restoring" "$here/$disk"
+  done
+  rm -f "$here/restored"
+fi
+
 # A QEMU that fails at once under a KVM that auto chose (nested virtualisation: "failed to set
 # MSR", an assertion) is started again under TCG, said in one line that holds this text.
 KVM_FALLBACK="failed under KVM"
@@ -169,7 +202,7 @@ failed_start() {
 if [ "$mode" = detach ]; then
   refuse_if_running
   command -v setsid >/dev/null 2>&1 || die "setsid not found: install util-linux"
-  setsid sh "$here/run.sh" --supervise "$@" </dev/null >/dev/null 2>"$here/run.log" &
+  setsid sh "$here/run.sh" --supervise ${resume:+--resume "$resume"} "$@" </dev/null >/dev/null 2>"$here/run.log" &
   supervisor=$!
   tries=0
   until running_pid "$here" >/dev/null && kvm_settled "$tries"; do  # started once QEMU runs
@@ -206,9 +239,25 @@ use_accel() {
 }
 use_accel "$accel"
 
+# A restore starts QEMU as the snapshot saved it: the same accelerator and CPU, the same
+# kernel command line, the state read from the snapshot's memory file.
+incoming=""
+if [ -n "$resume" ]; then
+  accel=$(snapshot_accel "$snapshot_dir" "$name") || exit 1
+  use_accel "$accel"
+  [ "$cpu" = "$(manifest_value "$snapshot_dir/manifest" "$name.cpu")" ] ||
+    die "snapshot $resume: VM $name was saved with -cpu $(manifest_value "$snapshot_dir/manifest" "$name.cpu"), this run.sh uses -cpu $cpu; boot it cold"
+  incoming="exec:cat $(sh_word "$snapshot_dir/$name/memory")"
+fi
+
 # The kernel command line, with the first-boot arguments if this is a first boot (decided
 # once nothing else stands in the way: a running VM's disk is not ours to read).
 decide_boot() {
+  if [ -n "$incoming" ]; then
+    boot_rule="restored from snapshot $resume"
+    append=$(manifest_value "$snapshot_dir/manifest" "$name.append")
+    return 0
+  fi
   if first_boot "$here/rootfs.img" "$first_boot_args" "$mode"; then
     boot_rule="first boot: $here/rootfs.img $first_boot_why, so '$first_boot_args' is added"
     append="$kernel_args $first_boot_args"
@@ -340,7 +389,7 @@ guest_rebooted() {
 # True if the QEMU whose console began at byte $1 of console.log failed under a KVM that
 # LEANVM_ACCEL=auto chose before its guest printed anything (and nobody stopped it).
 kvm_failed() {
-  [ "$accel" = kvm ] && [ "${LEANVM_ACCEL:-auto}" = auto ] && [ ! -f "$here/forced-stop" ] &&
+  [ -z "$launched_incoming" ] && [ "$accel" = kvm ] && [ "${LEANVM_ACCEL:-auto}" = auto ] && [ ! -f "$here/forced-stop" ] &&
     [ "$(wc -c <"$here/console.log")" -le "$1" ]
 }
 
@@ -359,6 +408,42 @@ watch_boot() (
     sleep 1
   done
 )
+
+# A restored QEMU (pid $1) once it has loaded the snapshot: resumed, the disks it had before
+# dropped, its clock set over ssh (the guest lives at the moment it was saved); one line,
+# in restored as well.
+resume_guest() (
+  tries=0
+  until status=$(hmp "$here" "info status" '^VM status: ' 2) && [ "$status" != "VM status: paused (inmigrate)" ]; do
+    alive "$1" || exit 0
+    tries=$((tries + 1))
+    [ "$tries" -lt 300 ] || exit 0
+  done
+  hmp "$here" "cont
+info status" '^VM status: running' 10 >/dev/null || exit 0
+  rm -f "$here/rootfs.img.before-restore" "$here/oem.img.before-restore"
+  clock="its clock could not be set over ssh (sudo date): it runs behind by the time since the snapshot"
+  tries=0
+  while [ "$tries" -lt 30 ] && alive "$1"; do
+    if ssh_to_vm "$out" "$ssh_port" "$name" sudo date -u -s "@$(date +%s)" </dev/null >/dev/null 2>&1; then
+      clock="its clock set to this host's over ssh"
+      break
+    fi
+    tries=$((tries + 1))
+    sleep 1
+  done
+  printf 'run.sh: VM %s restored from snapshot %s and running; %s\n' "$name" "$resume" "$clock" |
+    tee "$here/restored" >&2
+)
+
+# A restore whose QEMU ended before it loaded the snapshot: the disks from before go back.
+undo_restore() {
+  [ -f "$here/rootfs.img.before-restore" ] || return 0
+  for disk in rootfs.img oem.img; do mv -f "$here/$disk.before-restore" "$here/$disk"; done
+  printf 'run.sh: VM %s: QEMU could not load snapshot %s (its error is above, or in run.log): its disks are as they were\n' \
+    "$name" "$resume" >&2
+  status=1
+}
 
 # A signal to run.sh: remember the exit status it gives ($1) and stop QEMU cleanly.
 on_signal() {
@@ -383,8 +468,13 @@ trap leave EXIT
 while :; do
   if [ -n "$caught" ]; then exit "$caught"; fi  # a signal between two launches
   offset=$(wc -c <"$here/console.log")
-  vm_qemu "$runner" "$@" <&7 7<&- 8>&- &
+  launched_incoming=$incoming
+  vm_qemu "$runner" ${incoming:+-incoming "$incoming"} "$@" <&7 7<&- 8>&- &
   qemu_child=$!
+  if [ -n "$incoming" ]; then
+    resume_guest "$qemu_child" </dev/null 7<&- 8>&- &
+    incoming=""
+  fi
   watch_boot "$offset" "$qemu_child" </dev/null >/dev/null 2>&1 7<&- 8>&- &
   watcher=$!
   while :; do
@@ -400,6 +490,10 @@ while :; do
     exit "$caught"
   fi
   kill "$watcher" 2>/dev/null || true
+  if [ -n "$launched_incoming" ] && [ -f "$here/rootfs.img.before-restore" ]; then
+    undo_restore
+    break
+  fi
   if [ -f "$here/boot-failed" ]; then
     printf 'run.sh: VM %s: its boot failed ("%s"): stopped instead of started again; see %s\n' \
       "$name" "$(cat "$here/boot-failed")" "$here/console.log" >&2

@@ -207,3 +207,116 @@ power_off() (
     sleep 1
   done
 )
+
+# ssh to the VM named $3 whose ssh port is $2, of out/ directory $1, with the cluster key,
+# as LEANVM_SSH_USER (default core); the rest are ssh's command. Host keys are kept in
+# ssh/known_hosts under the alias leanvm-NAME. ssh runs in out/ssh and is given both files by
+# their plain names: ssh splits UserKnownHostsFile at spaces and expands % and ~ in both, so
+# an out/ path holding a space, a quote or a % would otherwise send host keys elsewhere.
+ssh_to_vm() (
+  cd "$1/ssh" || exit 255
+  port=$2 vm=$3
+  shift 3
+  exec ssh -i ./id_ed25519 -p "$port" -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR \
+    -o UserKnownHostsFile=./known_hosts -o StrictHostKeyChecking=accept-new \
+    -o HostKeyAlias="leanvm-$vm" -o HashKnownHosts=no -o ConnectTimeout=10 "${LEANVM_SSH_USER:-core}@127.0.0.1" "$@"
+)
+
+# --- the QEMU monitor: HMP through the FIFOs monitor.in/.out beside run.sh ---------------
+# Send HMP command(s) $2 to the QEMU of the VM in directory $1 and print the first line of
+# the reply that matches extended regex $3 (after what earlier commands left is read off),
+# waiting up to $4 seconds; false if none came.
+hmp() (
+  reply=$1/monitor.reply
+  timeout 0.2 cat "$1/monitor.out" >/dev/null 2>&1 || true
+  cat "$1/monitor.out" >"$reply" 2>/dev/null &
+  reader=$!
+  printf '%s\n' "$2" >"$1/monitor.in" &
+  writer=$!
+  tries=0 found=""
+  while [ "$tries" -lt $(($4 * 10)) ]; do
+    found=$(tr -d '\r' <"$reply" | grep -a -m 1 -E -- "$3") && break
+    sleep 0.1
+    tries=$((tries + 1))
+  done
+  kill "$reader" "$writer" 2>/dev/null || true
+  wait "$reader" "$writer" 2>/dev/null || true
+  rm -f "$reply"
+  [ -n "$found" ] && printf '%s\n' "$found"
+)
+
+# $1 as one sh word ('...'), and as one HMP string ("...", \ and " escaped).
+sh_word() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
+hmp_string() { printf '"%s"' "$(printf '%s' "$1" | sed 's/[\\"]/\\&/g')"; }
+
+# --- snapshots: out/snapshots/SNAP/ (manifest, B3SUMS, NAME/{memory,rootfs.img,oem.img,values.env})
+# The values of a VM that a snapshot is tied to: another value means another VM (or cluster).
+SNAPSHOT_IDENTITY="ssh_port mac cluster_mac cluster_ip host_ports image_dir release version arch machine cpus memory user_netdev"
+
+# Refuse, in one line, a snapshot name that is not a plain word.
+check_snapshot_name() {
+  case $1 in
+    ''|.*|*[!A-Za-z0-9._-]*) die "'$1' is not a snapshot name: use a plain word (letters, digits, . _ -), such as ready" ;;
+  esac
+}
+
+# The value of key $2 in manifest $1 (read, never sourced: a snapshot may come from a bundle).
+manifest_value() { awk -v key="$2" 'index($0, key "=") == 1 { print substr($0, length(key) + 2); exit }' "$1"; }
+
+# The value of key $2 in values file $1, as the shell would read it (quotes removed).
+values_value() (
+  line=$(grep -m 1 "^$2=" "$1" 2>/dev/null) || exit 0
+  value=${line#*=}
+  case $value in \'*\') value=${value#\'}; value=${value%\'} ;; esac
+  printf '%s\n' "$value"
+)
+
+# This host's CPU model (what -cpu host hands a KVM guest).
+host_cpu_model() { sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1; }
+
+# The accelerator to restore VM $2 of snapshot directory $1 under: the snapshot's, which
+# LEANVM_ACCEL=auto takes; another LEANVM_ACCEL is refused.
+snapshot_accel() {
+  snapshot_accel_saved=$(manifest_value "$1/manifest" "$2.accel")
+  case ${LEANVM_ACCEL:-auto} in
+    auto|"$snapshot_accel_saved") ;;
+    *) die "snapshot ${1##*/}: VM $2 was saved under $snapshot_accel_saved, and LEANVM_ACCEL=$LEANVM_ACCEL;" \
+      "a running VM's state moves only to the same accelerator: unset LEANVM_ACCEL, or boot it cold (cluster.sh up)" ;;
+  esac
+  echo "$snapshot_accel_saved"
+}
+
+# Refuse, in one line, to restore VM $2 (values file $3, QEMU binary $4) from snapshot
+# directory $1 unless this host would run what was saved: the same VM (its identity values),
+# QEMU version, machine, accelerator and CPU model, and every file of the VM as the
+# snapshot's B3SUMS lists it.
+check_snapshot() {
+  [ -r "$1/manifest" ] || die "no snapshot ${1##*/} in ${1%/*} (no manifest): see cluster.sh snapshot"
+  case " $(manifest_value "$1/manifest" vms) " in
+    *" $2 "*) ;;
+    *) die "snapshot ${1##*/} holds no VM $2 (it holds: $(manifest_value "$1/manifest" vms))" ;;
+  esac
+  for check_key in $SNAPSHOT_IDENTITY; do
+    check_was=$(values_value "$1/$2/values.env" "$check_key")
+    check_now=$(values_value "$3" "$check_key")
+    [ "$check_was" = "$check_now" ] || die "snapshot ${1##*/}: VM $2's $check_key was '$check_was', is now" \
+      "'$check_now': the snapshot belongs to another cluster, out/ or set-up of this VM; boot it cold (cluster.sh up $2)"
+  done
+  check_was=$(manifest_value "$1/manifest" qemu_version)
+  check_now=$("$4" --version 2>/dev/null | head -n 1)
+  [ "$check_was" = "$check_now" ] || die "snapshot ${1##*/} was saved by '$check_was', this host runs" \
+    "'$check_now': QEMU loads only its own version's state; boot VM $2 cold (cluster.sh up $2)"
+  check_accel=$(snapshot_accel "$1" "$2") || exit 1
+  if [ "$check_accel" = kvm ] && [ "$(resolve_accel auto)" != kvm ]; then
+    die "snapshot ${1##*/}: VM $2 was saved under KVM, which this host cannot run; boot it cold (cluster.sh up $2)"
+  fi
+  if [ "$(manifest_value "$1/manifest" "$2.cpu")" = host ]; then
+    check_was=$(manifest_value "$1/manifest" "$2.cpu_model")
+    [ "$check_was" = "$(host_cpu_model)" ] || die "snapshot ${1##*/}: VM $2 was saved under KVM with -cpu host on" \
+      "'$check_was', this host's CPU is '$(host_cpu_model)'; boot it cold (cluster.sh up $2)"
+  fi
+  command -v b3sum >/dev/null 2>&1 || die "b3sum not found: install it (apt-get install b3sum)"
+  check_bad=$(cd "$1" && grep "^[0-9a-f]*  $2/" B3SUMS | b3sum -c --quiet - 2>&1 | sed -n 's/: FAILED.*//p;s/: No such.*//p' | head -n 1) || true
+  [ -z "$check_bad" ] || die "snapshot ${1##*/}: $1/$check_bad differs from its digest in B3SUMS: the snapshot is damaged; take a new one"
+  [ "$(cd "$1" && grep -c "^[0-9a-f]*  $2/" B3SUMS)" -ge 4 ] || die "snapshot ${1##*/}: B3SUMS lists no files of VM $2: the snapshot is damaged"
+}

@@ -14,6 +14,7 @@ anything is written, a bundle whose VMs are of another arch.
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -32,17 +33,19 @@ from leanvm.state.layout import Layout
 from leanvm.state.vmstate import running_pid
 
 MANIFEST = "MANIFEST.json"
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # as cluster.sh's check_snapshot_name
 CLUSTER_FILES = ("lib.sh", "cluster.sh", "libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env")
 # What a run leaves beside a VM's disks: never shipped (a lock, a pid, a log of this host's runs).
-RUNTIME_FILES = {"qemu.pid", "console.log", "monitor.in", "monitor.out", "run.sh.retired", "run.log", "run.lock",
-                 "forced-stop", "boot-failed"}
+RUNTIME_FILES = {"qemu.pid", "console.log", "monitor.in", "monitor.out", "monitor.reply", "run.sh.retired", "run.log",
+                 "run.lock", "forced-stop", "boot-failed", "restored"}
+RUNTIME_SUFFIXES = (".before-restore", ".restoring")  # a restore under way (run.sh --restore)
 # libarchive's own guards (no '..', no absolute path, nothing through a symlink) on top of the
 # check of every member against the manifest before it is written.
 UNPACK_FLAGS = EXTRACT_SPARSE | EXTRACT_PERM | EXTRACT_TIME | PREVENT_ESCAPE
 
 
-def cluster_files(out: Path, images: list[Path], vm_names: list[str]) -> list[Path]:
-    """The files a bundle carries, relative to out/."""
+def cluster_files(out: Path, images: list[Path], vm_names: list[str], snapshot: str | None = None) -> list[Path]:
+    """The files a bundle carries, relative to out/: with `snapshot`, that snapshot's too."""
     # The images of every release with their recorded digests (.NAME.sha256), so an unpacked
     # bundle is also a ready out/images cache.
     files = [p for d in images for p in sorted(d.iterdir())
@@ -53,18 +56,35 @@ def cluster_files(out: Path, images: list[Path], vm_names: list[str]) -> list[Pa
     layout = Layout(out)
     files += [p for p in (layout.ssh / "id_ed25519", layout.ssh / "id_ed25519.pub") if p.exists()]
     for name in vm_names:
-        files += sorted(p for p in layout.vm(name).rglob("*") if p.is_file() and p.name not in RUNTIME_FILES)
+        files += sorted(p for p in layout.vm(name).rglob("*") if p.is_file() and p.name not in RUNTIME_FILES
+                        and not p.name.endswith(RUNTIME_SUFFIXES))
         files.append(layout.values(name))
+    if snapshot is not None:
+        files += sorted(p for p in layout.snapshot(snapshot).rglob("*") if p.is_file())
     return [p.relative_to(out) for p in files]
 
 
-def write_bundle(out: Path, images: list[Path], vm_names: list[str], dest: Path, meta: dict[str, str]) -> None:
+def check_snapshot(out: Path, snapshot: str) -> None:
+    """A snapshot= a bundle can carry: a plain name of a complete snapshot in out/snapshots."""
+    where = Layout(out).snapshot(snapshot)
+    if not SNAPSHOT_NAME.fullmatch(snapshot):
+        raise LeanvmError(f"snapshot={snapshot!r} is not a snapshot name",
+                          "give a plain word, as cluster.sh snapshot took")
+    if not (where / "manifest").is_file() or not (where / "B3SUMS").is_file():
+        raise LeanvmError(f"no snapshot {snapshot} in {where.parent}",
+                          f"take one with {out / 'cluster.sh'} snapshot {snapshot}, or leave snapshot= out")
+
+
+def write_bundle(out: Path, images: list[Path], vm_names: list[str], dest: Path, meta: dict[str, str],
+                 snapshot: str | None = None) -> None:
+    if snapshot is not None:
+        check_snapshot(out, snapshot)
     for name in vm_names:
         pid = running_pid(Layout(out).vm(name))
         if pid is not None:
             raise LeanvmError(f"VM {name} is running (pid {pid}); its root disk would be inconsistent",
                               "stop it (out/cluster.sh down) before bundling")
-    files = cluster_files(out, images, vm_names)
+    files = cluster_files(out, images, vm_names, snapshot)
     manifest = {**meta, "files": {str(rel): sha256_file(out / rel) for rel in files}}
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dest)

@@ -94,3 +94,11 @@ class Layout:
     @property
     def bundles(self) -> Path:
         return self.out / "bundles"
+
+    @property
+    def snapshots(self) -> Path:
+        """cluster.sh snapshot's: SNAP/{manifest,B3SUMS,NAME/...} (VM state: `doit clean` keeps them)."""
+        return self.out / "snapshots"
+
+    def snapshot(self, name: str) -> Path:
+        return self.snapshots / name
