@@ -1,0 +1,166 @@
+"""Snapshots: cluster.sh snapshot saves running VMs (memory, devices, disks at one paused
+instant) into out/snapshots/SNAP; cluster.sh restore and run.sh --restore bring them back
+running from that instant. The refusals come before anything changes."""
+
+import hashlib
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from support import ENV, build_cluster, cluster_sh, on_vm, qemu_pids, run, sh, stand_in_qemu
+
+QEMU_VERSION = sh("qemu-system-x86_64", "--version").decode().splitlines()[0]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def disks(out: Path, vm: str) -> dict[str, str]:
+    return {disk: digest(out / "vms" / vm / disk) for disk in ("rootfs.img", "oem.img")}
+
+
+def craft_snapshot(out: Path, snap: str, vm: str = "one", **manifest: str) -> Path:
+    """A snapshot directory as cluster.sh snapshot lays it out, with stand-in contents (the
+    refusals read the manifest, the values and the digests, never the memory)."""
+    where = out / "snapshots" / snap
+    (where / vm).mkdir(parents=True)
+    (where / vm / "values.env").write_bytes((out / "state" / "vms" / f"{vm}.env").read_bytes())
+    for name in ("memory", "rootfs.img", "oem.img"):
+        (where / vm / name).write_bytes(f"{name} of {vm}\n".encode())
+    fields = {"snapshot": snap, "vms": vm, "qemu_version": QEMU_VERSION, f"{vm}.machine": "q35",
+              f"{vm}.accel": "tcg", f"{vm}.cpu": "max", f"{vm}.memory": "256", f"{vm}.append": "console=ttyS0",
+              **manifest}
+    (where / "manifest").write_text("".join(f"{key}={value}\n" for key, value in fields.items()))
+    files = sorted(str(p.relative_to(where)) for p in where.rglob("*") if p.is_file())
+    (where / "B3SUMS").write_bytes(sh("b3sum", *files, cwd=where))
+    return where
+
+
+def one_line_refusal(result: subprocess.CompletedProcess, *words: str) -> str:
+    assert result.returncode != 0, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def cluster(mini: Path, tmp_path: Path) -> Path:
+    return build_cluster(tmp_path / "c", mini / "mini.yaml", {"one": {}, "two": {}})
+
+
+def test_restore_refuses_in_one_line_before_anything_changes(cluster: Path, tmp_path: Path):
+    out = cluster
+    before = disks(out, "one")
+
+    def restore(snap: str, *names: str, env: dict = ENV) -> subprocess.CompletedProcess:
+        return cluster_sh(out, "restore", *names, snap, env=env)
+
+    one_line_refusal(restore("../x"), "'../x' is not a snapshot name")
+    one_line_refusal(restore("nope"), "no snapshot nope")
+    craft_snapshot(out, "moved").joinpath("one", "values.env").write_text(
+        re.sub(r"(?m)^ssh_port=\d+", "ssh_port=2999",
+               (out / "state" / "vms" / "one.env").read_text()))
+    one_line_refusal(restore("moved"), "VM one's ssh_port was '2999'", "another cluster", "cluster.sh up one")
+    craft_snapshot(out, "old", qemu_version="QEMU emulator version 6.0.0")
+    one_line_refusal(restore("old"), "was saved by 'QEMU emulator version 6.0.0'", QEMU_VERSION, "cold")
+    craft_snapshot(out, "kvm", **{"one.accel": "kvm", "one.cpu": "host"})
+    one_line_refusal(restore("kvm"), "VM one was saved under kvm, and LEANVM_ACCEL=tcg")
+    craft_snapshot(out, "tcg")
+    one_line_refusal(restore("tcg", "two"), "snapshot tcg holds no VM two")
+    newer = tmp_path / "qemu-newer"  # another QEMU on this host: its version differs
+    newer.write_text('#!/bin/sh\n[ "$1" != --version ] || { echo "QEMU emulator version 9.2.0"; exit 0; }\n'
+                     'exec qemu-system-x86_64 "$@"\n')
+    newer.chmod(0o755)
+    one_line_refusal(cluster_sh(out, "restore", "tcg", env={**ENV, "LEANVM_QEMU": str(newer)}),
+                     "this host runs 'QEMU emulator version 9.2.0'")
+    craft_snapshot(out, "damaged").joinpath("one", "memory").write_bytes(b"changed\n")
+    one_line_refusal(restore("damaged"), "damaged/one/memory differs from its digest in B3SUMS")
+    one_line_refusal(run([out / "vms" / "one" / "run.sh", "--restore", "damaged"], capture_output=True, text=True,
+                         env=ENV, timeout=60, stdin=subprocess.DEVNULL), "one/memory differs from its digest")
+    stand_in = stand_in_qemu(out / "vms" / "one")
+    try:
+        one_line_refusal(restore("tcg"), "VM one is running", "down one")
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    assert disks(out, "one") == before
+    assert not list((out / "vms" / "one").glob("*.restoring")) and not list((out / "vms" / "one").glob("*.before-*"))
+
+
+def test_snapshot_refuses_in_one_line_and_keeps_nothing(cluster: Path):
+    out = cluster
+    one_line_refusal(cluster_sh(out, "snapshot", "ready"), "VM one is not running", "up one")
+    one_line_refusal(cluster_sh(out, "snapshot", "one", "re ady"), "'re ady' is not a snapshot name")
+    one_line_refusal(cluster_sh(out, "snapshot", "three", "ready"), "no VM named 'three'")
+    craft_snapshot(out, "taken")
+    one_line_refusal(cluster_sh(out, "snapshot", "taken"), "snapshot taken exists")
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["taken"]
+
+
+def vm_ps(out: Path, vm: str, pattern: str) -> str:
+    (line,) = [line for line in on_vm(out, vm, "ps").splitlines() if pattern in line]
+    return line.split()[0]
+
+
+@pytest.mark.slow  # two boots and a restore; in the slow run and every CI round
+def test_a_restored_cluster_runs_on_from_the_instant_it_was_saved(cluster: Path, tmp_path: Path):
+    out = cluster
+    try:
+        up = cluster_sh(out, "up", "--wait")
+        assert up.returncode == 0, up.stdout + up.stderr
+        on_vm(out, "one", "echo kept >/home/core/note; (sleep 100000 >/dev/null 2>&1 &)")
+        sleeper = vm_ps(out, "one", "sleep 100000")
+        uptime_before = float(on_vm(out, "one", "cat /proc/uptime").split()[0])
+
+        taken = cluster_sh(out, "snapshot", "ready")
+        assert taken.returncode == 0, taken.stdout + taken.stderr
+        assert taken.stdout.startswith("snapshot ready: one two saved in "), taken.stdout
+        snap = out / "snapshots" / "ready"
+        manifest = dict(line.split("=", 1) for line in (snap / "manifest").read_text().splitlines()
+                        if not line.startswith("#"))
+        assert manifest["vms"] == "one two" and manifest["qemu_version"] == QEMU_VERSION
+        assert manifest["one.accel"] == "tcg" and manifest["one.cpu"] == "max" and manifest["one.memory"] == "256"
+        assert run(["b3sum", "-c", "B3SUMS"], cwd=snap, capture_output=True, timeout=60).returncode == 0
+        assert {p.name for p in (snap / "one").iterdir()} == {"memory", "rootfs.img", "oem.img", "values.env"}
+        assert (snap / "one" / "rootfs.img").stat().st_blocks * 512 < 64 << 20  # copied sparse
+        assert vm_ps(out, "one", "sleep 100000") == sleeper  # resumed, not restarted
+
+        down = cluster_sh(out, "down")
+        assert down.returncode == 0, down.stderr
+        (tmp_path / "junk").write_text("written after the snapshot\n")
+        sh("debugfs", "-w", "-R", f"write {tmp_path / 'junk'} /junk", out / "vms" / "one" / "rootfs.img")
+
+        started = time.monotonic()
+        restored = cluster_sh(out, "restore", "--wait", "120", "ready")
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        since = time.monotonic() - started
+        for vm in ("one", "two"):
+            assert f"VM {vm} restored from snapshot ready and running; its clock set" in restored.stdout
+        assert on_vm(out, "one", "cat /home/core/note") == "kept\n"
+        assert "No such file" in on_vm(out, "one", "ls /junk 2>&1 || true")
+        assert vm_ps(out, "one", "sleep 100000") == sleeper
+        uptime = float(on_vm(out, "one", "cat /proc/uptime").split()[0])
+        assert uptime >= uptime_before and uptime > since, (uptime, uptime_before, since)
+        assert "Linux version" not in (out / "vms" / "one" / "console.log").read_text(errors="replace")
+        assert "0% packet loss" in on_vm(out, "one", "ping -c 1 -W 5 two")
+        assert abs(int(on_vm(out, "one", "date +%s")) - time.time()) <= 3
+
+        # A restore that fails once QEMU runs (a memory file QEMU cannot load, its digest
+        # updated so that every check passes) leaves the disks as they were.
+        assert cluster_sh(out, "down").returncode == 0
+        before = disks(out, "one")
+        (snap / "one" / "memory").write_bytes(b"not a migration stream\n")
+        sums = [line for line in (snap / "B3SUMS").read_text().splitlines() if not line.endswith("  one/memory")]
+        (snap / "B3SUMS").write_text("\n".join(sums) + "\n" + sh("b3sum", "one/memory", cwd=snap).decode())
+        failed = cluster_sh(out, "restore", "--wait", "60", "one", "ready")
+        assert failed.returncode != 0 and "VM one stopped before its sshd answered" in failed.stderr, failed.stderr
+        assert "could not load snapshot ready" in (out / "vms" / "one" / "run.log").read_text()
+        assert disks(out, "one") == before
+    finally:
+        cluster_sh(out, "down")
+    assert qemu_pids(out) == []
