@@ -32,9 +32,13 @@ def wait_all_holding(out: Path) -> None:
         wait_for_text(out / "vms" / name / "console.log", "holding (leanvm.hold)", timeout=240)
 
 
-def test_twenty_up_down_cycles_of_a_three_vm_cluster(mini: Path, tmp_path: Path):
+def cluster_args(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([str(out / "cluster.sh"), *args], capture_output=True, text=True, env=HOLD, timeout=240)
+
+
+def test_ten_up_down_cycles_then_ten_snapshot_stop_restore_cycles_of_a_three_vm_cluster(mini: Path, tmp_path: Path):
     out = build_cluster(tmp_path, mini / "mini.yaml", {name: {} for name in NAMES})
-    for cycle in range(20):
+    for cycle in range(10):
         up = cluster("up", out)
         assert up.returncode == 0, (cycle, up.stdout, up.stderr)
         wait_all_holding(out)
@@ -43,7 +47,22 @@ def test_twenty_up_down_cycles_of_a_three_vm_cluster(mini: Path, tmp_path: Path)
         assert qemu_pids(out) == [], cycle
     assert_nothing_left(out)
     log = sh("debugfs", "-R", "cat /var/log/leanvm-boots.log", out / "vms" / "s1" / "rootfs.img").decode()
-    assert len(log.splitlines()) == 20
+    assert len(log.splitlines()) == 10
+
+    up = cluster_args(out, "up", "--wait")
+    assert up.returncode == 0, up.stdout + up.stderr
+    for cycle in range(10):
+        taken = cluster_args(out, "snapshot", "--stop", f"c{cycle}")
+        assert taken.returncode == 0 and qemu_pids(out) == [], (cycle, taken.stdout, taken.stderr)
+        restored = cluster_args(out, "restore", "--wait", "120", f"c{cycle}")
+        assert restored.returncode == 0, (cycle, restored.stdout, restored.stderr)
+        assert restored.stdout.count("and running; its clock set") == 3, (cycle, restored.stdout)
+        sh("rm", "-rf", out / "snapshots" / f"c{cycle}")
+    down = cluster("down", out)
+    assert down.returncode == 0 and "did not power off" not in down.stdout, down.stdout
+    assert_nothing_left(out)
+    log = sh("debugfs", "-R", "cat /var/log/leanvm-boots.log", out / "vms" / "s1" / "rootfs.img").decode()
+    assert len(log.splitlines()) == 11  # restores are no boots
 
 
 def test_down_while_booting_and_kill9_during_boot(mini: Path, tmp_path: Path):
