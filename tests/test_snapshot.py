@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from support import ENV, build_cluster, cluster_sh, on_vm, qemu_pids, run, sh, stand_in_qemu
+import yaml
+from support import ENV, build_cluster, cluster_sh, doit, on_vm, qemu_pids, run, sh, stand_in_qemu
 
 QEMU_VERSION = sh("qemu-system-x86_64", "--version").decode().splitlines()[0]
 
@@ -22,17 +23,19 @@ def disks(out: Path, vm: str) -> dict[str, str]:
     return {disk: digest(out / "vms" / vm / disk) for disk in ("rootfs.img", "oem.img")}
 
 
-def craft_snapshot(out: Path, snap: str, vm: str = "one", **manifest: str) -> Path:
+def craft_snapshot(out: Path, snap: str, vm: str = "one", *others: str, **manifest: str) -> Path:
     """A snapshot directory as cluster.sh snapshot lays it out, with stand-in contents (the
     refusals read the manifest, the values and the digests, never the memory)."""
     where = out / "snapshots" / snap
-    (where / vm).mkdir(parents=True)
-    (where / vm / "values.env").write_bytes((out / "state" / "vms" / f"{vm}.env").read_bytes())
-    for name in ("memory", "rootfs.img", "oem.img"):
-        (where / vm / name).write_bytes(f"{name} of {vm}\n".encode())
-    fields = {"snapshot": snap, "vms": vm, "qemu_version": QEMU_VERSION, f"{vm}.machine": "q35",
-              f"{vm}.accel": "tcg", f"{vm}.cpu": "max", f"{vm}.memory": "256", f"{vm}.append": "console=ttyS0",
-              **manifest}
+    fields = {"snapshot": snap, "vms": " ".join((vm, *others)), "qemu_version": QEMU_VERSION}
+    for name in (vm, *others):
+        (where / name).mkdir(parents=True)
+        (where / name / "values.env").write_bytes((out / "state" / "vms" / f"{name}.env").read_bytes())
+        for file in ("memory", "rootfs.img", "oem.img"):
+            (where / name / file).write_bytes(f"{file} of {name}\n".encode())
+        fields |= {f"{name}.machine": "q35", f"{name}.accel": "tcg", f"{name}.cpu": "max", f"{name}.memory": "256",
+                   f"{name}.append": "console=ttyS0"}
+    fields |= manifest
     (where / "manifest").write_text("".join(f"{key}={value}\n" for key, value in fields.items()))
     files = sorted(str(p.relative_to(where)) for p in where.rglob("*") if p.is_file())
     (where / "B3SUMS").write_bytes(sh("b3sum", *files, cwd=where))
@@ -100,6 +103,45 @@ def test_snapshot_refuses_in_one_line_and_keeps_nothing(cluster: Path):
     craft_snapshot(out, "taken")
     one_line_refusal(cluster_sh(out, "snapshot", "taken"), "snapshot taken exists")
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["taken"]
+
+
+def test_reset_retire_and_prune_take_vms_out_of_snapshots_and_clean_keeps_them(mini: Path, tmp_path: Path):
+    root = tmp_path / "c"
+    out = build_cluster(root, mini / "mini.yaml", {"one": {}, "two": {}, "three": {}})
+    both = craft_snapshot(out, "both", "one", "two")
+    only_one = craft_snapshot(out, "only-one", "one")
+    clean = doit("clean", f"config={root / 'cluster.yaml'}", f"out={out}")
+    assert clean.returncode == 0, clean.stderr
+    assert (both / "one" / "memory").exists() and (only_one / "manifest").exists()  # VM state: kept
+    build = doit(f"config={root / 'cluster.yaml'}", f"out={out}")
+    assert build.returncode == 0, build.stderr
+
+    reset = doit("reset:one", f"config={root / 'cluster.yaml'}", f"out={out}")
+    assert reset.returncode == 0, reset.stderr
+    (line,) = [line for line in reset.stderr.splitlines() if "snapshot" in line]
+    assert "VM one was taken out of snapshots both, only-one (its disks were reset)" in line, line
+    assert not only_one.exists() and not (both / "one").exists()
+    assert "vms=two\n" in (both / "manifest").read_text() and "one." not in (both / "manifest").read_text()
+    assert run(["b3sum", "-c", "B3SUMS"], cwd=both, capture_output=True, timeout=60).returncode == 0
+    refused = cluster_sh(out, "restore", "one", "both", env=ENV)
+    one_line_refusal(refused, "snapshot both holds no VM one")
+
+    cluster = yaml.safe_load((root / "cluster.yaml").read_text())
+    del cluster["vms"]["two"]
+    (root / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    retired = doit(f"config={root / 'cluster.yaml'}", f"out={out}")
+    assert retired.returncode == 0, retired.stderr
+    assert "VM two was taken out of snapshot both (it is no longer in the cluster file)" in retired.stderr
+    assert not both.exists()  # no VM left in it
+
+    old = craft_snapshot(out, "old", "three")
+    values = old / "three" / "values.env"
+    values.write_text(re.sub(r"(?m)^image_dir=.*", "image_dir=images/mini/0.9", values.read_text()))
+    kept = craft_snapshot(out, "kept", "three")
+    pruned = doit("prune", f"config={root / 'cluster.yaml'}", f"out={out}")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "pruned snapshot old (saved on images/mini/0.9, which is gone)" in pruned.stderr
+    assert not old.exists() and (kept / "manifest").exists()
 
 
 def vm_ps(out: Path, vm: str, pattern: str) -> str:

@@ -23,7 +23,7 @@ from leanvm.fsutil import write_atomic
 from leanvm.release import fetch, publish
 from leanvm.resources import CLUSTER_SCRIPT, LAUNCHER_BODY, LIBVIRT_SCRIPT, SHELL_LIB
 from leanvm.ship import bundle, prune
-from leanvm.state import identity
+from leanvm.state import identity, snapshots
 from leanvm.state.layout import Layout
 from leanvm.state.vmstate import running_pid
 from leanvm.vm import configdrive, launcher, libvirt, rootfs, sshkey
@@ -321,6 +321,16 @@ def retire(vm_dirs: list[Path], config: Path) -> None:
         os.replace(vm_dir / "run.sh", vm_dir / "run.sh.retired")
         warn(f"VM {vm_dir.name} is no longer in the cluster file: its launcher is now "
              f"{vm_dir / 'run.sh.retired'}; its root disk is kept")
+        drop_from_snapshots(vm_dir.parent.parent, vm_dir.name, "it is no longer in the cluster file")
+
+
+def drop_from_snapshots(out: Path, name: str, why: str) -> None:
+    """VM `name` taken out of out/'s snapshots, said in one line: restoring it from them would
+    bring back a VM that `why` says is gone."""
+    touched = snapshots.drop_vm(out, name)
+    if touched:
+        warn(f"VM {name} was taken out of snapshot{'s' if len(touched) > 1 else ''} {', '.join(touched)} "
+             f"({why}); their other VMs can still be restored")
 
 
 def task_retire() -> dict:
@@ -401,6 +411,7 @@ def task_reset() -> Iterator[dict]:
             "name": vm.name,
             "doc": "recreate the root and OEM disks EMPTY (explicit only; all VM state is lost)",
             "actions": [action(rootfs.reset, ctx.disks(vm)),
-                        action(sshkey.forget_host, ctx.out, vm.name)],
+                        action(sshkey.forget_host, ctx.out, vm.name),
+                        action(drop_from_snapshots, ctx.out, vm.name, "its disks were reset")],
             "uptodate": [False],
         }

@@ -316,7 +316,8 @@ check_snapshot() {
       "'$check_was', this host's CPU is '$(host_cpu_model)'; boot it cold (cluster.sh up $2)"
   fi
   command -v b3sum >/dev/null 2>&1 || die "b3sum not found: install it (apt-get install b3sum)"
-  check_bad=$(cd "$1" && grep "^[0-9a-f]*  $2/" B3SUMS | b3sum -c --quiet - 2>&1 | sed -n 's/: FAILED.*//p;s/: No such.*//p' | head -n 1) || true
+  check_bad=$(cd "$1" && grep -e "^[0-9a-f]*  $2/" -e "^[0-9a-f]*  manifest\$" B3SUMS | b3sum -c --quiet - 2>&1 |
+    sed -n 's/: FAILED.*//p;s/: No such.*//p' | head -n 1) || true
   [ -z "$check_bad" ] || die "snapshot ${1##*/}: $1/$check_bad differs from its digest in B3SUMS: the snapshot is damaged; take a new one"
   [ "$(cd "$1" && grep -c "^[0-9a-f]*  $2/" B3SUMS)" -ge 4 ] || die "snapshot ${1##*/}: B3SUMS lists no files of VM $2: the snapshot is damaged"
 }

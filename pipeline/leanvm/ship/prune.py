@@ -1,10 +1,10 @@
-"""Remove image versions that no VM uses any more (`doit prune`)."""
+"""Remove image versions that no VM uses any more, and the snapshots saved on them (`doit prune`)."""
 
 import shutil
 from pathlib import Path
 
 from leanvm.errors import note
-from leanvm.state import identity
+from leanvm.state import identity, snapshots
 from leanvm.state.layout import Layout
 
 
@@ -20,3 +20,8 @@ def prune(out: Path, keep: set[Path]) -> None:
         shutil.rmtree(version)
         shutil.rmtree(Layout(out).cache(release, version.name), ignore_errors=True)
         note(f"pruned {version.relative_to(out)}")
+    for snapshot in snapshots.complete(out):
+        gone = sorted(d for d in snapshots.image_dirs(snapshot) if not (out / d).is_dir())
+        if gone:
+            snapshots.remove(snapshot)
+            note(f"pruned snapshot {snapshot.name} (saved on {', '.join(gone)}, which is gone)")
