@@ -1,10 +1,10 @@
 """VMs shaped the way Flatcar's initrd needs them (GPT usr disk, labels, first boot)."""
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
+import blake3
 import pytest
 from leanvm.release.usrdisk import BASE_DISK_GUID
 from support import Project, boot, build_cluster, doit, marker, printed, sh, usr_partition
@@ -23,8 +23,8 @@ def test_usr_disk_is_a_gpt_whose_usr_a_partition_holds_the_verified_squashfs(pro
     assert part["start"] * 512 == 1 << 20  # aligned
     assert usr_partition(usr_img) == mirror.squashfs("100.0.0").read_bytes()
     # the recorded digest is the whole disk's, and nothing else in out/ holds /usr a second time
-    recorded = json.loads((usr_img.parent / ".usr.img.sha256").read_text())["sha256"]
-    assert recorded == hashlib.sha256(usr_img.read_bytes()).hexdigest()
+    recorded = json.loads((usr_img.parent / ".usr.img.digest").read_text())["blake3"]
+    assert recorded == blake3.blake3(usr_img.read_bytes()).hexdigest()
     squash = mirror.squashfs("100.0.0").read_bytes()[:4096]
     others = [p for p in project.out.rglob("*") if p.is_file() and p != usr_img and p.stat().st_size >= 4096]
     assert not [p for p in others if squash in p.read_bytes()]

@@ -1,5 +1,6 @@
 """Portable bundles, CI caching of out/images, pruning unused versions."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -8,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from leanvm.release.record import sha256_file
+from leanvm.release.record import file_digest
 from support import (
     ENV,
     Mirror,
@@ -51,7 +52,7 @@ def test_bundle_unpacked_with_tar_elsewhere_is_complete_sparse_and_matches(proje
     assert "ssh/id_ed25519" in manifest["files"] and "ssh/known_hosts" not in manifest["files"]
     assert oct((unpacked / "ssh" / "id_ed25519").stat().st_mode & 0o777) == "0o600"  # ssh accepts it
     for rel, digest in manifest["files"].items():
-        assert sha256_file(unpacked / rel) == digest, rel
+        assert file_digest(unpacked / rel) == digest, rel
     for vm in ("big", "small"):
         paths = printed_paths(unpacked / "vms" / vm / "run.sh")
         assert len(paths) == 5
@@ -174,10 +175,39 @@ def test_corrupted_cached_squashfs_is_detected_and_rebuilt(project: Project, mir
 def test_no_op_run_does_not_rehash_published_images(project: Project):
     assert project.doit().returncode == 0
     squash = project.images() / "usr.img"
-    sidecar = squash.with_name(".usr.img.sha256")
+    sidecar = squash.with_name(".usr.img.digest")
     before = sidecar.stat().st_mtime_ns
     assert project.doit().executed == set()
     assert sidecar.stat().st_mtime_ns == before
+
+
+def legacy_record(published: Path) -> None:
+    """The sidecar an out/ of leanvm before BLAKE3 has: .NAME.sha256, with the file's stat."""
+    record = json.loads(published.with_name(f".{published.name}.digest").read_text())
+    record["sha256"] = hashlib.sha256(published.read_bytes()).hexdigest()
+    del record["blake3"]
+    published.with_name(f".{published.name}.digest").unlink()
+    published.with_name(f".{published.name}.sha256").write_text(json.dumps(record))
+
+
+def test_an_older_sha256_record_is_checked_in_full_once_then_replaced(project: Project, mirror: Mirror):
+    assert project.doit().returncode == 0
+    usr = project.images() / "usr.img"
+    legacy_record(usr)
+    assert project.doit().executed == set()  # matched in full: trusted, and recorded anew
+    assert not usr.with_name(".usr.img.sha256").exists()
+    assert json.loads(usr.with_name(".usr.img.digest").read_text())["blake3"] == file_digest(usr)
+
+    legacy_record(usr)
+    stat = usr.stat()
+    data = bytearray(usr.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    usr.write_bytes(bytes(data))
+    os.utime(usr, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: never trusted blindly
+    result = project.doit()
+    assert result.returncode == 0, result.stderr
+    assert "extract:test" in result.executed
+    assert usr_partition(usr) == mirror.squashfs("100.0.0").read_bytes()
 
 
 def test_prune_removes_versions_no_vm_uses(project: Project, mirror: Mirror):

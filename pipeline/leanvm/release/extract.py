@@ -8,7 +8,6 @@ bytes in file order. An image that is not gzip (xz,
 zstd, plain cpio) is read by libarchive alone, as `decoder="libarchive"` does for any image.
 """
 
-import hashlib
 import os
 import queue
 import threading
@@ -17,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import blake3
 import libarchive
 import libarchive.exception
 from isal import igzip
@@ -140,7 +140,7 @@ def _write_member(entry: Any, tmp: Path, archive: Path, member: str) -> str:
     with open(tmp, "wb") as out:
         out.truncate(disk.size)
     write_table(tmp, disk)
-    digest = hashlib.sha256()
+    digest = blake3.blake3()
     with open(tmp, "r+b") as out:
         written = _stream_into(out, entry.get_blocks(BLOCK), disk, digest)
         out.flush()
@@ -152,7 +152,7 @@ def _write_member(entry: Any, tmp: Path, archive: Path, member: str) -> str:
 
 def extract_usr_disk(archive: Path, member: str, dest: Path, decoder: str = "isal") -> str:
     """Write `member` of `archive` as the USR-A partition of the GPT disk `dest`; only a
-    complete, regular member lands there. Returns the sha256 of `dest`, computed on the way.
+    complete, regular member lands there. Returns the BLAKE3 digest of `dest`, computed on the way.
     `decoder`: isal (ISA-L for gzip images), or libarchive (its own zlib, for comparison)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dest)

@@ -44,6 +44,7 @@ def remove(*paths: Path) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
         record.sidecar(path).unlink(missing_ok=True)
+        record.legacy_sidecar(path).unlink(missing_ok=True)
 
 
 def download_pair(url: str, dest: Path, suffix: str) -> None:
@@ -78,7 +79,7 @@ def verify_and_publish(data: Path, sig: Path, release: Release, target: Path, fi
     _link(data, target)
     if final:
         remove(data, sig)
-        record.record(target, record.sha256_file(target), signer, source)
+        record.record(target, record.file_digest(target), signer, source)
     else:
         signer_file(target).write_text(signer)
 

@@ -1,7 +1,7 @@
 """Ship: one archive of a built cluster, and unpacking it with its manifest checked.
 
 A bundle is a pax tar (gzip) of the self-contained out/: the shared images once, every
-VM's directory, out/cluster.sh and MANIFEST.json (sha256 of every file, release,
+VM's directory, out/cluster.sh and MANIFEST.json (BLAKE3 of every file, release,
 version). Root disks are stored sparse (libarchive finds the holes), so a 4G disk stays
 a few MB in the archive and after `tar -xf` (GNU tar or bsdtar) or `unbundle`.
 
@@ -12,6 +12,7 @@ anything is written, a bundle whose VMs are of another arch.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from libarchive.extract import EXTRACT_PERM, EXTRACT_SPARSE, EXTRACT_TIME, PREVE
 from leanvm.arch import Arch
 from leanvm.errors import LeanvmError, interrupted, note, report, tool
 from leanvm.fsutil import temp_path
-from leanvm.release.record import sha256_file
+from leanvm.release.record import file_digest
 from leanvm.state.layout import Layout
 from leanvm.state.vmstate import running_pid
 
@@ -46,10 +47,10 @@ UNPACK_FLAGS = EXTRACT_SPARSE | EXTRACT_PERM | EXTRACT_TIME | PREVENT_ESCAPE
 
 def cluster_files(out: Path, images: list[Path], vm_names: list[str], snapshot: str | None = None) -> list[Path]:
     """The files a bundle carries, relative to out/: with `snapshot`, that snapshot's too."""
-    # The images of every release with their recorded digests (.NAME.sha256), so an unpacked
+    # The images of every release with their recorded digests (.NAME.digest), so an unpacked
     # bundle is also a ready out/images cache.
     files = [p for d in images for p in sorted(d.iterdir())
-             if p.is_file() and (not p.name.startswith(".") or p.name.endswith(".sha256"))]
+             if p.is_file() and (not p.name.startswith(".") or p.name.endswith(".digest"))]
     files += [out / script for script in CLUSTER_FILES if (out / script).exists()]
     # The cluster key travels: whoever unpacks the bundle logs in with `cluster.sh ssh`, as
     # here. known_hosts does not: host keys are learnt anew where the VMs run.
@@ -85,7 +86,7 @@ def write_bundle(out: Path, images: list[Path], vm_names: list[str], dest: Path,
             raise LeanvmError(f"VM {name} is running (pid {pid}); its root disk would be inconsistent",
                               "stop it (out/cluster.sh down) before bundling")
     files = cluster_files(out, images, vm_names, snapshot)
-    manifest = {**meta, "files": {str(rel): sha256_file(out / rel) for rel in files}}
+    manifest = {**meta, "digest": "blake3", "files": {str(rel): file_digest(out / rel) for rel in files}}
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dest)
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -110,7 +111,7 @@ def _plain_relative(path: str) -> bool:
 
 
 def listed_files(where: Path | str, manifest: dict) -> dict[str, str]:
-    """The manifest's files (relative path -> sha256), each a plain relative path."""
+    """The manifest's files (relative path -> digest), each a plain relative path."""
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         raise LeanvmError(f"{where}: {MANIFEST} has no list of files", f"unpack a bundle made by {tool('bundle')}")
@@ -121,15 +122,29 @@ def listed_files(where: Path | str, manifest: dict) -> dict[str, str]:
     return files
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# How a manifest's digests were made: BLAKE3 (its "digest" key), or sha256 (bundles made
+# before leanvm moved to BLAKE3 carry no "digest" key).
+DIGESTS = {"blake3": file_digest, "sha256": _sha256}
+
+
 def check_manifest(root: Path) -> dict:
-    """Every file the manifest names exists in `root` with its sha256."""
+    """Every file the manifest names exists in `root` with its digest."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise LeanvmError(f"{root / MANIFEST}: unreadable manifest: {e}", "unpack a complete bundle") from None
+    algorithm = manifest.get("digest", "sha256") if isinstance(manifest, dict) else "sha256"
+    if algorithm not in DIGESTS:
+        raise LeanvmError(f"{root / MANIFEST}: unknown digest {algorithm!r}", "unpack it with the leanvm that made it")
+    digest_of = DIGESTS[algorithm]
     for rel, digest in listed_files(root / MANIFEST, manifest).items():
         path = root / rel
-        if not path.is_file() or sha256_file(path) != digest:
+        if not path.is_file() or digest_of(path) != digest:
             raise LeanvmError(f"{path}: does not match {MANIFEST}", "the bundle is damaged; copy it again")
     return manifest
 
