@@ -317,7 +317,7 @@ snapshot() {
   part=$snapshots/.$snap.part
   rm -rf "$part"
   mkdir -p "$part" || die "cannot make $part"
-  started=$(date +%s)
+  snapshot_started=$(date +%s)
   # every VM paused at one instant, so that the cluster is saved as one moment
   for vm in $selected; do
     hmp "$out/vms/$vm" "stop
@@ -350,7 +350,7 @@ info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEM
     set_clocks $selected
   fi
   # shellcheck disable=SC2086  # one word per VM name
-  echo "snapshot $snap: $(joined $selected) saved in $(($(date +%s) - started)) s ($(du -sh "$snapshots/$snap" | cut -f1) in $snapshots/$snap)"
+  echo "snapshot $snap: $(joined $selected) saved in $(($(date +%s) - snapshot_started)) s ($(du -sh "$snapshots/$snap" | cut -f1) in $snapshots/$snap)"
 }
 
 # Put the disks of snapshot $1 back for the VMs in $selected: copied beside each VM's
@@ -399,7 +399,7 @@ restore() {
     qemu=$(values_value "$out/state/vms/$vm.env" qemu)
     check_snapshot "$dir" "$vm" "$out/state/vms/$vm.env" "${LEANVM_QEMU:-$qemu}"
   done
-  started=$(date +%s)
+  restore_started=$(date +%s)
   put_back_disks "$dir"
   for vm in $selected; do
     rm -f "$out/vms/$vm/restored"
@@ -407,13 +407,18 @@ restore() {
     echo "$vm: restored from $snap (pid $(vm_pid "$vm" || echo -), ssh 127.0.0.1:$(ssh_port "$vm"))"
   done
   [ -n "$wait_seconds" ] || return 0
-  wait_for_ssh "$wait_seconds"
+  # Each run.sh says once its VM runs again and its clock is set over ssh (restored). Only
+  # then is ssh tried here: a connection made while QEMU still loads the snapshot waits out
+  # TCP's retransmissions (seconds) once the guest runs.
+  deadline=$((restore_started + wait_seconds))
   for vm in $selected; do
-    tries=0
-    until [ -s "$out/vms/$vm/restored" ] || [ "$tries" -ge 600 ]; do sleep 0.1; tries=$((tries + 1)); done
+    until [ -s "$out/vms/$vm/restored" ] || ! vm_active "$vm" || [ "$(date +%s)" -ge "$deadline" ]; do sleep 0.1; done
+  done
+  wait_for_ssh $((deadline > $(date +%s) ? deadline - $(date +%s) : 1))
+  for vm in $selected; do
     cat "$out/vms/$vm/restored" 2>/dev/null || echo "$vm: running; its clock was not set yet"
   done
-  echo "restored in $(($(date +%s) - started)) s"
+  echo "restored in $(($(date +%s) - restore_started)) s"
 }
 
 # --wait [SECONDS] at the start of "$@": sets wait_seconds (300 without a number) and
