@@ -531,8 +531,9 @@ case ${1-} in
     selected=""
     while [ $# -gt 1 ]; do check_vm "$1"; selected="$selected $1"; shift; done
     selected=${selected# }
-    accel=$(resolve_accel "${LEANVM_ACCEL:-auto}") ||
+    resolve_accel "${LEANVM_ACCEL:-auto}" >/dev/null ||
       die "LEANVM_ACCEL must be auto, kvm, hvf or tcg, not '${LEANVM_ACCEL-}'"
+    accel=snapshot  # each VM runs under the accelerator it was saved under: no KVM-hang watch (a restored console stays quiet)
     restore ;;
   help|--help|-h) usage ;;
   down) shift; select_vms "$@"; down ;;
