@@ -10,7 +10,6 @@ the tests' support package (tests/support: the signed mirror, the doit runner).
 """
 
 import argparse
-import hashlib
 import os
 import platform
 import re
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
 import membench
 import yaml
 from isal import igzip_threaded
@@ -51,12 +51,13 @@ class Sizes:
     memory: tuple[int, ...] = ()  # cluster sizes for the memory benchmark
     settle_s: float = 15  # how long free page reporting gets to hand freed memory back
     capped_tcg_cache: bool = True  # section 9 also with LEANVM_TCG_CACHE=TCG_CACHE_MIB
+    restore: tuple[int, ...] = ()  # cluster sizes for the restore benchmark
 
 
 FULL = Sizes(reps=5, extract_mb=300, noop_mb=(100, 1000), vms=10, boot_pad_mb=150, scale=(1, 2, 4, 8),
-             memory=(1, 2, 4, 8))
+             memory=(1, 2, 4, 8), restore=(1, 3))
 SMOKE = Sizes(reps=1, extract_mb=8, noop_mb=(4, 16), vms=3, boot_pad_mb=0, scale=(), memory=(1,), settle_s=3,
-              capped_tcg_cache=False)
+              capped_tcg_cache=False, restore=(1,))
 
 
 @dataclass
@@ -113,8 +114,11 @@ def decode_only(image: Path) -> None:
 
 
 def hash_only(path: Path) -> None:
+    """BLAKE3 on one thread, block by block, as extraction hashes what it writes."""
+    digest = blake3.blake3()
     with open(path, "rb") as f:
-        hashlib.file_digest(f, "sha256")
+        while block := f.read(MiB):
+            digest.update(block)
 
 
 def write_only(dest: Path, size: int) -> None:
@@ -147,7 +151,7 @@ def bench_extract(work: Path, sizes: Sizes) -> list[Row]:
     }
     extract_usr_disk(image, "usr.squashfs", out)
     parts = {"decode (ISA-L)": median_seconds(lambda: decode_only(image), sizes.reps),
-             "sha256": median_seconds(lambda: hash_only(out), sizes.reps),
+             "blake3": median_seconds(lambda: hash_only(out), sizes.reps),
              "write + fsync": median_seconds(lambda: write_only(scratch, out.stat().st_size), sizes.reps)}
     scratch.unlink()
     slowest = max(parts, key=lambda name: parts[name])
@@ -530,6 +534,53 @@ def bench_memory(work: Path, sizes: Sizes, plot_to: Path | None = None) -> list[
     return rows
 
 
+# --- 10. restore: a ready cluster from a snapshot, against booting it ---------------------
+
+def guest_used_kib(out: Path, name: str) -> int:
+    """The guest's used RAM (MemTotal - MemFree: the kernel, programs and page cache)."""
+    meminfo = cluster_sh(out, "ssh", name, "--", "cat /proc/meminfo")
+    fields = {line.split(":")[0]: int(line.split()[1]) for line in meminfo.splitlines() if ":" in line}
+    return fields["MemTotal"] - fields["MemFree"]
+
+
+def bench_restore(work: Path, sizes: Sizes) -> list[Row]:
+    mini = minirelease.build(work / "mini-restore")
+    rows = []
+    for count in sizes.restore:
+        names = [f"r{i}" for i in range(1, count + 1)]
+        cluster = work / f"restore-{count}.yaml"
+        cluster.write_text(yaml.safe_dump({"release": str(mini / "mini.yaml"),
+                                           "defaults": {"memory": 256, "disk": "1G"}, "vms": {n: {} for n in names}}))
+        out = work / f"out-restore-{count}"
+        shutil.rmtree(out, ignore_errors=True)
+        doit(cluster, out)
+        hold = {"LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "60"}
+        try:
+            start = time.monotonic()
+            cluster_sh(out, "up", "--wait", **hold)
+            cold = time.monotonic() - start
+            used = sum(guest_used_kib(out, n) for n in names) * 1024
+            start = time.monotonic()
+            cluster_sh(out, "snapshot", "--stop", "ready", **hold)
+            saved = time.monotonic() - start
+            size = sum(du(out / "snapshots" / "ready" / n / "memory") for n in names)
+            start = time.monotonic()
+            cluster_sh(out, "restore", "--wait", "ready", **hold)
+            restored = time.monotonic() - start
+        finally:
+            cluster_sh(out, "down", **hold)
+        rows += [
+            Row("10 restore", f"{count} VM(s): restore --wait / cold up --wait", f"{restored:.1f} s", f"{cold:.1f} s",
+                f"{restored / cold:.2f}x", "<= 0.1x", verdict(restored <= 0.1 * cold)),
+            Row("10 restore", f"{count} VM(s): snapshot's memory per VM / guest's used RAM",
+                f"{size / count / MiB:.0f} MiB", f"{used / count / MiB:.0f} MiB", f"{size / used:.2f}x", "<= 1.1x",
+                verdict(size <= 1.1 * used)),
+            Row("10 restore", f"{count} VM(s): snapshot --stop, per VM", f"{saved / count:.1f} s", "-", "-",
+                "<= 2 s", verdict(saved / count <= 2)),
+        ]
+    return rows
+
+
 def table(rows: list[Row]) -> str:
     lines = ["| # | measured | leanvm | baseline | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -550,7 +601,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
     parser.add_argument("--work", type=Path, default=HERE / "work", help="scratch directory (several GB)")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: extract,download,doit,boot,memory")
+                        help="comma-separated sections to skip: extract,download,doit,boot,memory,restore")
     parser.add_argument("--publish", action="store_true",
                         help="also write the table into README.md and bench/RESULTS.md (between their markers)")
     args = parser.parse_args()
@@ -559,10 +610,11 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     rows: list[Row] = []
     sections = [("extract", bench_extract), ("download", bench_download), ("doit", bench_doit), ("boot", bench_vms),
-                ("memory", lambda work, sizes: bench_memory(work, sizes, PLOT if args.publish else None))]
+                ("memory", lambda work, sizes: bench_memory(work, sizes, PLOT if args.publish else None)),
+                ("restore", bench_restore)]
     for name, bench in sections:
         if name in skip or (name == "download" and "extract" in skip) or (name == "boot" and not sizes.boot_pad_mb) \
-                or (name == "memory" and not sizes.memory):
+                or (name == "memory" and not sizes.memory) or (name == "restore" and not sizes.restore):
             continue
         print(f"bench: {name} ...", file=sys.stderr)
         rows += bench(args.work, sizes)

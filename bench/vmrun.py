@@ -12,8 +12,10 @@ def accel_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "LEANVM_ACCEL": os.environ.get("LEANVM_ACCEL", "tcg"), **extra}
 
 
-def cluster_sh(out: Path, command: str, **env: str) -> None:
-    run([out / "cluster.sh", command], check=True, capture_output=True, timeout=600, env=accel_env(**env))
+def cluster_sh(out: Path, *args: str, **env: str) -> str:
+    """out/cluster.sh ARGS; what it printed."""
+    return run([out / "cluster.sh", *args], check=True, capture_output=True, text=True, timeout=600,
+               env=accel_env(**env)).stdout
 
 
 def down(out: Path) -> None:

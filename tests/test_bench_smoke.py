@@ -17,7 +17,7 @@ def test_bench_smoke_prints_every_section(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| # |")]
     sections = {row.split("|")[1].strip() for row in rows}
-    assert sections == {"1 extract", "2 download", "3 no-op", "4 add VM", "5 disk", "9 memory"}
+    assert sections == {"1 extract", "2 download", "3 no-op", "4 add VM", "5 disk", "9 memory", "10 restore"}
     assert "| 4 add VM | adding VM 4: tasks executed | 6: its configdrive, launcher, rootfs; 3 other" in result.stdout
     # goals that are counts do not depend on the machine's speed: they must hold even here
     counted = [row for row in rows if "tasks executed" in row or "bytes re-sent" in row]
