@@ -265,8 +265,14 @@ set_clocks() {
 # Resume (or, with --stop, quit) the VMs named that a snapshot paused.
 release_paused() {
   for vm; do
-    if [ "$stop_after" = yes ]; then hmp "$out/vms/$vm" quit '^$' 1 >/dev/null || true
-    else hmp "$out/vms/$vm" "cont
+    if [ "$stop_after" = yes ]; then
+      pid=$(vm_pid "$vm") || continue
+      printf 'quit\n' >"$out/vms/$vm/monitor.in" &
+      tries=0
+      while alive "$pid" && [ "$tries" -lt 100 ]; do sleep 0.05; tries=$((tries + 1)); done
+      kill "$!" 2>/dev/null || true
+    else
+      hmp "$out/vms/$vm" "cont
 info status" '^VM status: ' 10 >/dev/null || true
     fi
   done
@@ -341,6 +347,7 @@ info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEM
     die "snapshot $snap: cannot compute the digests (b3sum)"
   fi
   mv "$part.B3SUMS" "$part/B3SUMS"
+  for vm in $selected; do checked_stat "$part" "$vm" >"$part/.checked-$vm"; done  # as written: no need to read them again
   mv "$part" "$snapshots/$snap"
   if [ "$stop_after" = yes ]; then
     wait_for_launchers
@@ -401,20 +408,47 @@ restore() {
   done
   restore_started=$(date +%s)
   put_back_disks "$dir"
+  # every VM's QEMU started at once; each run.sh says in starts/NAME whether it did
+  starts=$out/snapshots/.restoring-$snap
+  rm -rf "$starts"
+  mkdir -p "$starts"
   for vm in $selected; do
     rm -f "$out/vms/$vm/restored"
-    "$out/vms/$vm/run.sh" --detach --resume "$snap" || undo_restore "VM $vm did not start from the snapshot"
+    (
+      started=0
+      "$out/vms/$vm/run.sh" --detach --resume "$snap" 2>"$starts/$vm.err" || started=$?
+      echo "$started" >"$starts/$vm"
+    ) &
+  done
+  wait
+  for vm in $selected; do
+    if [ "$(cat "$starts/$vm" 2>/dev/null)" != 0 ]; then
+      why=$(tail -n 1 "$starts/$vm.err" 2>/dev/null | sed 's/^run.sh: //')
+      rm -rf "$starts"
+      undo_restore "VM $vm did not start from the snapshot (${why:-see $out/vms/$vm/run.log})"
+    fi
     echo "$vm: restored from $snap (pid $(vm_pid "$vm" || echo -), ssh 127.0.0.1:$(ssh_port "$vm"))"
   done
+  rm -rf "$starts"
   [ -n "$wait_seconds" ] || return 0
+  restored_vms=$selected
   # Each run.sh says once its VM runs again and its clock is set over ssh (restored). Only
   # then is ssh tried here: a connection made while QEMU still loads the snapshot waits out
   # TCP's retransmissions (seconds) once the guest runs.
   deadline=$((restore_started + wait_seconds))
+  unproven=""
   for vm in $selected; do
-    until [ -s "$out/vms/$vm/restored" ] || ! vm_active "$vm" || [ "$(date +%s)" -ge "$deadline" ]; do sleep 0.1; done
+    until [ -s "$out/vms/$vm/restored" ] || ! vm_active "$vm" || [ "$(date +%s)" -ge "$deadline" ]; do sleep 0.05; done
+    # its run.sh set the clock over ssh: its sshd answered
+    grep -q 'clock set to this host' "$out/vms/$vm/restored" 2>/dev/null || unproven="$unproven $vm"
   done
-  wait_for_ssh $((deadline > $(date +%s) ? deadline - $(date +%s) : 1))
+  selected=${unproven# }
+  if [ -n "$selected" ]; then
+    wait_for_ssh $((deadline > $(date +%s) ? deadline - $(date +%s) : 1))
+  else
+    echo "every VM answers ssh"
+  fi
+  selected=$restored_vms
   for vm in $selected; do
     cat "$out/vms/$vm/restored" 2>/dev/null || echo "$vm: running; its clock was not set yet"
   done

@@ -205,7 +205,9 @@ if [ "$mode" = detach ]; then
   setsid sh "$here/run.sh" --supervise ${resume:+--resume "$resume"} "$@" </dev/null >/dev/null 2>"$here/run.log" &
   supervisor=$!
   tries=0
-  until running_pid "$here" >/dev/null && kvm_settled "$tries"; do  # started once QEMU runs
+  # started once QEMU runs (a restore: once QEMU has loaded the snapshot and the disks from
+  # before are dropped)
+  until running_pid "$here" >/dev/null && kvm_settled "$tries" && [ ! -f "$here/rootfs.img.before-restore" ]; do
     if ! alive "$supervisor"; then
       failed_start
       exit 1
@@ -413,9 +415,12 @@ watch_boot() (
 # dropped, its clock set over ssh (the guest lives at the moment it was saved); one line,
 # in restored as well.
 resume_guest() (
+  # QEMU says "paused (inmigrate)" while it loads, then "paused" (or "running")
   tries=0
-  until status=$(hmp "$here" "info status" '^VM status: ' 2) && [ "$status" != "VM status: paused (inmigrate)" ]; do
+  until status=$(hmp "$here" "info status" '^VM status: ' 2) &&
+      { [ "$status" = "VM status: paused" ] || [ "$status" = "VM status: running" ]; }; do
     alive "$1" || exit 0
+    sleep 0.05
     tries=$((tries + 1))
     [ "$tries" -lt 300 ] || exit 0
   done
@@ -440,8 +445,10 @@ info status" '^VM status: running' 10 >/dev/null || exit 0
 undo_restore() {
   [ -f "$here/rootfs.img.before-restore" ] || return 0
   for disk in rootfs.img oem.img; do mv -f "$here/$disk.before-restore" "$here/$disk"; done
-  printf 'run.sh: VM %s: QEMU could not load snapshot %s (its error is above, or in run.log): its disks are as they were\n' \
-    "$name" "$resume" >&2
+  qemu_error="its error is above"  # (in the foreground, QEMU's own words are on the terminal)
+  if [ "$mode" = supervise ]; then qemu_error=$(grep -a -m 1 -e 'qemu-system' "$here/run.log" || echo "see run.log"); fi
+  printf 'run.sh: VM %s: QEMU could not load snapshot %s (%s): its disks are as they were\n' \
+    "$name" "$resume" "$qemu_error" >&2
   status=1
 }
 

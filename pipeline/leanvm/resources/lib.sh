@@ -228,7 +228,7 @@ ssh_to_vm() (
 # waiting up to $4 seconds; false if none came.
 hmp() (
   reply=$1/monitor.reply
-  timeout 0.2 cat "$1/monitor.out" >/dev/null 2>&1 || true
+  timeout 0.05 cat "$1/monitor.out" >/dev/null 2>&1 || true
   cat "$1/monitor.out" >"$reply" 2>/dev/null &
   reader=$!
   printf '%s\n' "$2" >"$1/monitor.in" &
@@ -296,12 +296,9 @@ check_snapshot() {
     *" $2 "*) ;;
     *) die "snapshot ${1##*/} holds no VM $2 (it holds: $(manifest_value "$1/manifest" vms))" ;;
   esac
-  for check_key in $SNAPSHOT_IDENTITY; do
-    check_was=$(values_value "$1/$2/values.env" "$check_key")
-    check_now=$(values_value "$3" "$check_key")
-    [ "$check_was" = "$check_now" ] || die "snapshot ${1##*/}: VM $2's $check_key was '$check_was', is now" \
-      "'$check_now': the snapshot belongs to another cluster, out/ or set-up of this VM; boot it cold (cluster.sh up $2)"
-  done
+  check_differs=$(identity_difference "$1/$2/values.env" "$3")
+  [ -z "$check_differs" ] || die "snapshot ${1##*/}: VM $2's $check_differs: the snapshot belongs to another" \
+    "cluster, out/ or set-up of this VM; boot it cold (cluster.sh up $2)"
   check_was=$(manifest_value "$1/manifest" qemu_version)
   check_now=$("$4" --version 2>/dev/null | head -n 1)
   [ "$check_was" = "$check_now" ] || die "snapshot ${1##*/} was saved by '$check_was', this host runs" \
@@ -315,9 +312,32 @@ check_snapshot() {
     [ "$check_was" = "$(host_cpu_model)" ] || die "snapshot ${1##*/}: VM $2 was saved under KVM with -cpu host on" \
       "'$check_was', this host's CPU is '$(host_cpu_model)'; boot it cold (cluster.sh up $2)"
   fi
+  [ "$(cd "$1" && grep -c "^[0-9a-f]*  $2/" B3SUMS)" -ge 4 ] || die "snapshot ${1##*/}: B3SUMS lists no files of VM $2: the snapshot is damaged"
+  checked_stat "$1" "$2" | cmp -s - "$1/.checked-$2" && return 0
   command -v b3sum >/dev/null 2>&1 || die "b3sum not found: install it (apt-get install b3sum)"
   check_bad=$(cd "$1" && grep -e "^[0-9a-f]*  $2/" -e "^[0-9a-f]*  manifest\$" B3SUMS | b3sum -c --quiet - 2>&1 |
     sed -n 's/: FAILED.*//p;s/: No such.*//p' | head -n 1) || true
   [ -z "$check_bad" ] || die "snapshot ${1##*/}: $1/$check_bad differs from its digest in B3SUMS: the snapshot is damaged; take a new one"
-  [ "$(cd "$1" && grep -c "^[0-9a-f]*  $2/" B3SUMS)" -ge 4 ] || die "snapshot ${1##*/}: B3SUMS lists no files of VM $2: the snapshot is damaged"
+  checked_stat "$1" "$2" >"$1/.checked-$2" 2>/dev/null || true
+}
+
+# The stat (size, mtime, ctime, inode) of VM $2's files and the manifest in snapshot
+# directory $1: .checked-NAME holds it from the last time they matched B3SUMS (or were
+# written), so that an unchanged snapshot is not read in full again; any change to a file
+# (a copy, a restore from a cache, an edit) changes its ctime and it is checked in full.
+checked_stat() { (cd "$1" && find manifest B3SUMS "$2" -type f -exec stat -c '%s %Y %Z %i %n' {} + | sort -k 5); }
+
+# The first identity value (SNAPSHOT_IDENTITY) in which values file $1 (a snapshot's) and
+# $2 (the VM's now) differ, as "KEY was 'A', is now 'B'"; nothing if none does.
+identity_difference() {
+  awk -v keys=" $SNAPSHOT_IDENTITY " '
+    { key = $0; sub(/=.*/, "", key); value = substr($0, length(key) + 2); gsub(/^\047|\047$/, "", value) }
+    index(keys, " " key " ") && FNR == NR { was[key] = value; next }
+    index(keys, " " key " ") { now[key] = value }
+    END {
+      n = split(keys, list, " ")
+      for (i = 1; i <= n; i++) if (was[list[i]] != now[list[i]]) {
+        printf "%s was \047%s\047, is now \047%s\047\n", list[i], was[list[i]], now[list[i]]; exit
+      }
+    }' "$1" "$2"
 }

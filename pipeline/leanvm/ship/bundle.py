@@ -61,7 +61,8 @@ def cluster_files(out: Path, images: list[Path], vm_names: list[str], snapshot: 
                         and not p.name.endswith(RUNTIME_SUFFIXES))
         files.append(layout.values(name))
     if snapshot is not None:
-        files += sorted(p for p in layout.snapshot(snapshot).rglob("*") if p.is_file())
+        # (not .checked-NAME: what this host last found matching, by stat)
+        files += sorted(p for p in layout.snapshot(snapshot).rglob("*") if p.is_file() and not p.name.startswith("."))
     return [p.relative_to(out) for p in files]
 
 

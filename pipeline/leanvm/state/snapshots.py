@@ -68,4 +68,5 @@ def drop_vm(out: Path, name: str) -> list[str]:
         write_atomic(snapshot / "B3SUMS", ("\n".join(sorted(sums, key=lambda s: s.split("  ", 1)[1])) + "\n").encode())
         write_atomic(snapshot / "manifest", text)
         shutil.rmtree(snapshot / name, ignore_errors=True)
+        (snapshot / f".checked-{name}").unlink(missing_ok=True)
     return touched
