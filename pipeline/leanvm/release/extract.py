@@ -106,13 +106,31 @@ class _Worker(threading.Thread):
             raise self.error
 
 
+class _Flushing:
+    """Writes that are flushed to disk as they go (fdatasync every FLUSH bytes, in the writer's
+    thread), so that the fsync at the end does not wait for the whole partition at once."""
+
+    FLUSH = 32 << 20
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out, self.pending = out, 0
+
+    def write(self, block: bytes) -> None:
+        self.out.write(block)
+        self.pending += len(block)
+        if self.pending >= self.FLUSH:
+            self.out.flush()
+            os.fdatasync(self.out.fileno())
+            self.pending = 0
+
+
 def _stream_into(out: BinaryIO, blocks: Iterable[bytes], disk: UsrDisk, digest: Any) -> int:
     """Write the member at the partition's offset and hash usr.img's bytes in file order,
     the writing and the hashing each in a thread of its own beside the reading."""
     out.seek(0)
     digest.update(out.read(disk.offset))  # the primary GPT, already written
     out.seek(disk.offset)
-    writer, hasher = _Worker(out.write), _Worker(digest.update)
+    writer, hasher = _Worker(_Flushing(out).write), _Worker(digest.update)
     written = 0
     try:
         for block in blocks:
