@@ -1,4 +1,4 @@
-"""Linters run as tests: ruff on the Python, shellcheck on the shell scripts."""
+"""Linters run as tests: ruff and mypy on the Python, shellcheck on the shell scripts."""
 
 import subprocess
 import sys
@@ -10,6 +10,14 @@ PROJECT = Path(__file__).resolve().parent.parent
 def test_ruff_clean():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", str(PROJECT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_mypy_clean():
+    """The package type-checks (its settings: pyproject.toml, [tool.mypy])."""
+    package = PROJECT / "pipeline" / "leanvm"
+    result = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", "/dev/null", str(package)],
+                            capture_output=True, text=True, cwd=PROJECT)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_shell_scripts_are_shellcheck_clean():

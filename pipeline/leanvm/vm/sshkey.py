@@ -41,10 +41,6 @@ def create(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def read_public(out: Path) -> str:
-    return public_key(out).read_text().strip()
-
-
 def forget_host(out: Path, name: str) -> None:
     """Drop VM `name`'s host key from known_hosts (its new root disk makes a new one)."""
     known = ssh_dir(out) / "known_hosts"
