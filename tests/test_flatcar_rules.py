@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from leanvm.vm import rootfs
+from leanvm.vm import disks
 from support import ENV, build_cluster, sh
 
 
@@ -25,15 +25,15 @@ def test_root_disks_ignore_the_hosts_mke2fs_conf(tmp_path: Path, monkeypatch):
     """e2fsprogs >= 1.47 turns on orphan_file in its mke2fs.conf; Flatcar LTS 2023 ships
     e2fsprogs 1.46.5, whose e2fsck refuses features it does not know."""
     plain = tmp_path / "plain.img"
-    rootfs.create(plain, 128 << 20)
+    disks.create(plain, 128 << 20)
     newer = tmp_path / "mke2fs.conf"
     newer.write_text("[defaults]\n blocksize = 1024\n inode_size = 128\n[fs_types]\n ext4 = {\n"
                      "  features = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,"
                      "extra_isize,orphan_file\n }\n")
     monkeypatch.setenv("MKE2FS_CONFIG", str(newer))
     made = tmp_path / "made.img"
-    rootfs.create(made, 128 << 20)
-    assert features(made) == features(plain) == set(rootfs.EXT4_FEATURES)
+    disks.create(made, 128 << 20)
+    assert features(made) == features(plain) == set(disks.EXT4_FEATURES)
     assert "orphan_file" not in features(made)
     for disk in (plain, made):
         header = sh("dumpe2fs", "-h", disk).decode()

@@ -8,7 +8,7 @@ from leanvm.config.cluster import load_cluster
 from leanvm.dag.tasks import with_identities
 from leanvm.errors import LeanvmError
 from leanvm.resources import SHELL_LIB
-from leanvm.vm import configdrive, launcher
+from leanvm.vm import configdrive, values
 from support import Project, printed
 
 
@@ -89,7 +89,7 @@ def test_run_sh_takes_everything_from_the_values_file(project: Project, tmp_path
     cluster = with_identities(load_cluster(project.cluster_file), {}, set(), never_in_use)
     out = tmp_path / "o,ut"  # a comma: QEMU's option separator, doubled in paths
     for vm in cluster.vms:
-        launcher.write(vm, "9.9", out)
+        values.write(vm, "9.9", out)
     (out / "lib.sh").write_bytes(SHELL_LIB.read_bytes())
     a, c = (printed(out / "vms" / vm.name / "run.sh", {"LEANVM_ACCEL": "tcg"}) for vm in cluster.vms)
     vm_a = cluster.vms[0]

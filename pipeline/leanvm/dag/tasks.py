@@ -21,12 +21,12 @@ from leanvm.dag.doitenv import action, building, command_words, config_file, fai
 from leanvm.errors import LeanvmError, tool, warn
 from leanvm.fsutil import write_atomic
 from leanvm.release import fetch, publish
-from leanvm.resources import CLUSTER_SCRIPT, LAUNCHER_BODY, LIBVIRT_SCRIPT, SHELL_LIB
+from leanvm.resources import CLUSTER_SCRIPT, LIBVIRT_SCRIPT, RUN_SH, SHELL_LIB
 from leanvm.ship import bundle, prune
 from leanvm.state import identity, snapshots
 from leanvm.state.layout import Layout
 from leanvm.state.vmstate import running_pid
-from leanvm.vm import configdrive, launcher, libvirt, rootfs, sshkey
+from leanvm.vm import configdrive, disks, libvirt, sshkey, values
 
 BUILD_TASKS = ["download", "verify", "extract", "rootfs", "sshkey", "configdrive", "launcher", "cluster", "retire"]
 
@@ -55,9 +55,9 @@ class Context:
     def all_images(self) -> list[Path]:
         return [self.images(release) for release in self.cluster.releases]
 
-    def disks(self, vm: VM) -> rootfs.Disks:
+    def vm_disks(self, vm: VM) -> disks.Disks:
         vm_dir = self.layout.vm(vm.name)
-        return rootfs.Disks(vm.name, vm_dir / "rootfs.img", vm_dir / "oem.img", vm.disk_size)
+        return disks.Disks(vm.name, vm_dir / "rootfs.img", vm_dir / "oem.img", vm.disk_size)
 
 
 def _not_checked(port: int) -> bool:
@@ -230,12 +230,12 @@ def task_rootfs() -> Iterator[dict]:
     """per VM: create or grow its root disk (ROOT) and create its OEM disk; never recreated"""
     ctx = context()
     for vm in ctx.cluster.vms:
-        disks = ctx.disks(vm)
+        vm_disks = ctx.vm_disks(vm)
         yield {
             "name": vm.name,
             "doc": "create or grow the sparse ext4 root disk (ROOT) and the OEM disk (VM state: never recreated)",
-            "actions": [action(rootfs.ensure, disks)],
-            "targets": [disks.root, disks.oem],
+            "actions": [action(disks.ensure, vm_disks)],
+            "targets": [vm_disks.root, vm_disks.oem],
             "uptodate": [config_changed({"disk": vm.disk_size})],
         }
 
@@ -278,14 +278,14 @@ def task_launcher() -> Iterator[dict]:
     """per VM: install run.sh and write its values file out/state/vms/NAME.env"""
     ctx = context()
     for vm in ctx.cluster.vms:
-        values = launcher.values(vm, ctx.version(vm.release))
+        vm_values = values.values(vm, ctx.version(vm.release))
         yield {
             "name": vm.name,
             "doc": "install run.sh and write the VM's values (identity, boot) in out/state/vms/NAME.env",
-            "actions": [action(launcher.write, vm, ctx.version(vm.release), ctx.out)],
-            "file_dep": [LAUNCHER_BODY],
+            "actions": [action(values.write, vm, ctx.version(vm.release), ctx.out)],
+            "file_dep": [RUN_SH],
             "targets": [ctx.layout.run_sh(vm.name)],  # not the values: clean never deletes them
-            "uptodate": [config_changed(values), (os.path.exists, [ctx.layout.values(vm.name)])],
+            "uptodate": [config_changed(vm_values), (os.path.exists, [ctx.layout.values(vm.name)])],
             "clean": True,
         }
 
@@ -357,9 +357,9 @@ def task_libvirt() -> dict:
              layout.libvirt / "cluster.env": libvirt.cluster_env(layout.out),
              layout.script("libvirt.sh"): LIBVIRT_SCRIPT.read_text()}
     for vm in ctx.cluster.vms:
-        values = launcher.values(vm, ctx.version(vm.release))
+        vm_values = values.values(vm, ctx.version(vm.release))
         files[layout.domain_xml(vm.name)] = libvirt.domain_xml(
-            vm.name, values, layout.out, libvirt.prefix(layout.out), "kvm", kernel_args(vm))
+            vm.name, vm_values, layout.out, libvirt.prefix(layout.out), "kvm", kernel_args(vm))
     return {
         "doc": "write out/vms/NAME/domain.xml, out/libvirt/network.xml and out/libvirt.sh (define|start|stop|...)",
         "actions": [action(write_files, files)],
@@ -410,7 +410,7 @@ def task_reset() -> Iterator[dict]:
         yield {
             "name": vm.name,
             "doc": "recreate the root and OEM disks EMPTY (explicit only; all VM state is lost)",
-            "actions": [action(rootfs.reset, ctx.disks(vm)),
+            "actions": [action(disks.reset, ctx.vm_disks(vm)),
                         action(sshkey.forget_host, ctx.out, vm.name),
                         action(drop_from_snapshots, ctx.out, vm.name, "its disks were reset")],
             "uptodate": [False],

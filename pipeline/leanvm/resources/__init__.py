@@ -8,7 +8,7 @@ from pathlib import Path
 
 HERE = Path(str(files(__name__)))
 SHELL_LIB = HERE / "lib.sh"
-LAUNCHER_BODY = HERE / "launcher.sh"
+RUN_SH = HERE / "run.sh"  # installed as out/vms/NAME/run.sh
 CLUSTER_SCRIPT = HERE / "cluster.sh"
 LIBVIRT_SCRIPT = HERE / "libvirt.sh"
 PROFILES = (HERE / "releases").resolve()  # leanvm's own release profiles (flatcar-stable, ...)

@@ -1,6 +1,6 @@
-"""A VM's launcher: out/vms/NAME/run.sh and the values it reads.
+"""A VM's values file, out/state/vms/NAME.env (what its run.sh reads), and its run.sh.
 
-run.sh is the same file for every VM (resources/launcher.sh, a real shell file that
+run.sh is the same file for every VM (resources/run.sh, a real shell file that
 shellcheck reads); it finds its VM by its own directory and reads everything it needs of
 the VM from the VM's values file, out/state/vms/NAME.env (`values`, written with the
 identity by identity.save). libvirt.sh renders its domains from the same values.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from leanvm.config.cluster import VM, kernel_args
 from leanvm.fsutil import write_atomic
-from leanvm.resources import LAUNCHER_BODY
+from leanvm.resources import RUN_SH
 from leanvm.state import identity
 from leanvm.state.layout import Layout
 
@@ -51,5 +51,5 @@ def write(vm: VM, version: str, out: Path) -> None:
     """The values file first (run.sh needs it), then run.sh."""
     identity.save(out, vm.name, values(vm, version))
     dest = Layout(out).run_sh(vm.name)
-    write_atomic(dest, LAUNCHER_BODY.read_bytes(), mode=0o755)
+    write_atomic(dest, RUN_SH.read_bytes(), mode=0o755)
     dest.with_name("run.sh.retired").unlink(missing_ok=True)  # a VM added back is no longer retired
