@@ -2,11 +2,12 @@
 """leanvm against what users would do instead: every figure a ratio or a count against a
 baseline measured in the same run (median of several repetitions).
 
-    PYTHONPATH=pipeline:tests .venv/bin/python bench/run.py          # full run (a few minutes)
-    PYTHONPATH=pipeline:tests .venv/bin/python bench/run.py --smoke  # tiny sizes, one repetition (CI)
+    .venv/bin/python bench/run.py          # full run (a few minutes)
+    .venv/bin/python bench/run.py --smoke  # tiny sizes, one repetition (CI)
 
 It uses the developer tools beside the package (pipeline/leanvm_dev: the mini release) and
-the tests' support package (tests/support: the signed mirror, the doit runner).
+the tests' support package (tests/support: the signed mirror, the doit runner), found
+beside this file.
 """
 
 import argparse
@@ -23,9 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
-import membench
 import yaml
 from isal import igzip_threaded
+
+# leanvm_dev (the mini release) and the tests' support package live beside the package, not
+# in it: found here, so that `.venv/bin/python bench/run.py` runs as it is
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent / d) for d in ("pipeline", "tests")]
+
+import membench
 from leanvm.arch import Arch
 from leanvm.proc import stop_gpg_agent
 from leanvm.release import fetch
