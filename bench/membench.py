@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from support import run
+from support import process_memory, run
 from vmrun import accel_env, cluster_sh, down, pids, wait_console
 
 MiB = 1 << 20
@@ -28,14 +28,10 @@ class Sample:
     boot_s: float = 0  # from starting the VMs until every guest printed its meminfo
 
 
-def rollup(pid: int, field: str) -> int:
-    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
-
-
 def sample(out: Path) -> Sample:
     found = pids(out)
-    return Sample(sum(rollup(p, "Pss") for p in found), sum(rollup(p, "Rss") for p in found), len(found))
+    return Sample(sum(process_memory(p, "Pss") for p in found), sum(process_memory(p, "Rss") for p in found),
+                  len(found))
 
 
 def mappings(pid: int) -> list[tuple[str, int, int]]:

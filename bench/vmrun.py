@@ -1,10 +1,11 @@
-"""Starting, watching and stopping the bench's VMs: what sections 6-9 share."""
+"""Starting, watching and stopping the bench's VMs (sections 6-10), on the tests' own helpers
+(tests/support: running a command, waiting for console text, a process's memory)."""
 
 import os
 import time
 from pathlib import Path
 
-from support import run
+from support import process_memory, run, wait_for_text
 
 
 def accel_env(**extra: str) -> dict[str, str]:
@@ -27,12 +28,7 @@ def wait_console(out: Path, text: str, names: list[str] | None = None, timeout: 
     deadline = time.monotonic() + timeout
     logs = [out / "vms" / n / "console.log" for n in names] if names else sorted(out.glob("vms/*/console.log"))
     for log in logs:
-        while text not in (console := log.read_text(errors="replace") if log.exists() else ""):
-            if "Kernel panic" in console:
-                raise RuntimeError(f"{log}: the guest's kernel panicked")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{log}: no {text!r} within {timeout} s")
-            time.sleep(0.2)
+        wait_for_text(log, text, timeout=max(deadline - time.monotonic(), 1))
 
 
 def pids(out: Path) -> list[int]:
@@ -42,8 +38,4 @@ def pids(out: Path) -> list[int]:
 
 def qemu_rss(out: Path) -> int:
     """Total resident memory of the QEMUs of out/'s VMs."""
-    total = 0
-    for pid in pids(out):
-        status = Path(f"/proc/{pid}/status").read_text()
-        total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
-    return total
+    return sum(process_memory(pid, "Rss") for pid in pids(out))

@@ -18,6 +18,7 @@ from .vm import (  # noqa: F401
     marker,
     on_vm,
     paths_in,
+    process_memory,
     printed,
     qemu_pids,
     switch_processes,

@@ -59,7 +59,8 @@ def qemu_pids(out: Path) -> list[int]:
 
 
 def wait_for_text(path: Path, text: str, timeout: float = BOOT_TIMEOUT, proc: subprocess.Popen | None = None) -> str:
-    """The file's text once it holds `text`; fails early if `proc` (the VM's launcher) ended."""
+    """The file's text once it holds `text`; fails early if `proc` (the VM's launcher) ended
+    or the guest's kernel panicked."""
     deadline = time.monotonic() + timeout
     content = ""
     while time.monotonic() < deadline:
@@ -67,8 +68,17 @@ def wait_for_text(path: Path, text: str, timeout: float = BOOT_TIMEOUT, proc: su
         if text in content:
             return content
         assert proc is None or proc.poll() is None, content[-3000:]
+        assert "Kernel panic" not in content, f"{path}: the guest's kernel panicked:\n{content[-3000:]}"
         time.sleep(0.2)
     raise AssertionError(f"{text!r} not in {path}:\n{content[-3000:]}")
+
+
+def process_memory(pid: int, field: str) -> int:
+    """Bytes of process `pid`'s memory by /proc/PID/smaps_rollup's `field` (Rss, Pss, ...)."""
+    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    assert match, f"no {field} in /proc/{pid}/smaps_rollup"
+    return int(match.group(1)) * 1024
 
 
 def build_cluster(root: Path, profile: Path, vms: dict, **extra: object) -> Path:
