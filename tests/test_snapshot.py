@@ -99,7 +99,8 @@ def test_restore_refuses_in_one_line_before_anything_changes(cluster: Path, tmp_
 def test_snapshot_refuses_in_one_line_and_keeps_nothing(cluster: Path):
     out = cluster
     one_line_refusal(cluster_sh(out, "snapshot", "ready"), "VM one is not running", "up one")
-    one_line_refusal(cluster_sh(out, "snapshot", "one", "re ady"), "'re ady' is not a snapshot name")
+    for bad in ("re ady", "Ready", ".hidden", "-x", "a" * 64, "a/b"):
+        one_line_refusal(cluster_sh(out, "snapshot", "one", bad), f"'{bad}' is not a snapshot name")
     one_line_refusal(cluster_sh(out, "snapshot", "three", "ready"), "no VM named 'three'")
     craft_snapshot(out, "taken")
     one_line_refusal(cluster_sh(out, "snapshot", "taken"), "snapshot taken exists")

@@ -253,11 +253,17 @@ hmp_string() { printf '"%s"' "$(printf '%s' "$1" | sed 's/[\\"]/\\&/g')"; }
 # The values of a VM that a snapshot is tied to: another value means another VM (or cluster).
 SNAPSHOT_IDENTITY="ssh_port mac cluster_mac cluster_ip host_ports image_dir release version arch machine cpus memory user_netdev"
 
-# Refuse, in one line, a snapshot name that is not a plain word.
+# Refuse, in one line, a snapshot name that is not a plain word: ^[a-z0-9][a-z0-9._-]{0,62}$
+# (INTERFACE.md; leanvm.ship.bundle.SNAPSHOT_NAME is the same rule).
 check_snapshot_name() {
   case $1 in
-    ''|.*|*[!A-Za-z0-9._-]*) die "'$1' is not a snapshot name: use a plain word (letters, digits, . _ -), such as ready" ;;
+    [a-z0-9]*) ;;
+    *) die "'$1' is not a snapshot name: use a plain word of lower-case letters, digits, . _ -, starting with a letter or digit, such as ready" ;;
   esac
+  case $1 in
+    *[!a-z0-9._-]*) die "'$1' is not a snapshot name: use a plain word of lower-case letters, digits, . _ -, starting with a letter or digit, such as ready" ;;
+  esac
+  [ "${#1}" -le 63 ] || die "'$1' is not a snapshot name: at most 63 characters"
 }
 
 # The value of key $2 in manifest $1 (read, never sourced: a snapshot may come from a bundle).
