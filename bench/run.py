@@ -573,8 +573,9 @@ def bench_restore(work: Path, sizes: Sizes) -> list[Row]:
             cold = time.monotonic() - start
             used = sum(guest_used(out, n) for n in names)
             start = time.monotonic()
-            cluster_sh(out, "snapshot", "--stop", "ready", **hold)
+            said = cluster_sh(out, "snapshot", "--stop", "ready", **hold)
             saved = time.monotonic() - start
+            paused = float(re.search(r"paused ([0-9.]+) s", said).group(1))
             size = sum(du(out / "snapshots" / "ready" / n / "memory") for n in names)
             start = time.monotonic()
             cluster_sh(out, "restore", "--wait", "ready", **hold)
@@ -587,8 +588,10 @@ def bench_restore(work: Path, sizes: Sizes) -> list[Row]:
             Row("10 restore", f"{count} VM(s): snapshot's memory per VM / guest's used RAM (RAM - MemFree)",
                 f"{size / count / MiB:.0f} MiB", f"{used / count / MiB:.0f} MiB", f"{size / used:.2f}x", "<= 1.1x",
                 verdict(size <= 1.1 * used)),
-            Row("10 restore", f"{count} VM(s): snapshot --stop, per VM", f"{saved / count:.1f} s", "-", "-",
-                "<= 2 s", verdict(saved / count <= 2)),
+            Row("10 restore", f"{count} VM(s): snapshot --stop: the VMs paused, per VM", f"{paused / count:.1f} s",
+                "-", "-", "<= 2 s", verdict(paused / count <= 2)),
+            Row("10 restore", f"{count} VM(s): snapshot --stop: the whole command (BLAKE3 of every file), per VM",
+                f"{saved / count:.1f} s", "-", "-"),
         ]
     return rows
 

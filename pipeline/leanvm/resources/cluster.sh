@@ -250,6 +250,14 @@ snap=""
 
 joined() { echo "$@"; }  # the words given, on one line
 
+# Milliseconds since the epoch (whole seconds where date has no %N, as on macOS); and $1 ms
+# as seconds with one decimal.
+now_ms() {
+  now=$(date +%s%N)
+  case $now in *N) echo $(($(date +%s) * 1000)) ;; *) echo $((now / 1000000)) ;; esac
+}
+seconds() { printf '%d.%d' $(($1 / 1000)) $(($1 % 1000 / 100)); }
+
 # The value of option $2 on the command line of process $1 (the word after it).
 qemu_option() { tr '\0' '\n' <"/proc/$1/cmdline" | awk -v opt="$2" 'found { print; exit } $0 == opt { found = 1 }'; }
 
@@ -323,7 +331,7 @@ snapshot() {
   part=$snapshots/.$snap.part
   rm -rf "$part"
   mkdir -p "$part" || die "cannot make $part"
-  snapshot_started=$(date +%s)
+  snapshot_started=$(now_ms)
   # every VM paused at one instant, so that the cluster is saved as one moment
   for vm in $selected; do
     hmp "$out/vms/$vm" "stop
@@ -332,6 +340,12 @@ info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEM
   for vm in $selected; do save_vm "$vm"; done
   # shellcheck disable=SC2086  # one word per VM name
   release_paused $selected
+  paused=$(($(now_ms) - snapshot_started))
+  if [ "$stop_after" = no ]; then
+    # shellcheck disable=SC2086  # one word per VM name
+    set_clocks $selected &  # while the digests are computed
+    clocks=$!
+  fi
   {
     echo "# leanvm snapshot (read by cluster.sh restore and run.sh --restore, never sourced)"
     echo "snapshot=$snap"
@@ -353,11 +367,11 @@ info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEM
     wait_for_launchers
     stop_switch_if_unused
   else
-    # shellcheck disable=SC2086  # one word per VM name
-    set_clocks $selected
+    wait "$clocks" || true
   fi
   # shellcheck disable=SC2086  # one word per VM name
-  echo "snapshot $snap: $(joined $selected) saved in $(($(date +%s) - snapshot_started)) s ($(du -sh "$snapshots/$snap" | cut -f1) in $snapshots/$snap)"
+  echo "snapshot $snap: $(joined $selected) saved in $(seconds "$(($(now_ms) - snapshot_started))") s, paused" \
+    "$(seconds "$paused") s ($(du -sh "$snapshots/$snap" | cut -f1) in $snapshots/$snap)"
 }
 
 # Put the disks of snapshot $1 back for the VMs in $selected: copied beside each VM's
@@ -406,7 +420,7 @@ restore() {
     qemu=$(values_value "$out/state/vms/$vm.env" qemu)
     check_snapshot "$dir" "$vm" "$out/state/vms/$vm.env" "${LEANVM_QEMU:-$qemu}"
   done
-  restore_started=$(date +%s)
+  restore_started=$(date +%s) restore_started_ms=$(now_ms)
   put_back_disks "$dir"
   # every VM's QEMU started at once; each run.sh says in starts/NAME whether it did
   starts=$out/snapshots/.restoring-$snap
@@ -452,7 +466,7 @@ restore() {
   for vm in $selected; do
     cat "$out/vms/$vm/restored" 2>/dev/null || echo "$vm: running; its clock was not set yet"
   done
-  echo "restored in $(($(date +%s) - restore_started)) s"
+  echo "restored in $(seconds "$(($(now_ms) - restore_started_ms))") s"
 }
 
 # --wait [SECONDS] at the start of "$@": sets wait_seconds (300 without a number) and
