@@ -3,6 +3,7 @@ instant) into out/snapshots/SNAP; cluster.sh restore and run.sh --restore bring 
 running from that instant. The refusals come before anything changes."""
 
 import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -74,6 +75,12 @@ def test_restore_refuses_in_one_line_before_anything_changes(cluster: Path, tmp_
     one_line_refusal(restore("old"), "was saved by 'QEMU emulator version 6.0.0'", QEMU_VERSION, "cold")
     craft_snapshot(out, "kvm", **{"one.accel": "kvm", "one.cpu": "host"})
     one_line_refusal(restore("kvm"), "VM one was saved under kvm, and LEANVM_ACCEL=tcg")
+    craft_snapshot(out, "other-cpu", **{"one.accel": "kvm", "one.cpu": "host", "one.cpu_model": "Some Other CPU"})
+    auto = {k: v for k, v in ENV.items() if k != "LEANVM_ACCEL"}  # auto takes the snapshot's accelerator
+    kvm_usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
+    one_line_refusal(restore("other-cpu", env=auto),
+                     "with -cpu host on 'Some Other CPU', this host's CPU is" if kvm_usable
+                     else "was saved under KVM, which this host cannot run")
     craft_snapshot(out, "tcg")
     one_line_refusal(restore("tcg", "two"), "snapshot tcg holds no VM two")
     newer = tmp_path / "qemu-newer"  # another QEMU on this host: its version differs
