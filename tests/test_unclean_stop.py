@@ -29,6 +29,7 @@ def one_vm(mini: Path, tmp_path: Path):
     cluster_sh(out, "down", env={**ENV, "LEANVM_STOP_TIMEOUT": "1"})
 
 
+@pytest.mark.slow  # a boot (~20 s): in CI's slow run, keeping the main suite under its 10 minutes
 def test_a_stale_pid_file_naming_another_process_is_never_acted_on(one_vm):
     root, out = one_vm
     vm = out / "vms" / "k1"

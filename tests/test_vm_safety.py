@@ -146,6 +146,7 @@ def test_a_refused_second_start_leaves_the_running_vm_intact(trio):
     assert "leanvm: power button pressed" in (vm / "console.log").read_text()
 
 
+@pytest.mark.slow  # a boot (~17 s): in CI's slow run, keeping the main suite under its 10 minutes
 def test_printed_command_runs_when_pasted_elsewhere_with_no_other_vm_up(trio):
     _, out = trio
     assert qemu_pids(out) == [] and not (out / "net").exists()  # no VM has run: no switch, no out/net
