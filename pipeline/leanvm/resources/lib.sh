@@ -234,9 +234,9 @@ hmp() (
   printf '%s\n' "$2" >"$1/monitor.in" &
   writer=$!
   tries=0 found=""
-  while [ "$tries" -lt $(($4 * 10)) ]; do
+  while [ "$tries" -lt $(($4 * 50)) ]; do
     found=$(tr -d '\r' <"$reply" | grep -a -m 1 -E -- "$3") && break
-    sleep 0.1
+    sleep 0.02
     tries=$((tries + 1))
   done
   kill "$reader" "$writer" 2>/dev/null || true
