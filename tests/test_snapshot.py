@@ -29,14 +29,14 @@ def craft_snapshot(out: Path, snap: str, vm: str = "one", *others: str, **manife
     """A snapshot directory as cluster.sh snapshot lays it out, with stand-in contents (the
     refusals read the manifest, the values and the digests, never the memory)."""
     where = out / "snapshots" / snap
-    fields = {"snapshot": snap, "vms": " ".join((vm, *others)), "qemu_version": QEMU_VERSION}
+    fields = {"snapshot": snap, "vms": " ".join((vm, *others))}
     for name in (vm, *others):
         (where / name).mkdir(parents=True)
         (where / name / "values.env").write_bytes((out / "state" / "vms" / f"{name}.env").read_bytes())
         for file in ("memory", "rootfs.img", "oem.img"):
             (where / name / file).write_bytes(f"{file} of {name}\n".encode())
         fields |= {f"{name}.machine": "q35", f"{name}.accel": "tcg", f"{name}.cpu": "max", f"{name}.memory": "256",
-                   f"{name}.append": "console=ttyS0"}
+                   f"{name}.append": "console=ttyS0", f"{name}.qemu_version": QEMU_VERSION}
     fields |= manifest
     (where / "manifest").write_text("".join(f"{key}={value}\n" for key, value in fields.items()))
     files = sorted(str(p.relative_to(where)) for p in where.rglob("*") if p.is_file())
@@ -71,7 +71,7 @@ def test_restore_refuses_in_one_line_before_anything_changes(cluster: Path, tmp_
         re.sub(r"(?m)^ssh_port=\d+", "ssh_port=2999",
                (out / "state" / "vms" / "one.env").read_text()))
     one_line_refusal(restore("moved"), "VM one's ssh_port was '2999'", "another cluster", "cluster.sh up one")
-    craft_snapshot(out, "old", qemu_version="QEMU emulator version 6.0.0")
+    craft_snapshot(out, "old", **{"one.qemu_version": "QEMU emulator version 6.0.0"})
     one_line_refusal(restore("old"), "was saved by 'QEMU emulator version 6.0.0'", QEMU_VERSION, "cold")
     craft_snapshot(out, "kvm", **{"one.accel": "kvm", "one.cpu": "host"})
     one_line_refusal(restore("kvm"), "VM one was saved under kvm, and LEANVM_ACCEL=tcg")
@@ -174,7 +174,7 @@ def test_a_restored_cluster_runs_on_from_the_instant_it_was_saved(cluster: Path,
         snap = out / "snapshots" / "ready"
         manifest = dict(line.split("=", 1) for line in (snap / "manifest").read_text().splitlines()
                         if not line.startswith("#"))
-        assert manifest["vms"] == "one two" and manifest["qemu_version"] == QEMU_VERSION
+        assert manifest["vms"] == "one two" and manifest["one.qemu_version"] == QEMU_VERSION
         assert manifest["one.accel"] == "tcg" and manifest["one.cpu"] == "max" and manifest["one.memory"] == "256"
         assert run(["b3sum", "-c", "B3SUMS"], cwd=snap, capture_output=True, timeout=60).returncode == 0
         assert {p.name for p in (snap / "one").iterdir()} == {"memory", "rootfs.img", "oem.img", "values.env"}

@@ -316,8 +316,8 @@ info migrate" '^Migration status: ' 600) || snapshot_failed "VM $1's QEMU did no
     [ "$cpu" != host ] || echo "$1.cpu_model=$(host_cpu_model)"
     echo "$1.memory=$(qemu_option "$pid" -m)"
     echo "$1.append=$(qemu_option "$pid" -append)"
+    echo "$1.qemu_version=$("$(readlink "/proc/$pid/exe")" --version | head -n 1)"
   } >>"$part/manifest.vms"
-  qemu_binary=$(readlink "/proc/$pid/exe")
 }
 
 snapshot() {
@@ -352,7 +352,6 @@ info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEM
     echo "created=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     # shellcheck disable=SC2086  # one word per VM name
     echo "vms=$(joined $selected)"
-    echo "qemu_version=$("$qemu_binary" --version | head -n 1)"
     cat "$part/manifest.vms"
   } >"$part/manifest"
   rm -f "$part/manifest.vms"

@@ -305,7 +305,7 @@ check_snapshot() {
   check_differs=$(identity_difference "$1/$2/values.env" "$3")
   [ -z "$check_differs" ] || die "snapshot ${1##*/}: VM $2's $check_differs: the snapshot belongs to another" \
     "cluster, out/ or set-up of this VM; boot it cold (cluster.sh up $2)"
-  check_was=$(manifest_value "$1/manifest" qemu_version)
+  check_was=$(manifest_value "$1/manifest" "$2.qemu_version")
   check_now=$("$4" --version 2>/dev/null | head -n 1)
   [ "$check_was" = "$check_now" ] || die "snapshot ${1##*/} was saved by '$check_was', this host runs" \
     "'$check_now': QEMU loads only its own version's state; boot VM $2 cold (cluster.sh up $2)"
