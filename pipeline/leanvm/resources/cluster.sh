@@ -363,6 +363,12 @@ info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEM
   for vm in $selected; do checked_stat "$part" "$vm" >"$part/.checked-$vm"; done  # as written: no need to read them again
   mv "$part" "$snapshots/$snap"
   if [ "$stop_after" = yes ]; then
+    # stopped once each run.sh has cleared up too (it holds run.lock until then): a restore
+    # or an up right after finds the VM stopped, not "running"
+    for vm in $selected; do
+      tries=0
+      while vm_active "$vm" && [ "$tries" -lt 300 ]; do sleep 0.05; tries=$((tries + 1)); done
+    done
     wait_for_launchers
     stop_switch_if_unused
   else

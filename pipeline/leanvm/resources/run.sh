@@ -157,11 +157,9 @@ esac
 snapshot_dir=$out/snapshots/$resume
 
 # --- restore: the snapshot's disks put back, after every check ----------------------------
-# The disks this VM had are kept as *.before-restore until QEMU has loaded the snapshot, and
-# put back if it could not.
-if [ -n "$restore" ]; then
-  check_snapshot_name "$restore"
-  refuse_if_running
+# Called just before QEMU starts. The disks this VM had are kept as *.before-restore until
+# QEMU has loaded the snapshot, and put back if it could not.
+put_snapshot_disks_back() {
   check_snapshot "$snapshot_dir" "$name" "$values" "$qemu"
   for disk in rootfs.img oem.img; do
     cp --sparse=always --reflink=auto "$snapshot_dir/$name/$disk" "$here/$disk.restoring" || {
@@ -173,7 +171,8 @@ if [ -n "$restore" ]; then
     mv "$here/$disk" "$here/$disk.before-restore" && mv "$here/$disk.restoring" "$here/$disk"
   done
   rm -f "$here/restored"
-fi
+}
+[ -z "$restore" ] || check_snapshot_name "$restore"
 
 # A QEMU that fails at once under a KVM that auto chose (nested virtualisation: "failed to set
 # MSR", an assertion) is started again under TCG, said in one line that holds this text.
@@ -202,12 +201,14 @@ failed_start() {
 if [ "$mode" = detach ]; then
   refuse_if_running
   command -v setsid >/dev/null 2>&1 || die "setsid not found: install util-linux"
-  setsid sh "$here/run.sh" --supervise ${resume:+--resume "$resume"} "$@" </dev/null >/dev/null 2>"$here/run.log" &
+  if [ -n "$restore" ]; then set -- --restore "$restore" "$@"; elif [ -n "$resume" ]; then set -- --resume "$resume" "$@"; fi
+  setsid sh "$here/run.sh" --supervise "$@" </dev/null >/dev/null 2>"$here/run.log" &
   supervisor=$!
   tries=0
   # started once QEMU runs (a restore: once QEMU has loaded the snapshot and the disks from
   # before are dropped)
-  until running_pid "$here" >/dev/null && kvm_settled "$tries" && [ ! -f "$here/rootfs.img.before-restore" ]; do
+  until running_pid "$here" >/dev/null && kvm_settled "$tries" &&
+      { [ -z "$resume" ] || [ ! -f "$here/rootfs.img.before-restore" ]; }; do
     if ! alive "$supervisor"; then
       failed_start
       exit 1
@@ -333,6 +334,7 @@ if [ -f "$here/qemu.pid" ]; then  # not this VM's QEMU (refuse_if_running): left
   rm -f "$here/qemu.pid"
 fi
 check_ports "$name" "$host_ports"
+[ -z "$restore" ] || put_snapshot_disks_back
 
 # --- start ------------------------------------------------------------------------------
 decide_boot
