@@ -58,12 +58,13 @@ class Sizes:
     settle_s: float = 15  # how long free page reporting gets to hand freed memory back
     capped_tcg_cache: bool = True  # section 9 also with LEANVM_TCG_CACHE=TCG_CACHE_MIB
     restore: tuple[int, ...] = ()  # cluster sizes for the restore benchmark
+    restore_reps: int = 3
 
 
 FULL = Sizes(reps=5, extract_mb=300, noop_mb=(100, 1000), vms=10, boot_pad_mb=150, scale=(1, 2, 4, 8),
              memory=(1, 2, 4, 8), restore=(1, 3))
 SMOKE = Sizes(reps=1, extract_mb=8, noop_mb=(4, 16), vms=3, boot_pad_mb=0, scale=(), memory=(1,), settle_s=3,
-              capped_tcg_cache=False, restore=(1,))
+              capped_tcg_cache=False, restore=(1,), restore_reps=1)
 
 
 @dataclass
@@ -555,7 +556,11 @@ def guest_used(out: Path, name: str) -> int:
 
 
 def bench_restore(work: Path, sizes: Sizes) -> list[Row]:
-    mini = minirelease.build(work / "mini-restore")
+    """For each cluster size, `restore_reps` rounds of: the VMs reset, a cold up --wait (a first
+    boot, what a CI job without a snapshot pays), snapshot --stop, restore --wait, down; the
+    medians."""
+    mini = minirelease.build(work / f"mini-{MEMORY_PAD_MB}", pad_mb=MEMORY_PAD_MB)  # section 9's build
+    hold = {"LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "60"}
     rows = []
     for count in sizes.restore:
         names = [f"r{i}" for i in range(1, count + 1)]
@@ -566,32 +571,39 @@ def bench_restore(work: Path, sizes: Sizes) -> list[Row]:
         out = work / f"out-restore-{count}"
         shutil.rmtree(out, ignore_errors=True)
         doit(cluster, out)
-        hold = {"LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "60"}
+        cold, restored, saved, paused, size, used = [], [], [], [], 0, 0
         try:
-            start = time.monotonic()
-            cluster_sh(out, "up", "--wait", **hold)
-            cold = time.monotonic() - start
-            used = sum(guest_used(out, n) for n in names)
-            start = time.monotonic()
-            said = cluster_sh(out, "snapshot", "--stop", "ready", **hold)
-            saved = time.monotonic() - start
-            paused = float(re.search(r"paused ([0-9.]+) s", said).group(1))
-            size = sum(du(out / "snapshots" / "ready" / n / "memory") for n in names)
-            start = time.monotonic()
-            cluster_sh(out, "restore", "--wait", "ready", **hold)
-            restored = time.monotonic() - start
+            for _ in range(sizes.restore_reps):
+                shutil.rmtree(out / "snapshots" / "ready", ignore_errors=True)
+                doit(cluster, out, *(f"reset:{n}" for n in names))  # a first boot each time, as a CI job's
+                start = time.monotonic()
+                cluster_sh(out, "up", "--wait", **hold)
+                cold.append(time.monotonic() - start)
+                used = sum(guest_used(out, n) for n in names)
+                start = time.monotonic()
+                said = cluster_sh(out, "snapshot", "--stop", "ready", **hold)
+                saved.append(time.monotonic() - start)
+                paused.append(float(re.search(r"paused ([0-9.]+) s", said).group(1)))
+                size = sum(du(out / "snapshots" / "ready" / n / "memory") for n in names)
+                start = time.monotonic()
+                cluster_sh(out, "restore", "--wait", "ready", **hold, LEANVM_ACCEL="auto")  # as users run it
+                restored.append(time.monotonic() - start)
+                cluster_sh(out, "down", **hold)
         finally:
             cluster_sh(out, "down", **hold)
+        cold_s, restored_s = statistics.median(cold), statistics.median(restored)
+        paused_s, saved_s = statistics.median(paused), statistics.median(saved)
+        each = f"median of {len(restored)}; restore {min(restored):.1f}-{max(restored):.1f} s"
         rows += [
-            Row("10 restore", f"{count} VM(s): restore --wait / cold up --wait", f"{restored:.1f} s", f"{cold:.1f} s",
-                f"{restored / cold:.2f}x", "<= 0.1x", verdict(restored <= 0.1 * cold)),
+            Row("10 restore", f"{count} VM(s): restore --wait / cold up --wait ({each})", f"{restored_s:.1f} s",
+                f"{cold_s:.1f} s", f"{restored_s / cold_s:.2f}x", "<= 0.1x", verdict(restored_s <= 0.1 * cold_s)),
             Row("10 restore", f"{count} VM(s): snapshot's memory per VM / guest's used RAM (RAM - MemFree)",
                 f"{size / count / MiB:.0f} MiB", f"{used / count / MiB:.0f} MiB", f"{size / used:.2f}x", "<= 1.1x",
                 verdict(size <= 1.1 * used)),
-            Row("10 restore", f"{count} VM(s): snapshot --stop: the VMs paused, per VM", f"{paused / count:.1f} s",
-                "-", "-", "<= 2 s", verdict(paused / count <= 2)),
+            Row("10 restore", f"{count} VM(s): snapshot --stop: the VMs paused, per VM", f"{paused_s / count:.1f} s",
+                "-", "-", "<= 2 s", verdict(paused_s / count <= 2)),
             Row("10 restore", f"{count} VM(s): snapshot --stop: the whole command (BLAKE3 of every file), per VM",
-                f"{saved / count:.1f} s", "-", "-"),
+                f"{saved_s / count:.1f} s", "-", "-"),
         ]
     return rows
 

@@ -127,7 +127,6 @@ ssh_port() (
 
 check_vm() { [ -x "$out/vms/$1/run.sh" ] || die "no VM named '$1' in $out/vms"; }
 
-# Send one monitor command to VM $1 through its FIFO, never blocking on a dead QEMU.
 # Send monitor command $1 to each VM named after it through its FIFO, all at once, never
 # blocking on a dead QEMU (a writer that cannot open the FIFO is killed after a second).
 monitor() {
@@ -384,19 +383,12 @@ info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEM
 # has seen QEMU load the snapshot (or puts them back if it could not).
 put_back_disks() {
   for vm in $selected; do
-    for disk in rootfs.img oem.img; do
-      cp --sparse=always --reflink=auto "$1/$vm/$disk" "$out/vms/$vm/$disk.restoring" || {
-        for gone in $selected; do rm -f "$out/vms/$gone/rootfs.img.restoring" "$out/vms/$gone/oem.img.restoring"; done
-        die "restore $snap: cannot copy $1/$vm/$disk; every VM's disks are as they were"
-      }
-    done
+    copy_snapshot_disks "$out/vms/$vm" "$1/$vm" || {
+      for gone in $selected; do discard_snapshot_disks "$out/vms/$gone"; done
+      die "restore $snap: cannot copy the disks of $1/$vm; every VM's disks are as they were"
+    }
   done
-  for vm in $selected; do
-    for disk in rootfs.img oem.img; do
-      mv "$out/vms/$vm/$disk" "$out/vms/$vm/$disk.before-restore"
-      mv "$out/vms/$vm/$disk.restoring" "$out/vms/$vm/$disk"
-    done
-  done
+  for vm in $selected; do swap_in_snapshot_disks "$out/vms/$vm"; done
 }
 
 # The restore failed: stop what started, and give every VM its disks from before.
@@ -405,11 +397,7 @@ undo_restore() {
   force_stop $selected
   wait_for_launchers
   stop_switch_if_unused
-  for vm in $selected; do
-    for disk in rootfs.img oem.img; do
-      [ ! -f "$out/vms/$vm/$disk.before-restore" ] || mv -f "$out/vms/$vm/$disk.before-restore" "$out/vms/$vm/$disk"
-    done
-  done
+  for vm in $selected; do put_old_disks_back "$out/vms/$vm"; done
   die "restore $snap: $*; every VM's disks are as they were before"
 }
 

@@ -249,6 +249,30 @@ hmp() (
 sh_word() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
 hmp_string() { printf '"%s"' "$(printf '%s' "$1" | sed 's/[\\"]/\\&/g')"; }
 
+# --- a restore's disks: a snapshot's copied in beside a VM's (*.restoring), then swapped in;
+# the VM's own stay as *.before-restore until QEMU has loaded the snapshot (drop_old_disks)
+# or could not (put_old_disks_back). $1 is the VM's directory in out/vms.
+RESTORED_DISKS="rootfs.img oem.img"
+
+# Copy the disks of snapshot directory $2 (SNAP/NAME) beside VM directory $1's; false, and
+# nothing copied left, if one could not be copied.
+copy_snapshot_disks() {
+  for disk in $RESTORED_DISKS; do
+    cp --sparse=always --reflink=auto "$2/$disk" "$1/$disk.restoring" || { discard_snapshot_disks "$1"; return 1; }
+  done
+}
+discard_snapshot_disks() { for disk in $RESTORED_DISKS; do rm -f "$1/$disk.restoring"; done; }
+swap_in_snapshot_disks() {
+  for disk in $RESTORED_DISKS; do mv "$1/$disk" "$1/$disk.before-restore" && mv "$1/$disk.restoring" "$1/$disk"; done
+}
+old_disks_kept() { [ -f "$1/rootfs.img.before-restore" ]; }
+drop_old_disks() { for disk in $RESTORED_DISKS; do rm -f "$1/$disk.before-restore"; done; }
+put_old_disks_back() {
+  for disk in $RESTORED_DISKS; do
+    [ ! -f "$1/$disk.before-restore" ] || mv -f "$1/$disk.before-restore" "$1/$disk"
+  done
+}
+
 # --- snapshots: out/snapshots/SNAP/ (manifest, B3SUMS, NAME/{memory,rootfs.img,oem.img,values.env})
 # The values of a VM that a snapshot is tied to: another value means another VM (or cluster).
 SNAPSHOT_IDENTITY="ssh_port mac cluster_mac cluster_ip host_ports image_dir release version arch machine cpus memory user_netdev"

@@ -161,15 +161,9 @@ snapshot_dir=$out/snapshots/$resume
 # QEMU has loaded the snapshot, and put back if it could not.
 put_snapshot_disks_back() {
   check_snapshot "$snapshot_dir" "$name" "$values" "$qemu"
-  for disk in rootfs.img oem.img; do
-    cp --sparse=always --reflink=auto "$snapshot_dir/$name/$disk" "$here/$disk.restoring" || {
-      rm -f "$here/rootfs.img.restoring" "$here/oem.img.restoring"
-      die "cannot copy $snapshot_dir/$name/$disk; VM $name's disks are as they were"
-    }
-  done
-  for disk in rootfs.img oem.img; do
-    mv "$here/$disk" "$here/$disk.before-restore" && mv "$here/$disk.restoring" "$here/$disk"
-  done
+  copy_snapshot_disks "$here" "$snapshot_dir/$name" ||
+    die "cannot copy the disks of $snapshot_dir/$name; VM $name's disks are as they were"
+  swap_in_snapshot_disks "$here"
   rm -f "$here/restored"
 }
 [ -z "$restore" ] || check_snapshot_name "$restore"
@@ -206,9 +200,10 @@ if [ "$mode" = detach ]; then
   supervisor=$!
   tries=0
   # started once QEMU runs (a restore: once QEMU has loaded the snapshot and the disks from
-  # before are dropped)
-  until running_pid "$here" >/dev/null && kvm_settled "$tries" &&
-      { [ -z "$resume" ] || [ ! -f "$here/rootfs.img.before-restore" ]; }; do
+  # before are dropped; it runs under the snapshot's accelerator, and its console stays
+  # quiet: no KVM hang to watch for)
+  until running_pid "$here" >/dev/null &&
+      if [ -n "$resume" ]; then ! old_disks_kept "$here"; else kvm_settled "$tries"; fi; do
     if ! alive "$supervisor"; then
       failed_start
       exit 1
@@ -428,7 +423,7 @@ resume_guest() (
   done
   hmp "$here" "cont
 info status" '^VM status: running' 10 >/dev/null || exit 0
-  rm -f "$here/rootfs.img.before-restore" "$here/oem.img.before-restore"
+  drop_old_disks "$here"
   clock="its clock could not be set over ssh (sudo date): it runs behind by the time since the snapshot"
   tries=0
   while [ "$tries" -lt 30 ] && alive "$1"; do
@@ -445,8 +440,8 @@ info status" '^VM status: running' 10 >/dev/null || exit 0
 
 # A restore whose QEMU ended before it loaded the snapshot: the disks from before go back.
 undo_restore() {
-  [ -f "$here/rootfs.img.before-restore" ] || return 0
-  for disk in rootfs.img oem.img; do mv -f "$here/$disk.before-restore" "$here/$disk"; done
+  old_disks_kept "$here" || return 0
+  put_old_disks_back "$here"
   qemu_error="its error is above"  # (in the foreground, QEMU's own words are on the terminal)
   if [ "$mode" = supervise ]; then qemu_error=$(grep -a -m 1 -e 'qemu-system' "$here/run.log" || echo "see run.log"); fi
   printf 'run.sh: VM %s: QEMU could not load snapshot %s (%s): its disks are as they were\n' \
@@ -499,7 +494,7 @@ while :; do
     exit "$caught"
   fi
   kill "$watcher" 2>/dev/null || true
-  if [ -n "$launched_incoming" ] && [ -f "$here/rootfs.img.before-restore" ]; then
+  if [ -n "$launched_incoming" ] && old_disks_kept "$here"; then
     undo_restore
     break
   fi
