@@ -51,7 +51,7 @@ qpath() { printf '%s' "$1" | sed 's/,/,,/g'; }
 
 # One sh word per argument, so that the printed line can be pasted into a shell.
 print_command() {
-  for arg; do printf "'%s' " "$(printf '%s' "$arg" | sed "s/'/'\\\\''/g")"; done
+  for arg; do printf '%s ' "$(sh_word "$arg")"; done
   echo
 }
 
@@ -305,7 +305,7 @@ set -- -no-reboot "$@"
 if [ "$mode" = print ]; then
   decide_boot
   echo "# VM $name: $boot_rule"
-  quoted_net=$(print_command "$net" | sed 's/ $//')
+  quoted_net=$(sh_word "$net")
   printf 'mkdir -p %s && cd %s && ' "$quoted_net" "$quoted_net"  # QEMU finds the switch as ./switch
   # the cluster switch, started if none runs (cluster.sh down stops it once no VM uses it)
   # shellcheck disable=SC2016  # expanded where the printed line runs
