@@ -5,6 +5,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -138,11 +139,18 @@ def test_errors_are_one_line_and_two_clusters_coexist(mini: Path, root: Path, li
     second = build_for_libvirt(root / "two", mini, {"node-a": {}})
     try:
         unreachable = libvirt_sh(first, "status", uri="qemu+unix:///system?socket=/nonexistent/sock")
-        assert unreachable.returncode == 1 and unreachable.stderr.count("\n") == 1, unreachable.stderr
-        assert unreachable.stderr.startswith("libvirt.sh: cannot reach libvirt at qemu+unix:///system")
+        assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1, unreachable.stderr
+        assert unreachable.stderr.startswith("leanvm: error: cannot reach libvirt at qemu+unix:///system")
         early = libvirt_sh(first, "start")
-        assert early.returncode == 1 and early.stderr.count("\n") == 1
-        assert "is not defined: run libvirt.sh define" in early.stderr
+        assert early.returncode == 2 and early.stderr.count("\n") == 1
+        assert "is not defined; run libvirt.sh define" in early.stderr
+        # the same command without the wrapper: leanvm libvirt, as INTERFACE.md names it
+        leanvm = Path(sys.executable).parent / "leanvm"
+        direct = run([str(leanvm), "libvirt", "--out", str(first), "--connect", LIBVIRT_URI, "status"],
+                     capture_output=True, text=True, env=ENV, timeout=120)
+        assert direct.returncode == 0, direct.stderr
+        row = rf"^node-a\s+{prefix_of(first)}-node-a\s+undefined\s+127\.0\.0\.1:{ssh_port(first, 'node-a')}$"
+        assert re.search(row, direct.stdout, re.M), direct.stdout
         for out in (first, second):
             defined = libvirt_sh(out, "define")
             assert defined.returncode == 0, defined.stderr
@@ -152,7 +160,7 @@ def test_errors_are_one_line_and_two_clusters_coexist(mini: Path, root: Path, li
             taken.bind(("127.0.0.1", ssh_port(first, "node-a")))
             taken.listen()
             busy = libvirt_sh(first, "start")
-        assert busy.returncode == 1 and busy.stderr.count("\n") == 1, busy.stderr
+        assert busy.returncode == 2 and busy.stderr.count("\n") == 1, busy.stderr
         assert f"host port {ssh_port(first, 'node-a')} (127.0.0.1) is already in use" in busy.stderr
         assert virsh("domstate", f"{prefix_of(first)}-node-a").strip() == "shut off"  # nothing started
         assert ours(first)[2] == []
@@ -204,7 +212,7 @@ def test_two_vm_cluster_over_qemu_ssh_boots_pings_and_is_torn_down_cleanly(mini:
         started = re.findall(r"^(node-[ab]): started (\S+) \(tcg, first boot,", up.stdout, re.M)
         assert started == [("node-a", f"{prefix}-node-a"), ("node-b", f"{prefix}-node-b")], up.stdout
         again = libvirt_sh(out, "start", uri=uri, env=env)
-        assert again.returncode == 1 and again.stderr.count("\n") == 1
+        assert again.returncode == 2 and again.stderr.count("\n") == 1
         assert f"domain {prefix}-node-a (VM node-a) is already running" in again.stderr
         for name in ("node-a", "node-b"):
             console = wait_for_text(out / "vms" / name / "console.log", "leanvm: holding", 3 * BOOT_TIMEOUT)
@@ -229,3 +237,17 @@ def test_two_vm_cluster_over_qemu_ssh_boots_pings_and_is_torn_down_cleanly(mini:
         assert not Path("/sys/class/net", "lv" + prefix.removeprefix("leanvm-")).exists()
     finally:
         remove_all(out)
+
+
+@pytest.mark.slow  # waits out the 20 s deadline: in CI's slow run
+def test_a_libvirt_that_never_answers_is_one_line_not_a_hang(mini: Path, root: Path, tmp_path: Path):
+    """A libvirtd that accepts and never answers (as one probing a broken /dev/kvm does): a
+    real virsh against a real socket that stays silent."""
+    out = build_for_libvirt(root, mini, {"node-a": {}})
+    mute = tmp_path / "mute.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(mute))
+        listener.listen()
+        said = libvirt_sh(out, "define", uri=f"qemu+unix:///system?socket={mute}")
+    assert said.returncode == 2 and said.stderr.count("\n") == 1, said.stderr
+    assert "did not answer `virsh uri` within 20 s" in said.stderr and "/dev/kvm" in said.stderr, said.stderr

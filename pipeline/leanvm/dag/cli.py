@@ -1,6 +1,8 @@
 """The `leanvm` command: leanvm's doit DAG, usable from any directory.
 
-`leanvm [DOIT ARGS...]` is `doit` with leanvm's tasks. Without `config=`, the cluster file is
+`leanvm [DOIT ARGS...]` is `doit` with leanvm's tasks; `leanvm libvirt VERB...` (define, start,
+stop, status, undefine) drives an out/'s domains (`leanvm.vm.libvirtctl`), while a bare
+`leanvm libvirt` is the doit task that writes them. Without `config=`, the cluster file is
 ./cluster.yaml (made from leanvm's example if there is none); without `out=`, the output
 directory is `out/` beside that cluster file. Every doit verb and option works
 (`leanvm list`, `leanvm -n 2`, `leanvm clean`, `leanvm bundle`, `leanvm reset:NAME`).
@@ -57,6 +59,14 @@ def default_args(args: list[str], cwd: Path) -> list[str]:
     return [*args, *extra]
 
 
+def _libvirt_verbs(args: list[str]) -> bool:
+    """True for `libvirt VERB...` or `libvirt --connect/--dir/--out/--help ...`, not the doit task."""
+    from leanvm.vm.libvirtctl import VERBS
+
+    options = ("--connect", "--dir", "--out", "--help", "-h")
+    return args[:1] == ["libvirt"] and any(a in VERBS or a.split("=")[0] in options for a in args[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     from doit.doit_cmd import DoitMain
 
@@ -64,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     from leanvm.dag.loader import PackageLoader
 
     errors.command = "leanvm"
+    given = list(sys.argv[1:] if argv is None else argv)
+    if _libvirt_verbs(given):
+        from leanvm.vm import libvirtctl
+
+        return libvirtctl.main(given[1:])
     try:
-        args = default_args(list(sys.argv[1:] if argv is None else argv), Path.cwd())
+        args = default_args(given, Path.cwd())
         # no config files: a pyproject.toml where leanvm runs belongs to someone else's project
         return DoitMain(PackageLoader(), config_filenames=()).run(args)
     except LeanvmError as e:

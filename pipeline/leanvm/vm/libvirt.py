@@ -1,18 +1,17 @@
 """The cluster for libvirt (`doit libvirt`): out/vms/NAME/domain.xml, out/libvirt/network.xml.
 
 A domain uses the files run.sh uses: the shared usr.img (read-only, shareable), the VM's
-root and OEM disks, its config drive as 9p, its Ignition config through fw_cfg, the same
-kernel command line, all from the VM's values file (out/state/vms/NAME.env). out/libvirt.sh
-has each domain rendered complete for the boot it starts (`python -m leanvm.vm.libvirt`:
-the paths where out/ lies on the libvirt host, KVM or TCG, the first-boot arguments or not),
-and defines and starts it with virsh; domain.xml is the same rendering for out/ itself.
+root and OEM disks, its config drive (a read-only disk), its Ignition config through fw_cfg,
+the same kernel command line, all from the VM's values file (out/state/vms/NAME.env).
+`leanvm libvirt` (libvirtctl.py) renders each domain complete for the boot it starts (the
+paths where out/ lies on the libvirt host, KVM or TCG, the first-boot arguments or not) and
+defines and starts it with virsh; domain.xml is the same rendering for out/ itself.
 
 The user-mode NIC (ssh and `forward` ports on 127.0.0.1) is QEMU's own user network,
 passed with <qemu:commandline>: libvirt 9.0 (Debian 12) rejects the passt backend (9.2
 added it), and its plain <interface type='user'> cannot forward ports.
 """
 
-import argparse
 import hashlib
 import sys
 import uuid
@@ -21,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from shlex import quote
 
-from leanvm.errors import LeanvmError, report
+from leanvm.errors import LeanvmError
 from leanvm.state.identity import parse_values
 from leanvm.state.layout import Layout
 
@@ -142,21 +141,3 @@ def read_values(out: Path, name: str) -> dict[str, str]:
     if values is None or "user_netdev" not in values:
         raise LeanvmError(f"{path}: not a values file of this leanvm", "run doit again to rewrite it")
     return values
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m leanvm.vm.libvirt OUT DIR PREFIX NAME ACCEL CMDLINE`: the domain libvirt.sh defines."""
-    parser = argparse.ArgumentParser(prog="python -m leanvm.vm.libvirt")
-    for arg in ("out", "dir", "prefix", "name", "accel", "cmdline"):
-        parser.add_argument(arg)
-    args = parser.parse_args(argv)
-    try:
-        values = read_values(Path(args.out), args.name)
-    except LeanvmError as e:
-        return report(e)
-    sys.stdout.write(domain_xml(args.name, values, Path(args.dir), args.prefix, args.accel, args.cmdline))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
