@@ -2,10 +2,12 @@
 kept across builds; the config drive merges keys, the network unit and /etc/hosts; the
 launcher takes everything from the VM's values file."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 from leanvm.config.cluster import load_cluster
-from leanvm.dag.tasks import with_identities
+from leanvm.dag.tasks import assign_identities
 from leanvm.errors import LeanvmError
 from leanvm.resources import SHELL_LIB
 from leanvm.vm import configdrive, values
@@ -19,48 +21,63 @@ def never_in_use(port: int) -> bool:
 def test_loading_a_cluster_file_assigns_nothing(project: Project):
     project.write_cluster({"a": {"ssh_port": 2400}, "b": {"cluster_ip": "10.77.0.20"}})
     cluster = load_cluster(project.cluster_file)
-    assert [vm.identity for vm in cluster.vms] == [None, None]
-    assert cluster.vms[0].wanted.ssh_port == 2400 and cluster.vms[1].wanted.cluster_ip == "10.77.0.20"
-    with pytest.raises(AssertionError, match="no identity yet"):
-        _ = cluster.vms[0].ssh_port
+    assert cluster.vms[0].given_ssh_port == 2400 and cluster.vms[1].given_cluster_ip == "10.77.0.20"
+    assert cluster.vms[1].given_ssh_port is None and not cluster.vms[0].cluster_ip_given
+    assert not any(hasattr(vm, attr) for vm in cluster.vms for attr in ("identity", "ssh_port", "mac"))
+
+
+def test_config_imports_nothing_from_state():
+    """The identities live beside the VMs (the DAG's map), not in config's types."""
+    import ast
+
+    import leanvm.config
+
+    for path in Path(leanvm.config.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("leanvm.state"), (path, node.module)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("leanvm.state") for a in node.names), path
 
 
 def test_identities_keep_what_was_given_and_what_was_assigned(project: Project):
     project.write_cluster({"a": {"ssh_port": 2400}, "b": {"cluster_ip": "10.77.0.20"}})
-    first = with_identities(load_cluster(project.cluster_file), {}, {2401}, never_in_use)
-    a, b = first.vms
-    assert a.ssh_port == 2400 and a.identity.host_ports == (2400,)
-    assert b.cluster_ip == "10.77.0.20/24" and b.ssh_port not in (2400, 2401) and b.cluster_ip_given
+    first = assign_identities(load_cluster(project.cluster_file), {}, {2401}, never_in_use)
+    assert list(first) == ["a", "b"]
+    a, b = first["a"], first["b"]
+    assert a.ssh_port == 2400 and a.host_ports == (2400,)
+    assert b.cluster_ip == "10.77.0.20/24" and b.ssh_port not in (2400, 2401)
     assert a.mac.startswith("52:54:00:") and a.cluster_mac.startswith("52:54:01:") and a.mac != b.mac
     project.write_cluster({"a": {"ssh_port": 2400}, "b": {"cluster_ip": "10.77.0.20"}, "c": {}})
-    previous = {vm.name: vm.identity for vm in first.vms}
-    again = with_identities(load_cluster(project.cluster_file), previous, set(), lambda port: port == b.ssh_port)
-    assert [vm.identity for vm in again.vms[:2]] == [a.identity, b.identity]  # a taken port never moves a VM
-    c = again.vms[2]
+    again = assign_identities(load_cluster(project.cluster_file), first, set(), lambda port: port == b.ssh_port)
+    assert [again["a"], again["b"]] == [a, b]  # a taken port never moves a VM
+    c = again["c"]
     assert c.ssh_port not in (a.ssh_port, b.ssh_port) and c.cluster_ip not in (a.cluster_ip, b.cluster_ip)
 
 
 def test_a_subnet_too_small_for_its_vms_is_one_line_naming_the_key(project: Project):
     project.write_cluster({f"v{i}": {} for i in range(3)}, network={"subnet": "10.77.0.0/30"})
     with pytest.raises(LeanvmError, match=r"cluster.yaml: network.subnet: .*; use a larger subnet"):
-        with_identities(load_cluster(project.cluster_file), {}, set(), never_in_use)
+        assign_identities(load_cluster(project.cluster_file), {}, set(), never_in_use)
 
 
 def test_the_config_drive_merges_keys_the_network_unit_and_hosts(project: Project):
     (project.root / "u.yaml").write_text("#cloud-config\nssh_authorized_keys: [mine]\nwrite_files:\n"
                                          "- path: /etc/motd\n  content: hi\n")
     project.write_cluster({"a": {"user_data": "u.yaml"}, "b": {}})
-    a, b = with_identities(load_cluster(project.cluster_file), {}, set(), never_in_use).vms
-    doc = yaml.safe_load(configdrive.render(a, "cluster-key", configdrive.hosts((a, b))))
+    cluster = load_cluster(project.cluster_file)
+    given = assign_identities(cluster, {}, set(), never_in_use)
+    a = cluster.vms[0]
+    doc = yaml.safe_load(configdrive.render(a, given["a"], "cluster-key", configdrive.hosts(given)))
     assert doc["ssh_authorized_keys"] == ["mine", "cluster-key"]
     (unit,) = doc["coreos"]["units"]
-    assert unit["name"] == "50-leanvm-cluster.network" and f"MACAddress={a.cluster_mac}" in unit["content"]
+    assert unit["name"] == "50-leanvm-cluster.network" and f"MACAddress={given['a'].cluster_mac}" in unit["content"]
     motd, hosts, *drop_ins = doc["write_files"]
     assert [f["path"] for f in drop_ins] == list(configdrive.DROP_INS)
     assert motd["path"] == "/etc/motd" and hosts["path"] == "/etc/hosts"
-    assert f"{b.cluster_ip.split('/')[0]} b" in hosts["content"]
+    assert f"{given['b'].cluster_ip.split('/')[0]} b" in hosts["content"]
     (project.root / "u.yaml").write_text("#cloud-config\nwrite_files:\n- path: /etc/hosts\n  content: mine\n")
-    doc = yaml.safe_load(configdrive.render(a, None, configdrive.hosts((a, b))))
+    doc = yaml.safe_load(configdrive.render(a, given["a"], None, configdrive.hosts(given)))
     assert doc["write_files"][0] == {"path": "/etc/hosts", "content": "mine"}  # the user's own wins
     assert [f["path"] for f in doc["write_files"][1:]] == list(configdrive.DROP_INS)
 
@@ -86,13 +103,14 @@ def test_run_sh_takes_everything_from_the_values_file(project: Project, tmp_path
     (project.root / "a.ign").write_text('{"ignition": {"version": "3.3.0"}}')
     project.write_cluster({"a": {"forward": ["18080:80"], "ignition": "a.ign", "cpus": 2, "memory": 384},
                            "c": {"kernel_args": "quiet"}})
-    cluster = with_identities(load_cluster(project.cluster_file), {}, set(), never_in_use)
+    cluster = load_cluster(project.cluster_file)
+    given = assign_identities(cluster, {}, set(), never_in_use)
     out = tmp_path / "o,ut"  # a comma: QEMU's option separator, doubled in paths
     for vm in cluster.vms:
-        values.write(vm, "9.9", out)
+        values.write(vm, given[vm.name], "9.9", out)
     (out / "lib.sh").write_bytes(SHELL_LIB.read_bytes())
     a, c = (printed(out / "vms" / vm.name / "run.sh", {"LEANVM_ACCEL": "tcg"}) for vm in cluster.vms)
-    vm_a = cluster.vms[0]
+    vm_a = given["a"]
     assert a[a.index("-smp") + 1] == "2" and a[a.index("-m") + 1] == "384" and a[a.index("-name") + 1] == "a"
     assert a[a.index("-netdev") + 1] == (f"user,id=net0,hostfwd=tcp:127.0.0.1:{vm_a.ssh_port}-:22,"
                                          "hostfwd=tcp:127.0.0.1:18080-:80,hostname=a")

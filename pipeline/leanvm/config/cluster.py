@@ -19,7 +19,6 @@ import yaml
 from leanvm.arch import Arch
 from leanvm.errors import LeanvmError
 from leanvm.resources import PROFILES
-from leanvm.state.identity import Identity, Wanted
 
 VM_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")  # every pattern here is used with fullmatch
 RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -89,8 +88,8 @@ def spec_ranges(specs: tuple[str, ...]) -> str:
 
 @dataclass(frozen=True)
 class VM:
-    """A VM as its cluster file asks for it (`wanted`), and, once the DAG has given it one
-    (leanvm.dag.tasks), its identity: ports, MACs, cluster address, kept in out/state."""
+    """A VM as its cluster file asks for it. Its identity (ports, MACs, cluster address) is
+    not here: the DAG assigns it and keeps it beside the VMs (leanvm.dag.tasks.Context)."""
 
     name: str
     memory: int
@@ -98,37 +97,16 @@ class VM:
     disk_size: int  # bytes of the sparse root disk (the cluster file's `disk`)
     user_data: Path | None
     ssh_authorized_keys: tuple[str, ...]
-    wanted: Wanted  # the ssh port, cluster address and forwarded ports the file gives
     release: Release  # the cluster's, or the VM's own `release` (e.g. an arm64 VM among amd64 ones)
+    given_ssh_port: int | None = None  # the file's `ssh_port`, if it gives one
+    given_cluster_ip: str | None = None  # the file's `cluster_ip` (no prefix), if it gives one
     forward: tuple[tuple[int, int], ...] = ()  # the `forward` key: extra (host, guest) TCP ports
     ignition: Path | None = None
     kernel_args: str = ""  # appended after the release profile's kernel_args
-    identity: Identity | None = None
-
-    def _given(self) -> Identity:
-        if self.identity is None:
-            raise AssertionError(f"VM {self.name} has no identity yet (a bug: the DAG gives it one)")
-        return self.identity
-
-    @property
-    def ssh_port(self) -> int:
-        return self._given().ssh_port
-
-    @property
-    def mac(self) -> str:
-        return self._given().mac
-
-    @property
-    def cluster_mac(self) -> str:  # the second NIC, on the private cluster network
-        return self._given().cluster_mac
-
-    @property
-    def cluster_ip(self) -> str:  # with prefix, e.g. 10.77.0.11/24 (assigned when the file gives none)
-        return self._given().cluster_ip
 
     @property
     def cluster_ip_given(self) -> bool:  # the cluster file gives the address
-        return self.wanted.cluster_ip is not None
+        return self.given_cluster_ip is not None
 
 
 def kernel_args(vm: VM) -> str:
@@ -446,8 +424,8 @@ VM_KEYS = {
     "memory": Key(_int_at_least(128), default=1024),
     "cpus": Key(_int_at_least(1), default=1),
     "disk": Key(_size, default=4 << 30, dest="disk_size"),
-    "ssh_port": Key(_port, dest=""),  # these three make the VM's `wanted`
-    "cluster_ip": Key(_ipv4, dest=""),
+    "ssh_port": Key(_port, dest="given_ssh_port"),  # the identity the DAG assigns starts from these
+    "cluster_ip": Key(_ipv4, dest="given_cluster_ip"),
     "forward": Key(_forward_pairs, default=()),
     "user_data": Key(_string),
     "ssh_authorized_keys": Key(_string_list, default=()),
@@ -712,9 +690,7 @@ def _check_unique(per_vm: dict[str, dict[str, Any]], where: _Where) -> None:
 
 def _vm(name: str, settings: dict[str, Any]) -> VM:
     fields = fields_from(settings, VM_KEYS)
-    wanted = Wanted(name, settings.get("ssh_port"), settings.get("cluster_ip"),
-                    tuple(host for host, _ in fields["forward"]))
-    return VM(name=name, wanted=wanted, **fields)
+    return VM(name=name, **fields)
 
 
 def _check_vm(settings: dict[str, Any], where: _Where, release: Release, subnet: ipaddress.IPv4Network) -> None:

@@ -7,7 +7,7 @@
 import ipaddress
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
@@ -38,6 +38,10 @@ class Context:
     cluster: Cluster
     versions: dict[str, str]  # release name -> the version it is built for
     layout: Layout
+    identities: dict[str, identity.Identity]  # VM name -> the identity the DAG gave it, in cluster order
+
+    def identity_of(self, vm: VM) -> identity.Identity:
+        return self.identities[vm.name]
 
     @property
     def out(self) -> Path:
@@ -78,16 +82,17 @@ def check_task_names(cluster: Cluster) -> None:
                               f"the VMs are: {', '.join(names)}")
 
 
-def with_identities(cluster: Cluster, previous: dict[str, identity.Identity], avoid: set[int],
-                    in_use: Callable[[int], bool]) -> Cluster:
-    """The cluster with each VM's identity (identity.assign): what `previous` recorded for it
-    is kept, new ports avoid `avoid` and ports `in_use`."""
+def assign_identities(cluster: Cluster, previous: dict[str, identity.Identity], avoid: set[int],
+                      in_use: Callable[[int], bool]) -> dict[str, identity.Identity]:
+    """Each VM's identity, by name in cluster order (identity.assign): what the cluster file
+    gives first, then what `previous` recorded; new ports avoid `avoid` and ports `in_use`."""
+    wanted = [identity.Wanted(vm.name, vm.given_ssh_port, vm.given_cluster_ip, tuple(host for host, _ in vm.forward))
+              for vm in cluster.vms]
     try:
-        given = identity.assign([vm.wanted for vm in cluster.vms], previous, ipaddress.IPv4Network(cluster.subnet),
-                                avoid, in_use)
+        given = identity.assign(wanted, previous, ipaddress.IPv4Network(cluster.subnet), avoid, in_use)
     except ValueError as e:
         raise LeanvmError(f"{cluster.path}: network.subnet: {e}", "use a larger subnet") from None
-    return replace(cluster, vms=tuple(replace(vm, identity=given[vm.name]) for vm in cluster.vms))
+    return {vm.name: given[vm.name] for vm in cluster.vms}
 
 
 def check_result_file(release: Release, version: str) -> None:
@@ -119,7 +124,8 @@ def context() -> Context:
             identity.check_owner(out, config, record=False)
         claims = building()  # only a build claims ports, so only it checks them against the host
         avoid, in_use = (identity.ports_of_other_outs(out), identity.port_in_use) if claims else (set(), _not_checked)
-        cluster = with_identities(cluster_file(), identity.load(out), avoid, in_use)
+        cluster = cluster_file()
+        identities = assign_identities(cluster, identity.load(out), avoid, in_use)
         check_task_names(cluster)
         if claims:  # only a cluster file that loads claims out/
             identity.check_owner(out, config, record=True)
@@ -131,7 +137,7 @@ def context() -> Context:
             check_result_file(release, versions[release.name])
     except LeanvmError as e:
         fail(e)
-    return Context(cluster, versions, Layout(out))
+    return Context(cluster, versions, Layout(out), identities)
 
 
 # --- release stages (what "done" means for them: publish.py) -------------------------
@@ -243,18 +249,19 @@ def task_rootfs() -> Iterator[dict]:
 def task_configdrive() -> Iterator[dict]:
     """per VM: write its config drive (config.iso, label config-2: user_data, keys, network) and Ignition config"""
     ctx = context()
-    hosts = configdrive.hosts(ctx.cluster.vms)
+    hosts = configdrive.hosts(ctx.identities)
     for vm in ctx.cluster.vms:
         dest = ctx.layout.user_data(vm.name)
         drive = ctx.layout.config_drive(vm.name)
         ignition = ctx.layout.ignition(vm.name)
-        inputs = {"name": vm.name, "keys": list(vm.ssh_authorized_keys), "ip": vm.cluster_ip, "mac": vm.cluster_mac,
-                  "ip_given": vm.cluster_ip_given, "ignition": str(vm.ignition), "hosts": hosts,
-                  "specs": accepted_specs(vm.release, ctx.version(vm.release))}
+        given = ctx.identity_of(vm)
+        inputs = {"name": vm.name, "keys": list(vm.ssh_authorized_keys), "ip": given.cluster_ip,
+                  "mac": given.cluster_mac, "ip_given": vm.cluster_ip_given, "ignition": str(vm.ignition),
+                  "hosts": hosts, "specs": accepted_specs(vm.release, ctx.version(vm.release))}
         yield {
             "name": vm.name,
             "doc": "write the config drive (config.iso, label config-2) and the Ignition config",
-            "actions": [action(configdrive.write, vm, dest, drive, ignition, sshkey.public_key(ctx.out), hosts,
+            "actions": [action(configdrive.write, vm, given, dest, drive, ignition, sshkey.public_key(ctx.out), hosts,
                                ctx.version(vm.release))],
             "file_dep": [p for p in (vm.user_data, vm.ignition) if p] + [sshkey.public_key(ctx.out)],
             "targets": [dest, drive, ignition] if vm.ignition else [dest, drive],
@@ -278,11 +285,11 @@ def task_launcher() -> Iterator[dict]:
     """per VM: install run.sh and write its values file out/state/vms/NAME.env"""
     ctx = context()
     for vm in ctx.cluster.vms:
-        vm_values = values.values(vm, ctx.version(vm.release))
+        vm_values = values.values(vm, ctx.identity_of(vm), ctx.version(vm.release))
         yield {
             "name": vm.name,
             "doc": "install run.sh and write the VM's values (identity, boot) in out/state/vms/NAME.env",
-            "actions": [action(values.write, vm, ctx.version(vm.release), ctx.out)],
+            "actions": [action(values.write, vm, ctx.identity_of(vm), ctx.version(vm.release), ctx.out)],
             "file_dep": [RUN_SH],
             "targets": [ctx.layout.run_sh(vm.name)],  # not the values: clean never deletes them
             "uptodate": [config_changed(vm_values), (os.path.exists, [ctx.layout.values(vm.name)])],
@@ -357,7 +364,7 @@ def task_libvirt() -> dict:
              layout.libvirt / "cluster.env": libvirt.cluster_env(layout.out),
              layout.script("libvirt.sh"): LIBVIRT_SCRIPT.read_text()}
     for vm in ctx.cluster.vms:
-        vm_values = values.values(vm, ctx.version(vm.release))
+        vm_values = values.values(vm, ctx.identity_of(vm), ctx.version(vm.release))
         files[layout.domain_xml(vm.name)] = libvirt.domain_xml(
             vm.name, vm_values, layout.out, libvirt.prefix(layout.out), "kvm", kernel_args(vm))
     return {

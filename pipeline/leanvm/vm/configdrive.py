@@ -9,6 +9,7 @@ import io
 import json
 import os
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 
 import pycdlib
@@ -16,6 +17,7 @@ import yaml
 
 from leanvm.config.cluster import VM, is_butane, read_user_data
 from leanvm.fsutil import temp_path, write_atomic
+from leanvm.state.identity import Identity
 from leanvm.vm import ignitioncheck
 
 CLOUD_CONFIG = "#cloud-config"
@@ -60,19 +62,19 @@ _Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
     "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
 
 
-def network_unit(vm: VM) -> str:
+def network_unit(ident: Identity) -> str:
     """The cluster network's systemd-networkd unit: the NIC with the cluster MAC gets the address."""
-    return f"[Match]\nMACAddress={vm.cluster_mac}\n\n[Network]\nAddress={vm.cluster_ip}\n"
+    return f"[Match]\nMACAddress={ident.cluster_mac}\n\n[Network]\nAddress={ident.cluster_ip}\n"
 
 
-def hosts(vms: tuple[VM, ...]) -> str:
+def hosts(identities: Mapping[str, Identity]) -> str:
     """/etc/hosts for a cluster: localhost, then each VM's name at its cluster address."""
     lines = ["127.0.0.1 localhost", "::1 localhost"]
-    lines += [f"{vm.cluster_ip.split('/')[0]} {vm.name}" for vm in vms if vm.cluster_ip]
+    lines += [f"{ident.cluster_ip.split('/')[0]} {name}" for name, ident in identities.items() if ident.cluster_ip]
     return "# written by leanvm: the VMs of this cluster on its private network\n" + "\n".join(lines) + "\n"
 
 
-def _merge(doc: dict, vm: VM, keys: tuple[str, ...], hosts_text: str) -> dict:
+def _merge(doc: dict, vm: VM, ident: Identity, keys: tuple[str, ...], hosts_text: str) -> dict:
     """ssh_authorized_keys, /etc/hosts and leanvm's DROP_INS (each unless the user writes
     that file) and, for a VM without Ignition, the cluster network unit, merged into a
     #cloud-config document. The unit goes under coreos.units: coreos-cloudinit restarts
@@ -87,10 +89,10 @@ def _merge(doc: dict, vm: VM, keys: tuple[str, ...], hosts_text: str) -> dict:
     if keys:
         have = list(doc.get("ssh_authorized_keys") or [])
         doc = {**doc, "ssh_authorized_keys": have + [k for k in keys if k not in have]}
-    if vm.cluster_ip and not vm.ignition:
+    if ident.cluster_ip and not vm.ignition:
         coreos = dict(doc.get("coreos") or {})
         units = [u for u in coreos.get("units") or [] if u.get("name") != NETWORK_UNIT_NAME]
-        coreos["units"] = [*units, {"name": NETWORK_UNIT_NAME, "content": network_unit(vm)}]
+        coreos["units"] = [*units, {"name": NETWORK_UNIT_NAME, "content": network_unit(ident)}]
         doc = {**doc, "coreos": coreos}
     return doc
 
@@ -112,12 +114,13 @@ def _keys(vm: VM, cluster_key: str | None) -> tuple[str, ...]:
     return tuple(vm.ssh_authorized_keys) + ((cluster_key,) if cluster_key else ())
 
 
-def render(vm: VM, cluster_key: str | None = None, hosts_text: str = "") -> str:
+def render(vm: VM, ident: Identity, cluster_key: str | None = None, hosts_text: str = "") -> str:
+    """VM vm's user_data, at the cluster address its identity gives."""
     keys = _keys(vm, cluster_key)
     if vm.user_data is None:
-        return _dump(_merge({"hostname": vm.name}, vm, keys, hosts_text))
+        return _dump(_merge({"hostname": vm.name}, vm, ident, keys, hosts_text))
     text, doc = read_user_data(vm.user_data, _script_conflicts(vm))
-    return text if doc is None else _dump(_merge(doc, vm, keys, hosts_text))
+    return text if doc is None else _dump(_merge(doc, vm, ident, keys, hosts_text))
 
 
 def write_drive(dest: Path, user_data: bytes) -> None:
@@ -147,16 +150,16 @@ def _ignition_file(path: str, text: str) -> dict:
             "contents": {"source": "data:," + urllib.parse.quote(text)}}
 
 
-def ignition_with_network(config: dict, vm: VM, hosts_text: str = "") -> dict:
+def ignition_with_network(config: dict, vm: VM, ident: Identity, hosts_text: str = "") -> dict:
     """The Ignition config with the cluster network unit, /etc/hosts and /etc/hostname (each
     of the last two unless the config writes it) in storage.files: Ignition writes them in the
     initramfs, before networkd starts, so the address and the names are there on a first boot
     (an Ignition VM's config drive sets nothing)."""
-    if not vm.cluster_ip:
+    if not ident.cluster_ip:
         return config
     storage = dict(config.get("storage") or {})
     files = [f for f in storage.get("files") or [] if f.get("path") != NETWORK_UNIT]
-    files.append(_ignition_file(NETWORK_UNIT, network_unit(vm)))
+    files.append(_ignition_file(NETWORK_UNIT, network_unit(ident)))
     if hosts_text and all(f.get("path") != HOSTS for f in files):
         files.append(_ignition_file(HOSTS, hosts_text))
     if all(f.get("path") != HOSTNAME for f in files):
@@ -186,19 +189,19 @@ def ignition_with_keys(config: dict, keys: tuple[str, ...]) -> dict:
     return {**config, "passwd": {**passwd, "users": users}}
 
 
-def write(vm: VM, dest: Path, drive: Path, ignition_dest: Path, cluster_key_file: Path | None = None,
-          hosts_text: str = "", version: str = "") -> None:
+def write(vm: VM, ident: Identity, dest: Path, drive: Path, ignition_dest: Path,
+          cluster_key_file: Path | None = None, hosts_text: str = "", version: str = "") -> None:
     """VM vm's user_data and config drive, and its merged Ignition config if it has one (its
-    release at `version` decides which specs are accepted)."""
+    release at `version` decides which specs are accepted); `ident` is the identity the DAG gave it."""
     cluster_key = cluster_key_file.read_text().strip() if cluster_key_file else None
-    user_data = (IGNITION_VM_USER_DATA if vm.ignition else render(vm, cluster_key, hosts_text)).encode()
+    user_data = (IGNITION_VM_USER_DATA if vm.ignition else render(vm, ident, cluster_key, hosts_text)).encode()
     write_atomic(dest, user_data)
     write_drive(drive, user_data)
     if vm.ignition:
         config = ignitioncheck.load(vm.ignition, is_butane(vm.ignition.read_text()))
         ignitioncheck.check_spec(vm.name, vm.ignition, config, vm.release, version)
         merged = ignition_with_drop_ins(
-            ignition_with_network(ignition_with_keys(config, _keys(vm, cluster_key)), vm, hosts_text))
+            ignition_with_network(ignition_with_keys(config, _keys(vm, cluster_key)), vm, ident, hosts_text))
         tmp = temp_path(ignition_dest)
         write_atomic(tmp, (json.dumps(merged, indent=2) + "\n").encode())
         try:

@@ -3,7 +3,7 @@
 run.sh is the same file for every VM (resources/run.sh, a real shell file that
 shellcheck reads); it finds its VM by its own directory and reads everything it needs of
 the VM from the VM's values file, out/state/vms/NAME.env (`values`, written with the
-identity by identity.save). libvirt.sh renders its domains from the same values.
+identity by identity.save). `leanvm libvirt` renders its domains from the same values.
 """
 
 from dataclasses import replace
@@ -22,14 +22,14 @@ def user_netdev(name: str, netdev_id: str, ssh_port: int, forward: tuple[tuple[i
     return f"user,id={netdev_id},hostfwd=tcp:127.0.0.1:{ssh_port}-:22{forwards},hostname={name}"
 
 
-def values(vm: VM, version: str) -> dict[str, str]:
-    """Everything run.sh, cluster.sh and libvirt.sh read of the VM: its identity, hardware,
-    boot arguments and image directory (relative to out/), for `version` of its release."""
+def values(vm: VM, ident: identity.Identity, version: str) -> dict[str, str]:
+    """Everything run.sh, cluster.sh and leanvm libvirt read of the VM: its identity (`ident`,
+    given by the DAG), hardware, boot arguments and image directory (relative to out/), for
+    `version` of its release."""
     release = vm.release
-    assert vm.identity is not None, "the DAG gives every VM its identity before its launcher"
     image_dir = Layout(Path("")).images(release.name, version)
     return {
-        **identity.as_values(replace(vm.identity, image_dir=str(image_dir))),
+        **identity.as_values(replace(ident, image_dir=str(image_dir))),
         "release": release.name,
         "version": version,
         "arch": release.arch.value,
@@ -39,7 +39,7 @@ def values(vm: VM, version: str) -> dict[str, str]:
         "machine": release.arch.facts.machine,
         "cpus": str(vm.cpus),
         "memory": str(vm.memory),
-        "user_netdev": user_netdev(vm.name, "net0", vm.ssh_port, vm.forward),
+        "user_netdev": user_netdev(vm.name, "net0", ident.ssh_port, vm.forward),
         "kernel_args": kernel_args(vm),
         "first_boot_args": release.first_boot_args or "",
         "initrd": "yes" if release.initrd else "",
@@ -47,9 +47,9 @@ def values(vm: VM, version: str) -> dict[str, str]:
     }
 
 
-def write(vm: VM, version: str, out: Path) -> None:
+def write(vm: VM, ident: identity.Identity, version: str, out: Path) -> None:
     """The values file first (run.sh needs it), then run.sh."""
-    identity.save(out, vm.name, values(vm, version))
+    identity.save(out, vm.name, values(vm, ident, version))
     dest = Layout(out).run_sh(vm.name)
     write_atomic(dest, RUN_SH.read_bytes(), mode=0o755)
     dest.with_name("run.sh.retired").unlink(missing_ok=True)  # a VM added back is no longer retired
