@@ -77,6 +77,7 @@ def test_the_config_drive_merges_keys_the_network_unit_and_hosts(project: Projec
     assert motd["path"] == "/etc/motd" and hosts["path"] == "/etc/hosts"
     assert f"{given['b'].cluster_ip.split('/')[0]} b" in hosts["content"]
     (project.root / "u.yaml").write_text("#cloud-config\nwrite_files:\n- path: /etc/hosts\n  content: mine\n")
+    a = load_cluster(project.cluster_file).vms[0]  # the loader reads user_data once: load it again
     doc = yaml.safe_load(configdrive.render(a, given["a"], None, configdrive.hosts(given)))
     assert doc["write_files"][0] == {"path": "/etc/hosts", "content": "mine"}  # the user's own wins
     assert [f["path"] for f in doc["write_files"][1:]] == list(configdrive.DROP_INS)

@@ -9,7 +9,7 @@ import json
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -103,6 +103,10 @@ class VM:
     forward: tuple[tuple[int, int], ...] = ()  # the `forward` key: extra (host, guest) TCP ports
     ignition: Path | None = None
     kernel_args: str = ""  # appended after the release profile's kernel_args
+    # the user_data and Ignition files as read and checked here, once: the config drive uses them as parsed
+    user_data_text: str | None = None
+    user_data_doc: dict | None = field(default=None, compare=False, hash=False)  # None: a '#!' script
+    ignition_doc: dict | None = field(default=None, compare=False, hash=False)  # None: Butane (transpiled at build)
 
     @property
     def cluster_ip_given(self) -> bool:  # the cluster file gives the address
@@ -266,9 +270,9 @@ def _subnet(value: Any, where: _Where) -> str:
     return str(subnet)
 
 
-def _ignition(path: Path, where: _Where) -> None:
-    """An Ignition config (JSON with ignition.version), or a Butane config (YAML with
-    `variant:`) that the build transpiles when butane is installed."""
+def _ignition(path: Path, where: _Where) -> dict | None:
+    """An Ignition config (JSON with ignition.version), checked and returned, or a Butane
+    config (YAML with `variant:`), which the build transpiles with butane: None."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -277,7 +281,7 @@ def _ignition(path: Path, where: _Where) -> None:
         if shutil.which("butane") is None:
             raise where.error(f"{path} is a Butane config, and butane is not installed",
                               f"install butane, or transpile it: butane --strict {path} > config.ign")
-        return
+        return None
     try:
         doc = json.loads(text)
     except ValueError as e:
@@ -291,6 +295,7 @@ def _ignition(path: Path, where: _Where) -> None:
             f"{path} sets kernelArguments: Flatcar's ignition-kargs-helper needs an EFI-SYSTEM partition, which a "
             "leanvm VM has not (the boot would end in the emergency shell)",
             "give the VM a kernel_args key in the cluster file instead")
+    return doc
 
 
 def _ignition_shape(doc: dict, path: Path, where: _Where) -> None:
@@ -601,7 +606,7 @@ def _vm_settings(raw: Any, where: _Where, cluster_file: Path) -> dict[str, Any]:
             if not path.is_file():
                 raise (where / key).error(f"{path} is not a regular file", f"point {key} at a file")
             if key == "ignition":
-                _ignition(path, where / key)
+                settings["ignition_doc"] = _ignition(path, where / key)
             settings[key] = path
     return settings
 
@@ -690,7 +695,8 @@ def _check_unique(per_vm: dict[str, dict[str, Any]], where: _Where) -> None:
 
 def _vm(name: str, settings: dict[str, Any]) -> VM:
     fields = fields_from(settings, VM_KEYS)
-    return VM(name=name, **fields)
+    text, doc = settings.get("user_data_read", (None, None))
+    return VM(name=name, user_data_text=text, user_data_doc=doc, ignition_doc=settings.get("ignition_doc"), **fields)
 
 
 def _check_vm(settings: dict[str, Any], where: _Where, release: Release, subnet: ipaddress.IPv4Network) -> None:
@@ -699,7 +705,7 @@ def _check_vm(settings: dict[str, Any], where: _Where, release: Release, subnet:
     if settings.get("user_data"):
         extras = bool(settings.get("ssh_authorized_keys") or settings.get("cluster_ip"))
         try:
-            read_user_data(settings["user_data"], extras)
+            settings["user_data_read"] = read_user_data(settings["user_data"], extras)  # kept: read once
         except LeanvmError as e:
             raise (where / "user_data").error(e.message, e.hint) from None
     if settings.get("ignition") and not release.ignition_fw_cfg:

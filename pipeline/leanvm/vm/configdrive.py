@@ -15,7 +15,7 @@ from pathlib import Path
 import pycdlib
 import yaml
 
-from leanvm.config.cluster import VM, is_butane, read_user_data
+from leanvm.config.cluster import VM
 from leanvm.fsutil import temp_path, write_atomic
 from leanvm.state.identity import Identity
 from leanvm.vm import ignitioncheck
@@ -97,12 +97,6 @@ def _merge(doc: dict, vm: VM, ident: Identity, keys: tuple[str, ...], hosts_text
     return doc
 
 
-def _script_conflicts(vm: VM) -> bool:
-    """A '#!' script cannot take keys or a given address; an assigned address and the
-    cluster key are left out of it (the script owns the VM's set-up)."""
-    return bool(vm.ssh_authorized_keys or vm.cluster_ip_given)
-
-
 def _dump(doc: dict) -> str:
     # width: a key stays on one line, as cloud-init readers and the mini release expect
     return CLOUD_CONFIG + "\n" + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
@@ -119,8 +113,9 @@ def render(vm: VM, ident: Identity, cluster_key: str | None = None, hosts_text: 
     keys = _keys(vm, cluster_key)
     if vm.user_data is None:
         return _dump(_merge({"hostname": vm.name}, vm, ident, keys, hosts_text))
-    text, doc = read_user_data(vm.user_data, _script_conflicts(vm))
-    return text if doc is None else _dump(_merge(doc, vm, ident, keys, hosts_text))
+    assert vm.user_data_text is not None, "the cluster file's loader reads every user_data it names"
+    doc = vm.user_data_doc  # as the loader read and checked it (a '#!' script: None, taken as it is)
+    return vm.user_data_text if doc is None else _dump(_merge(doc, vm, ident, keys, hosts_text))
 
 
 def write_drive(dest: Path, user_data: bytes) -> None:
@@ -198,7 +193,7 @@ def write(vm: VM, ident: Identity, dest: Path, drive: Path, ignition_dest: Path,
     write_atomic(dest, user_data)
     write_drive(drive, user_data)
     if vm.ignition:
-        config = ignitioncheck.load(vm.ignition, is_butane(vm.ignition.read_text()))
+        config = vm.ignition_doc if vm.ignition_doc is not None else ignitioncheck.transpile(vm.ignition)
         ignitioncheck.check_spec(vm.name, vm.ignition, config, vm.release, version)
         merged = ignition_with_drop_ins(
             ignition_with_network(ignition_with_keys(config, _keys(vm, cluster_key)), vm, ident, hosts_text))

@@ -15,11 +15,9 @@ from leanvm.errors import LeanvmError, note, warn
 from leanvm.proc import run
 
 
-def load(path: Path, is_butane: bool) -> dict:
-    """The Ignition config in `path`; a Butane file is transpiled with `butane --strict`."""
-    if is_butane:
-        return json.loads(run(["butane", "--strict", path]).stdout)
-    return json.loads(path.read_text())
+def transpile(path: Path) -> dict:
+    """The Ignition config that the Butane config in `path` becomes (`butane --strict`)."""
+    return json.loads(run(["butane", "--strict", path]).stdout)
 
 
 def check_spec(vm: str, source: Path, config: dict, release: Release, version: str) -> None:
