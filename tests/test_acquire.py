@@ -4,7 +4,7 @@ import itertools
 from pathlib import Path
 
 import yaml
-from leanvm.config.cluster import load_profile
+from leanvm.config.load import load_profile
 from support import IMAGE, KERNEL, Mirror, MirrorServer, Project, usr_partition
 
 

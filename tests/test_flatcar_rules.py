@@ -65,7 +65,8 @@ def test_a_root_disk_holding_selective_os_reset_boots_as_a_first_boot(mini: Path
 def test_each_bundled_release_accepts_the_specs_its_ignition_does():
     """Ignition per Flatcar branch (flatcar/scripts sys-apps/ignition): 3033 0.36.1, 3510
     2.14.0, 4081 2.19.0, 4593 (stable) 2.24.0; each with Flatcar's 2.x conversion patch."""
-    from leanvm.config.cluster import accepted_specs, load_profile, spec_ranges
+    from leanvm.config.load import load_profile
+    from leanvm.config.types import accepted_specs, spec_ranges
     from leanvm.resources import PROFILES
     for arch in ("", "-arm64"):
         lts = load_profile(PROFILES / f"flatcar-lts{arch}.yaml")

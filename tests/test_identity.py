@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from leanvm.config.cluster import load_cluster
+from leanvm.config.load import load_cluster
 from leanvm.dag.tasks import assign_identities
 from leanvm.errors import LeanvmError
 from leanvm.resources import SHELL_LIB

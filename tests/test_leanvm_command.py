@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from leanvm.config.cluster import load_cluster
+from leanvm.config.load import load_cluster
 from leanvm.errors import LeanvmError
 from support import ENV, PROJECT, Project, doit, run, sh
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from doit import get_var
 from doit.tools import config_changed
 
-from leanvm.config.cluster import VM, Cluster, Release, accepted_specs, kernel_args, load_cluster
+from leanvm.config.load import load_cluster
+from leanvm.config.types import VM, Cluster, Release, accepted_specs, kernel_args
 from leanvm.dag import doitenv
 from leanvm.dag.doitenv import action, building, command_words, config_file, fail, out_dir, writing
 from leanvm.errors import LeanvmError, tool, warn

@@ -15,7 +15,8 @@ from urllib.request import url2pathname
 import requests
 import urllib3
 
-from leanvm.config.cluster import RELEASE_NAME, Release
+from leanvm.config.keys import RELEASE_NAME
+from leanvm.config.types import Release
 from leanvm.errors import LeanvmError, warn
 from leanvm.fsutil import write_atomic
 

@@ -12,7 +12,7 @@ unpublished and checked again against the new pin.
 import os
 from pathlib import Path
 
-from leanvm.config.cluster import Release
+from leanvm.config.types import Release
 from leanvm.errors import LeanvmError, note
 from leanvm.fsutil import temp_path
 from leanvm.release import extract, fetch, record, verify

@@ -15,7 +15,7 @@ from pathlib import Path
 import pycdlib
 import yaml
 
-from leanvm.config.cluster import VM
+from leanvm.config.types import VM
 from leanvm.fsutil import temp_path, write_atomic
 from leanvm.state.identity import Identity
 from leanvm.vm import ignitioncheck

@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from leanvm.config.cluster import Release, accepted_specs, spec_ranges
+from leanvm.config.types import Release, accepted_specs, spec_ranges
 from leanvm.errors import LeanvmError, note, warn
 from leanvm.proc import run
 

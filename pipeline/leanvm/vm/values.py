@@ -9,7 +9,7 @@ identity by identity.save). `leanvm libvirt` renders its domains from the same v
 from dataclasses import replace
 from pathlib import Path
 
-from leanvm.config.cluster import VM, kernel_args
+from leanvm.config.types import VM, kernel_args
 from leanvm.fsutil import write_atomic
 from leanvm.resources import RUN_SH
 from leanvm.state import identity
