@@ -7,7 +7,7 @@ doit runs them through leanvm's task loader, which pyproject.toml's [tool.doit] 
 from pathlib import Path
 
 from doit.exceptions import InvalidDodoFile
-from leanvm.dag.doitenv import LOADER_IN_USE, set_defaults
+from leanvm.dag.doitenv import RUN, set_defaults
 from leanvm.dag.tasks import (  # noqa: F401  (doit discovers task_* by name)
     task_bundle,
     task_cluster,
@@ -24,7 +24,7 @@ from leanvm.dag.tasks import (  # noqa: F401  (doit discovers task_* by name)
     task_verify,
 )
 
-if not LOADER_IN_USE:
+if not RUN.loader_in_use:
     raise InvalidDodoFile("leanvm's dodo.py runs through leanvm's task loader, which its pyproject.toml names: "
                           "run doit in the leanvm checkout, or use the `leanvm` command from anywhere")
 HERE = Path(__file__).resolve().parent

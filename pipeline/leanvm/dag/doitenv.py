@@ -57,28 +57,37 @@ def var_path(name: str, default: Path) -> Path:
     return Path(get_initial_workdir() or os.getcwd(), value).resolve()
 
 
-# config= and out= when the command line gives none: set by the entry point (dodo.py: the
-# checkout's configs/cluster.yaml and out/; the `leanvm` command always passes both).
-DEFAULTS: dict[str, Path] = {}
+@dataclass
+class DoitRun:
+    """What leanvm's doit glue knows of this doit run, in one place."""
+
+    loader_in_use: bool = False  # set by leanvm's loaders (leanvm.dag.loader) before they load dodo.py
+    # config= and out= when the command line gives none: set by the entry point (dodo.py: the
+    # checkout's configs/cluster.yaml and out/; the `leanvm` command always passes both)
+    default_config: Path | None = None
+    default_out: Path | None = None
+    command: str = "run"  # the doit command of this run
+    words: tuple[str, ...] = ()  # and its positional arguments (the task names given)
+    lock_fd: int | None = None  # out/.lock, held for the run's life
+
+
+RUN = DoitRun()
 
 
 def set_defaults(config: Path, out: Path) -> None:
-    DEFAULTS.update(config=config, out=out)
+    RUN.default_config, RUN.default_out = config, out
 
 
 def config_file() -> Path:
-    return var_path("config", DEFAULTS.get("config", DEFAULT_CLUSTER))
+    return var_path("config", RUN.default_config or DEFAULT_CLUSTER)
 
 
 def out_dir() -> Path:
-    return var_path("out", DEFAULTS.get("out", Path.cwd() / "out"))
+    return var_path("out", RUN.default_out or Path.cwd() / "out")
 
 
 def fail(error: LeanvmError) -> NoReturn:
     sys.exit(report(error))
-
-
-_lock_fd: int | None = None
 
 
 def lock_out(out: Path) -> None:
@@ -87,7 +96,6 @@ def lock_out(out: Path) -> None:
     flock is released by the kernel when its holder dies, so a stale lock file left by a
     killed run is simply taken over.
     """
-    global _lock_fd
     fd = os.open(Layout(out).lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -97,7 +105,7 @@ def lock_out(out: Path) -> None:
         fail(LeanvmError(f"{out} is in use by another {tool('run')} (pid {holder})", "wait for it to end or stop it"))
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _lock_fd = fd
+    RUN.lock_fd = fd
 
 
 def running_vms(out: Path) -> list[str]:
@@ -113,18 +121,6 @@ def refuse_while_running(out: Path, doing: str) -> None:
                           f"stop them first ({out / 'cluster.sh'} down)")
 
 
-@dataclass
-class Invocation:
-    """The doit command of this run and its positional arguments (the task names given)."""
-
-    command: str = "run"
-    words: tuple[str, ...] = ()
-
-
-INVOCATION = Invocation()
-LOADER_IN_USE = False  # set by leanvm's loaders (leanvm.dag.loader) before they load dodo.py
-
-
 def _interrupted(signum: int, frame: Any) -> NoReturn:
     """Ctrl-C: unwind (every temp file is removed in a `finally` on the way), one line, 130."""
     raise SystemExit(interrupted())
@@ -134,7 +130,7 @@ def begin(command: str, words: list[str]) -> None:
     """Called by the loader once doit knows the command: refuse what would break VMs, then
     hold out/'s lock unless the command only reads."""
     signal.signal(signal.SIGINT, _interrupted)
-    INVOCATION.command, INVOCATION.words = command, tuple(words)
+    RUN.command, RUN.words = command, tuple(words)
     out = out_dir()
     try:
         check_command(command, words, out)
@@ -174,13 +170,13 @@ def doit_config(default_tasks: list[str]) -> dict:
 
 def command_words() -> list[str]:
     """The words of this command line that may name tasks."""
-    return list(INVOCATION.words)
+    return list(RUN.words)
 
 
 def building() -> bool:
-    return INVOCATION.command not in OFFLINE_COMMANDS
+    return RUN.command not in OFFLINE_COMMANDS
 
 
 def writing() -> bool:
     """True unless the command only reads (list, info, ...)."""
-    return INVOCATION.command not in READ_ONLY_COMMANDS
+    return RUN.command not in READ_ONLY_COMMANDS

@@ -23,6 +23,9 @@ class _Leanvm(NamespaceTaskLoader):
 
     def load_tasks(self, cmd: Any, pos_args: list[str]) -> list:
         doitenv.begin(cmd.name, pos_args)
+        # the one step before tasks are made: out/'s owner, the host's registry of out/s, the
+        # VMs' identities, the versions `current` stands for (tasks.context; the tasks reuse it)
+        tasks.context()
         loaded = super().load_tasks(cmd, pos_args)
         doitenv.check_info_names(cmd.name, pos_args, {task.name for task in loaded})
         return loaded
@@ -32,7 +35,7 @@ class DodoLoader(_Leanvm, DodoTaskLoader):
     """The tasks of the dodo.py doit finds (-f, -d, -k as usual)."""
 
     def setup(self, opt_values: dict) -> None:
-        doitenv.LOADER_IN_USE = True  # dodo.py refuses doit's default loader
+        doitenv.RUN.loader_in_use = True  # dodo.py refuses doit's default loader
         super().setup(opt_values)
 
 
