@@ -4,6 +4,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from support import BOOT_TIMEOUT, ENV, boot, build_cluster, finish, marker, run, sh, start, wait_for_text
 
 
@@ -67,6 +68,7 @@ def test_two_vms_boot_together_with_shared_readonly_usr_and_persistent_state(min
     assert len(log) == 2 and all("alpha-from-user-data booted" in line for line in log)
 
 
+@pytest.mark.slow  # ~36 s: in CI's slow run, keeping the main suite well under its 10 minutes
 def test_vdx_profile_boots(mini: Path, tmp_path: Path):
     out = build_cluster(tmp_path, mini / "mini-vdx.yaml", {"plain": {}})
     run_sh = out / "vms" / "plain" / "run.sh"
