@@ -6,7 +6,9 @@ set -eu
 out=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
 die() { printf 'libvirt.sh: %s\n' "$*" >&2; exit 2; }
 [ -r "$out/libvirt/cluster.env" ] || die "$out/libvirt/cluster.env is missing: run doit libvirt"
-python=$(sed -n "s/^python=//p" "$out/libvirt/cluster.env" | sed "s/^'\(.*\)'\$/\1/")
+# shellcheck source=/dev/null
+. "$out/libvirt/cluster.env"  # python (shell-quoted by doit libvirt), prefix, network
+# shellcheck disable=SC2154  # python comes from cluster.env
 python=${LEANVM_PYTHON:-$python}
 "$python" -c 'import leanvm.vm.libvirtctl' 2>/dev/null ||
   die "$python cannot import leanvm: set LEANVM_PYTHON to a Python that has leanvm installed"

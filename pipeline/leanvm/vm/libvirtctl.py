@@ -71,7 +71,7 @@ class Libvirt:
         except FileNotFoundError:
             raise LeanvmError("virsh not found", "install it (apt-get install libvirt-clients)") from None
         except subprocess.TimeoutExpired:
-            raise LeanvmError(f"libvirt{self._at} did not answer `virsh {args[0]}` within {deadline:.0f} s",
+            raise LeanvmError(f"libvirt{self.at} did not answer `virsh {args[0]}` within {deadline:.0f} s",
                               BROKEN_KVM_HINT) from None
 
     def ok(self, *args: str) -> bool:
@@ -87,7 +87,8 @@ class Libvirt:
         return result.stdout
 
     @property
-    def _at(self) -> str:
+    def at(self) -> str:
+        """' at URI' for messages, when --connect named one."""
         return f" at {self.connect}" if self.connect else ""
 
     def remote_host(self) -> str:
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         lv = Libvirt(Layout(out), Path(args.dir.rstrip("/") or "/") if args.dir else out, args.connect)
         reach = lv.virsh("uri", deadline=REACH_DEADLINE_S)
         if reach.returncode != 0:
-            raise LeanvmError(f"cannot reach libvirt{lv._at}", "is libvirtd running? or pass --connect URI")
+            raise LeanvmError(f"cannot reach libvirt{lv.at}", "is libvirtd running? or pass --connect URI")
         for verb in args.verbs:
             RUN[verb](lv)
     except LeanvmError as e:
