@@ -5,12 +5,15 @@
 # The functions here run in subshells ( ... ) where they need variables of their own, so
 # that they never change the caller's.
 
-# True if process $1 runs: a zombie (killed, not yet reaped by init) does not count.
-alive() (
-  [ -n "$1" ] && kill -0 "$1" 2>/dev/null || exit 1
-  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || exit 1
-  [ "${state%% *}" != Z ]
-)
+# True if process $1 runs: a zombie (killed, not yet reaped by init) does not count. Called
+# in polling loops, so it starts no program (read and kill are the shell's own).
+alive() {
+  [ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 1
+  [ -r /proc/self/stat ] || return 0  # no /proc (macOS): kill -0 is all there is
+  read -r alive_stat 2>/dev/null <"/proc/$1/stat" || return 1
+  alive_stat=${alive_stat##*) }
+  [ "${alive_stat%% *}" != Z ]
+}
 
 # True if process $1 is the QEMU of the VM in directory $2: its command line names $2/qemu.pid
 # (-pidfile). A QEMU killed with SIGKILL, or a host that lost power, leaves its pid file
@@ -26,7 +29,8 @@ is_vm_qemu() (
 # The pid of the QEMU that run.sh started for the VM in directory $1 (its qemu.pid), if it
 # runs; false otherwise (no file, a dead process, or one that is not this VM's QEMU).
 running_pid() (
-  pid=$(cat "$1/qemu.pid" 2>/dev/null) || exit 1
+  pid=""
+  read -r pid 2>/dev/null <"$1/qemu.pid" || [ -n "$pid" ] || exit 1
   alive "$pid" && is_vm_qemu "$pid" "$1" && echo "$pid"
 )
 
@@ -228,7 +232,7 @@ ssh_to_vm() (
 # waiting up to $4 seconds; false if none came.
 hmp() (
   reply=$1/monitor.reply
-  timeout 0.05 cat "$1/monitor.out" >/dev/null 2>&1 || true
+  drain_fifo "$1/monitor.out"
   cat "$1/monitor.out" >"$reply" 2>/dev/null &
   reader=$!
   printf '%s\n' "$2" >"$1/monitor.in" &
@@ -244,6 +248,16 @@ hmp() (
   rm -f "$reply"
   [ -n "$found" ] && printf '%s\n' "$found"
 )
+
+# Read off what FIFO $1 holds (what earlier monitor commands left). GNU dd (Linux) reads what
+# is there and stops; elsewhere cat reads for 50 ms.
+drain_fifo() {
+  if [ -r /proc/self/stat ]; then
+    dd if="$1" of=/dev/null bs=65536 iflag=nonblock 2>/dev/null || true
+  else
+    timeout 0.05 cat "$1" >/dev/null 2>&1 || true
+  fi
+}
 
 # $1 as one sh word ('...'), and as one HMP string ("...", \ and " escaped).
 sh_word() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }

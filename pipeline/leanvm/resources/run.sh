@@ -202,8 +202,8 @@ if [ "$mode" = detach ]; then
   # started once QEMU runs (a restore: once QEMU has loaded the snapshot and the disks from
   # before are dropped; it runs under the snapshot's accelerator, and its console stays
   # quiet: no KVM hang to watch for)
-  until running_pid "$here" >/dev/null &&
-      if [ -n "$resume" ]; then ! old_disks_kept "$here"; else kvm_settled "$tries"; fi; do
+  until if [ -n "$resume" ]; then ! old_disks_kept "$here" && running_pid "$here" >/dev/null
+      else running_pid "$here" >/dev/null && kvm_settled "$tries"; fi; do
     if ! alive "$supervisor"; then
       failed_start
       exit 1
@@ -239,13 +239,16 @@ use_accel "$accel"
 
 # A restore starts QEMU as the snapshot saved it: the same accelerator and CPU, the same
 # kernel command line, the state read from the snapshot's memory file.
-incoming=""
+incoming="" memory_file="" MEMORY_FD=6
 if [ -n "$resume" ]; then
   accel=$(snapshot_accel "$snapshot_dir" "$name") || exit 1
   use_accel "$accel"
   [ "$cpu" = "$(manifest_value "$snapshot_dir/manifest" "$name.cpu")" ] ||
     die "snapshot $resume: VM $name was saved with -cpu $(manifest_value "$snapshot_dir/manifest" "$name.cpu"), this run.sh uses -cpu $cpu; boot it cold"
-  incoming="exec:cat $(sh_word "$snapshot_dir/$name/memory")"
+  # QEMU reads the memory file itself, from fd MEMORY_FD that run.sh opens on it (no pipe,
+  # no cat: loading from a pipe took 0.2-0.3 s longer here)
+  memory_file=$snapshot_dir/$name/memory
+  incoming="fd:$MEMORY_FD"
 fi
 
 # The kernel command line, with the first-boot arguments if this is a first boot (decided
@@ -412,6 +415,10 @@ watch_boot() (
 # dropped, its clock set over ssh (the guest lives at the moment it was saved); one line,
 # in restored as well.
 resume_guest() (
+  # QEMU closes the memory file once it has loaded it (its state set, paused) or given up
+  # (it exits): on Linux, seen in /proc without asking the monitor; then the monitor says which.
+  tries=0
+  while [ -e "/proc/$1/fdinfo/$MEMORY_FD" ] && [ "$tries" -lt 1500 ]; do sleep 0.02; tries=$((tries + 1)); done
   # QEMU says "paused (inmigrate)" while it loads, then "paused" (or "running")
   tries=0
   until status=$(hmp "$here" "info status" '^VM status: ' 2) &&
@@ -473,7 +480,11 @@ while :; do
   if [ -n "$caught" ]; then exit "$caught"; fi  # a signal between two launches
   offset=$(wc -c <"$here/console.log")
   launched_incoming=$incoming
-  vm_qemu "$runner" ${incoming:+-incoming "$incoming"} "$@" <&7 7<&- 8>&- &
+  if [ -n "$incoming" ]; then
+    vm_qemu "$runner" -incoming "$incoming" "$@" <&7 7<&- 8>&- 6<"$memory_file" &
+  else
+    vm_qemu "$runner" "$@" <&7 7<&- 8>&- &
+  fi
   qemu_child=$!
   if [ -n "$incoming" ]; then
     resume_guest "$qemu_child" </dev/null 7<&- 8>&- &
