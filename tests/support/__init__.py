@@ -4,7 +4,16 @@ watching VMs), hosts (libvirtd, an ssh host). Test modules import from here, nev
 other."""
 
 from .doit import DOIT_CWD, DoitResult, Project, doit, doit_argv  # noqa: F401
-from .hosts import LIBVIRT_URI, free_port, libvirt_answers, start_libvirtd, start_ssh_host, stop_daemons, virsh  # noqa: F401
+from .hosts import (  # noqa: F401
+    LIBVIRT_URI,
+    free_port,
+    libvirt_answers,
+    rendered_domain,
+    start_libvirtd,
+    start_ssh_host,
+    stop_daemons,
+    virsh,
+)
 from .mirror import IMAGE, KERNEL, Keyring, Mirror, MirrorServer, make_cpio_gz, make_squashfs, newc, serve  # noqa: F401
 from .procs import PROJECT, finish, processes, run, sh, slow_mkfs, stand_in_qemu, start  # noqa: F401
 from .vm import (  # noqa: F401

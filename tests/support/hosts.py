@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from leanvm.vm.libvirt import domain_xml, prefix, read_values
+
 from .procs import sh
 
 LIBVIRT_URI = "qemu:///system"
@@ -99,3 +101,12 @@ def start_ssh_host(work: Path) -> tuple[subprocess.Popen, str, dict]:
         assert proc.poll() is None and time.monotonic() < deadline, "dropbear did not start"
         time.sleep(0.1)
     return proc, f"root@127.0.0.1:{port}", {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def rendered_domain(out: Path, vm: str, accel: str = "kvm") -> Path:
+    """VM `vm`'s libvirt domain as `leanvm libvirt define` renders it (with `accel`, which a
+    define asks libvirt for), written beside out/ for virt-xml-validate: no libvirtd needed."""
+    values = read_values(out, vm)
+    path = out.parent / f"{vm}-domain.xml"
+    path.write_text(domain_xml(vm, values, out, prefix(out), accel, values["kernel_args"]))
+    return path

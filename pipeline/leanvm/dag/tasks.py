@@ -16,7 +16,7 @@ from doit import get_var
 from doit.tools import config_changed
 
 from leanvm.config.load import load_cluster
-from leanvm.config.types import VM, Cluster, Release, accepted_specs, kernel_args
+from leanvm.config.types import VM, Cluster, Release, accepted_specs
 from leanvm.dag import doitenv
 from leanvm.dag.doitenv import action, building, command_words, config_file, fail, out_dir, writing
 from leanvm.errors import LeanvmError, tool, warn
@@ -358,18 +358,16 @@ def write_files(files: dict[Path, str]) -> None:
 
 
 def task_libvirt() -> dict:
-    """The cluster for libvirt (explicit: `doit libvirt`); out/libvirt.sh drives virsh."""
-    ctx = context()
-    layout = ctx.layout
+    """The cluster for libvirt (explicit: `doit libvirt`); out/libvirt.sh drives virsh.
+
+    No domain is written here: its accelerator depends on the libvirt host, which `leanvm
+    libvirt define` and `start` ask; they write out/vms/NAME/domain.xml as they defined it."""
+    layout = context().layout
     files = {layout.libvirt / "network.xml": libvirt.network_xml(layout.out),
              layout.libvirt / "cluster.env": libvirt.cluster_env(layout.out),
              layout.script("libvirt.sh"): LIBVIRT_SCRIPT.read_text()}
-    for vm in ctx.cluster.vms:
-        vm_values = values.values(vm, ctx.identity_of(vm), ctx.version(vm.release))
-        files[layout.domain_xml(vm.name)] = libvirt.domain_xml(
-            vm.name, vm_values, layout.out, libvirt.prefix(layout.out), "kvm", kernel_args(vm))
     return {
-        "doc": "write out/vms/NAME/domain.xml, out/libvirt/network.xml and out/libvirt.sh (define|start|stop|...)",
+        "doc": "write out/libvirt/network.xml and out/libvirt.sh (define|start|stop|...): domains come at define",
         "actions": [action(write_files, files)],
         "task_dep": BUILD_TASKS,
         "targets": list(files),

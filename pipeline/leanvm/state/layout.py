@@ -67,6 +67,7 @@ class Layout:
         return self.vm(name) / "ignition.json"
 
     def domain_xml(self, name: str) -> Path:
+        """The libvirt domain `leanvm libvirt` defined last for the VM (define and start write it)."""
         return self.vm(name) / "domain.xml"
 
     @property

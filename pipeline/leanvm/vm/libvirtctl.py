@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leanvm.errors import LeanvmError, interrupted, report
+from leanvm.fsutil import write_atomic
 from leanvm.resources import FIRST_BOOT_CHECK, SHELL_LIB
 from leanvm.state.identity import port_in_use
 from leanvm.state.layout import Layout
@@ -33,7 +34,8 @@ BUTTON_EVERY_S = 5
 BROKEN_KVM_HINT = ("a libvirtd that keeps probing a broken /dev/kvm hangs like this: start libvirtd where it "
                    "cannot see /dev/kvm (README, 'A host whose KVM is there but broken') and use LEANVM_ACCEL=tcg")
 USAGE = """Run an out/'s VMs as libvirt domains named PREFIX-NAME on an isolated network; verbs run in order:
-  define    define the network and every domain (rendered from out/state/vms/NAME.env)
+  define    define the network and every domain (rendered from out/state/vms/NAME.env, with the
+            accelerator chosen now; kept as out/vms/NAME/domain.xml)
   start     start the network and every domain; a VM whose root disk has no Ignition result
             starts with its first-boot arguments (once), every VM with LEANVM_APPEND
   stop      ACPI power-off, pressed every 5 s; domains still up after LEANVM_STOP_TIMEOUT
@@ -98,11 +100,11 @@ class Libvirt:
 
     # --- this out/'s VMs ------------------------------------------------------------
     def vms(self) -> list[str]:
-        """The VMs with a domain.xml (a retired VM, whose run.sh is gone, is left out)."""
+        """The VMs with a run.sh and a values file (a retired VM, whose run.sh is gone, is left out)."""
         if not self.layout.vms.is_dir():
             return []
         return sorted(d.name for d in self.layout.vms.iterdir()
-                      if os.access(d / "run.sh", os.X_OK) and self.layout.domain_xml(d.name).is_file())
+                      if os.access(self.layout.run_sh(d.name), os.X_OK) and self.layout.values(d.name).is_file())
 
     def active_vms(self) -> list[str]:
         running = set(self.virsh("list", "--name").stdout.split())
@@ -121,11 +123,13 @@ class Libvirt:
         return "kvm" if offers_kvm else "tcg"
 
     def define_domain(self, vm: str, values: dict[str, str], accel: str, cmdline: str) -> None:
+        """Define VM `vm`'s domain, and keep what was defined in out/vms/NAME/domain.xml."""
         xml = domain_xml(vm, values, self.host_dir, self.prefix, accel, cmdline)
         with tempfile.NamedTemporaryFile("w", suffix=".xml", prefix=f"leanvm-{vm}-") as f:
             f.write(xml)
             f.flush()
             self.must(f"cannot define {self.domain(vm)}", "define", f.name)
+        write_atomic(self.layout.domain_xml(vm), xml.encode())
 
     def first_boot(self, vm: str, values: dict[str, str]) -> bool:
         """lib.sh's first_boot on the VM's root disk, where the libvirt host has it."""
@@ -186,7 +190,7 @@ def _check_startable(lv: Libvirt) -> None:
 
 def start(lv: Libvirt) -> None:
     if not lv.vms():
-        raise LeanvmError(f"no domain.xml in {lv.layout.vms}", "run doit libvirt")
+        raise LeanvmError(f"no VMs in {lv.layout.vms}", "run doit libvirt")
     _check_startable(lv)
     if not lv.network_active():
         lv.must(f"cannot start network {lv.network}", "net-start", lv.network)
