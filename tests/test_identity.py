@@ -2,6 +2,7 @@
 kept across builds; the config drive merges keys, the network unit and /etc/hosts; the
 launcher takes everything from the VM's values file."""
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import yaml
 from leanvm.config.load import load_cluster
 from leanvm.dag.tasks import assign_identities
 from leanvm.errors import LeanvmError
-from leanvm.resources import SHELL_LIB
+from leanvm.state import identity
+from leanvm.state.shellfacts import lib_sh
 from leanvm.vm import configdrive, values
 from support import Project, printed
 
@@ -109,7 +111,7 @@ def test_run_sh_takes_everything_from_the_values_file(project: Project, tmp_path
     out = tmp_path / "o,ut"  # a comma: QEMU's option separator, doubled in paths
     for vm in cluster.vms:
         values.write(vm, given[vm.name], "9.9", out)
-    (out / "lib.sh").write_bytes(SHELL_LIB.read_bytes())
+    (out / "lib.sh").write_text(lib_sh())
     a, c = (printed(out / "vms" / vm.name / "run.sh", {"LEANVM_ACCEL": "tcg"}) for vm in cluster.vms)
     vm_a = given["a"]
     assert a[a.index("-smp") + 1] == "2" and a[a.index("-m") + 1] == "384" and a[a.index("-name") + 1] == "a"
@@ -119,3 +121,14 @@ def test_run_sh_takes_everything_from_the_values_file(project: Project, tmp_path
     assert a[a.index("-kernel") + 1] == f"{out}/images/test/9.9/vmlinuz"
     assert "-fw_cfg" not in c and c[c.index("-append") + 1].endswith(" quiet")
     assert a[a.index("-machine") + 1] == "q35" and a[a.index("-accel") + 1] == "tcg" and a[a.index("-cpu") + 1] == "max"
+
+
+def test_python_asks_lib_sh_whether_a_port_is_taken():
+    """One rule for run.sh's refusal and doit's port choice: lib.sh's port_in_use (a listener
+    on any address)."""
+    with socket.socket() as listener:
+        listener.bind(("0.0.0.0", 0))
+        port = listener.getsockname()[1]
+        listener.listen()
+        assert identity.port_in_use(port)
+    assert not identity.port_in_use(port)

@@ -80,3 +80,28 @@ def test_no_python_string_in_the_package_holds_shell():
                 if any(mark in node.value for mark in shell_marks):
                     found.append(f"{path.relative_to(PROJECT)}:{node.lineno}")
     assert found == []
+
+
+def test_the_generated_lib_sh_is_shellcheck_clean(tmp_path: Path):
+    """out/lib.sh as doit writes it: the generated head (out/ names, arch table), then lib.sh."""
+    from leanvm.state.shellfacts import lib_sh
+
+    (tmp_path / "lib.sh").write_text(lib_sh())
+    result = subprocess.run(["shellcheck", str(tmp_path / "lib.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_the_shell_spells_no_out_name_of_its_own():
+    """Each out/ name is spelled once (Layout's Names): the shell joins the variables the
+    generated head of out/lib.sh gives it, never a name of its own ($dir/qemu.pid)."""
+    import re
+
+    from leanvm.state.layout import names
+
+    spelled = re.compile(r'\$\{?[A-Za-z_0-9]+\}?"?/(' + "|".join(map(re.escape, names().values())) + r")(?![\w-])")
+    found = []
+    for script in sorted((PROJECT / "pipeline" / "leanvm" / "resources").glob("*.sh")):
+        for number, line in enumerate(script.read_text().splitlines(), 1):
+            if not line.lstrip().startswith("#") and spelled.search(line):
+                found.append(f"{script.name}:{number}: {line.strip()}")
+    assert found == []

@@ -10,11 +10,13 @@ they need. Either way the libraries a binary loads are found by reading its ELF 
 import os
 import shutil
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from leanvm.arch import Arch
 from leanvm.errors import LeanvmError
 from leanvm.proc import run
+from leanvm.state.shellfacts import ask
 
 TRIPLETS = {Arch.AMD64: "x86_64-linux-gnu", Arch.ARM64: "aarch64-linux-gnu"}
 
@@ -35,8 +37,10 @@ class Root:
         return self.path / path.relative_to("/")
 
 
+@cache
 def host_arch() -> Arch:
-    return {"x86_64": Arch.AMD64, "aarch64": Arch.ARM64}[os.uname().machine]
+    """This host's arch, as lib.sh's host_arch (the rule run.sh uses) names it."""
+    return Arch(ask("host_arch").stdout.strip())
 
 
 def apt_name(package: str, arch: Arch) -> str:

@@ -12,8 +12,9 @@ from pathlib import Path
 from leanvm.arch import Arch
 from leanvm.errors import LeanvmError, report
 from leanvm.proc import run
+from leanvm.state.shellfacts import ask
 
-from leanvm_dev import CHECKOUT, debroot, minirelease
+from leanvm_dev import CHECKOUT, minirelease
 
 PROJECT = CHECKOUT
 OUT = PROJECT / "out"
@@ -25,8 +26,8 @@ READY = "leanvm: ready"
 
 
 def kvm_usable(arch: Arch) -> bool:
-    """KVM runs only guests of the host's own arch."""
-    return arch is debroot.host_arch() and os.access("/dev/kvm", os.R_OK | os.W_OK)
+    """What LEANVM_ACCEL=auto picks for a guest of `arch` is KVM (lib.sh's resolve_accel)."""
+    return ask("resolve_accel", "auto", arch.value).stdout.strip() == "kvm"
 
 
 def boot(run_sh: Path, accel: str, timeout: float) -> tuple[str, str]:

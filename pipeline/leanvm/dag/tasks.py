@@ -24,7 +24,7 @@ from leanvm.fsutil import write_atomic
 from leanvm.release import fetch, publish
 from leanvm.resources import CLUSTER_SCRIPT, LIBVIRT_SCRIPT, RUN_SH, SHELL_LIB
 from leanvm.ship import bundle, prune
-from leanvm.state import identity, snapshots
+from leanvm.state import identity, shellfacts, snapshots
 from leanvm.state.layout import Layout
 from leanvm.state.vmstate import running_pid
 from leanvm.vm import configdrive, disks, libvirt, sshkey, values
@@ -304,14 +304,17 @@ def install_script(source: Path, dest: Path) -> None:
 
 def task_cluster() -> dict:
     """out/cluster.sh: up/down/status/console/ssh for every VM (static: it finds the VMs),
-    and out/lib.sh, the shell functions it shares with run.sh and libvirt.sh."""
+    and out/lib.sh, the shell functions it shares with run.sh, headed by the out/ names and
+    the arch table that Python owns (state/shellfacts.py)."""
     layout = context().layout
-    scripts = {SHELL_LIB: layout.script("lib.sh"), CLUSTER_SCRIPT: layout.script("cluster.sh")}
+    lib = shellfacts.lib_sh()
     return {
         "doc": "install out/cluster.sh (up, down, status, console NAME, ssh NAME) and out/lib.sh",
-        "actions": [action(install_script, source, dest) for source, dest in scripts.items()],
-        "file_dep": list(scripts),
-        "targets": list(scripts.values()),
+        "actions": [action(install_script, CLUSTER_SCRIPT, layout.script("cluster.sh")),
+                    action(write_atomic, layout.script("lib.sh"), lib.encode(), 0o755)],
+        "file_dep": [CLUSTER_SCRIPT, SHELL_LIB],
+        "targets": [layout.script("cluster.sh"), layout.script("lib.sh")],
+        "uptodate": [config_changed(lib)],
         "clean": True,
     }
 

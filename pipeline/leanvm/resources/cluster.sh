@@ -42,7 +42,7 @@ vm_ssh() {
   shift
   port=$(ssh_port "$vm")
   [ -n "$port" ] || die "VM $vm has no recorded ssh port: run doit"
-  [ -r "$out/ssh/id_ed25519" ] || die "no cluster key $out/ssh/id_ed25519: run doit"
+  [ -r "$out/$OUT_SSH/$SSH_KEY" ] || die "no cluster key $out/$OUT_SSH/$SSH_KEY: run doit"
   ssh_to_vm "$out" "$port" "$vm" "$@"
 }
 
@@ -62,10 +62,10 @@ wait_for_ssh() {
       vm_ssh "$vm" true </dev/null >/dev/null 2>&1 && continue
       if ! vm_active "$vm"; then
         stop_switch_if_unused
-        if [ -f "$out/vms/$vm/boot-failed" ]; then
-          die "VM $vm: its boot failed (\"$(cat "$out/vms/$vm/boot-failed")\"): see $out/vms/$vm/console.log"
+        if [ -f "$out/$OUT_VMS/$vm/$VM_BOOT_FAILED" ]; then
+          die "VM $vm: its boot failed (\"$(cat "$out/$OUT_VMS/$vm/$VM_BOOT_FAILED")\"): see $out/$OUT_VMS/$vm/$VM_CONSOLE"
         fi
-        die "VM $vm stopped before its sshd answered: see $out/vms/$vm/console.log"
+        die "VM $vm stopped before its sshd answered: see $out/$OUT_VMS/$vm/$VM_CONSOLE"
       fi
       still="$still $vm"
     done
@@ -84,7 +84,7 @@ wait_for_ssh() {
 
 # True if no VM named in $1 has printed anything on its serial console.
 silent() {
-  for vm in $1; do [ ! -s "$out/vms/$vm/console.log" ] || return 1; done
+  for vm in $1; do [ ! -s "$out/$OUT_VMS/$vm/$VM_CONSOLE" ] || return 1; done
 }
 
 # The VMs in $1 printed nothing under KVM: KVM hangs on this machine (nested virtualisation
@@ -102,30 +102,30 @@ kvm_hung() {
   echo "cluster.sh: $why; starting them under TCG (LEANVM_ACCEL=tcg skips the KVM try)" >&2
   accel=tcg
   for vm in $1; do
-    LEANVM_ACCEL=tcg "$out/vms/$vm/run.sh" --detach || die "VM $vm did not start under TCG"
+    LEANVM_ACCEL=tcg "$out/$OUT_VMS/$vm/$VM_RUN_SH" --detach || die "VM $vm did not start under TCG"
   done
 }
 
 vms() { vms_in "$out"; }
 
 # The pid of VM $1's QEMU, if it runs.
-vm_pid() { running_pid "$out/vms/$1"; }
+vm_pid() { running_pid "$out/$OUT_VMS/$1"; }
 
 # True while VM $1's run.sh holds its run.lock: from before QEMU starts until it has
 # cleared up, across the relaunch after a guest reboot (when no QEMU runs for a moment).
-launcher_active() { ! flock -n "$out/vms/$1/run.lock" true 2>/dev/null; }
+launcher_active() { ! flock -n "$out/$OUT_VMS/$1/$VM_RUN_LOCK" true 2>/dev/null; }
 
 # True if VM $1 runs: its QEMU, or its run.sh between two launches.
 vm_active() { vm_pid "$1" >/dev/null || launcher_active "$1"; }
 
 # VM $1's ssh port, from the identity doit recorded for it (out/state/vms/NAME.env).
 ssh_port() (
-  [ -r "$out/state/vms/$1.env" ] || exit 0
+  [ -r "$out/$OUT_VALUES/$1.env" ] || exit 0
   # shellcheck source=/dev/null disable=SC2154  # ssh_port comes from the file
-  . "$out/state/vms/$1.env" && echo "$ssh_port"
+  . "$out/$OUT_VALUES/$1.env" && echo "$ssh_port"
 )
 
-check_vm() { [ -x "$out/vms/$1/run.sh" ] || die "no VM named '$1' in $out/vms"; }
+check_vm() { [ -x "$out/$OUT_VMS/$1/$VM_RUN_SH" ] || die "no VM named '$1' in $out/$OUT_VMS"; }
 
 # Send monitor command $1 to each VM named after it through its FIFO, all at once, never
 # blocking on a dead QEMU (a writer that cannot open the FIFO is killed after a second).
@@ -134,7 +134,7 @@ monitor() {
   shift
   writers=""
   for vm; do
-    printf '%s\n' "$command" >"$out/vms/$vm/monitor.in" &
+    printf '%s\n' "$command" >"$out/$OUT_VMS/$vm/$VM_MONITOR.in" &
     writers="$writers $!"
   done
   sleep 1
@@ -147,12 +147,12 @@ monitor() {
 up() {
   failed=0 not_started=""
   for vm in $selected; do
-    clear_stale_pid "$out/vms/$vm"
+    clear_stale_pid "$out/$OUT_VMS/$vm"
     if pid=$(vm_pid "$vm"); then
       echo "$vm: already running (pid $pid)"
     elif launcher_active "$vm"; then
       echo "$vm: already starting (its run.sh runs; QEMU is not up yet, or restarts after a guest reboot)"
-    elif "$out/vms/$vm/run.sh" --detach; then
+    elif "$out/$OUT_VMS/$vm/$VM_RUN_SH" --detach; then
       echo "$vm: started (pid $(vm_pid "$vm" || echo -), ssh 127.0.0.1:$(ssh_port "$vm"))"
     else
       failed=1 not_started="$not_started $vm"
@@ -169,17 +169,17 @@ still_running() {
 # The cluster network's switch stops once no VM of this out/ runs or starts (under the
 # lock that every run.sh takes to start or leave it).
 stop_switch_if_unused() {
-  [ -d "$out/net" ] || return 0
+  [ -d "$out/$OUT_NET" ] || return 0
   (
     flock 9 || exit 1
     for vm in $(vms); do vm_pid "$vm" >/dev/null && exit 0; done
-    for entry in "$out"/net/users/*; do
+    for entry in "$out/$OUT_NET/$NET_USERS"/*; do
       [ -e "$entry" ] || continue
       pid=$(cat "$entry" 2>/dev/null) && alive "$pid" && exit 0
       rm -f "$entry"
     done
-    stop_switch "$out/net"
-  ) 9>"$out/net/lock"
+    stop_switch "$out/$OUT_NET"
+  ) 9>"$out/$OUT_NET/$NET_LOCK"
 }
 
 # Wait (up to 10 s) for the run.sh of each VM whose QEMU has ended: it clears up then.
@@ -187,7 +187,7 @@ wait_for_launchers() {
   tries=0
   while [ "$tries" -lt 100 ]; do
     busy=""
-    for entry in "$out"/net/users/*; do
+    for entry in "$out/$OUT_NET/$NET_USERS"/*; do
       [ -e "$entry" ] || continue
       vm_pid "${entry##*/}" >/dev/null && continue  # still running: not ending
       if pid=$(cat "$entry" 2>/dev/null) && alive "$pid"; then busy=1; fi
@@ -226,25 +226,25 @@ press_power_button() {
 
 down() {
   timeout=$(stop_timeout) || exit 1
-  for vm in $selected; do clear_stale_pid "$out/vms/$vm"; done
+  for vm in $selected; do clear_stale_pid "$out/$OUT_VMS/$vm"; done
   power_off still_running press_power_button "$timeout"
   stubborn=$(still_running)
   for vm in $stubborn; do
     echo "$vm: did not power off within ${timeout}s; stopping QEMU"
-    echo "cluster.sh down: no power-off within ${timeout}s" >"$out/vms/$vm/forced-stop"
+    echo "cluster.sh down: no power-off within ${timeout}s" >"$out/$OUT_VMS/$vm/$VM_FORCED_STOP"
   done
   # shellcheck disable=SC2086  # one word per VM name
   force_stop $stubborn
   wait_for_launchers
   stop_switch_if_unused
   for vm in $selected; do
-    rm -f "$out/vms/$vm/monitor.in" "$out/vms/$vm/monitor.out"
+    rm -f "$out/$OUT_VMS/$vm/$VM_MONITOR.in" "$out/$OUT_VMS/$vm/$VM_MONITOR.out"
     echo "$vm: stopped"
   done
 }
 
 # --- snapshots ---------------------------------------------------------------------------
-snapshots=$out/snapshots
+snapshots=$out/$OUT_SNAPSHOTS
 snap=""
 
 joined() { echo "$@"; }  # the words given, on one line
@@ -274,12 +274,12 @@ release_paused() {
   for vm; do
     if [ "$stop_after" = yes ]; then
       pid=$(vm_pid "$vm") || continue
-      printf 'quit\n' >"$out/vms/$vm/monitor.in" &
+      printf 'quit\n' >"$out/$OUT_VMS/$vm/$VM_MONITOR.in" &
       tries=0
       while alive "$pid" && [ "$tries" -lt 100 ]; do sleep 0.05; tries=$((tries + 1)); done
       kill "$!" 2>/dev/null || true
     else
-      hmp "$out/vms/$vm" "cont
+      hmp "$out/$OUT_VMS/$vm" "cont
 info status" '^VM status: ' 10 >/dev/null || true
     fi
   done
@@ -296,17 +296,17 @@ snapshot_failed() {
 # Save VM $1 (paused) into $part/$1: its RAM and devices (QEMU's migration to a file, not
 # throttled), its root and OEM disks as they are at that instant, and its values.
 save_vm() {
-  dir=$out/vms/$1
+  dir=$out/$OUT_VMS/$1
   pid=$(vm_pid "$1") || snapshot_failed "VM $1 stopped"
   mkdir -p "$part/$1"
   status=$(hmp "$dir" "migrate_set_parameter max-bandwidth 64G
-migrate $(hmp_string "exec:cat > $(sh_word "$part/$1/memory")")
+migrate $(hmp_string "exec:cat > $(sh_word "$part/$1/$SNAPSHOT_MEMORY")")
 info migrate" '^Migration status: ' 600) || snapshot_failed "VM $1's QEMU did not answer on its monitor"
   [ "$status" = "Migration status: completed" ] || snapshot_failed "QEMU could not save VM $1 ($status)"
-  for disk in rootfs.img oem.img; do
+  for disk in $RESTORED_DISKS; do
     cp --sparse=always --reflink=auto "$dir/$disk" "$part/$1/$disk" || snapshot_failed "cannot copy $dir/$disk"
   done
-  cp "$out/state/vms/$1.env" "$part/$1/values.env"
+  cp "$out/$OUT_VALUES/$1.env" "$part/$1/$SNAPSHOT_VALUES"
   cpu=$(qemu_option "$pid" -cpu)
   {
     echo "$1.machine=$(qemu_option "$pid" -machine)"
@@ -316,7 +316,7 @@ info migrate" '^Migration status: ' 600) || snapshot_failed "VM $1's QEMU did no
     echo "$1.memory=$(qemu_option "$pid" -m)"
     echo "$1.append=$(qemu_option "$pid" -append)"
     echo "$1.qemu_version=$("$(readlink "/proc/$pid/exe")" --version | head -n 1)"
-  } >>"$part/manifest.vms"
+  } >>"$part/$SNAPSHOT_MANIFEST.vms"
 }
 
 snapshot() {
@@ -324,7 +324,7 @@ snapshot() {
   [ ! -e "$snapshots/$snap" ] || die "snapshot $snap exists ($snapshots/$snap): remove it or pick another name"
   command -v b3sum >/dev/null 2>&1 || die "b3sum not found: install it (apt-get install b3sum)"
   for vm in $selected; do
-    clear_stale_pid "$out/vms/$vm"
+    clear_stale_pid "$out/$OUT_VMS/$vm"
     vm_pid "$vm" >/dev/null || die "VM $vm is not running: a snapshot saves running VMs (start it with $0 up $vm)"
   done
   part=$snapshots/.$snap.part
@@ -333,7 +333,7 @@ snapshot() {
   snapshot_started=$(now_ms)
   # every VM paused at one instant, so that the cluster is saved as one moment
   for vm in $selected; do
-    hmp "$out/vms/$vm" "stop
+    hmp "$out/$OUT_VMS/$vm" "stop
 info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEMU did not pause"
   done
   for vm in $selected; do save_vm "$vm"; done
@@ -351,14 +351,14 @@ info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEM
     echo "created=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     # shellcheck disable=SC2086  # one word per VM name
     echo "vms=$(joined $selected)"
-    cat "$part/manifest.vms"
-  } >"$part/manifest"
-  rm -f "$part/manifest.vms"
+    cat "$part/$SNAPSHOT_MANIFEST.vms"
+  } >"$part/$SNAPSHOT_MANIFEST"
+  rm -f "$part/$SNAPSHOT_MANIFEST.vms"
   if ! (cd "$part" && find . -type f | sed 's|^\./||' | sort | xargs b3sum) >"$part.B3SUMS"; then
     rm -rf "$part" "$part.B3SUMS"
     die "snapshot $snap: cannot compute the digests (b3sum)"
   fi
-  mv "$part.B3SUMS" "$part/B3SUMS"
+  mv "$part.B3SUMS" "$part/$SNAPSHOT_DIGESTS"
   for vm in $selected; do checked_stat "$part" "$vm" >"$part/.checked-$vm"; done  # as written: no need to read them again
   mv "$part" "$snapshots/$snap"
   if [ "$stop_after" = yes ]; then
@@ -383,12 +383,12 @@ info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEM
 # has seen QEMU load the snapshot (or puts them back if it could not).
 put_back_disks() {
   for vm in $selected; do
-    copy_snapshot_disks "$out/vms/$vm" "$1/$vm" || {
-      for gone in $selected; do discard_snapshot_disks "$out/vms/$gone"; done
+    copy_snapshot_disks "$out/$OUT_VMS/$vm" "$1/$vm" || {
+      for gone in $selected; do discard_snapshot_disks "$out/$OUT_VMS/$gone"; done
       die "restore $snap: cannot copy the disks of $1/$vm; every VM's disks are as they were"
     }
   done
-  for vm in $selected; do swap_in_snapshot_disks "$out/vms/$vm"; done
+  for vm in $selected; do swap_in_snapshot_disks "$out/$OUT_VMS/$vm"; done
 }
 
 # The restore failed: stop what started, and give every VM its disks from before.
@@ -397,33 +397,33 @@ undo_restore() {
   force_stop $selected
   wait_for_launchers
   stop_switch_if_unused
-  for vm in $selected; do put_old_disks_back "$out/vms/$vm"; done
+  for vm in $selected; do put_old_disks_back "$out/$OUT_VMS/$vm"; done
   die "restore $snap: $*; every VM's disks are as they were before"
 }
 
 restore() {
   check_snapshot_name "$snap"
   dir=$snapshots/$snap
-  [ -r "$dir/manifest" ] || die "no snapshot $snap in $snapshots: list them with ls $snapshots"
-  [ -n "$selected" ] || selected=$(manifest_value "$dir/manifest" vms)
+  [ -r "$dir/$SNAPSHOT_MANIFEST" ] || die "no snapshot $snap in $snapshots: list them with ls $snapshots"
+  [ -n "$selected" ] || selected=$(manifest_value "$dir/$SNAPSHOT_MANIFEST" vms)
   for vm in $selected; do
     check_vm "$vm"
-    clear_stale_pid "$out/vms/$vm"
+    clear_stale_pid "$out/$OUT_VMS/$vm"
     ! vm_active "$vm" || die "VM $vm is running: stop it first ($0 down $vm); a restore replaces its disks and memory"
-    qemu=$(values_value "$out/state/vms/$vm.env" qemu)
-    check_snapshot "$dir" "$vm" "$out/state/vms/$vm.env" "${LEANVM_QEMU:-$qemu}"
+    qemu=$(values_value "$out/$OUT_VALUES/$vm.env" qemu)
+    check_snapshot "$dir" "$vm" "$out/$OUT_VALUES/$vm.env" "${LEANVM_QEMU:-$qemu}"
   done
   restore_started=$(date +%s) restore_started_ms=$(now_ms)
   put_back_disks "$dir"
   # every VM's QEMU started at once; each run.sh says in starts/NAME whether it did
-  starts=$out/snapshots/.restoring-$snap
+  starts=$out/$OUT_SNAPSHOTS/.restoring-$snap
   rm -rf "$starts"
   mkdir -p "$starts"
   for vm in $selected; do
-    rm -f "$out/vms/$vm/restored"
+    rm -f "$out/$OUT_VMS/$vm/$VM_RESTORED"
     (
       started=0
-      "$out/vms/$vm/run.sh" --detach --resume "$snap" 2>"$starts/$vm.err" || started=$?
+      "$out/$OUT_VMS/$vm/$VM_RUN_SH" --detach --resume "$snap" 2>"$starts/$vm.err" || started=$?
       echo "$started" >"$starts/$vm"
     ) &
   done
@@ -432,7 +432,7 @@ restore() {
     if [ "$(cat "$starts/$vm" 2>/dev/null)" != 0 ]; then
       why=$(tail -n 1 "$starts/$vm.err" 2>/dev/null | sed 's/^run.sh: //')
       rm -rf "$starts"
-      undo_restore "VM $vm did not start from the snapshot (${why:-see $out/vms/$vm/run.log})"
+      undo_restore "VM $vm did not start from the snapshot (${why:-see $out/$OUT_VMS/$vm/$VM_RUN_LOG})"
     fi
     echo "$vm: restored from $snap (pid $(vm_pid "$vm" || echo -), ssh 127.0.0.1:$(ssh_port "$vm"))"
   done
@@ -446,13 +446,13 @@ restore() {
   unproven=""
   for vm in $selected; do
     tries=0  # (the VM and the clock looked at every 20th turn: they cost programs, the file none)
-    until [ -s "$out/vms/$vm/restored" ] ||
+    until [ -s "$out/$OUT_VMS/$vm/$VM_RESTORED" ] ||
         { [ $((tries % 20)) = 0 ] && { ! vm_active "$vm" || [ "$(date +%s)" -ge "$deadline" ]; }; }; do
       sleep 0.05
       tries=$((tries + 1))
     done
     # its run.sh set the clock over ssh: its sshd answered
-    grep -q 'clock set to this host' "$out/vms/$vm/restored" 2>/dev/null || unproven="$unproven $vm"
+    grep -q 'clock set to this host' "$out/$OUT_VMS/$vm/$VM_RESTORED" 2>/dev/null || unproven="$unproven $vm"
   done
   selected=${unproven# }
   if [ -n "$selected" ]; then
@@ -462,7 +462,7 @@ restore() {
   fi
   selected=$restored_vms
   for vm in $selected; do
-    cat "$out/vms/$vm/restored" 2>/dev/null || echo "$vm: running; its clock was not set yet"
+    cat "$out/$OUT_VMS/$vm/$VM_RESTORED" 2>/dev/null || echo "$vm: running; its clock was not set yet"
   done
   echo "restored in $(seconds "$(($(now_ms) - restore_started_ms))") s"
 }
@@ -479,8 +479,8 @@ parse_wait() {
     ''|-*) ;;
     *[!0-9]*)  # a VM name (they start with a letter), or a mistyped number
       case $2 in [0-9]*) die "$command --wait takes a whole number of seconds, not '$2'" ;; esac
-      [ -x "$out/vms/$2/run.sh" ] || [ "$command" = restore ] ||
-        die "$command --wait: '$2' is neither a number of seconds nor a VM in $out/vms (usage: $command --wait [SECONDS] [NAME...])" ;;
+      [ -x "$out/$OUT_VMS/$2/$VM_RUN_SH" ] || [ "$command" = restore ] ||
+        die "$command --wait: '$2' is neither a number of seconds nor a VM in $out/$OUT_VMS (usage: $command --wait [SECONDS] [NAME...])" ;;
     *) [ "$2" -gt 0 ] || die "$command --wait: SECONDS must be at least 1, not '$2'"
        wait_seconds=$2 wait_words=2 ;;
   esac
@@ -488,9 +488,9 @@ parse_wait() {
 
 # "running (libvirt)" if VM $1's libvirt domain runs (out/libvirt.sh, LIBVIRT_DEFAULT_URI).
 libvirt_running() {
-  [ -r "$out/libvirt/cluster.env" ] && command -v virsh >/dev/null 2>&1 || return 1
+  [ -r "$out/$OUT_LIBVIRT/$LIBVIRT_ENV" ] && command -v virsh >/dev/null 2>&1 || return 1
   # shellcheck source=/dev/null
-  prefix=$(. "$out/libvirt/cluster.env" && echo "$prefix")
+  prefix=$(. "$out/$OUT_LIBVIRT/$LIBVIRT_ENV" && echo "$prefix")
   [ "$(virsh -q domstate "$prefix-$1" 2>/dev/null)" = running ]
 }
 
@@ -519,7 +519,7 @@ status() {
   printf '%-24s %-17s %-8s %-22s %s\n' VM STATE PID SSH "HOST MEMORY (PSS)"
   pids=""
   for vm in $(vms); do
-    clear_stale_pid "$out/vms/$vm"
+    clear_stale_pid "$out/$OUT_VMS/$vm"
     memory=-
     if pid=$(vm_pid "$vm"); then
       state=running memory=$(pss_mib "$pid") pids="$pids $pid"
@@ -587,8 +587,8 @@ case ${1-} in
   console)
     [ $# -eq 2 ] || die "usage: cluster.sh console NAME"
     check_vm "$2"
-    [ -f "$out/vms/$2/console.log" ] || die "VM $2 has no console.log: start it with 'cluster.sh up'"
-    exec tail -n +1 -f "$out/vms/$2/console.log" ;;
+    [ -f "$out/$OUT_VMS/$2/$VM_CONSOLE" ] || die "VM $2 has no console.log: start it with 'cluster.sh up'"
+    exec tail -n +1 -f "$out/$OUT_VMS/$2/$VM_CONSOLE" ;;
   ssh)
     [ $# -ge 2 ] || die "usage: cluster.sh ssh NAME [-- CMD...]"
     check_vm "$2"

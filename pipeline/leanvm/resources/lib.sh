@@ -20,9 +20,9 @@ alive() {
 # behind, and by then the pid may belong to any process. (leanvm.state.vmstate: the same rule.)
 is_vm_qemu() (
   if [ -r "/proc/$1/cmdline" ]; then
-    tr '\0' '\n' <"/proc/$1/cmdline" | grep -Fxq -- "$2/qemu.pid"
+    tr '\0' '\n' <"/proc/$1/cmdline" | grep -Fxq -- "$2/$VM_QEMU_PID"
   else  # no /proc (macOS): ps joins the arguments with spaces
-    case $(ps -o args= -p "$1" 2>/dev/null) in *"-pidfile $2/qemu.pid"*) ;; *) exit 1 ;; esac
+    case $(ps -o args= -p "$1" 2>/dev/null) in *"-pidfile $2/$VM_QEMU_PID"*) ;; *) exit 1 ;; esac
   fi
 )
 
@@ -30,20 +30,20 @@ is_vm_qemu() (
 # runs; false otherwise (no file, a dead process, or one that is not this VM's QEMU).
 running_pid() (
   pid=""
-  read -r pid 2>/dev/null <"$1/qemu.pid" || [ -n "$pid" ] || exit 1
+  read -r pid 2>/dev/null <"$1/$VM_QEMU_PID" || [ -n "$pid" ] || exit 1
   alive "$pid" && is_vm_qemu "$pid" "$1" && echo "$pid"
 )
 
 # Remove the qemu.pid of the VM in directory $1 if it names no QEMU of this VM, and say so;
 # only while no run.sh holds the VM's run.lock (a starting QEMU writes the file).
 clear_stale_pid() (
-  [ -f "$1/qemu.pid" ] || exit 0
+  [ -f "$1/$VM_QEMU_PID" ] || exit 0
   running_pid "$1" >/dev/null && exit 0
-  exec 8>>"$1/run.lock"
+  exec 8>>"$1/$VM_RUN_LOCK"
   flock -n 8 || exit 0
   running_pid "$1" >/dev/null && exit 0
-  stale=$(cat "$1/qemu.pid" 2>/dev/null) || exit 0
-  rm -f "$1/qemu.pid"
+  stale=$(cat "$1/$VM_QEMU_PID" 2>/dev/null) || exit 0
+  rm -f "$1/$VM_QEMU_PID"
   echo "${1##*/}: removed a stale qemu.pid (pid $stale is not this VM's QEMU)" >&2
 )
 
@@ -56,15 +56,9 @@ check_ports() {
   done
 }
 
-# This host's architecture in leanvm's names (amd64, arm64), from uname -m (Linux says
-# x86_64 or aarch64, macOS x86_64 or arm64).
-host_arch() {
-  case $(uname -m) in
-    x86_64|amd64) echo amd64 ;;
-    aarch64|arm64) echo arm64 ;;
-    *) uname -m ;;
-  esac
-}
+# This host's architecture in leanvm's names (amd64, arm64): arch_of_machine, in the head
+# of out/lib.sh, is written by doit from leanvm's arch table.
+host_arch() { arch_of_machine "$(uname -m)"; }
 
 # The accelerator for LEANVM_ACCEL ($1: auto, kvm, hvf or tcg) and a guest of arch $2
 # (default: this host's). auto is, for a guest of the host's own arch, KVM on Linux when
@@ -87,7 +81,8 @@ resolve_accel() {
   esac
 }
 
-# True if something on this host listens on TCP port $1 (any address).
+# True if something on this host listens on TCP port $1 (any address). (A socket only bound,
+# never listening, is not in /proc/net/tcp: QEMU then fails to forward the port, in one line.)
 port_in_use() {
   awk -v port="$(printf ':%04X' "$1")" '$4 == "0A" && substr($2, length($2) - 4) == port { found = 1 }
     END { exit !found }' /proc/net/tcp /proc/net/tcp6 2>/dev/null
@@ -96,13 +91,13 @@ port_in_use() {
 # Stop the cluster network's switch in directory $1 (out/net) and clear what it left; the
 # caller holds $1/lock.
 stop_switch() (
-  pid=$(cat "$1/switch.pid" 2>/dev/null || true)
+  pid=$(cat "$1/$NET_SWITCH_PID" 2>/dev/null || true)
   if alive "$pid"; then
     kill "$pid" 2>/dev/null || true
     tries=0
     while alive "$pid" && [ "$tries" -lt 100 ]; do sleep 0.05; tries=$((tries + 1)); done
   fi
-  rm -rf "$1/switch" "$1/switch.pid"
+  rm -rf "${1:?}/$NET_SWITCH" "${1:?}/$NET_SWITCH_PID"
 )
 
 # First boot: Ignition runs only while root disk $1 has no /etc/.ignition-result.json, read
@@ -176,11 +171,10 @@ replay_journal() {
 }
 
 # The VMs of the out/ directory $1: each vms/NAME with an executable run.sh (a retired VM
-# has run.sh.retired), and file $2 as well if given (e.g. domain.xml).
+# has run.sh.retired).
 vms_in() (
-  for dir in "$1"/vms/*/; do
-    [ -x "${dir}run.sh" ] || continue
-    [ -z "${2-}" ] || [ -e "$dir$2" ] || continue
+  for dir in "$1/$OUT_VMS"/*/; do
+    [ -x "$dir$VM_RUN_SH" ] || continue
     basename "$dir"
   done
 )
@@ -218,11 +212,11 @@ power_off() (
 # their plain names: ssh splits UserKnownHostsFile at spaces and expands % and ~ in both, so
 # an out/ path holding a space, a quote or a % would otherwise send host keys elsewhere.
 ssh_to_vm() (
-  cd "$1/ssh" || exit 255
+  cd "$1/$OUT_SSH" || exit 255
   port=$2 vm=$3
   shift 3
-  exec ssh -i ./id_ed25519 -p "$port" -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR \
-    -o UserKnownHostsFile=./known_hosts -o StrictHostKeyChecking=accept-new \
+  exec ssh -i "./$SSH_KEY" -p "$port" -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR \
+    -o UserKnownHostsFile="./$SSH_KNOWN_HOSTS" -o StrictHostKeyChecking=accept-new \
     -o HostKeyAlias="leanvm-$vm" -o HashKnownHosts=no -o ConnectTimeout=10 "${LEANVM_SSH_USER:-core}@127.0.0.1" "$@"
 )
 
@@ -231,11 +225,11 @@ ssh_to_vm() (
 # the reply that matches extended regex $3 (after what earlier commands left is read off),
 # waiting up to $4 seconds; false if none came.
 hmp() (
-  reply=$1/monitor.reply
-  drain_fifo "$1/monitor.out"
-  cat "$1/monitor.out" >"$reply" 2>/dev/null &
+  reply=$1/$VM_MONITOR.reply
+  drain_fifo "$1/$VM_MONITOR.out"
+  cat "$1/$VM_MONITOR.out" >"$reply" 2>/dev/null &
   reader=$!
-  printf '%s\n' "$2" >"$1/monitor.in" &
+  printf '%s\n' "$2" >"$1/$VM_MONITOR.in" &
   writer=$!
   tries=0 found=""
   while [ "$tries" -lt $(($4 * 50)) ]; do
@@ -266,7 +260,7 @@ hmp_string() { printf '"%s"' "$(printf '%s' "$1" | sed 's/[\\"]/\\&/g')"; }
 # --- a restore's disks: a snapshot's copied in beside a VM's (*.restoring), then swapped in;
 # the VM's own stay as *.before-restore until QEMU has loaded the snapshot (drop_old_disks)
 # or could not (put_old_disks_back). $1 is the VM's directory in out/vms.
-RESTORED_DISKS="rootfs.img oem.img"
+RESTORED_DISKS="$VM_ROOT_DISK $VM_OEM_DISK"
 
 # Copy the disks of snapshot directory $2 (SNAP/NAME) beside VM directory $1's; false, and
 # nothing copied left, if one could not be copied.
@@ -279,7 +273,7 @@ discard_snapshot_disks() { for disk in $RESTORED_DISKS; do rm -f "$1/$disk.resto
 swap_in_snapshot_disks() {
   for disk in $RESTORED_DISKS; do mv "$1/$disk" "$1/$disk.before-restore" && mv "$1/$disk.restoring" "$1/$disk"; done
 }
-old_disks_kept() { [ -f "$1/rootfs.img.before-restore" ]; }
+old_disks_kept() { [ -f "$1/$VM_ROOT_DISK.before-restore" ]; }
 drop_old_disks() { for disk in $RESTORED_DISKS; do rm -f "$1/$disk.before-restore"; done; }
 put_old_disks_back() {
   for disk in $RESTORED_DISKS; do
@@ -321,7 +315,7 @@ host_cpu_model() { sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/
 # The accelerator to restore VM $2 of snapshot directory $1 under: the snapshot's, which
 # LEANVM_ACCEL=auto takes; another LEANVM_ACCEL is refused.
 snapshot_accel() {
-  snapshot_accel_saved=$(manifest_value "$1/manifest" "$2.accel")
+  snapshot_accel_saved=$(manifest_value "$1/$SNAPSHOT_MANIFEST" "$2.accel")
   case ${LEANVM_ACCEL:-auto} in
     auto|"$snapshot_accel_saved") ;;
     *) die "snapshot ${1##*/}: VM $2 was saved under $snapshot_accel_saved, and LEANVM_ACCEL=$LEANVM_ACCEL;" \
@@ -335,15 +329,15 @@ snapshot_accel() {
 # QEMU version, machine, accelerator and CPU model, and every file of the VM as the
 # snapshot's B3SUMS lists it.
 check_snapshot() {
-  [ -r "$1/manifest" ] || die "no snapshot ${1##*/} in ${1%/*} (no manifest): see cluster.sh snapshot"
-  case " $(manifest_value "$1/manifest" vms) " in
+  [ -r "$1/$SNAPSHOT_MANIFEST" ] || die "no snapshot ${1##*/} in ${1%/*} (no manifest): see cluster.sh snapshot"
+  case " $(manifest_value "$1/$SNAPSHOT_MANIFEST" vms) " in
     *" $2 "*) ;;
-    *) die "snapshot ${1##*/} holds no VM $2 (it holds: $(manifest_value "$1/manifest" vms))" ;;
+    *) die "snapshot ${1##*/} holds no VM $2 (it holds: $(manifest_value "$1/$SNAPSHOT_MANIFEST" vms))" ;;
   esac
-  check_differs=$(identity_difference "$1/$2/values.env" "$3")
+  check_differs=$(identity_difference "$1/$2/$SNAPSHOT_VALUES" "$3")
   [ -z "$check_differs" ] || die "snapshot ${1##*/}: VM $2's $check_differs: the snapshot belongs to another" \
     "cluster, out/ or set-up of this VM; boot it cold (cluster.sh up $2)"
-  check_was=$(manifest_value "$1/manifest" "$2.qemu_version")
+  check_was=$(manifest_value "$1/$SNAPSHOT_MANIFEST" "$2.qemu_version")
   check_now=$("$4" --version 2>/dev/null | head -n 1)
   [ "$check_was" = "$check_now" ] || die "snapshot ${1##*/} was saved by '$check_was', this host runs" \
     "'$check_now': QEMU loads only its own version's state; boot VM $2 cold (cluster.sh up $2)"
@@ -351,15 +345,15 @@ check_snapshot() {
   if [ "$check_accel" = kvm ] && [ "$(resolve_accel auto)" != kvm ]; then
     die "snapshot ${1##*/}: VM $2 was saved under KVM, which this host cannot run; boot it cold (cluster.sh up $2)"
   fi
-  if [ "$(manifest_value "$1/manifest" "$2.cpu")" = host ]; then
-    check_was=$(manifest_value "$1/manifest" "$2.cpu_model")
+  if [ "$(manifest_value "$1/$SNAPSHOT_MANIFEST" "$2.cpu")" = host ]; then
+    check_was=$(manifest_value "$1/$SNAPSHOT_MANIFEST" "$2.cpu_model")
     [ "$check_was" = "$(host_cpu_model)" ] || die "snapshot ${1##*/}: VM $2 was saved under KVM with -cpu host on" \
       "'$check_was', this host's CPU is '$(host_cpu_model)'; boot it cold (cluster.sh up $2)"
   fi
-  [ "$(cd "$1" && grep -c "^[0-9a-f]*  $2/" B3SUMS)" -ge 4 ] || die "snapshot ${1##*/}: B3SUMS lists no files of VM $2: the snapshot is damaged"
+  [ "$(cd "$1" && grep -c "^[0-9a-f]*  $2/" "$SNAPSHOT_DIGESTS")" -ge 4 ] || die "snapshot ${1##*/}: B3SUMS lists no files of VM $2: the snapshot is damaged"
   checked_stat "$1" "$2" | cmp -s - "$1/.checked-$2" && return 0
   command -v b3sum >/dev/null 2>&1 || die "b3sum not found: install it (apt-get install b3sum)"
-  check_bad=$(cd "$1" && grep -e "^[0-9a-f]*  $2/" -e "^[0-9a-f]*  manifest\$" B3SUMS | b3sum -c --quiet - 2>&1 |
+  check_bad=$(cd "$1" && grep -e "^[0-9a-f]*  $2/" -e "^[0-9a-f]*  $SNAPSHOT_MANIFEST\$" "$SNAPSHOT_DIGESTS" | b3sum -c --quiet - 2>&1 |
     sed -n 's/: FAILED.*//p;s/: No such.*//p' | head -n 1) || true
   [ -z "$check_bad" ] || die "snapshot ${1##*/}: $1/$check_bad differs from its digest in B3SUMS: the snapshot is damaged; take a new one"
   checked_stat "$1" "$2" >"$1/.checked-$2" 2>/dev/null || true
@@ -369,7 +363,7 @@ check_snapshot() {
 # directory $1: .checked-NAME holds it from the last time they matched B3SUMS (or were
 # written), so that an unchanged snapshot is not read in full again; any change to a file
 # (a copy, a restore from a cache, an edit) changes its ctime and it is checked in full.
-checked_stat() { (cd "$1" && find manifest B3SUMS "$2" -type f -exec stat -c '%s %Y %Z %i %n' {} + | sort -k 5); }
+checked_stat() { (cd "$1" && find "$SNAPSHOT_MANIFEST" "$SNAPSHOT_DIGESTS" "$2" -type f -exec stat -c '%s %Y %Z %i %n' {} + | sort -k 5); }
 
 # The first identity value (SNAPSHOT_IDENTITY) in which values file $1 (a snapshot's) and
 # $2 (the VM's now) differ, as "KEY was 'A', is now 'B'"; nothing if none does.

@@ -5,9 +5,9 @@
 set -eu
 out=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
 die() { printf 'libvirt.sh: %s\n' "$*" >&2; exit 2; }
-[ -r "$out/libvirt/cluster.env" ] || die "$out/libvirt/cluster.env is missing: run doit libvirt"
+[ -r "$out/$OUT_LIBVIRT/$LIBVIRT_ENV" ] || die "$out/$OUT_LIBVIRT/$LIBVIRT_ENV is missing: run doit libvirt"
 # shellcheck source=/dev/null
-. "$out/libvirt/cluster.env"  # python (shell-quoted by doit libvirt), prefix, network
+. "$out/$OUT_LIBVIRT/$LIBVIRT_ENV"  # python (shell-quoted by doit libvirt), prefix, network
 # shellcheck disable=SC2154  # python comes from cluster.env
 python=${LEANVM_PYTHON:-$python}
 "$python" -c 'import leanvm.vm.libvirtctl' 2>/dev/null ||

@@ -9,19 +9,19 @@ set -eu
 here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
 out=${here%/*/*}
 name=${here##*/}
-values=$out/state/vms/$name.env
+if [ ! -r "$out/lib.sh" ]; then
+  echo "run.sh: $out/lib.sh is missing: run doit again" >&2
+  exit 1
+fi
+# shellcheck source=/dev/null
+. "$out/lib.sh"  # out/'s names (OUT_*, VM_*, ...); alive, running_pid, check_ports, stop_switch, first_boot
+values=$out/$OUT_VALUES/$name.env
 if [ ! -r "$values" ]; then
   echo "run.sh: $values is missing: run doit again to record VM $name's ports and addresses" >&2
   exit 1
 fi
 # shellcheck source=/dev/null
 . "$values"
-if [ ! -r "$out/lib.sh" ]; then
-  echo "run.sh: $out/lib.sh is missing: run doit again" >&2
-  exit 1
-fi
-# shellcheck source=/dev/null
-. "$out/lib.sh"  # alive, running_pid, check_ports, stop_switch, first_boot
 images=$out/$image_dir
 qemu=${LEANVM_QEMU:-$qemu}
 
@@ -68,20 +68,20 @@ vm_qemu() {
     -cpu "$cpu" \
     -smp "$cpus" \
     -m "$memory" \
-    -pidfile "$here/qemu.pid" \
+    -pidfile "$here/$VM_QEMU_PID" \
     -netdev "$user_netdev" \
     -device "virtio-net-pci,netdev=net0,mac=$mac" \
-    -drive "if=none,id=usr,format=raw,readonly=on,file=$(qpath "$images/usr.img")" \
+    -drive "if=none,id=usr,format=raw,readonly=on,file=$(qpath "$images/$IMAGE_USR")" \
     -device virtio-blk-pci,drive=usr,serial=usr.readonly \
-    -drive "if=none,id=root,format=raw,discard=unmap,file=$(qpath "$here/rootfs.img")" \
+    -drive "if=none,id=root,format=raw,discard=unmap,file=$(qpath "$here/$VM_ROOT_DISK")" \
     -device virtio-blk-pci,drive=root,serial=rootfs \
-    -drive "if=none,id=oem,format=raw,discard=unmap,file=$(qpath "$here/oem.img")" \
+    -drive "if=none,id=oem,format=raw,discard=unmap,file=$(qpath "$here/$VM_OEM_DISK")" \
     -device virtio-blk-pci,drive=oem,serial=oem \
-    -drive "if=none,id=config,format=raw,readonly=on,file=$(qpath "$here/config.iso")" \
+    -drive "if=none,id=config,format=raw,readonly=on,file=$(qpath "$here/$VM_CONFIG_DRIVE")" \
     -device virtio-blk-pci,drive=config,serial=config-2 \
-    ${ignition_fw_cfg:+-fw_cfg "name=$ignition_fw_cfg,file=$(qpath "$here/ignition.json")"} \
-    -kernel "$images/vmlinuz" \
-    ${initrd:+-initrd "$images/initrd"} \
+    ${ignition_fw_cfg:+-fw_cfg "name=$ignition_fw_cfg,file=$(qpath "$here/$VM_IGNITION")"} \
+    -kernel "$images/$IMAGE_KERNEL" \
+    ${initrd:+-initrd "$images/$IMAGE_INITRD"} \
     -append "$append" \
     "$@"
 }
@@ -94,24 +94,24 @@ refuse_if_running() {
 # --- the private cluster network: a rootless VDE switch shared by the VMs of this out/ ---
 # Starting and stopping it happen under one lock (out/net/lock). Every VM that uses it has
 # an entry in out/net/users/; the last one to leave stops it.
-net=$out/net
+net=$out/$OUT_NET
 
 with_net_lock() {
-  mkdir -p "$net/users"
+  mkdir -p "$net/$NET_USERS"
   (
     flock 9 || exit 1
     "$@"
-  ) 9>"$net/lock"
+  ) 9>"$net/$NET_LOCK"
 }
 
-switch_alive() { alive "$(cat "$net/switch.pid" 2>/dev/null || true)" && [ -S "$net/switch/ctl" ]; }
+switch_alive() { alive "$(cat "$net/$NET_SWITCH_PID" 2>/dev/null || true)" && [ -S "$net/$NET_SWITCH/ctl" ]; }
 
 ensure_switch() {
-  echo "$$" >"$net/users/$name"
+  echo "$$" >"$net/$NET_USERS/$name"
   switch_alive && return 0
   stop_switch "$net"  # whatever a dead or half-started switch left behind
   # The switch must not inherit the locks (fd 8: run.lock, fd 9: net/lock) or this output.
-  (cd "$net" && vde_switch --sock switch --pidfile "$net/switch.pid" --daemon) </dev/null >/dev/null 2>&1 8>&- 9>&- ||
+  (cd "$net" && vde_switch --sock "$NET_SWITCH" --pidfile "$net/$NET_SWITCH_PID" --daemon) </dev/null >/dev/null 2>&1 8>&- 9>&- ||
     true
   tries=0
   until switch_alive; do
@@ -123,12 +123,12 @@ ensure_switch() {
 
 # True if VM $1 (an entry in users/) still runs or is still starting.
 net_user_alive() {
-  alive "$(cat "$net/users/$1" 2>/dev/null || true)" || running_pid "$out/vms/$1" >/dev/null
+  alive "$(cat "$net/$NET_USERS/$1" 2>/dev/null || true)" || running_pid "$out/$OUT_VMS/$1" >/dev/null
 }
 
 leave_switch() {
-  rm -f "$net/users/$name"
-  for entry in "$net"/users/*; do
+  rm -f "$net/$NET_USERS/$name"
+  for entry in "$net/$NET_USERS"/*; do
     [ -e "$entry" ] || continue
     net_user_alive "${entry##*/}" && return 0
     rm -f "$entry"
@@ -154,7 +154,7 @@ case ${1-} in
     shift 2 ;;
   --resume) resume=$2; shift 2 ;;  # internal: the snapshot's disks are in place already
 esac
-snapshot_dir=$out/snapshots/$resume
+snapshot_dir=$out/$OUT_SNAPSHOTS/$resume
 
 # --- restore: the snapshot's disks put back, after every check ----------------------------
 # Called just before QEMU starts. The disks this VM had are kept as *.before-restore until
@@ -164,7 +164,7 @@ put_snapshot_disks_back() {
   copy_snapshot_disks "$here" "$snapshot_dir/$name" ||
     die "cannot copy the disks of $snapshot_dir/$name; VM $name's disks are as they were"
   swap_in_snapshot_disks "$here"
-  rm -f "$here/restored"
+  rm -f "$here/$VM_RESTORED"
 }
 [ -z "$restore" ] || check_snapshot_name "$restore"
 
@@ -176,16 +176,16 @@ KVM_FALLBACK="failed under KVM"
 # console, or 3 s after start (the $1-th tenth of a second), or once it fell back to TCG.
 kvm_settled() {
   [ "${LEANVM_ACCEL:-auto}" = auto ] && [ "$(resolve_accel auto "$arch")" = kvm ] || return 0
-  [ "$1" -ge 30 ] || [ -s "$here/console.log" ] || grep -q -a "$KVM_FALLBACK" "$here/run.log"
+  [ "$1" -ge 30 ] || [ -s "$here/$VM_CONSOLE" ] || grep -q -a "$KVM_FALLBACK" "$here/$VM_RUN_LOG"
 }
 
 # The detached run.sh ended before QEMU ran: its own last word, or QEMU's first error line.
 failed_start() {
-  last=$(tail -n 1 "$here/run.log")
+  last=$(tail -n 1 "$here/$VM_RUN_LOG")
   case $last in
     run.sh:*) printf '%s\n' "$last" >&2 ;;
-    *) qemu_error=$(grep -a -m 1 -e 'qemu-system' -e 'qemu:' "$here/run.log" || printf '%s' "$last")
-       printf 'run.sh: VM %s: QEMU ended at once: %s; see %s\n' "$name" "$qemu_error" "$here/run.log" >&2 ;;
+    *) qemu_error=$(grep -a -m 1 -e 'qemu-system' -e 'qemu:' "$here/$VM_RUN_LOG" || printf '%s' "$last")
+       printf 'run.sh: VM %s: QEMU ended at once: %s; see %s\n' "$name" "$qemu_error" "$here/$VM_RUN_LOG" >&2 ;;
   esac
 }
 
@@ -196,7 +196,7 @@ if [ "$mode" = detach ]; then
   refuse_if_running
   command -v setsid >/dev/null 2>&1 || die "setsid not found: install util-linux"
   if [ -n "$restore" ]; then set -- --restore "$restore" "$@"; elif [ -n "$resume" ]; then set -- --resume "$resume" "$@"; fi
-  setsid sh "$here/run.sh" --supervise "$@" </dev/null >/dev/null 2>"$here/run.log" &
+  setsid sh "$here/$VM_RUN_SH" --supervise "$@" </dev/null >/dev/null 2>"$here/$VM_RUN_LOG" &
   supervisor=$!
   tries=0
   # started once QEMU runs (a restore: once QEMU has loaded the snapshot and the disks from
@@ -208,11 +208,11 @@ if [ "$mode" = detach ]; then
       failed_start
       exit 1
     fi
-    [ "$tries" -lt 600 ] || die "VM $name did not start within 60 s: see $here/run.log"
+    [ "$tries" -lt 600 ] || die "VM $name did not start within 60 s: see $here/$VM_RUN_LOG"
     sleep 0.1
     tries=$((tries + 1))
   done
-  grep -a "$KVM_FALLBACK" "$here/run.log" >&2 || true
+  grep -a "$KVM_FALLBACK" "$here/$VM_RUN_LOG" >&2 || true
   exit 0
 fi
 
@@ -243,11 +243,11 @@ incoming="" memory_file="" MEMORY_FD=6
 if [ -n "$resume" ]; then
   accel=$(snapshot_accel "$snapshot_dir" "$name") || exit 1
   use_accel "$accel"
-  [ "$cpu" = "$(manifest_value "$snapshot_dir/manifest" "$name.cpu")" ] ||
-    die "snapshot $resume: VM $name was saved with -cpu $(manifest_value "$snapshot_dir/manifest" "$name.cpu"), this run.sh uses -cpu $cpu; boot it cold"
+  [ "$cpu" = "$(manifest_value "$snapshot_dir/$SNAPSHOT_MANIFEST" "$name.cpu")" ] ||
+    die "snapshot $resume: VM $name was saved with -cpu $(manifest_value "$snapshot_dir/$SNAPSHOT_MANIFEST" "$name.cpu"), this run.sh uses -cpu $cpu; boot it cold"
   # QEMU reads the memory file itself, from fd MEMORY_FD that run.sh opens on it (no pipe,
   # no cat: loading from a pipe took 0.2-0.3 s longer here)
-  memory_file=$snapshot_dir/$name/memory
+  memory_file=$snapshot_dir/$name/$SNAPSHOT_MEMORY
   incoming="fd:$MEMORY_FD"
 fi
 
@@ -256,14 +256,14 @@ fi
 decide_boot() {
   if [ -n "$incoming" ]; then
     boot_rule="restored from snapshot $resume"
-    append=$(manifest_value "$snapshot_dir/manifest" "$name.append")
+    append=$(manifest_value "$snapshot_dir/$SNAPSHOT_MANIFEST" "$name.append")
     return 0
   fi
-  if first_boot "$here/rootfs.img" "$first_boot_args" "$mode"; then
-    boot_rule="first boot: $here/rootfs.img $first_boot_why, so '$first_boot_args' is added"
+  if first_boot "$here/$VM_ROOT_DISK" "$first_boot_args" "$mode"; then
+    boot_rule="first boot: $here/$VM_ROOT_DISK $first_boot_why, so '$first_boot_args' is added"
     append="$kernel_args $first_boot_args"
   else
-    boot_rule="not a first boot${first_boot_args:+: $here/rootfs.img $first_boot_why}"
+    boot_rule="not a first boot${first_boot_args:+: $here/$VM_ROOT_DISK $first_boot_why}"
     append=$kernel_args
   fi
   boot_rule="$boot_rule${first_boot_note-}"
@@ -278,7 +278,7 @@ if [ "$mode" != print ] && ! command -v vde_switch >/dev/null 2>&1; then
   cluster_net=false
 fi
 if [ "$cluster_net" = true ]; then
-  set -- -netdev vde,id=cluster,sock=switch -device "virtio-net-pci,netdev=cluster,mac=$cluster_mac" "$@"
+  set -- -netdev "vde,id=cluster,sock=$NET_SWITCH" -device "virtio-net-pci,netdev=cluster,mac=$cluster_mac" "$@"
 fi
 # Free page reporting hands the pages a guest frees back to the host (Flatcar's kernel has
 # virtio_balloon with it): an idle VM's host RAM shrinks once its page cache is dropped.
@@ -289,16 +289,16 @@ case ${LEANVM_BALLOON:-on} in
 esac
 # The monitor FIFOs monitor.in/.out let cluster.sh down press the power button, in both modes.
 if [ "$mode" != print ]; then
-  set -- -chardev "pipe,id=monitor,path=$(qpath "$here/monitor")" -mon chardev=monitor,mode=readline "$@"
+  set -- -chardev "pipe,id=monitor,path=$(qpath "$here/$VM_MONITOR")" -mon chardev=monitor,mode=readline "$@"
 fi
 # The serial console goes to console.log too (appended across the relaunches of one run):
 # run.sh reads there whether the guest rebooted.
 if [ "$mode" = supervise ]; then
   set -- -display none \
-    -chardev "file,id=console,path=$(qpath "$here/console.log"),append=on" -serial chardev:console "$@"
+    -chardev "file,id=console,path=$(qpath "$here/$VM_CONSOLE"),append=on" -serial chardev:console "$@"
 else
   # the monitor stays multiplexed on stdio next to the FIFO monitor (Ctrl-a x, Ctrl-a c)
-  set -- -nographic -chardev "stdio,id=console,mux=on,logfile=$(qpath "$here/console.log"),logappend=on" \
+  set -- -nographic -chardev "stdio,id=console,mux=on,logfile=$(qpath "$here/$VM_CONSOLE"),logappend=on" \
     -serial chardev:console -mon chardev=console,mode=readline "$@"
 fi
 # A guest reboot ends QEMU; run.sh starts it again with the first-boot rule decided afresh,
@@ -311,9 +311,10 @@ if [ "$mode" = print ]; then
   quoted_net=$(sh_word "$net")
   printf 'mkdir -p %s && cd %s && ' "$quoted_net" "$quoted_net"  # QEMU finds the switch as ./switch
   # the cluster switch, started if none runs (cluster.sh down stops it once no VM uses it)
+  switch=$(sh_word "$NET_SWITCH") switch_pid=$(sh_word "$NET_SWITCH_PID")
   # shellcheck disable=SC2016  # expanded where the printed line runs
-  printf '{ kill -0 "$(cat switch.pid 2>/dev/null)" 2>/dev/null || { rm -rf switch && %s; }; } && ' \
-    'vde_switch --sock switch --pidfile "$PWD/switch.pid" --daemon'
+  printf '{ kill -0 "$(cat %s 2>/dev/null)" 2>/dev/null || { rm -rf %s && %s; }; } && ' "$switch_pid" "$switch" \
+    "vde_switch --sock $switch --pidfile \"\$PWD\"/$switch_pid --daemon"
   vm_qemu print_command "$@"
   exit 0
 fi
@@ -324,12 +325,12 @@ command -v "$qemu" >/dev/null 2>&1 ||
 refuse_if_running
 # One run.sh at a time per VM (fd 8 on run.lock, never inherited by QEMU): a run.sh that was
 # killed leaves a keeper that stops its QEMU and clears up; a start waits for it.
-exec 8>"$here/run.lock"
+exec 8>"$here/$VM_RUN_LOCK"
 flock -w 15 8 || die "VM $name is starting or stopping in another run.sh; try again"
 refuse_if_running
-if [ -f "$here/qemu.pid" ]; then  # not this VM's QEMU (refuse_if_running): left by a QEMU that died
-  warn "removed a stale qemu.pid (pid $(cat "$here/qemu.pid") is not VM $name's QEMU)"
-  rm -f "$here/qemu.pid"
+if [ -f "$here/$VM_QEMU_PID" ]; then  # not this VM's QEMU (refuse_if_running): left by a QEMU that died
+  warn "removed a stale qemu.pid (pid $(cat "$here/$VM_QEMU_PID") is not VM $name's QEMU)"
+  rm -f "$here/$VM_QEMU_PID"
 fi
 check_ports "$name" "$host_ports"
 [ -z "$restore" ] || put_snapshot_disks_back
@@ -340,9 +341,9 @@ if [ "$cluster_net" = true ]; then
   with_net_lock ensure_switch || exit 1
   cd "$net" || exit 1  # QEMU finds the switch as ./switch: short socket paths, wherever out/ is
 fi
-rm -f "$here/monitor.in" "$here/monitor.out" "$here/forced-stop" "$here/boot-failed"
-mkfifo "$here/monitor.in" "$here/monitor.out"
-: >"$here/console.log"
+rm -f "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out" "$here/$VM_FORCED_STOP" "$here/$VM_BOOT_FAILED"
+mkfifo "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out"
+: >"$here/$VM_CONSOLE"
 
 # --- foreground: QEMU never outlives this script ------------------------------------------
 # QEMU runs as a child that this script waits for, so that a signal reaches the traps at
@@ -353,8 +354,8 @@ mkfifo "$here/monitor.in" "$here/monitor.out"
 
 # What a run holds: the monitor FIFOs, a pid file QEMU did not remove, the switch entry.
 release_vm() {
-  rm -f "$here/monitor.in" "$here/monitor.out"
-  running_pid "$here" >/dev/null || rm -f "$here/qemu.pid"
+  rm -f "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out"
+  running_pid "$here" >/dev/null || rm -f "$here/$VM_QEMU_PID"
   if [ "$cluster_net" = true ]; then with_net_lock leave_switch; fi
 }
 
@@ -384,15 +385,15 @@ fi
 # True if the guest of the launch whose console began at byte $1 of console.log rebooted
 # (the kernel's last words: "reboot: Restarting system", not "reboot: Power down").
 guest_rebooted() {
-  tail -c +"$(($1 + 1))" "$here/console.log" 2>/dev/null |
+  tail -c +"$(($1 + 1))" "$here/$VM_CONSOLE" 2>/dev/null |
     grep -a -e 'reboot: Restarting system' -e 'reboot: Power down' | tail -n 1 | grep -q 'Restarting system'
 }
 
 # True if the QEMU whose console began at byte $1 of console.log failed under a KVM that
 # LEANVM_ACCEL=auto chose before its guest printed anything (and nobody stopped it).
 kvm_failed() {
-  [ -z "$launched_incoming" ] && [ "$accel" = kvm ] && [ "${LEANVM_ACCEL:-auto}" = auto ] && [ ! -f "$here/forced-stop" ] &&
-    [ "$(wc -c <"$here/console.log")" -le "$1" ]
+  [ -z "$launched_incoming" ] && [ "$accel" = kvm ] && [ "${LEANVM_ACCEL:-auto}" = auto ] && [ ! -f "$here/$VM_FORCED_STOP" ] &&
+    [ "$(wc -c <"$here/$VM_CONSOLE")" -le "$1" ]
 }
 
 # Watch the console of the launch that began at byte $1 while QEMU (pid $2) runs: a failed
@@ -401,9 +402,9 @@ kvm_failed() {
 # rather than waited out and started again, a first boot once more, in a loop.
 watch_boot() (
   while kill -0 "$2" 2>/dev/null; do
-    if line=$(tail -c +"$(($1 + 1))" "$here/console.log" 2>/dev/null |
+    if line=$(tail -c +"$(($1 + 1))" "$here/$VM_CONSOLE" 2>/dev/null |
         grep -a -m 1 -e 'Ignition has failed' -e 'Press Enter for emergency shell'); then
-      printf '%s\n' "$line" | tr -d '\r' | sed 's/[[:space:]]*$//' >"$here/boot-failed"
+      printf '%s\n' "$line" | tr -d '\r' | sed 's/[[:space:]]*$//' >"$here/$VM_BOOT_FAILED"
       kill -TERM "$2" 2>/dev/null
       exit 0
     fi
@@ -442,7 +443,7 @@ info status" '^VM status: running' 10 >/dev/null || exit 0
     sleep 1
   done
   printf 'run.sh: VM %s restored from snapshot %s and running; %s\n' "$name" "$resume" "$clock" |
-    tee "$here/restored" >&2
+    tee "$here/$VM_RESTORED" >&2
 )
 
 # A restore whose QEMU ended before it loaded the snapshot: the disks from before go back.
@@ -450,7 +451,7 @@ undo_restore() {
   old_disks_kept "$here" || return 0
   put_old_disks_back "$here"
   qemu_error="its error is above"  # (in the foreground, QEMU's own words are on the terminal)
-  if [ "$mode" = supervise ]; then qemu_error=$(grep -a -m 1 -e 'qemu-system' "$here/run.log" || echo "see run.log"); fi
+  if [ "$mode" = supervise ]; then qemu_error=$(grep -a -m 1 -e 'qemu-system' "$here/$VM_RUN_LOG" || echo "see run.log"); fi
   printf 'run.sh: VM %s: QEMU could not load snapshot %s (%s): its disks are as they were\n' \
     "$name" "$resume" "$qemu_error" >&2
   status=1
@@ -478,7 +479,7 @@ leave() {
 trap leave EXIT
 while :; do
   if [ -n "$caught" ]; then exit "$caught"; fi  # a signal between two launches
-  offset=$(wc -c <"$here/console.log")
+  offset=$(wc -c <"$here/$VM_CONSOLE")
   launched_incoming=$incoming
   if [ -n "$incoming" ]; then
     vm_qemu "$runner" -incoming "$incoming" "$@" <&7 7<&- 8>&- 6<"$memory_file" &
@@ -509,27 +510,27 @@ while :; do
     undo_restore
     break
   fi
-  if [ -f "$here/boot-failed" ]; then
+  if [ -f "$here/$VM_BOOT_FAILED" ]; then
     printf 'run.sh: VM %s: its boot failed ("%s"): stopped instead of started again; see %s\n' \
-      "$name" "$(cat "$here/boot-failed")" "$here/console.log" >&2
+      "$name" "$(cat "$here/$VM_BOOT_FAILED")" "$here/$VM_CONSOLE" >&2
     status=1
     break
   fi
   if [ "$status" -ne 0 ] && kvm_failed "$offset"; then
     qemu_error="exit status $status"  # (in the foreground, QEMU's own words are on the terminal)
-    if [ "$mode" = supervise ]; then qemu_error=$(grep -a -m 1 -e 'qemu-system' "$here/run.log" || echo "$qemu_error"); fi
+    if [ "$mode" = supervise ]; then qemu_error=$(grep -a -m 1 -e 'qemu-system' "$here/$VM_RUN_LOG" || echo "$qemu_error"); fi
     printf 'run.sh: VM %s: QEMU %s (%s): starting it under TCG (LEANVM_ACCEL=tcg skips the KVM try)\n' \
       "$name" "$KVM_FALLBACK" "$qemu_error" >&2
     use_accel tcg
     continue
   fi
-  if [ -f "$here/forced-stop" ] || [ "$status" -ne 0 ] || ! guest_rebooted "$offset"; then break; fi
+  if [ -f "$here/$VM_FORCED_STOP" ] || [ "$status" -ne 0 ] || ! guest_rebooted "$offset"; then break; fi
   printf 'run.sh: VM %s rebooted: starting it again\n' "$name" >&2
   decide_boot
 done
-if [ -f "$here/forced-stop" ]; then  # QEMU exits 0 after a monitor quit or a SIGTERM
-  printf 'run.sh: VM %s was stopped by force: %s\n' "$name" "$(cat "$here/forced-stop")" >&2
-  rm -f "$here/forced-stop"
+if [ -f "$here/$VM_FORCED_STOP" ]; then  # QEMU exits 0 after a monitor quit or a SIGTERM
+  printf 'run.sh: VM %s was stopped by force: %s\n' "$name" "$(cat "$here/$VM_FORCED_STOP")" >&2
+  rm -f "$here/$VM_FORCED_STOP"
   [ "$status" -ne 0 ] || status=143
 fi
 exit "$status"

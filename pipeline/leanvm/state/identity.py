@@ -14,7 +14,6 @@ import hashlib
 import ipaddress
 import os
 import shlex
-import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from leanvm.errors import LeanvmError, tool
 from leanvm.fsutil import write_atomic
 from leanvm.state.layout import Layout
+from leanvm.state.shellfacts import ask
 
 AUTO_PORT_BASE = 22000
 AUTO_PORT_SPAN = 10000
@@ -148,12 +148,8 @@ def ports_of_other_outs(out: Path) -> set[int]:
 
 
 def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
+    """lib.sh's rule, which run.sh applies before it starts a VM: something listens on it."""
+    return ask("port_in_use", str(port)).returncode == 0
 
 
 # --- assignment ----------------------------------------------------------------------

@@ -1,11 +1,62 @@
 """The one map of out/: every path leanvm writes or reads there.
 
-The shell scripts get their per-VM paths from the VM's values file (`values`), which holds
-them relative to out/, so that out/ stays relocatable.
+Each name is spelled once, in `Names`; Layout joins them for Python, and the shell gets them
+as variables of the same names from the generated head of out/lib.sh (`state/shellfacts.py`),
+so that run.sh, cluster.sh and lib.sh never spell a name of their own. Paths stay relative
+to out/ in what the shell reads, so that out/ stays relocatable.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
+
+
+class Names:
+    """Every name in out/: OUT_* relative to out/, VM_* in a VM's directory (out/vms/NAME),
+    IMAGE_* in a release version's images, SNAPSHOT_* in a snapshot, NET_* in out/net (the
+    cluster switch), SSH_* in out/ssh, LIBVIRT_* in out/libvirt."""
+
+    OUT_VMS = "vms"
+    OUT_VALUES = "state/vms"  # NAME.env: a VM's values file
+    OUT_IMAGES = "images"
+    OUT_CACHE = "cache"
+    OUT_SSH = "ssh"
+    OUT_NET = "net"
+    OUT_LIBVIRT = "libvirt"
+    OUT_BUNDLES = "bundles"
+    OUT_SNAPSHOTS = "snapshots"
+    VM_RUN_SH = "run.sh"
+    VM_ROOT_DISK = "rootfs.img"
+    VM_OEM_DISK = "oem.img"
+    VM_CONFIG_DRIVE = "config.iso"
+    VM_IGNITION = "ignition.json"
+    VM_DOMAIN_XML = "domain.xml"
+    VM_QEMU_PID = "qemu.pid"  # QEMU's -pidfile
+    VM_RUN_LOCK = "run.lock"  # held by run.sh while it runs the VM
+    VM_CONSOLE = "console.log"
+    VM_RUN_LOG = "run.log"  # a detached run.sh's own messages
+    VM_MONITOR = "monitor"  # QEMU's HMP through the FIFOs monitor.in and monitor.out
+    VM_FORCED_STOP = "forced-stop"  # why the VM was stopped by force
+    VM_BOOT_FAILED = "boot-failed"  # the console line of a failed boot
+    VM_RESTORED = "restored"  # run.sh's line once a restored VM runs
+    IMAGE_KERNEL = "vmlinuz"
+    IMAGE_INITRD = "initrd"
+    IMAGE_USR = "usr.img"
+    SNAPSHOT_MANIFEST = "manifest"
+    SNAPSHOT_DIGESTS = "B3SUMS"
+    SNAPSHOT_MEMORY = "memory"  # in SNAP/NAME/, beside the VM's disks
+    SNAPSHOT_VALUES = "values.env"  # in SNAP/NAME/
+    NET_SWITCH = "switch"
+    NET_SWITCH_PID = "switch.pid"
+    NET_LOCK = "lock"
+    NET_USERS = "users"  # one file per VM using the switch
+    SSH_KEY = "id_ed25519"
+    SSH_KNOWN_HOSTS = "known_hosts"
+    LIBVIRT_ENV = "cluster.env"
+
+
+def names() -> dict[str, str]:
+    """Every name of `Names`, by its variable name (what the shell gets)."""
+    return {key: value for key, value in vars(Names).items() if key.isupper()}
 
 
 @dataclass(frozen=True)
@@ -27,14 +78,14 @@ class Layout:
 
     # --- releases ---------------------------------------------------------------------
     def release_images(self, release: str) -> Path:
-        return self.out / "images" / release
+        return self.out / Names.OUT_IMAGES / release
 
     def images(self, release: str, version: str) -> Path:
         """The published kernel, initrd and usr.img of one release version."""
         return self.release_images(release) / version
 
     def image_dirs(self) -> list[Path]:
-        return sorted(p for p in (self.out / "images").glob("*/*") if p.is_dir())
+        return sorted(p for p in (self.out / Names.OUT_IMAGES).glob("*/*") if p.is_dir())
 
     def current_version(self, release: str, stream: str = "current") -> Path:
         """The version a stream (`current`, `current-2024`) resolved to last."""
@@ -42,18 +93,18 @@ class Layout:
 
     def cache(self, release: str, version: str) -> Path:
         """Downloads and their signatures, before they are verified and published."""
-        return self.out / "cache" / release / version
+        return self.out / Names.OUT_CACHE / release / version
 
     # --- VMs --------------------------------------------------------------------------
     @property
     def vms(self) -> Path:
-        return self.out / "vms"
+        return self.out / Names.OUT_VMS
 
     def vm(self, name: str) -> Path:
         return self.vms / name
 
     def run_sh(self, name: str) -> Path:
-        return self.vm(name) / "run.sh"
+        return self.vm(name) / Names.VM_RUN_SH
 
     def user_data(self, name: str) -> Path:
         """The user_data the config drive holds, as a plain file beside it (what was put there)."""
@@ -61,18 +112,27 @@ class Layout:
 
     def config_drive(self, name: str) -> Path:
         """The config drive: an ISO 9660 image labelled config-2 holding openstack/latest/user_data."""
-        return self.vm(name) / "config.iso"
+        return self.vm(name) / Names.VM_CONFIG_DRIVE
 
     def ignition(self, name: str) -> Path:
-        return self.vm(name) / "ignition.json"
+        return self.vm(name) / Names.VM_IGNITION
+
+    def root_disk(self, name: str) -> Path:
+        return self.vm(name) / Names.VM_ROOT_DISK
+
+    def oem_disk(self, name: str) -> Path:
+        return self.vm(name) / Names.VM_OEM_DISK
+
+    def qemu_pid(self, name: str) -> Path:
+        return self.vm(name) / Names.VM_QEMU_PID
 
     def domain_xml(self, name: str) -> Path:
         """The libvirt domain `leanvm libvirt` defined last for the VM (define and start write it)."""
-        return self.vm(name) / "domain.xml"
+        return self.vm(name) / Names.VM_DOMAIN_XML
 
     @property
     def values_dir(self) -> Path:
-        return self.out / "state" / "vms"
+        return self.out / Names.OUT_VALUES
 
     def values(self, name: str) -> Path:
         """The VM's values file (identity, boot arguments, paths): kept by `doit clean`."""
@@ -86,20 +146,20 @@ class Layout:
     # --- shared by the VMs ------------------------------------------------------------
     @property
     def ssh(self) -> Path:
-        return self.out / "ssh"
+        return self.out / Names.OUT_SSH
 
     @property
     def libvirt(self) -> Path:
-        return self.out / "libvirt"
+        return self.out / Names.OUT_LIBVIRT
 
     @property
     def bundles(self) -> Path:
-        return self.out / "bundles"
+        return self.out / Names.OUT_BUNDLES
 
     @property
     def snapshots(self) -> Path:
         """cluster.sh snapshot's: SNAP/{manifest,B3SUMS,NAME/...} (VM state: `doit clean` keeps them)."""
-        return self.out / "snapshots"
+        return self.out / Names.OUT_SNAPSHOTS
 
     def snapshot(self, name: str) -> Path:
         return self.snapshots / name

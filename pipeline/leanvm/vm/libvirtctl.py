@@ -22,9 +22,10 @@ from pathlib import Path
 
 from leanvm.errors import LeanvmError, interrupted, report
 from leanvm.fsutil import write_atomic
-from leanvm.resources import FIRST_BOOT_CHECK, SHELL_LIB
+from leanvm.resources import FIRST_BOOT_CHECK
 from leanvm.state.identity import port_in_use
 from leanvm.state.layout import Layout
+from leanvm.state.shellfacts import lib_sh
 from leanvm.state.vmstate import running_pid
 from leanvm.vm.libvirt import domain_xml, prefix, read_values
 
@@ -136,7 +137,7 @@ class Libvirt:
         if not values["first_boot_args"]:
             return False
         disk = self.host_dir / "vms" / vm / "rootfs.img"
-        script = SHELL_LIB.read_text() + FIRST_BOOT_CHECK.read_text()
+        script = lib_sh() + FIRST_BOOT_CHECK.read_text()
         host = self.remote_host()
         if host:
             name, _, port = host.rpartition(":") if ":" in host else (host, "", "22")
