@@ -25,7 +25,7 @@ from leanvm.release import fetch, publish
 from leanvm.resources import CLUSTER_SCRIPT, LIBVIRT_SCRIPT, RUN_SH, SHELL_LIB
 from leanvm.ship import bundle, prune
 from leanvm.state import identity, shellfacts, snapshots
-from leanvm.state.layout import Layout
+from leanvm.state.layout import Layout, Names
 from leanvm.state.vmstate import running_pid
 from leanvm.vm import configdrive, disks, libvirt, sshkey, values
 
@@ -62,7 +62,7 @@ class Context:
 
     def vm_disks(self, vm: VM) -> disks.Disks:
         vm_dir = self.layout.vm(vm.name)
-        return disks.Disks(vm.name, vm_dir / "rootfs.img", vm_dir / "oem.img", vm.disk_size)
+        return disks.Disks(vm.name, vm_dir / Names.VM_ROOT_DISK, vm_dir / Names.VM_OEM_DISK, vm.disk_size)
 
 
 def _not_checked(port: int) -> bool:
@@ -159,10 +159,10 @@ class Artifact:
 
 
 def artifacts(release: Release, images: Path) -> list[Artifact]:
-    found = [Artifact(Kind.KERNEL, release.kernel, images / "vmlinuz")]
+    found = [Artifact(Kind.KERNEL, release.kernel, images / Names.IMAGE_KERNEL)]
     if release.initrd:
-        found.append(Artifact(Kind.INITRD, release.initrd, images / "initrd"))
-    found.append(Artifact(Kind.IMAGE, release.image, images / "usr.img"))
+        found.append(Artifact(Kind.INITRD, release.initrd, images / Names.IMAGE_INITRD))
+    found.append(Artifact(Kind.IMAGE, release.image, images / Names.IMAGE_USR))
     return found
 
 
@@ -329,7 +329,7 @@ def retire(vm_dirs: list[Path], config: Path) -> None:
             raise LeanvmError(f"VM {vm_dir.name} is running (pid {pid}) but is no longer in {config}",
                               f"stop it first ({vm_dir / 'run.sh'} or cluster.sh down), or put it back")
     for vm_dir in vm_dirs:
-        os.replace(vm_dir / "run.sh", vm_dir / "run.sh.retired")
+        os.replace(vm_dir / Names.VM_RUN_SH, vm_dir / f"{Names.VM_RUN_SH}.retired")
         warn(f"VM {vm_dir.name} is no longer in the cluster file: its launcher is now "
              f"{vm_dir / 'run.sh.retired'}; its root disk is kept")
         drop_from_snapshots(vm_dir.parent.parent, vm_dir.name, "it is no longer in the cluster file")

@@ -30,15 +30,16 @@ from leanvm.arch import Arch
 from leanvm.errors import LeanvmError, interrupted, note, report, tool
 from leanvm.fsutil import temp_path
 from leanvm.release.record import file_digest
-from leanvm.state.layout import Layout
+from leanvm.state.layout import Layout, Names
 from leanvm.state.vmstate import running_pid
 
 MANIFEST = "MANIFEST.json"
 SNAPSHOT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # INTERFACE.md; lib.sh's check_snapshot_name
 CLUSTER_FILES = ("lib.sh", "cluster.sh", "libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env")
 # What a run leaves beside a VM's disks: never shipped (a lock, a pid, a log of this host's runs).
-RUNTIME_FILES = {"qemu.pid", "console.log", "monitor.in", "monitor.out", "monitor.reply", "run.sh.retired", "run.log",
-                 "run.lock", "forced-stop", "boot-failed", "restored"}
+RUNTIME_FILES = {Names.VM_QEMU_PID, Names.VM_CONSOLE, *(f"{Names.VM_MONITOR}.{end}" for end in ("in", "out", "reply")),
+                 f"{Names.VM_RUN_SH}.retired", Names.VM_RUN_LOG, Names.VM_RUN_LOCK, Names.VM_FORCED_STOP,
+                 Names.VM_BOOT_FAILED, Names.VM_RESTORED}
 RUNTIME_SUFFIXES = (".before-restore", ".restoring")  # a restore under way (run.sh --restore)
 # libarchive's own guards (no '..', no absolute path, nothing through a symlink) on top of the
 # check of every member against the manifest before it is written.
@@ -55,7 +56,7 @@ def cluster_files(out: Path, images: list[Path], vm_names: list[str], snapshot: 
     # The cluster key travels: whoever unpacks the bundle logs in with `cluster.sh ssh`, as
     # here. known_hosts does not: host keys are learnt anew where the VMs run.
     layout = Layout(out)
-    files += [p for p in (layout.ssh / "id_ed25519", layout.ssh / "id_ed25519.pub") if p.exists()]
+    files += [p for p in (layout.ssh / Names.SSH_KEY, layout.ssh / f"{Names.SSH_KEY}.pub") if p.exists()]
     for name in vm_names:
         files += sorted(p for p in layout.vm(name).rglob("*") if p.is_file() and p.name not in RUNTIME_FILES
                         and not p.name.endswith(RUNTIME_SUFFIXES))
@@ -72,7 +73,7 @@ def check_snapshot(out: Path, snapshot: str) -> None:
     if not SNAPSHOT_NAME.fullmatch(snapshot):
         raise LeanvmError(f"snapshot={snapshot!r} is not a snapshot name",
                           "give a plain word, as cluster.sh snapshot took")
-    if not (where / "manifest").is_file() or not (where / "B3SUMS").is_file():
+    if not (where / Names.SNAPSHOT_MANIFEST).is_file() or not (where / Names.SNAPSHOT_DIGESTS).is_file():
         raise LeanvmError(f"no snapshot {snapshot} in {where.parent}",
                           f"take one with {out / 'cluster.sh'} snapshot {snapshot}, or leave snapshot= out")
 

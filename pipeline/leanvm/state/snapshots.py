@@ -11,18 +11,19 @@ from pathlib import Path
 import blake3
 
 from leanvm.fsutil import write_atomic
-from leanvm.state.layout import Layout
+from leanvm.state.layout import Layout, Names
 
 
 def manifest(snapshot: Path) -> dict[str, str]:
-    lines = (snapshot / "manifest").read_text().splitlines()
+    lines = (snapshot / Names.SNAPSHOT_MANIFEST).read_text().splitlines()
     return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
 
 
 def complete(out: Path) -> list[Path]:
     """The snapshots of out/ (one being written, .SNAP.part, is not one)."""
     where = Layout(out).snapshots
-    return sorted(s for s in where.glob("[!.]*") if (s / "manifest").is_file() and (s / "B3SUMS").is_file())
+    return sorted(s for s in where.glob("[!.]*")
+                  if (s / Names.SNAPSHOT_MANIFEST).is_file() and (s / Names.SNAPSHOT_DIGESTS).is_file())
 
 
 def vms(snapshot: Path) -> list[str]:
@@ -33,7 +34,7 @@ def image_dirs(snapshot: Path) -> set[str]:
     """The image versions (image_dir, relative to out/) the snapshot's VMs were saved on."""
     dirs = set()
     for name in vms(snapshot):
-        for line in (snapshot / name / "values.env").read_text().splitlines():
+        for line in (snapshot / name / Names.SNAPSHOT_VALUES).read_text().splitlines():
             if line.startswith("image_dir="):
                 dirs.add(line.split("=", 1)[1].strip("'"))
     return dirs
@@ -41,7 +42,7 @@ def image_dirs(snapshot: Path) -> set[str]:
 
 def remove(snapshot: Path) -> None:
     """A snapshot gone: its manifest first, so that it is never read half-removed."""
-    (snapshot / "manifest").unlink(missing_ok=True)
+    (snapshot / Names.SNAPSHOT_MANIFEST).unlink(missing_ok=True)
     shutil.rmtree(snapshot)
 
 
@@ -58,15 +59,16 @@ def drop_vm(out: Path, name: str) -> list[str]:
         if not rest:
             remove(snapshot)
             continue
-        lines = (snapshot / "manifest").read_text().splitlines()
+        lines = (snapshot / Names.SNAPSHOT_MANIFEST).read_text().splitlines()
         kept = [f"vms={' '.join(rest)}" if line.startswith("vms=") else line
                 for line in lines if not line.startswith(f"{name}.")]
         text = ("\n".join(kept) + "\n").encode()
-        sums = [line for line in (snapshot / "B3SUMS").read_text().splitlines()
-                if not line.split("  ", 1)[-1].startswith((f"{name}/", "manifest"))]
-        sums.append(f"{blake3.blake3(text).hexdigest()}  manifest")
-        write_atomic(snapshot / "B3SUMS", ("\n".join(sorted(sums, key=lambda s: s.split("  ", 1)[1])) + "\n").encode())
-        write_atomic(snapshot / "manifest", text)
+        sums = [line for line in (snapshot / Names.SNAPSHOT_DIGESTS).read_text().splitlines()
+                if not line.split("  ", 1)[-1].startswith((f"{name}/", Names.SNAPSHOT_MANIFEST))]
+        sums.append(f"{blake3.blake3(text).hexdigest()}  {Names.SNAPSHOT_MANIFEST}")
+        sums.sort(key=lambda s: s.split("  ", 1)[1])
+        write_atomic(snapshot / Names.SNAPSHOT_DIGESTS, ("\n".join(sums) + "\n").encode())
+        write_atomic(snapshot / Names.SNAPSHOT_MANIFEST, text)
         shutil.rmtree(snapshot / name, ignore_errors=True)
         (snapshot / f".checked-{name}").unlink(missing_ok=True)
     return touched

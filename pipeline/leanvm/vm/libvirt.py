@@ -22,7 +22,7 @@ from shlex import quote
 
 from leanvm.errors import LeanvmError
 from leanvm.state.identity import parse_values
-from leanvm.state.layout import Layout
+from leanvm.state.layout import Layout, Names
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ET.register_namespace("qemu", QEMU_NS)
@@ -55,16 +55,16 @@ def _disk(devices: ET.Element, path: Path, target: str, serial: str, shared: boo
 
 def _devices(domain: ET.Element, values: Mapping[str, str], vm_dir: Path, images: Path, network: str) -> None:
     devices = _sub(domain, "devices")
-    _disk(devices, images / "usr.img", "vda", "usr.readonly", shared=True)
-    _disk(devices, vm_dir / "rootfs.img", "vdb", "rootfs", shared=False)
-    _disk(devices, vm_dir / "oem.img", "vdc", "oem", shared=False)
-    _disk(devices, vm_dir / "config.iso", "vdd", "config-2", shared=False, readonly=True)
+    _disk(devices, images / Names.IMAGE_USR, "vda", "usr.readonly", shared=True)
+    _disk(devices, vm_dir / Names.VM_ROOT_DISK, "vdb", "rootfs", shared=False)
+    _disk(devices, vm_dir / Names.VM_OEM_DISK, "vdc", "oem", shared=False)
+    _disk(devices, vm_dir / Names.VM_CONFIG_DRIVE, "vdd", "config-2", shared=False, readonly=True)
     cluster = _sub(devices, "interface", type="network")
     _sub(cluster, "mac", address=values["cluster_mac"])
     _sub(cluster, "source", network=network)
     _sub(cluster, "model", type="virtio")
     serial = _sub(devices, "serial", type="pty")
-    _sub(serial, "log", file=str(vm_dir / "console.log"), append="off")
+    _sub(serial, "log", file=str(vm_dir / Names.VM_CONSOLE), append="off")
     _sub(devices, "console", type="pty")
     _sub(devices, "memballoon", model="virtio", freePageReporting="on")
 
@@ -81,12 +81,12 @@ def _user_network(domain: ET.Element, values: Mapping[str, str]) -> None:
 def _boot(domain: ET.Element, values: Mapping[str, str], vm_dir: Path, images: Path, cmdline: str) -> None:
     if values["ignition_fw_cfg"]:
         sysinfo = _sub(domain, "sysinfo", type="fwcfg")
-        _sub(sysinfo, "entry", name=values["ignition_fw_cfg"], file=str(vm_dir / "ignition.json"))
+        _sub(sysinfo, "entry", name=values["ignition_fw_cfg"], file=str(vm_dir / Names.VM_IGNITION))
     os_ = _sub(domain, "os")
     _sub(os_, "type", "hvm", arch=values["cpu_arch"], machine=values["machine"].split(",")[0])
-    _sub(os_, "kernel", str(images / "vmlinuz"))
+    _sub(os_, "kernel", str(images / Names.IMAGE_KERNEL))
     if values["initrd"]:
-        _sub(os_, "initrd", str(images / "initrd"))
+        _sub(os_, "initrd", str(images / Names.IMAGE_INITRD))
     _sub(os_, "cmdline", cmdline)
 
 

@@ -136,7 +136,7 @@ class Libvirt:
         """lib.sh's first_boot on the VM's root disk, where the libvirt host has it."""
         if not values["first_boot_args"]:
             return False
-        disk = self.host_dir / "vms" / vm / "rootfs.img"
+        disk = Layout(self.host_dir).root_disk(vm)
         script = lib_sh() + FIRST_BOOT_CHECK.read_text()
         host = self.remote_host()
         if host:

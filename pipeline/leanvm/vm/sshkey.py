@@ -9,7 +9,7 @@ from pathlib import Path
 
 from leanvm.fsutil import temp_path
 from leanvm.proc import run
-from leanvm.state.layout import Layout
+from leanvm.state.layout import Layout, Names
 
 
 def ssh_dir(out: Path) -> Path:
@@ -17,11 +17,11 @@ def ssh_dir(out: Path) -> Path:
 
 
 def private_key(out: Path) -> Path:
-    return ssh_dir(out) / "id_ed25519"
+    return ssh_dir(out) / Names.SSH_KEY
 
 
 def public_key(out: Path) -> Path:
-    return ssh_dir(out) / "id_ed25519.pub"
+    return ssh_dir(out) / f"{Names.SSH_KEY}.pub"
 
 
 def create(out: Path) -> None:
@@ -43,7 +43,7 @@ def create(out: Path) -> None:
 
 def forget_host(out: Path, name: str) -> None:
     """Drop VM `name`'s host key from known_hosts (its new root disk makes a new one)."""
-    known = ssh_dir(out) / "known_hosts"
+    known = ssh_dir(out) / Names.SSH_KNOWN_HOSTS
     if known.exists():
         run(["ssh-keygen", "-R", f"leanvm-{name}", "-f", known])
         Path(f"{known}.old").unlink(missing_ok=True)

@@ -13,7 +13,7 @@ from leanvm.config.types import VM, kernel_args
 from leanvm.fsutil import write_atomic
 from leanvm.resources import RUN_SH
 from leanvm.state import identity
-from leanvm.state.layout import Layout
+from leanvm.state.layout import Layout, Names
 
 
 def user_netdev(name: str, netdev_id: str, ssh_port: int, forward: tuple[tuple[int, int], ...]) -> str:
@@ -52,4 +52,4 @@ def write(vm: VM, ident: identity.Identity, version: str, out: Path) -> None:
     identity.save(out, vm.name, values(vm, ident, version))
     dest = Layout(out).run_sh(vm.name)
     write_atomic(dest, RUN_SH.read_bytes(), mode=0o755)
-    dest.with_name("run.sh.retired").unlink(missing_ok=True)  # a VM added back is no longer retired
+    dest.with_name(f"{Names.VM_RUN_SH}.retired").unlink(missing_ok=True)  # a VM added back is no longer retired
