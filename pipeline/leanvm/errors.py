@@ -6,18 +6,20 @@ the exit status (2) every entry point returns. Warnings and notes go through `wa
 
 import os
 import sys
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
-# The command that runs leanvm's tasks, as the user typed it: hints name it ("run `doit
-# reset:core1`" or "run `leanvm reset:core1`"). The `leanvm` command sets it.
-command = "doit"
+def command() -> str:
+    """The command that runs leanvm's tasks, as the user typed it, for hints ("run `doit
+    reset:core1`" or "run `leanvm reset:core1`"): the program running, if it is `leanvm`."""
+    return "leanvm" if Path(sys.argv[0]).name == "leanvm" else "doit"
 
 
 def tool(args: str) -> str:
     """`args` as a command line of the command in use, e.g. tool("prune") -> "`doit prune`"."""
-    return f"`{command} {args}`"
+    return f"`{command()} {args}`"
 
 
 class LeanvmError(Exception):

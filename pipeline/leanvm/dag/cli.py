@@ -70,10 +70,8 @@ def _libvirt_verbs(args: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     from doit.doit_cmd import DoitMain
 
-    from leanvm import errors
     from leanvm.dag.loader import PackageLoader
 
-    errors.command = "leanvm"
     given = list(sys.argv[1:] if argv is None else argv)
     if _libvirt_verbs(given):
         from leanvm.vm import libvirtctl
