@@ -25,7 +25,7 @@ from leanvm.fsutil import write_atomic
 from leanvm.resources import FIRST_BOOT_CHECK
 from leanvm.state.identity import port_in_use
 from leanvm.state.layout import Layout
-from leanvm.state.shellfacts import lib_sh
+from leanvm.state.shellfacts import ask, lib_sh
 from leanvm.state.vmstate import running_pid
 from leanvm.vm.libvirt import domain_xml, prefix, read_values
 
@@ -101,11 +101,10 @@ class Libvirt:
 
     # --- this out/'s VMs ------------------------------------------------------------
     def vms(self) -> list[str]:
-        """The VMs with a run.sh and a values file (a retired VM, whose run.sh is gone, is left out)."""
-        if not self.layout.vms.is_dir():
-            return []
-        return sorted(d.name for d in self.layout.vms.iterdir()
-                      if os.access(self.layout.run_sh(d.name), os.X_OK) and self.layout.values(d.name).is_file())
+        """lib.sh's VMs of this out/ (a retired VM, whose run.sh is gone, is left out) that have
+        a values file to render their domain from."""
+        listed = ask("vms_in", self.layout.out).stdout.split()
+        return [vm for vm in listed if self.layout.values(vm).is_file()]
 
     def active_vms(self) -> list[str]:
         running = set(self.virsh("list", "--name").stdout.split())
@@ -210,10 +209,11 @@ def start(lv: Libvirt) -> None:
 
 
 def _stop_timeout() -> int:
-    given = os.environ.get("LEANVM_STOP_TIMEOUT") or "60"
-    if not given.isdigit():
-        raise LeanvmError(f"LEANVM_STOP_TIMEOUT must be a number of seconds, not '{given}'", "nothing was stopped")
-    return int(given)
+    """lib.sh's stop_timeout: LEANVM_STOP_TIMEOUT, 60 by default, checked as cluster.sh checks it."""
+    said = ask("stop_timeout")
+    if said.returncode != 0:
+        raise LeanvmError(said.stderr.strip())
+    return int(said.stdout)
 
 
 def stop(lv: Libvirt) -> None:
