@@ -5,7 +5,8 @@ import os
 import time
 from pathlib import Path
 
-from support import process_memory, run, wait_for_text
+import support
+from support import process_memory, wait_for_text
 
 
 def accel_env(**extra: str) -> dict[str, str]:
@@ -14,9 +15,11 @@ def accel_env(**extra: str) -> dict[str, str]:
 
 
 def cluster_sh(out: Path, *args: str, **env: str) -> str:
-    """out/cluster.sh ARGS; what it printed."""
-    return run([out / "cluster.sh", *args], check=True, capture_output=True, text=True, timeout=600,
-               env=accel_env(**env)).stdout
+    """out/cluster.sh ARGS (the tests' helper) in the bench's environment; what it printed."""
+    result = support.cluster_sh(out, *args, env=accel_env(**env), timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"cluster.sh {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
 
 
 def down(out: Path) -> None:

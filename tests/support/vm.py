@@ -111,10 +111,10 @@ def marker(console: str, name: str) -> str:
 HOLD = {**ENV, "LEANVM_APPEND": "leanvm.hold", "LEANVM_STOP_TIMEOUT": "60"}  # VMs that stay up for ssh
 
 
-def cluster_sh(out: Path, *args: str, env: dict = HOLD) -> subprocess.CompletedProcess:
+def cluster_sh(out: Path, *args: str, env: dict = HOLD, timeout: float = 400) -> subprocess.CompletedProcess:
     """out/cluster.sh ARGS, with the mini release's VMs held up (leanvm.hold)."""
     return run([out / "cluster.sh", *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
-               timeout=400)
+               timeout=timeout)
 
 
 def on_vm(out: Path, vm: str, command: str) -> str:
