@@ -5,6 +5,9 @@
 set -eu
 out=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
 die() { printf 'libvirt.sh: %s\n' "$*" >&2; exit 2; }
+[ -r "$out/lib.sh" ] || die "$out/lib.sh is missing: run doit again"
+# shellcheck source=/dev/null
+. "$out/lib.sh"  # out/'s names (OUT_LIBVIRT, LIBVIRT_ENV)
 [ -r "$out/$OUT_LIBVIRT/$LIBVIRT_ENV" ] || die "$out/$OUT_LIBVIRT/$LIBVIRT_ENV is missing: run doit libvirt"
 # shellcheck source=/dev/null
 . "$out/$OUT_LIBVIRT/$LIBVIRT_ENV"  # python (shell-quoted by doit libvirt), prefix, network
