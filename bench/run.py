@@ -645,7 +645,8 @@ def main() -> int:
             continue
         print(f"bench: {name} ...", file=sys.stderr)
         rows += bench(args.work, sizes)
-    head = f"Run on {time.strftime('%Y-%m-%d')}. Machine: {machine()}. Repetitions: {sizes.reps} (median; section 10: {sizes.restore_reps})."
+    head = (f"Run on {time.strftime('%Y-%m-%d')}. Machine: {machine()}. "
+            f"Repetitions: {sizes.reps} (median; section 10: {sizes.restore_reps}).")
     # the memory section has a table of its own, published on its own (it takes long to run)
     for marker, part in (("bench", [r for r in rows if r.section != "9 memory"]),
                          ("bench memory", [r for r in rows if r.section == "9 memory"])):
