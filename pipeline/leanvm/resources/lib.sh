@@ -17,7 +17,7 @@ alive() {
 
 # True if process $1 is the QEMU of the VM in directory $2: its command line names $2/qemu.pid
 # (-pidfile). A QEMU killed with SIGKILL, or a host that lost power, leaves its pid file
-# behind, and by then the pid may belong to any process. (leanvm.state.vmstate: the same rule.)
+# behind, and by then the pid may belong to any process. (Python asks this rule: leanvm.state.vmstate.)
 is_vm_qemu() (
   if [ -r "/proc/$1/cmdline" ]; then
     tr '\0' '\n' <"/proc/$1/cmdline" | grep -Fxq -- "$2/$VM_QEMU_PID"

@@ -482,7 +482,7 @@ while :; do
   offset=$(wc -c <"$here/$VM_CONSOLE")
   launched_incoming=$incoming
   if [ -n "$incoming" ]; then
-    vm_qemu "$runner" -incoming "$incoming" "$@" <&7 7<&- 8>&- 6<"$memory_file" &
+    vm_qemu "$runner" -incoming "$incoming" "$@" <&7 7<&- 8>&- 6<"$memory_file" &  # 6: MEMORY_FD (sh takes no variable there)
   else
     vm_qemu "$runner" "$@" <&7 7<&- 8>&- &
   fi
