@@ -125,7 +125,20 @@ ssh_port() (
   . "$out/$OUT_VALUES/$1.env" && echo "$ssh_port"
 )
 
-check_vm() { [ -x "$out/$OUT_VMS/$1/$VM_RUN_SH" ] || die "no VM named '$1' in $out/$OUT_VMS"; }
+check_vm_exists() { [ -x "$out/$OUT_VMS/$1/$VM_RUN_SH" ]; }
+check_vm() { check_vm_exists "$1" || die "no VM named '$1' in $out/$OUT_VMS"; }
+
+# Refuse, in one line, a VM named twice to command $1 (the rest are the names).
+named_once() {
+  named_once_command=$1 named_once_seen=" "
+  shift
+  for named_once_vm; do
+    case $named_once_seen in
+      *" $named_once_vm "*) die "$named_once_command: VM $named_once_vm is named twice; name each VM once" ;;
+    esac
+    named_once_seen="$named_once_seen$named_once_vm "
+  done
+}
 
 # Send monitor command $1 to each VM named after it through its FIFO, all at once, never
 # blocking on a dead QEMU (a writer that cannot open the FIFO is killed after a second).
@@ -134,9 +147,11 @@ monitor() {
   shift
   writers=""
   for vm; do
+    vm_pid "$vm" >/dev/null || continue
     printf '%s\n' "$command" >"$out/$OUT_VMS/$vm/$VM_MONITOR.in" &
     writers="$writers $!"
   done
+  [ -n "$writers" ] || return 0
   sleep 1
   for writer in $writers; do
     kill "$writer" 2>/dev/null || true
@@ -145,6 +160,7 @@ monitor() {
 }
 
 up() {
+  recover_snapshots
   failed=0 not_started=""
   for vm in $selected; do
     clear_stale_pid "$out/$OUT_VMS/$vm"
@@ -226,6 +242,7 @@ press_power_button() {
 
 down() {
   timeout=$(stop_timeout) || exit 1
+  recover_snapshots  # a VM an interrupted snapshot left paused would not see the button
   for vm in $selected; do clear_stale_pid "$out/$OUT_VMS/$vm"; done
   power_off still_running press_power_button "$timeout"
   stubborn=$(still_running)
@@ -285,24 +302,76 @@ info status" '^VM status: ' 10 >/dev/null || true
   done
 }
 
+# Resume the VM in directory $1 that a snapshot left paused: the migration it may still run
+# cancelled and waited out (a cont during one would leave it paused once it completes), then
+# cont; false if it does not run afterwards.
+resume_paused() (
+  hmp "$1" "migrate_cancel
+info status" '^VM status: ' 5 >/dev/null || exit 1
+  tries=0
+  while [ "$tries" -lt 100 ] && state=$(hmp "$1" "info migrate
+info status" '^(Migration|VM) status: ' 2); do
+    case $state in *" setup" | *" active" | *" cancelling" | *" device" | *" pre-switchover") ;; *) break ;; esac
+    sleep 0.1
+    tries=$((tries + 1))
+  done
+  hmp "$1" "cont
+info status" '^VM status: running$' 10 >/dev/null
+)
+
+# A snapshot whose command was killed (its owner's pid gone) left snapshots/.SNAP.part: the
+# VMs it paused are resumed and the directory goes; one line.
+recover_snapshots() {
+  for leftover in "$snapshots"/.*.part "$snapshots"/.restoring-*; do
+    [ -d "$leftover" ] || continue
+    ! alive "$(cat "$leftover/$SNAPSHOT_OWNER" 2>/dev/null || true)" || continue
+    case $leftover in
+      */.restoring-*) rm -rf "$leftover"; continue ;;
+    esac
+    resumed=""
+    for vm in $(cat "$leftover/$SNAPSHOT_PAUSED" 2>/dev/null || true); do
+      if vm_pid "$vm" >/dev/null && resume_paused "$out/$OUT_VMS/$vm"; then resumed="$resumed $vm"; fi
+    done
+    rm -rf "$leftover" "$leftover.B3SUMS"
+    leftover=${leftover##*/.}
+    echo "cluster.sh: snapshot ${leftover%.part} had been interrupted: its partial files were removed${resumed:+, and VMs$resumed resumed}" >&2
+  done
+}
+
 # A snapshot that failed: the VMs run on (or stop, with --stop), nothing is left; one line.
 snapshot_failed() {
   # shellcheck disable=SC2086  # one word per VM name
   release_paused $selected
-  rm -rf "$part"
+  rm -rf "$part" "$part.B3SUMS"
   die "snapshot $snap: $*; the VMs were resumed and nothing was kept"
 }
 
+# A signal ($1: the exit status it gives) while VMs may be paused: each is resumed (its
+# migration cancelled first), nothing is kept; one line.
+snapshot_interrupted() {
+  trap '' INT TERM HUP
+  for vm in $selected; do
+    vm_pid "$vm" >/dev/null && resume_paused "$out/$OUT_VMS/$vm" ||
+      echo "cluster.sh: warning: VM $vm could not be resumed; see $out/$OUT_VMS/$vm/$VM_RUN_LOG" >&2
+  done
+  rm -rf "$part" "$part.B3SUMS"
+  echo "cluster.sh: snapshot $snap interrupted: the VMs run on as before and nothing was kept" >&2
+  exit "$1"
+}
+
 # Save VM $1 (paused) into $part/$1: its RAM and devices (QEMU's migration to a file, not
-# throttled), its root and OEM disks as they are at that instant, and its values.
+# throttled), its root and OEM disks as they are at that instant, and its values. Only a
+# migration this command started and saw complete counts: its memory file is there.
 save_vm() {
   dir=$out/$OUT_VMS/$1
   pid=$(vm_pid "$1") || snapshot_failed "VM $1 stopped"
   mkdir -p "$part/$1"
   status=$(hmp "$dir" "migrate_set_parameter max-bandwidth 64G
 migrate $(hmp_string "exec:cat > $(sh_word "$part/$1/$SNAPSHOT_MEMORY")")
-info migrate" '^Migration status: ' 600) || snapshot_failed "VM $1's QEMU did not answer on its monitor"
+info migrate" '^(Migration status: |Error: )' 600) ||
+    snapshot_failed "VM $1's QEMU did not answer on its monitor"
   [ "$status" = "Migration status: completed" ] || snapshot_failed "QEMU could not save VM $1 ($status)"
+  [ -s "$part/$1/$SNAPSHOT_MEMORY" ] || snapshot_failed "QEMU could not save VM $1 (it wrote no memory file)"
   for disk in $RESTORED_DISKS; do
     cp --sparse=always --reflink=auto "$dir/$disk" "$part/$1/$disk" || snapshot_failed "cannot copy $dir/$disk"
   done
@@ -319,10 +388,29 @@ info migrate" '^Migration status: ' 600) || snapshot_failed "VM $1's QEMU did no
   } >>"$part/$SNAPSHOT_MANIFEST.vms"
 }
 
+# Pause VM $1 for the snapshot: "VM status: paused" exactly (a VM that an interrupted snapshot
+# left "paused (postmigrate)" cannot be migrated again: it is resumed first, said in one line).
+pause_vm() {
+  dir=$out/$OUT_VMS/$1
+  state=$(hmp "$dir" "info status" '^VM status: ' 10) || snapshot_failed "VM $1's QEMU did not answer on its monitor"
+  case $state in
+    "VM status: running" | "VM status: paused") ;;
+    *)
+      resume_paused "$dir" || snapshot_failed "VM $1 is stuck in '$state'"
+      echo "cluster.sh: VM $1 was left ${state#VM status: } by an interrupted snapshot: resumed it first" >&2 ;;
+  esac
+  state=$(hmp "$dir" "stop
+info status" '^VM status: ' 10) || snapshot_failed "VM $1's QEMU did not pause"
+  [ "$state" = "VM status: paused" ] || snapshot_failed "VM $1's QEMU did not pause ($state)"
+}
+
 snapshot() {
   check_snapshot_name "$snap"
+  ! check_vm_exists "$snap" || die "snapshot: '$snap' is a VM's name; give the snapshot's name last" \
+    "(usage: cluster.sh snapshot [--stop] [NAME...] SNAP), such as: $0 snapshot $snap ready"
   [ ! -e "$snapshots/$snap" ] || die "snapshot $snap exists ($snapshots/$snap): remove it or pick another name"
   command -v b3sum >/dev/null 2>&1 || die "b3sum not found: install it (apt-get install b3sum)"
+  recover_snapshots
   for vm in $selected; do
     clear_stale_pid "$out/$OUT_VMS/$vm"
     vm_pid "$vm" >/dev/null || die "VM $vm is not running: a snapshot saves running VMs (start it with $0 up $vm)"
@@ -330,13 +418,18 @@ snapshot() {
   part=$snapshots/.$snap.part
   rm -rf "$part"
   mkdir -p "$part" || die "cannot make $part"
+  echo "$$" >"$part/$SNAPSHOT_OWNER"
+  # shellcheck disable=SC2086  # one word per VM name
+  joined $selected >"$part/$SNAPSHOT_PAUSED"
+  trap 'snapshot_interrupted 129' HUP
+  trap 'snapshot_interrupted 130' INT
+  trap 'snapshot_interrupted 143' TERM
   snapshot_started=$(now_ms)
   # every VM paused at one instant, so that the cluster is saved as one moment
-  for vm in $selected; do
-    hmp "$out/$OUT_VMS/$vm" "stop
-info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEMU did not pause"
-  done
+  for vm in $selected; do pause_vm "$vm"; done
   for vm in $selected; do save_vm "$vm"; done
+  # from here on the VMs run on (or stop): the snapshot is completed whatever comes
+  trap '' INT TERM HUP
   # shellcheck disable=SC2086  # one word per VM name
   release_paused $selected
   paused=$(($(now_ms) - snapshot_started))
@@ -345,6 +438,7 @@ info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEM
     set_clocks $selected &  # while the digests are computed
     clocks=$!
   fi
+  rm -f "$part/$SNAPSHOT_OWNER" "$part/$SNAPSHOT_PAUSED"
   {
     echo "# leanvm snapshot (read by cluster.sh restore and run.sh --restore, never sourced)"
     echo "snapshot=$snap"
@@ -379,8 +473,8 @@ info status" '^VM status: paused' 10 >/dev/null || snapshot_failed "VM $vm's QEM
 }
 
 # Put the disks of snapshot $1 back for the VMs in $selected: copied beside each VM's
-# disks first, then swapped in; the old ones stay as *.before-restore until the VM's run.sh
-# has seen QEMU load the snapshot (or puts them back if it could not).
+# disks first, then swapped in; the old ones stay as *.before-restore until every VM runs
+# the snapshot (then dropped here), or go back if one does not.
 put_back_disks() {
   for vm in $selected; do
     copy_snapshot_disks "$out/$OUT_VMS/$vm" "$1/$vm" || {
@@ -388,16 +482,22 @@ put_back_disks() {
       die "restore $snap: cannot copy the disks of $1/$vm; every VM's disks are as they were"
     }
   done
-  for vm in $selected; do swap_in_snapshot_disks "$out/$OUT_VMS/$vm"; done
+  for vm in $selected; do
+    swap_in_snapshot_disks "$out/$OUT_VMS/$vm" && continue
+    for gone in $selected; do put_old_disks_back "$out/$OUT_VMS/$gone"; done
+    die "restore $snap: cannot swap in the disks of $1/$vm; every VM's disks are as they were"
+  done
 }
 
-# The restore failed: stop what started, and give every VM its disks from before.
+# The restore failed: stop what started; once each VM's run.sh has cleared up (putting its
+# disks from before back), any disk left swapped goes back too.
 undo_restore() {
   # shellcheck disable=SC2086  # one word per VM name
   force_stop $selected
+  for vm in $selected; do flock -w 30 "$out/$OUT_VMS/$vm/$VM_RUN_LOCK" true || true; done
   wait_for_launchers
   stop_switch_if_unused
-  for vm in $selected; do put_old_disks_back "$out/$OUT_VMS/$vm"; done
+  for vm in $selected; do recover_disks "$out/$OUT_VMS/$vm" cluster.sh 2>/dev/null; done
   die "restore $snap: $*; every VM's disks are as they were before"
 }
 
@@ -406,19 +506,30 @@ restore() {
   dir=$snapshots/$snap
   [ -r "$dir/$SNAPSHOT_MANIFEST" ] || die "no snapshot $snap in $snapshots: list them with ls $snapshots"
   [ -n "$selected" ] || selected=$(manifest_value "$dir/$SNAPSHOT_MANIFEST" vms)
+  # shellcheck disable=SC2086  # one word per VM name
+  named_once restore $selected
+  recover_snapshots
   for vm in $selected; do
     check_vm "$vm"
     clear_stale_pid "$out/$OUT_VMS/$vm"
     ! vm_active "$vm" || die "VM $vm is running: stop it first ($0 down $vm); a restore replaces its disks and memory"
+    recover_disks "$out/$OUT_VMS/$vm" cluster.sh
     qemu=$(values_value "$out/$OUT_VALUES/$vm.env" qemu)
     check_snapshot "$dir" "$vm" "$out/$OUT_VALUES/$vm.env" "${LEANVM_QEMU:-$qemu}"
   done
   restore_started=$(date +%s) restore_started_ms=$(now_ms)
+  # a signal from here on: the VMs' restores run to their end (their run.sh ignores it), then
+  # they are all kept or all undone as below; the wait for ssh is what it cuts short
+  caught=""
+  trap 'caught=129' HUP
+  trap 'caught=130' INT
+  trap 'caught=143' TERM
   put_back_disks "$dir"
   # every VM's QEMU started at once; each run.sh says in starts/NAME whether it did
   starts=$out/$OUT_SNAPSHOTS/.restoring-$snap
   rm -rf "$starts"
   mkdir -p "$starts"
+  echo "$$" >"$starts/$SNAPSHOT_OWNER"
   for vm in $selected; do
     rm -f "$out/$OUT_VMS/$vm/$VM_RESTORED"
     (
@@ -427,16 +538,24 @@ restore() {
       echo "$started" >"$starts/$vm"
     ) &
   done
-  wait
+  until wait; do :; done  # (a trapped signal ends a wait early)
   for vm in $selected; do
     if [ "$(cat "$starts/$vm" 2>/dev/null)" != 0 ]; then
       why=$(tail -n 1 "$starts/$vm.err" 2>/dev/null | sed 's/^run.sh: //')
       rm -rf "$starts"
       undo_restore "VM $vm did not start from the snapshot (${why:-see $out/$OUT_VMS/$vm/$VM_RUN_LOG})"
     fi
+  done
+  for vm in $selected; do drop_old_disks "$out/$OUT_VMS/$vm"; done  # every VM runs the snapshot: kept
+  rm -rf "$starts"
+  for vm in $selected; do
     echo "$vm: restored from $snap (pid $(vm_pid "$vm" || echo -), ssh 127.0.0.1:$(ssh_port "$vm"))"
   done
-  rm -rf "$starts"
+  if [ -n "$caught" ]; then
+    echo "cluster.sh: restore $snap interrupted once every VM was restored: they run; not waiting for ssh" >&2
+    exit "$caught"
+  fi
+  trap - INT TERM HUP
   [ -n "$wait_seconds" ] || return 0
   restored_vms=$selected
   # Each run.sh says once its VM runs again and its clock is set over ssh (restored). Only
@@ -516,6 +635,7 @@ ksm_line() {
 }
 
 status() {
+  recover_snapshots
   printf '%-24s %-17s %-8s %-22s %s\n' VM STATE PID SSH "HOST MEMORY (PSS)"
   pids=""
   for vm in $(vms); do
@@ -538,9 +658,11 @@ status() {
 # The VMs named in "$@" (each must exist), or every VM.
 select_vms() {
   for vm; do check_vm "$vm"; done
+  named_once "$command_name" "$@"
   if [ $# -gt 0 ]; then selected=$*; else selected=$(vms); fi
 }
 
+command_name=${1-}
 case ${1-} in
   up)
     shift
@@ -577,6 +699,8 @@ case ${1-} in
     selected=""
     while [ $# -gt 1 ]; do check_vm "$1"; selected="$selected $1"; shift; done
     selected=${selected# }
+    # shellcheck disable=SC2086  # one word per VM name
+    named_once restore $selected
     resolve_accel "${LEANVM_ACCEL:-auto}" >/dev/null ||
       die "LEANVM_ACCEL must be auto, kvm, hvf or tcg, not '${LEANVM_ACCEL-}'"
     accel=snapshot  # each VM runs under the accelerator it was saved under: no KVM-hang watch (a restored console stays quiet)

@@ -223,25 +223,37 @@ ssh_to_vm() (
 # --- the QEMU monitor: HMP through the FIFOs monitor.in/.out beside run.sh ---------------
 # Send HMP command(s) $2 to the QEMU of the VM in directory $1 and print the first line of
 # the reply that matches extended regex $3 (after what earlier commands left is read off),
-# waiting up to $4 seconds; false if none came.
+# waiting up to $4 seconds; false if none came. Its reader of monitor.out never outlives it:
+# killed on a signal, and, if a SIGKILL left one (monitor.reader names it), by the next call.
 hmp() (
   reply=$1/$VM_MONITOR.reply
+  stop_reader "$1"
   drain_fifo "$1/$VM_MONITOR.out"
+  reader="" writer=""
+  trap 'kill $reader $writer 2>/dev/null || true; rm -f "$reply" "$1/$VM_MONITOR.reader"' EXIT
+  trap 'exit 1' INT TERM HUP
   cat "$1/$VM_MONITOR.out" >"$reply" 2>/dev/null &
   reader=$!
-  printf '%s\n' "$2" >"$1/$VM_MONITOR.in" &
+  echo "$reader" >"$1/$VM_MONITOR.reader"
+  printf '%s\n' "$2" >"$1/$VM_MONITOR.in" 2>/dev/null &
   writer=$!
   tries=0 found=""
   while [ "$tries" -lt $(($4 * 50)) ]; do
-    found=$(tr -d '\r' <"$reply" | grep -a -m 1 -E -- "$3") && break
+    found=$(tr -d '\r' <"$reply" 2>/dev/null | grep -a -m 1 -E -- "$3") && break
     sleep 0.02
     tries=$((tries + 1))
   done
-  kill "$reader" "$writer" 2>/dev/null || true
-  wait "$reader" "$writer" 2>/dev/null || true
-  rm -f "$reply"
   [ -n "$found" ] && printf '%s\n' "$found"
 )
+
+# Kill the reader of monitor.out that an hmp killed with SIGKILL left (monitor.reader).
+stop_reader() {
+  stop_reader_pid=$(cat "$1/$VM_MONITOR.reader" 2>/dev/null) || return 0
+  if alive "$stop_reader_pid" && tr '\0' ' ' <"/proc/$stop_reader_pid/cmdline" 2>/dev/null | grep -qF "$1/$VM_MONITOR.out"; then
+    kill "$stop_reader_pid" 2>/dev/null || true
+  fi
+  rm -f "$1/$VM_MONITOR.reader"
+}
 
 # Read off what FIFO $1 holds (what earlier monitor commands left). GNU dd (Linux) reads what
 # is there and stops; elsewhere cat reads for 50 ms.
@@ -258,8 +270,11 @@ sh_word() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
 hmp_string() { printf '"%s"' "$(printf '%s' "$1" | sed 's/[\\"]/\\&/g')"; }
 
 # --- a restore's disks: a snapshot's copied in beside a VM's (*.restoring), then swapped in;
-# the VM's own stay as *.before-restore until QEMU has loaded the snapshot (drop_old_disks)
-# or could not (put_old_disks_back). $1 is the VM's directory in out/vms.
+# the VM's own stay as *.before-restore until the restore is kept (drop_old_disks) or not
+# (put_old_disks_back). $1 is the VM's directory in out/vms. The root disk goes first in
+# every step, so that its *.before-restore is the mark of a restore not yet kept: while it
+# is there, the VM's own disks are the *.before-restore files (and the disks not yet
+# swapped). No step overwrites a *.before-restore, and each is safe to repeat.
 RESTORED_DISKS="$VM_ROOT_DISK $VM_OEM_DISK"
 
 # Copy the disks of snapshot directory $2 (SNAP/NAME) beside VM directory $1's; false, and
@@ -270,15 +285,51 @@ copy_snapshot_disks() {
   done
 }
 discard_snapshot_disks() { for disk in $RESTORED_DISKS; do rm -f "$1/$disk.restoring"; done; }
+# False, with nothing swapped, unless every disk has its copy and no *.before-restore is
+# there; false after a partial swap too (put_old_disks_back undoes it).
 swap_in_snapshot_disks() {
-  for disk in $RESTORED_DISKS; do mv "$1/$disk" "$1/$disk.before-restore" && mv "$1/$disk.restoring" "$1/$disk"; done
+  for disk in $RESTORED_DISKS; do
+    [ -f "$1/$disk.restoring" ] && [ -f "$1/$disk" ] && [ ! -e "$1/$disk.before-restore" ] || return 1
+  done
+  for disk in $RESTORED_DISKS; do
+    mv "$1/$disk" "$1/$disk.before-restore" && mv "$1/$disk.restoring" "$1/$disk" || return 1
+  done
 }
 old_disks_kept() { [ -f "$1/$VM_ROOT_DISK.before-restore" ]; }
+# The restore is kept: the VM's disks from before go, the root disk's first.
 drop_old_disks() { for disk in $RESTORED_DISKS; do rm -f "$1/$disk.before-restore"; done; }
+# The restore is not kept: each disk from before goes back where its *.before-restore is (a
+# disk not yet swapped stays), and the snapshot's copies go. Once the restore was kept (the
+# root disk's *.before-restore gone), only what dropping it left is removed.
 put_old_disks_back() {
-  for disk in $RESTORED_DISKS; do
-    [ ! -f "$1/$disk.before-restore" ] || mv -f "$1/$disk.before-restore" "$1/$disk"
-  done
+  if old_disks_kept "$1"; then
+    for disk in $RESTORED_DISKS; do
+      [ ! -f "$1/$disk.before-restore" ] || mv -f "$1/$disk.before-restore" "$1/$disk"
+    done
+  fi
+  drop_old_disks "$1"
+  discard_snapshot_disks "$1"
+}
+
+# A restore of the VM in directory $1 that ended before it was kept or undone (its command
+# was killed): the VM's own disks back, in one line ($2 names the command, for it). Only
+# while no run.sh holds the VM's run.lock (a running restore's files are its own).
+recover_disks() (
+  leftover=""
+  for file in "$1"/*.restoring "$1"/*.before-restore; do [ ! -e "$file" ] || leftover=yes; done
+  [ -n "$leftover" ] || exit 0
+  exec 8>>"$1/$VM_RUN_LOCK"
+  flock -n 8 || exit 0
+  recover_disks_locked "$1" "$2"
+)
+# The same, by the holder of the VM's run.lock.
+recover_disks_locked() {
+  if old_disks_kept "$1"; then
+    put_old_disks_back "$1"
+    echo "$2: VM ${1##*/}: its own disks were put back (a restore of it had been interrupted)" >&2
+  else
+    put_old_disks_back "$1"
+  fi
 }
 
 # --- snapshots: out/snapshots/SNAP/ (manifest, B3SUMS, NAME/{memory,rootfs.img,oem.img,values.env})
@@ -334,6 +385,7 @@ check_snapshot() {
     *" $2 "*) ;;
     *) die "snapshot ${1##*/} holds no VM $2 (it holds: $(manifest_value "$1/$SNAPSHOT_MANIFEST" vms))" ;;
   esac
+  check_snapshot_files "$1" "$2"
   check_differs=$(identity_difference "$1/$2/$SNAPSHOT_VALUES" "$3")
   [ -z "$check_differs" ] || die "snapshot ${1##*/}: VM $2's $check_differs: the snapshot belongs to another" \
     "cluster, out/ or set-up of this VM; boot it cold (cluster.sh up $2)"
@@ -350,13 +402,26 @@ check_snapshot() {
     [ "$check_was" = "$(host_cpu_model)" ] || die "snapshot ${1##*/}: VM $2 was saved under KVM with -cpu host on" \
       "'$check_was', this host's CPU is '$(host_cpu_model)'; boot it cold (cluster.sh up $2)"
   fi
-  [ "$(cd "$1" && grep -c "^[0-9a-f]*  $2/" "$SNAPSHOT_DIGESTS")" -ge 4 ] || die "snapshot ${1##*/}: B3SUMS lists no files of VM $2: the snapshot is damaged"
   checked_stat "$1" "$2" | cmp -s - "$1/.checked-$2" && return 0
   command -v b3sum >/dev/null 2>&1 || die "b3sum not found: install it (apt-get install b3sum)"
   check_bad=$(cd "$1" && grep -e "^[0-9a-f]*  $2/" -e "^[0-9a-f]*  $SNAPSHOT_MANIFEST\$" "$SNAPSHOT_DIGESTS" | b3sum -c --quiet - 2>&1 |
     sed -n 's/: FAILED.*//p;s/: No such.*//p' | head -n 1) || true
   [ -z "$check_bad" ] || die "snapshot ${1##*/}: $1/$check_bad differs from its digest in B3SUMS: the snapshot is damaged; take a new one"
   checked_stat "$1" "$2" >"$1/.checked-$2" 2>/dev/null || true
+}
+
+# Refuse, in one line, a snapshot directory $1 whose B3SUMS is missing, or does not list
+# each file of VM $2 a restore needs, or lists one that is missing.
+check_snapshot_files() {
+  [ -f "$1/$SNAPSHOT_DIGESTS" ] || die "snapshot ${1##*/} has no $SNAPSHOT_DIGESTS ($1/$SNAPSHOT_DIGESTS):" \
+    "it is incomplete or damaged; take a new one"
+  for check_file in $SNAPSHOT_MEMORY $RESTORED_DISKS $SNAPSHOT_VALUES; do
+    awk -v file="$2/$check_file" 'substr($0, index($0, "  ") + 2) == file { found = 1 } END { exit !found }' \
+        "$1/$SNAPSHOT_DIGESTS" ||
+      die "snapshot ${1##*/}: $SNAPSHOT_DIGESTS lists no $2/$check_file: the snapshot is incomplete or damaged; take a new one"
+    [ -f "$1/$2/$check_file" ] ||
+      die "snapshot ${1##*/}: $1/$2/$check_file is missing: the snapshot is incomplete or damaged; take a new one"
+  done
 }
 
 # The stat (size, mtime, ctime, inode) of VM $2's files and the manifest in snapshot

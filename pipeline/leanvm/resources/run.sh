@@ -155,18 +155,25 @@ case ${1-} in
   --resume) resume=$2; shift 2 ;;  # internal: the snapshot's disks are in place already
 esac
 snapshot_dir=$out/$OUT_SNAPSHOTS/$resume
+if [ -n "$resume" ]; then
+  check_snapshot_name "$resume"
+  [ -r "$snapshot_dir/$SNAPSHOT_MANIFEST" ] || die "no snapshot $resume in $out/$OUT_SNAPSHOTS: take one with" \
+    "$out/cluster.sh snapshot $resume, or see the ones there with: ls $out/$OUT_SNAPSHOTS"
+fi
 
 # --- restore: the snapshot's disks put back, after every check ----------------------------
-# Called just before QEMU starts. The disks this VM had are kept as *.before-restore until
-# QEMU has loaded the snapshot, and put back if it could not.
+# Called just before QEMU starts, with the traps set. The disks this VM had are kept as
+# *.before-restore until the restore is kept (QEMU runs the snapshot's state: run.sh
+# --restore drops them then, cluster.sh restore once every VM runs), and put back if not.
 put_snapshot_disks_back() {
   check_snapshot "$snapshot_dir" "$name" "$values" "$qemu"
   copy_snapshot_disks "$here" "$snapshot_dir/$name" ||
     die "cannot copy the disks of $snapshot_dir/$name; VM $name's disks are as they were"
-  swap_in_snapshot_disks "$here"
-  rm -f "$here/$VM_RESTORED"
+  if ! swap_in_snapshot_disks "$here"; then
+    put_old_disks_back "$here"
+    die "cannot swap in the disks of $snapshot_dir/$name; VM $name's disks are as they were"
+  fi
 }
-[ -z "$restore" ] || check_snapshot_name "$restore"
 
 # A QEMU that fails at once under a KVM that auto chose (nested virtualisation: "failed to set
 # MSR", an assertion) is started again under TCG, said in one line that holds this text.
@@ -199,12 +206,17 @@ if [ "$mode" = detach ]; then
   setsid sh "$here/$VM_RUN_SH" --supervise "$@" </dev/null >/dev/null 2>"$here/$VM_RUN_LOG" &
   supervisor=$!
   tries=0
-  # started once QEMU runs (a restore: once QEMU has loaded the snapshot and the disks from
-  # before are dropped; it runs under the snapshot's accelerator, and its console stays
-  # quiet: no KVM hang to watch for)
-  until if [ -n "$resume" ]; then ! old_disks_kept "$here" && running_pid "$here" >/dev/null
+  # started once QEMU runs (a restore: once QEMU has loaded the snapshot and runs it, said in
+  # resumed; it runs under the snapshot's accelerator, and its console stays quiet: no KVM
+  # hang to watch for)
+  until if [ -n "$resume" ]; then [ -f "$here/$VM_RESUMED" ] && running_pid "$here" >/dev/null
       else running_pid "$here" >/dev/null && kvm_settled "$tries"; fi; do
     if ! alive "$supervisor"; then
+      # its last word is in run.log once it has ended and cleared up (reaped here, its
+      # run.lock free): a retry at once finds the VM stopped
+      wait "$supervisor" || true
+      exec 8>>"$here/$VM_RUN_LOCK"
+      flock -w 15 8 || true
       failed_start
       exit 1
     fi
@@ -332,30 +344,27 @@ if [ -f "$here/$VM_QEMU_PID" ]; then  # not this VM's QEMU (refuse_if_running): 
   warn "removed a stale qemu.pid (pid $(cat "$here/$VM_QEMU_PID") is not VM $name's QEMU)"
   rm -f "$here/$VM_QEMU_PID"
 fi
+recover_disks_locked "$here" run.sh  # a restore that a SIGKILL ended: the VM's own disks first
 check_ports "$name" "$host_ports"
-[ -z "$restore" ] || put_snapshot_disks_back
 
-# --- start ------------------------------------------------------------------------------
-decide_boot
-if [ "$cluster_net" = true ]; then
-  with_net_lock ensure_switch || exit 1
-  cd "$net" || exit 1  # QEMU finds the switch as ./switch: short socket paths, wherever out/ is
-fi
-rm -f "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out" "$here/$VM_FORCED_STOP" "$here/$VM_BOOT_FAILED"
-mkfifo "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out"
-: >"$here/$VM_CONSOLE"
-
-# --- foreground: QEMU never outlives this script ------------------------------------------
+# --- the run: QEMU never outlives this script ---------------------------------------------
 # QEMU runs as a child that this script waits for, so that a signal reaches the traps at
 # once: SIGTERM, SIGINT and SIGHUP are passed on to QEMU as SIGTERM (QEMU's clean exit:
 # disks flushed), and the script clears up once QEMU is gone. SIGKILL cannot be caught:
 # QEMU then gets SIGTERM from the kernel (setpriv --pdeathsig, util-linux) and a keeper
-# process clears up.
+# process clears up. The traps are set before a restore swaps any disk.
 
-# What a run holds: the monitor FIFOs, a pid file QEMU did not remove, the switch entry.
+# What a run holds: the monitor FIFOs, a pid file QEMU did not remove, the switch entry, and
+# (a restore that was not kept: interrupted, or its QEMU stopped first) the disks it swapped.
 release_vm() {
-  rm -f "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out"
+  rm -f "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out" "$here/$VM_RESUMED" "$here/$VM_RESTORED"
   running_pid "$here" >/dev/null || rm -f "$here/$VM_QEMU_PID"
+  if [ -n "$resume" ] && old_disks_kept "$here"; then
+    put_old_disks_back "$here"
+    printf 'run.sh: VM %s: its restore from snapshot %s ended before it was kept: its own disks are as they were\n' \
+      "$name" "$resume" >&2
+  fi
+  [ -z "$resume" ] || discard_snapshot_disks "$here"
   if [ "$cluster_net" = true ]; then with_net_lock leave_switch; fi
 }
 
@@ -376,6 +385,39 @@ keeper() {
   [ -z "$qemu_child" ] || stop_qemu_child 10
   release_vm
 }
+
+# A signal to run.sh: remember the exit status it gives ($1) and stop QEMU cleanly.
+on_signal() {
+  caught=$1
+  [ -z "$qemu_child" ] || kill -TERM "$qemu_child" 2>/dev/null || true
+}
+caught="" qemu_child=""
+trap 'on_signal 129' HUP
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
+exec 7<&0  # an asynchronous command's stdin would be /dev/null: QEMU keeps this one
+launcher=$$
+keeper </dev/null >/dev/null 2>&1 7<&- &
+keeper_pid=$!
+leave() {
+  trap - EXIT INT TERM HUP
+  kill -KILL "$keeper_pid" 2>/dev/null || true
+  wait "$keeper_pid" 2>/dev/null || true
+  release_vm
+}
+trap leave EXIT
+if [ -n "$restore" ]; then put_snapshot_disks_back; fi
+if [ -n "$caught" ]; then exit "$caught"; fi
+
+# --- start ------------------------------------------------------------------------------
+decide_boot
+if [ "$cluster_net" = true ]; then
+  with_net_lock ensure_switch || exit 1
+  cd "$net" || exit 1  # QEMU finds the switch as ./switch: short socket paths, wherever out/ is
+fi
+rm -f "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out" "$here/$VM_FORCED_STOP" "$here/$VM_BOOT_FAILED"
+mkfifo "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out"
+: >"$here/$VM_CONSOLE"
 
 if command -v setpriv >/dev/null 2>&1; then
   runner="exec setpriv --pdeathsig TERM --"
@@ -412,26 +454,35 @@ watch_boot() (
   done
 )
 
-# A restored QEMU (pid $1) once it has loaded the snapshot: resumed, the disks it had before
-# dropped, its clock set over ssh (the guest lives at the moment it was saved); one line,
-# in restored as well.
-resume_guest() (
+# A restored QEMU (pid $1) once it has loaded the snapshot: resumed, said in resumed, and
+# (run.sh --restore; cluster.sh restore does it once every VM runs) the disks from before
+# dropped. It runs in this script, not beside it, so that a signal (caught) stops it between
+# two steps and no other process drops or puts back a disk. False if QEMU did not resume.
+resume_guest() {
   # QEMU closes the memory file once it has loaded it (its state set, paused) or given up
   # (it exits): on Linux, seen in /proc without asking the monitor; then the monitor says which.
   tries=0
-  while [ -e "/proc/$1/fdinfo/$MEMORY_FD" ] && [ "$tries" -lt 1500 ]; do sleep 0.02; tries=$((tries + 1)); done
+  while [ -e "/proc/$1/fdinfo/$MEMORY_FD" ] && [ "$tries" -lt 1500 ] && [ -z "$caught" ]; do
+    sleep 0.02
+    tries=$((tries + 1))
+  done
   # QEMU says "paused (inmigrate)" while it loads, then "paused" (or "running")
   tries=0
-  until status=$(hmp "$here" "info status" '^VM status: ' 2) &&
-      { [ "$status" = "VM status: paused" ] || [ "$status" = "VM status: running" ]; }; do
-    alive "$1" || exit 0
+  until [ -z "$caught" ] && alive "$1" && resumed_status=$(hmp "$here" "info status" '^VM status: ' 2) &&
+      { [ "$resumed_status" = "VM status: paused" ] || [ "$resumed_status" = "VM status: running" ]; }; do
+    [ -z "$caught" ] && alive "$1" && [ "$tries" -lt 300 ] || return 1
     sleep 0.05
     tries=$((tries + 1))
-    [ "$tries" -lt 300 ] || exit 0
   done
   hmp "$here" "cont
-info status" '^VM status: running' 10 >/dev/null || exit 0
-  drop_old_disks "$here"
+info status" '^VM status: running' 10 >/dev/null && [ -z "$caught" ] || return 1
+  if [ -n "$restore" ]; then drop_old_disks "$here"; fi
+  echo "$1" >"$here/$VM_RESUMED"
+}
+
+# Set the clock of a restored guest (QEMU pid $1; it lives at the moment it was saved) over
+# ssh; one line, in restored as well.
+set_restored_clock() (
   clock="its clock could not be set over ssh (sudo date): it runs behind by the time since the snapshot"
   tries=0
   while [ "$tries" -lt 30 ] && alive "$1"; do
@@ -442,11 +493,12 @@ info status" '^VM status: running' 10 >/dev/null || exit 0
     tries=$((tries + 1))
     sleep 1
   done
+  alive "$1" || exit 0
   printf 'run.sh: VM %s restored from snapshot %s and running; %s\n' "$name" "$resume" "$clock" |
     tee "$here/$VM_RESTORED" >&2
 )
 
-# A restore whose QEMU ended before it loaded the snapshot: the disks from before go back.
+# A restore whose QEMU ended before it ran the snapshot: the disks from before go back.
 undo_restore() {
   old_disks_kept "$here" || return 0
   put_old_disks_back "$here"
@@ -457,42 +509,27 @@ undo_restore() {
   status=1
 }
 
-# A signal to run.sh: remember the exit status it gives ($1) and stop QEMU cleanly.
-on_signal() {
-  caught=$1
-  kill -TERM "$qemu_child" 2>/dev/null || true
-}
-caught="" qemu_child=""
-trap 'on_signal 129' HUP
-trap 'on_signal 130' INT
-trap 'on_signal 143' TERM
-exec 7<&0  # an asynchronous command's stdin would be /dev/null: QEMU keeps this one
-launcher=$$
-keeper </dev/null >/dev/null 2>&1 7<&- &
-keeper_pid=$!
-leave() {
-  trap - EXIT INT TERM HUP
-  kill -KILL "$keeper_pid" 2>/dev/null || true
-  wait "$keeper_pid" 2>/dev/null || true
-  release_vm
-}
-trap leave EXIT
 while :; do
   if [ -n "$caught" ]; then exit "$caught"; fi  # a signal between two launches
   offset=$(wc -c <"$here/$VM_CONSOLE")
-  launched_incoming=$incoming
+  launched_incoming=$incoming resumed=""
   if [ -n "$incoming" ]; then
     vm_qemu "$runner" -incoming "$incoming" "$@" <&7 7<&- 8>&- 6<"$memory_file" &  # 6: MEMORY_FD (sh takes no variable there)
   else
     vm_qemu "$runner" "$@" <&7 7<&- 8>&- &
   fi
   qemu_child=$!
-  if [ -n "$incoming" ]; then
-    resume_guest "$qemu_child" </dev/null 7<&- 8>&- &
-    incoming=""
-  fi
   watch_boot "$offset" "$qemu_child" </dev/null >/dev/null 2>&1 7<&- 8>&- &
   watcher=$!
+  if [ -n "$incoming" ]; then
+    incoming=""
+    if resume_guest "$qemu_child"; then
+      resumed=yes
+      set_restored_clock "$qemu_child" </dev/null 7<&- 8>&- &
+    else
+      kill -TERM "$qemu_child" 2>/dev/null || true  # (a QEMU that could not load it has ended)
+    fi
+  fi
   while :; do
     status=0
     # a signal caught before qemu_child was set stopped nothing: do not wait for QEMU then
@@ -506,7 +543,7 @@ while :; do
     exit "$caught"
   fi
   kill "$watcher" 2>/dev/null || true
-  if [ -n "$launched_incoming" ] && old_disks_kept "$here"; then
+  if [ -n "$launched_incoming" ] && [ -z "$resumed" ] && old_disks_kept "$here"; then
     undo_restore
     break
   fi

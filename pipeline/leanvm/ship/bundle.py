@@ -37,9 +37,9 @@ MANIFEST = "MANIFEST.json"
 SNAPSHOT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # INTERFACE.md; lib.sh's check_snapshot_name
 CLUSTER_FILES = ("lib.sh", "cluster.sh", "libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env")
 # What a run leaves beside a VM's disks: never shipped (a lock, a pid, a log of this host's runs).
-RUNTIME_FILES = {Names.VM_QEMU_PID, Names.VM_CONSOLE, *(f"{Names.VM_MONITOR}.{end}" for end in ("in", "out", "reply")),
+RUNTIME_FILES = {Names.VM_QEMU_PID, Names.VM_CONSOLE, *(f"{Names.VM_MONITOR}.{end}" for end in ("in", "out", "reply", "reader")),
                  f"{Names.VM_RUN_SH}.retired", Names.VM_RUN_LOG, Names.VM_RUN_LOCK, Names.VM_FORCED_STOP,
-                 Names.VM_BOOT_FAILED, Names.VM_RESTORED}
+                 Names.VM_BOOT_FAILED, Names.VM_RESTORED, Names.VM_RESUMED}
 RUNTIME_SUFFIXES = (".before-restore", ".restoring")  # a restore under way (run.sh --restore)
 # libarchive's own guards (no '..', no absolute path, nothing through a symlink) on top of the
 # check of every member against the manifest before it is written.

@@ -38,6 +38,7 @@ class Names:
     VM_FORCED_STOP = "forced-stop"  # why the VM was stopped by force
     VM_BOOT_FAILED = "boot-failed"  # the console line of a failed boot
     VM_RESTORED = "restored"  # run.sh's line once a restored VM runs
+    VM_RESUMED = "resumed"  # written once a restored VM's QEMU runs the snapshot's state
     IMAGE_KERNEL = "vmlinuz"
     IMAGE_INITRD = "initrd"
     IMAGE_USR = "usr.img"
@@ -45,6 +46,8 @@ class Names:
     SNAPSHOT_DIGESTS = "B3SUMS"
     SNAPSHOT_MEMORY = "memory"  # in SNAP/NAME/, beside the VM's disks
     SNAPSHOT_VALUES = "values.env"  # in SNAP/NAME/
+    SNAPSHOT_OWNER = "owner"  # in .SNAP.part/ and .restoring-SNAP/: the pid of the command at work
+    SNAPSHOT_PAUSED = "paused"  # in .SNAP.part/: the VMs it may have paused
     NET_SWITCH = "switch"
     NET_SWITCH_PID = "switch.pid"
     NET_LOCK = "lock"
