@@ -10,6 +10,14 @@ from leanvm_dev import minirelease
 from support import Keyring, Mirror, MirrorServer, Project, qemu_pids, serve
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`vm`: every test that uses the mini release (directly or through a fixture), which is
+    what boots a VM; `pytest -m "not vm"` is the tier that starts no QEMU."""
+    for item in items:
+        if "mini" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vm)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_running(tmp_path_factory: pytest.TempPathFactory):
     """The session-end check: no test left a QEMU or a vde_switch of its out/ running."""

@@ -9,7 +9,7 @@ from leanvm.arch import Arch
 from leanvm_dev import minirelease
 from support import ENV, boot, build_cluster, cluster_sh, marker, on_vm, printed, qemu_pids
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
 
 @pytest.fixture(scope="module")

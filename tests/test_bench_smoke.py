@@ -10,6 +10,7 @@ from support import PROJECT, run
 
 
 @pytest.mark.slow  # ~70 s: in CI's slow run (the main suite stays under its 10 minutes)
+@pytest.mark.vm  # boots the mini release through the bench
 def test_bench_smoke_prints_every_section(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # run as a user runs it
     result = run([sys.executable, str(PROJECT / "bench" / "run.py"), "--smoke", "--work", str(tmp_path)],

@@ -146,3 +146,20 @@ def test_info_on_an_unknown_task_is_one_line(built: Project):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "leanvm: error: no task named 'nosuch'; see the task names with `doit list --all`"]
+
+
+@pytest.mark.parametrize("text, words", [
+    ('#cloud-config\nhostname: "héllo-wörld"\n', ["hostname 'héllo-wörld' is not a hostname systemd accepts"]),
+    ("#cloud-config\nhostname: bad..dots\n", ["hostname 'bad..dots'"]),
+    ("#cloud-config\nhostname: " + "a" * 65 + "\n", ["at most 64 characters"]),
+    ('#cloud-config\nwrite_files:\n  - path: /etc/grüße\n    content: hi\n',
+     ["write_files path '/etc/grüße' is not ASCII"]),
+], ids=["non-ascii-hostname", "empty-label", "too-long", "non-ascii-path"])
+def test_names_the_guest_would_mangle_are_refused_at_build_time(built: Project, text: str, words: list[str]):
+    (built.root / "cc.yaml").write_text(text)
+    built.write_cluster({"core1": {"ssh_port": 2222, "user_data": "cc.yaml"}})
+    result = built.doit()
+    assert result.returncode == 2 and "cc.yaml" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr

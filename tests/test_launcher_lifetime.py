@@ -168,6 +168,7 @@ def test_cluster_sh_up_wait_under_auto_falls_back_to_tcg_when_kvm_hangs(mini: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.vm  # boots the demo
 def test_the_demo_succeeds_on_a_machine_whose_kvm_hangs(tmp_path: Path):
     """The README's main command, in a copy of the checkout, with a KVM that sleeps forever."""
     copy = tmp_path / "leanvm"

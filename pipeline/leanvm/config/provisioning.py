@@ -2,6 +2,7 @@
 into them must have the types it expects, so a bad file is refused, not mangled."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,27 @@ def is_butane(text: str) -> bool:
 # --- tables of allowed keys: one shape for all four ------------------------------
 
 
+# systemd's hostname_is_valid (src/basic/hostname-util.c), which hostnamectl applies when
+# coreos-cloudinit sets the hostname: labels of ASCII letters, digits and '-', joined by
+# single dots, at most 64 characters (HOST_NAME_MAX).
+HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+
+
+def check_names(path: Path, doc: dict) -> None:
+    """A hostname systemd would refuse, and write_files paths that are not ASCII (the guest
+    writes them under an escaped name), are refused at build time."""
+    hostname = doc.get("hostname")
+    if hostname is not None and not (isinstance(hostname, str) and len(hostname) <= 64
+                                     and all(HOSTNAME_LABEL.fullmatch(label) for label in hostname.split("."))):
+        raise LeanvmError(f"{path}: hostname {hostname!r} is not a hostname systemd accepts",
+                          "use ASCII letters, digits and '-' in dot-separated labels, at most 64 characters")
+    for entry in doc.get("write_files") or []:
+        where = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(where, str) and not where.isascii():
+            raise LeanvmError(f"{path}: write_files path {where!r} is not ASCII",
+                              "name the file with ASCII letters, digits and . _ - /")
+
+
 def read_user_data(path: Path, needs_merge: bool) -> tuple[str, dict | None]:
     """A user_data file's text and, for a #cloud-config, its document (None for a '#!' script).
     `needs_merge`: keys or a given cluster address must be merged in, which a script cannot take."""
@@ -103,6 +125,7 @@ def read_user_data(path: Path, needs_merge: bool) -> tuple[str, dict | None]:
         raise LeanvmError(f"{path}: #cloud-config must be a YAML mapping", "write KEY: VALUE lines")
     if not isinstance((doc or {}).get("write_files", []), list):
         raise LeanvmError(f"{path}: write_files must be a list", "fix the #cloud-config")
+    check_names(path, doc or {})
     coreos = (doc or {}).get("coreos") or {}
     units = coreos.get("units") or [] if isinstance(coreos, dict) else None
     if not isinstance(units, list) or not all(isinstance(u, dict) for u in units):

@@ -390,6 +390,10 @@ def task_bundle() -> dict:
     names = [vm.name for vm in cluster.vms]
     snapshot = get_var("snapshot", None)
     if snapshot is not None:
+        try:
+            bundle.check_snapshot_name(snapshot)
+        except LeanvmError as e:
+            fail(e)
         dest = dest.with_name(dest.name.removesuffix(".tar.gz") + f"-snapshot-{snapshot}.tar.gz")
         meta = {**meta, "snapshot": snapshot}
     return {

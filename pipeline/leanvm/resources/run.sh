@@ -202,6 +202,8 @@ failed_start() {
 if [ "$mode" = detach ]; then
   refuse_if_running
   command -v setsid >/dev/null 2>&1 || die "setsid not found: install util-linux"
+  # (here, so that its line is seen; the run.sh below checks again)
+  if [ -z "$resume" ] || [ -n "$restore" ]; then recover_disks "$here" run.sh; fi
   if [ -n "$restore" ]; then set -- --restore "$restore" "$@"; elif [ -n "$resume" ]; then set -- --resume "$resume" "$@"; fi
   setsid sh "$here/$VM_RUN_SH" --supervise "$@" </dev/null >/dev/null 2>"$here/$VM_RUN_LOG" &
   supervisor=$!
@@ -344,7 +346,9 @@ if [ -f "$here/$VM_QEMU_PID" ]; then  # not this VM's QEMU (refuse_if_running): 
   warn "removed a stale qemu.pid (pid $(cat "$here/$VM_QEMU_PID") is not VM $name's QEMU)"
   rm -f "$here/$VM_QEMU_PID"
 fi
-recover_disks_locked "$here" run.sh  # a restore that a SIGKILL ended: the VM's own disks first
+# A restore that a SIGKILL ended: the VM's own disks first (not under cluster.sh restore's
+# --resume, whose swapped disks are in place for this run).
+if [ -z "$resume" ] || [ -n "$restore" ]; then recover_disks_locked "$here" run.sh; fi
 check_ports "$name" "$host_ports"
 
 # --- the run: QEMU never outlives this script ---------------------------------------------

@@ -37,7 +37,8 @@ MANIFEST = "MANIFEST.json"
 SNAPSHOT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # INTERFACE.md; lib.sh's check_snapshot_name
 CLUSTER_FILES = ("lib.sh", "cluster.sh", "libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env")
 # What a run leaves beside a VM's disks: never shipped (a lock, a pid, a log of this host's runs).
-RUNTIME_FILES = {Names.VM_QEMU_PID, Names.VM_CONSOLE, *(f"{Names.VM_MONITOR}.{end}" for end in ("in", "out", "reply", "reader")),
+MONITOR_FILES = ("in", "out", "reply", "reader")  # the FIFOs, and an hmp call's reply and reader's pid
+RUNTIME_FILES = {Names.VM_QEMU_PID, Names.VM_CONSOLE, *(f"{Names.VM_MONITOR}.{end}" for end in MONITOR_FILES),
                  f"{Names.VM_RUN_SH}.retired", Names.VM_RUN_LOG, Names.VM_RUN_LOCK, Names.VM_FORCED_STOP,
                  Names.VM_BOOT_FAILED, Names.VM_RESTORED, Names.VM_RESUMED}
 RUNTIME_SUFFIXES = (".before-restore", ".restoring")  # a restore under way (run.sh --restore)
@@ -67,12 +68,17 @@ def cluster_files(out: Path, images: list[Path], vm_names: list[str], snapshot: 
     return [p.relative_to(out) for p in files]
 
 
-def check_snapshot(out: Path, snapshot: str) -> None:
-    """A snapshot= a bundle can carry: a plain name of a complete snapshot in out/snapshots."""
-    where = Layout(out).snapshot(snapshot)
+def check_snapshot_name(snapshot: str) -> None:
+    """snapshot= is a plain word: lower-case letters, digits, . _ - (cluster.sh's rule)."""
     if not SNAPSHOT_NAME.fullmatch(snapshot):
         raise LeanvmError(f"snapshot={snapshot!r} is not a snapshot name",
-                          "give a plain word, as cluster.sh snapshot took")
+                          "give a plain word, as cluster.sh snapshot took, such as snapshot=ready")
+
+
+def check_snapshot(out: Path, snapshot: str) -> None:
+    """A snapshot= a bundle can carry: a plain name of a complete snapshot in out/snapshots."""
+    check_snapshot_name(snapshot)
+    where = Layout(out).snapshot(snapshot)
     if not (where / Names.SNAPSHOT_MANIFEST).is_file() or not (where / Names.SNAPSHOT_DIGESTS).is_file():
         raise LeanvmError(f"no snapshot {snapshot} in {where.parent}",
                           f"take one with {out / 'cluster.sh'} snapshot {snapshot}, or leave snapshot= out")
