@@ -232,14 +232,15 @@ hmp() (
   reader="" writer=""
   trap 'kill $reader $writer 2>/dev/null || true; rm -f "$reply" "$1/$VM_MONITOR.reader"' EXIT
   trap 'exit 1' INT TERM HUP
-  cat "$1/$VM_MONITOR.out" >"$reply" 2>/dev/null &
+  : >"$reply"  # there before the reader starts: read below at once
+  cat "$1/$VM_MONITOR.out" >>"$reply" 2>/dev/null &
   reader=$!
   echo "$reader" >"$1/$VM_MONITOR.reader"
   printf '%s\n' "$2" >"$1/$VM_MONITOR.in" 2>/dev/null &
   writer=$!
   tries=0 found=""
   while [ "$tries" -lt $(($4 * 50)) ]; do
-    found=$(tr -d '\r' <"$reply" 2>/dev/null | grep -a -m 1 -E -- "$3") && break
+    found=$(tr -d '\r' 2>/dev/null <"$reply" | grep -a -m 1 -E -- "$3") && break
     sleep 0.02
     tries=$((tries + 1))
   done
