@@ -145,7 +145,7 @@ def test_errors_are_one_line_and_two_clusters_coexist(mini: Path, root: Path, li
         early = libvirt_sh(first, "start")
         assert early.returncode == 2 and early.stderr.count("\n") == 1
         assert "is not defined; run libvirt.sh define" in early.stderr
-        # the same command without the wrapper: leanvm libvirt, as INTERFACE.md names it
+        # the same command without the wrapper: leanvm libvirt, as docs/reference.md names it
         leanvm = Path(sys.executable).parent / "leanvm"
         direct = run([str(leanvm), "libvirt", "--out", str(first), "--connect", LIBVIRT_URI, "status"],
                      capture_output=True, text=True, env=ENV, timeout=120)

@@ -142,6 +142,16 @@ def restore_alone(out: Path, env: dict) -> subprocess.Popen:
                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def restore_held_at_the_gate(out: Path, gate: Gate, *args: str) -> subprocess.Popen:
+    """`cluster.sh restore ARGS` with VM one's start from the snapshot held at the gate, once
+    it is there (its disks swapped, QEMU not yet loading)."""
+    gate.hold("one")
+    proc = start([out / "cluster.sh", "restore", *args], env=gate.env, stdin=subprocess.DEVNULL,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    gate.wait_at("one", proc)
+    return proc
+
+
 @pytest.mark.parametrize("moment", ["before-the-swap", "during-the-load"])
 def test_run_sh_restore_interrupted_before_it_is_kept_leaves_the_vm_as_it_was(stopped: Path, tmp_path: Path,
                                                                                moment: str):
@@ -239,10 +249,7 @@ def test_cluster_restore_where_one_vm_fails_gives_every_vm_its_disks_back(stoppe
 def test_cluster_restore_interrupted_during_the_load_ends_restored(stopped: Path, tmp_path: Path):
     out = stopped
     gate = Gate(tmp_path / "gate")
-    gate.hold("one")
-    proc = start([out / "cluster.sh", "restore", "ready"], env=gate.env, stdin=subprocess.DEVNULL,
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    gate.wait_at("one", proc)
+    proc = restore_held_at_the_gate(out, gate, "ready")
     os.killpg(proc.pid, signal.SIGINT)
     gate.open()  # the VMs' restores run to their end, then all of them are kept
     _, err = finish(proc, timeout=120)
@@ -257,10 +264,7 @@ def test_cluster_restore_killed_during_the_load_ends_as_it_was(stopped: Path, tm
     out = stopped
     before = digests(out, "one")
     gate = Gate(tmp_path / "gate")
-    gate.hold("one")
-    proc = start([out / "cluster.sh", "restore", "ready"], env=gate.env, stdin=subprocess.DEVNULL,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    gate.wait_at("one", proc)
+    proc = restore_held_at_the_gate(out, gate, "ready")
     os.killpg(proc.pid, signal.SIGKILL)
     finish(proc)
     gate.open()  # the VMs come up, but nobody keeps their restore: it is undone when they stop
@@ -301,11 +305,8 @@ def test_a_failed_load_says_the_same_when_qemu_ends_late(stopped: Path, tmp_path
     (copy / "B3SUMS").write_bytes(sh("sh", "-c", "find . -type f ! -name B3SUMS ! -name '.*' | sed 's|^./||' | "
                                      "sort | xargs b3sum", cwd=copy))
     gate = Gate(tmp_path / "gate")
-    gate.hold("one")
     before = digests(out, "one")
-    proc = start([out / "cluster.sh", "restore", "one", "bad2"], env=gate.env, stdin=subprocess.DEVNULL,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    gate.wait_at("one", proc)
+    proc = restore_held_at_the_gate(out, gate, "one", "bad2")
     time.sleep(0.5)  # not a guess at a moment: any wait here is "after the launcher saw it start"
     gate.open()
     _, err = finish(proc, timeout=120)

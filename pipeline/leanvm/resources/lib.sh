@@ -338,7 +338,7 @@ recover_disks_locked() {
 SNAPSHOT_IDENTITY="ssh_port mac cluster_mac cluster_ip host_ports image_dir release version arch machine cpus memory user_netdev"
 
 # Refuse, in one line, a snapshot name that is not a plain word: ^[a-z0-9][a-z0-9._-]{0,62}$
-# (INTERFACE.md; leanvm.ship.bundle.SNAPSHOT_NAME is the same rule).
+# (leanvm.ship.bundle.SNAPSHOT_NAME is the same rule; README, Snapshot and restore).
 check_snapshot_name() {
   case $1 in
     [a-z0-9]*) ;;
