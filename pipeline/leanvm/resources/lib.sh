@@ -325,12 +325,9 @@ recover_disks() (
 )
 # The same, by the holder of the VM's run.lock.
 recover_disks_locked() {
-  if old_disks_kept "$1"; then
-    put_old_disks_back "$1"
-    echo "$2: VM ${1##*/}: its own disks were put back (a restore of it had been interrupted)" >&2
-  else
-    put_old_disks_back "$1"
-  fi
+  if ! old_disks_kept "$1"; then put_old_disks_back "$1"; return 0; fi  # only copies or remnants left
+  put_old_disks_back "$1"
+  echo "$2: VM ${1##*/}: its own disks were put back (a restore of it had been interrupted)" >&2
 }
 
 # --- snapshots: out/snapshots/SNAP/ (manifest, B3SUMS, NAME/{memory,rootfs.img,oem.img,values.env})

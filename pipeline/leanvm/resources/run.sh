@@ -155,6 +155,10 @@ case ${1-} in
   --resume) resume=$2; shift 2 ;;  # internal: the snapshot's disks are in place already
 esac
 snapshot_dir=$out/$OUT_SNAPSHOTS/$resume
+# The disks a restore swaps are this run.sh's to keep or put back, except under cluster.sh
+# restore's --resume: cluster.sh keeps them once every VM runs the snapshot.
+disks_are_mine=yes
+if [ -n "$resume" ] && [ -z "$restore" ]; then disks_are_mine=no; fi
 if [ -n "$resume" ]; then
   check_snapshot_name "$resume"
   [ -r "$snapshot_dir/$SNAPSHOT_MANIFEST" ] || die "no snapshot $resume in $out/$OUT_SNAPSHOTS: take one with" \
@@ -203,7 +207,7 @@ if [ "$mode" = detach ]; then
   refuse_if_running
   command -v setsid >/dev/null 2>&1 || die "setsid not found: install util-linux"
   # (here, so that its line is seen; the run.sh below checks again)
-  if [ -z "$resume" ] || [ -n "$restore" ]; then recover_disks "$here" run.sh; fi
+  if [ "$disks_are_mine" = yes ]; then recover_disks "$here" run.sh; fi
   if [ -n "$restore" ]; then set -- --restore "$restore" "$@"; elif [ -n "$resume" ]; then set -- --resume "$resume" "$@"; fi
   setsid sh "$here/$VM_RUN_SH" --supervise "$@" </dev/null >/dev/null 2>"$here/$VM_RUN_LOG" &
   supervisor=$!
@@ -346,9 +350,8 @@ if [ -f "$here/$VM_QEMU_PID" ]; then  # not this VM's QEMU (refuse_if_running): 
   warn "removed a stale qemu.pid (pid $(cat "$here/$VM_QEMU_PID") is not VM $name's QEMU)"
   rm -f "$here/$VM_QEMU_PID"
 fi
-# A restore that a SIGKILL ended: the VM's own disks first (not under cluster.sh restore's
-# --resume, whose swapped disks are in place for this run).
-if [ -z "$resume" ] || [ -n "$restore" ]; then recover_disks_locked "$here" run.sh; fi
+# A restore that a SIGKILL ended: the VM's own disks first.
+if [ "$disks_are_mine" = yes ]; then recover_disks_locked "$here" run.sh; fi
 check_ports "$name" "$host_ports"
 
 # --- the run: QEMU never outlives this script ---------------------------------------------
@@ -480,7 +483,7 @@ resume_guest() {
   done
   hmp "$here" "cont
 info status" '^VM status: running' 10 >/dev/null && [ -z "$caught" ] || return 1
-  if [ -n "$restore" ]; then drop_old_disks "$here"; fi
+  if [ "$disks_are_mine" = yes ]; then drop_old_disks "$here"; fi
   echo "$1" >"$here/$VM_RESUMED"
 }
 
