@@ -10,12 +10,37 @@ from leanvm_dev import minirelease
 from support import Keyring, Mirror, MirrorServer, Project, qemu_pids, serve
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_configure(config: pytest.Config) -> None:
+    """A pytest started where SIGINT or SIGHUP is ignored (from `cmd &` in a script, or
+    nohup) would hand that on to every run.sh it starts, and sh cannot trap a signal it was
+    started ignoring: the tests that interrupt a launcher need the default."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
     """`vm`: every test that uses the mini release (directly or through a fixture), which is
-    what boots a VM; `pytest -m "not vm"` is the tier that starts no QEMU."""
-    for item in items:
-        if "mini" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.vm)
+    what boots a VM; `pytest -m "not vm"` is the tier that starts no QEMU. Under xdist
+    (pyproject's addopts) the `vm` tests form one group, so they run one at a time on one
+    worker, which builds the mini release once, while the other workers take the rest. (Set
+    as each test is collected: xdist reads the group before this file's modifyitems runs.)"""
+    if "mini" in getattr(item, "fixturenames", ()) or item.get_closest_marker("vm"):
+        item.add_marker(pytest.mark.vm)
+        item.add_marker(pytest.mark.xdist_group("vm"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On an xdist worker, every `vm` test must carry xdist's group suffix: otherwise two
+    workers would boot VMs at once, on the same derived ports."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    ungrouped = [item.nodeid for item in session.items
+                 if item.get_closest_marker("vm") and not item.nodeid.endswith("@vm")]
+    if ungrouped:
+        raise pytest.UsageError(f"xdist did not group the VM tests ({ungrouped[0]}): "
+                                "install the pytest version pyproject.toml names")
 
 
 @pytest.fixture(scope="session", autouse=True)

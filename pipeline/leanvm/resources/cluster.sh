@@ -214,7 +214,9 @@ wait_for_launchers() {
   done
 }
 
-# Stop the QEMUs of the VMs named: monitor quit, then SIGTERM, then SIGKILL.
+# Stop the QEMUs of the VMs named: monitor quit, then SIGTERM, then SIGKILL. Then wait (up
+# to 15 s in all) for each VM's run.sh to end: one that was between two launches (a guest
+# reboot) starts QEMU again, which is stopped too; run.sh finds forced-stop then and ends.
 force_stop() {
   [ $# -gt 0 ] || return 0
   monitor quit "$@"
@@ -223,7 +225,14 @@ force_stop() {
       if pid=$(vm_pid "$vm"); then kill "-$signal" "$pid" 2>/dev/null || true; sleep 1; fi
     done
   done
-  return 0
+  tries=0
+  for vm; do
+    while launcher_active "$vm" && [ "$tries" -lt 150 ]; do
+      if pid=$(vm_pid "$vm"); then kill -TERM "$pid" 2>/dev/null || true; fi
+      sleep 0.1
+      tries=$((tries + 1))
+    done
+  done
 }
 
 # Press the power button of the VMs named; at the third press (10 s without a power-off)
