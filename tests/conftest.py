@@ -7,7 +7,18 @@ from pathlib import Path
 import pytest
 from leanvm.proc import stop_gpg_agent
 from leanvm_dev import minirelease
-from support import Keyring, Mirror, MirrorServer, Project, qemu_pids, serve
+from support import (
+    Keyring,
+    Mirror,
+    MirrorServer,
+    Project,
+    build_cluster,
+    cluster_sh,
+    copy_cluster,
+    on_vm,
+    qemu_pids,
+    serve,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -114,6 +125,36 @@ def copy_tree():
 def mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """leanvm's mini release (Debian kernel + busybox), built once per test session."""
     return minirelease.build(tmp_path_factory.mktemp("mini"))
+
+
+@pytest.fixture(scope="session")
+def ready_pair(mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Booted once, restored many times: the out/ of a cluster of two VMs, `one` (cloud-config,
+    10.77.0.11) and `two` (keys through Ignition, 10.77.0.12), booted once in the session and
+    saved, stopped, as snapshot `ready`; `one` holds /home/core/note ("kept"). Tests that need a
+    booted VM but not a first boot take a copy of it (copy_of_ready) and restore it."""
+    root = tmp_path_factory.mktemp("ready")
+    (root / "two.ign").write_text('{"ignition": {"version": "3.3.0"}}')
+    out = build_cluster(root, mini / "mini.yaml", {"one": {"cluster_ip": "10.77.0.11"},
+                                                   "two": {"cluster_ip": "10.77.0.12", "ignition": "two.ign"}})
+    try:
+        up = cluster_sh(out, "up", "--wait")
+        assert up.returncode == 0, up.stdout + up.stderr
+        on_vm(out, "one", "echo kept >/home/core/note")
+        taken = cluster_sh(out, "snapshot", "--stop", "ready")
+        assert taken.returncode == 0, taken.stdout + taken.stderr
+    finally:
+        cluster_sh(out, "down")
+    assert qemu_pids(out) == []
+    return out
+
+
+@pytest.fixture
+def copy_of_ready(ready_pair: Path, tmp_path: Path) -> Path:
+    """A copy of ready_pair's directory (its cluster file beside out/; sparse, every VM stopped)
+    in this test's directory, whose out/ it returns: the same VMs and ports, so a test may change
+    it at will; `cluster.sh restore ready` starts it."""
+    return copy_cluster(ready_pair, tmp_path / "ready")
 
 
 @pytest.fixture(autouse=True)

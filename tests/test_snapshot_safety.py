@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import ENV, HOLD, build_cluster, cluster_sh, doit, finish, on_vm, processes, qemu_pids, run, sh, start
+from support import ENV, HOLD, cluster_sh, copy_cluster, doit, finish, on_vm, processes, qemu_pids, run, sh, start
 
 GATE = """#!/bin/sh
 # QEMU for the tests: holds a start from a snapshot (-incoming) of VM NAME while $G/hold-NAME
@@ -109,17 +109,13 @@ def one_line(err: str, *words: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def saved(mini: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A cluster of two VMs with snapshot `ready` taken once; between tests every VM is stopped
-    and VM one's root disk holds /junk, written after the snapshot (so its disk differs)."""
-    root = tmp_path_factory.mktemp("saved")
-    out = build_cluster(root, mini / "mini.yaml", {"one": {}, "two": {}})
+def saved(ready_pair: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A copy of the session's cluster of two VMs with snapshot `ready` (conftest's ready_pair:
+    VM one holds /home/core/note); between tests every VM is stopped and VM one's root disk
+    holds /junk, written after the snapshot (so its disk differs)."""
+    root = tmp_path_factory.mktemp("saved") / "ready"
+    out = copy_cluster(ready_pair, root)
     try:
-        up = cluster_sh(out, "up", "--wait")
-        assert up.returncode == 0, up.stdout + up.stderr
-        on_vm(out, "one", "echo kept >/home/core/note")
-        taken = cluster_sh(out, "snapshot", "--stop", "ready")
-        assert taken.returncode == 0, taken.stdout + taken.stderr
         (root / "junk").write_text("written after the snapshot\n")
         sh("debugfs", "-w", "-R", f"write {root / 'junk'} /junk", out / "vms" / "one" / "rootfs.img")
         yield out

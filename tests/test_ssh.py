@@ -85,28 +85,29 @@ def assert_down_cleanly(out: Path) -> None:
     assert qemu_pids(out) == []
 
 
-@pytest.mark.slow  # ~23 s: in CI's slow run (the main suite stays under its 10 minutes)
-def test_two_vm_cluster_over_ssh(mini: Path, tmp_path: Path):
-    out = two_vm_cluster(tmp_path, mini)
+def test_two_vm_cluster_over_ssh(copy_of_ready: Path, tmp_path: Path):
+    """Over ssh into the session's booted pair (restored: booted once, conftest's ready_pair),
+    whose VM two got the cluster key through Ignition's passwd on its first boot."""
+    out = copy_of_ready
     try:
-        up = cluster(out, "up", "--wait")
-        assert up.returncode == 0, up.stdout + up.stderr
-        mounts = cluster(out, "ssh", "node-a", "--", "cat", "/proc/mounts")
+        restored = cluster(out, "restore", "--wait", "60", "ready")
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        mounts = cluster(out, "ssh", "one", "--", "cat", "/proc/mounts")
         assert mounts.returncode == 0, mounts.stderr
         assert re.search(r"^/dev/vda1 /usr squashfs ro[, ]", mounts.stdout, re.M), mounts.stdout
-        ping = cluster(out, "ssh", "node-a", "--", "ping", "-c", "1", "10.77.0.12")
+        ping = cluster(out, "ssh", "one", "--", "ping", "-c", "1", "10.77.0.12")
         assert ping.returncode == 0, ping.stdout + ping.stderr
-        assert cluster(out, "ssh", "node-b", "--", "exit 7").returncode == 7  # the remote status, passed through
-        assert cluster(out, "ssh", "node-b", "--", "id", "-un").stdout.strip() == "core"
+        assert cluster(out, "ssh", "two", "--", "exit 7").returncode == 7  # the remote status, passed through
+        assert cluster(out, "ssh", "two", "--", "id", "-un").stdout.strip() == "core"
         # free page reporting: the balloon device is bound to its driver in the guest
-        bound = cluster(out, "ssh", "node-a", "--", "ls", "/sys/bus/virtio/drivers/virtio_balloon")
+        bound = cluster(out, "ssh", "one", "--", "ls", "/sys/bus/virtio/drivers/virtio_balloon")
         assert bound.returncode == 0 and re.search(r"^virtio\d+$", bound.stdout, re.M), bound.stdout + bound.stderr
         status = cluster(out, "status").stdout
-        for name in ("node-a", "node-b"):  # each running VM's host memory, as PSS
+        for name in ("one", "two"):  # each running VM's host memory, as PSS
             pss = re.search(rf"^{name}\s+running\s+\d+\s+127\.0\.0\.1:\d+\s+(\d+) MiB$", status, re.M)
             assert pss and 16 < int(pss[1]) < 1024, status
         assert re.search(r"^KSM: (off: .*sudo tee /sys/kernel/mm/ksm/run .*|on: \d+ MiB .*)$", status, re.M), status
-        assert_wrong_key_refused(tmp_path, out, "node-a")
+        assert_wrong_key_refused(tmp_path, out, "one")
     finally:
         assert_down_cleanly(out)
 

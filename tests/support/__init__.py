@@ -24,6 +24,7 @@ from .vm import (  # noqa: F401
     boot,
     build_cluster,
     cluster_sh,
+    copy_cluster,
     marker,
     on_vm,
     paths_in,

@@ -92,6 +92,14 @@ def build_cluster(root: Path, profile: Path, vms: dict, **extra: object) -> Path
     return root / "out"
 
 
+def copy_cluster(out: Path, root: Path) -> Path:
+    """A copy, at root, of the directory holding out/ and its cluster file (sparse, with the
+    out/'s record of its cluster file moved along); the copy's out/."""
+    sh("cp", "-a", "--sparse=always", "--reflink=auto", out.parent, root)
+    (root / "out" / "state" / "cluster-file").write_text(str(root / "cluster.yaml"))
+    return root / "out"
+
+
 def boot(run_sh: Path, append: str = "") -> str:
     """Boot to power-off; the serial console text."""
     proc = run([run_sh], stdin=subprocess.DEVNULL, capture_output=True, timeout=BOOT_TIMEOUT,

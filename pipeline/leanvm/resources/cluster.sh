@@ -152,7 +152,11 @@ monitor() {
     writers="$writers $!"
   done
   [ -n "$writers" ] || return 0
-  sleep 1
+  tries=0
+  while [ "$tries" -lt 10 ] && for writer in $writers; do alive "$writer" && break; done; do
+    sleep 0.1
+    tries=$((tries + 1))
+  done
   for writer in $writers; do
     kill "$writer" 2>/dev/null || true
     wait "$writer" 2>/dev/null || true
@@ -221,8 +225,13 @@ force_stop() {
   [ $# -gt 0 ] || return 0
   monitor quit "$@"
   for signal in TERM KILL; do
+    tries=0
+    while [ "$tries" -lt 10 ] && for vm; do vm_pid "$vm" >/dev/null && break; done; do
+      sleep 0.1
+      tries=$((tries + 1))
+    done
     for vm; do
-      if pid=$(vm_pid "$vm"); then kill "-$signal" "$pid" 2>/dev/null || true; sleep 1; fi
+      if pid=$(vm_pid "$vm"); then kill "-$signal" "$pid" 2>/dev/null || true; fi
     done
   done
   tries=0
