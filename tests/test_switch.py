@@ -78,3 +78,21 @@ def test_a_stale_switch_directory_is_cleared(pair: Path):
     wait_running(vm, proc)
     stop(proc)
     assert_switch_gone(pair)
+
+
+def test_an_out_dir_too_long_for_a_socket_path_has_its_switch_in_a_short_directory(mini: Path, tmp_path: Path):
+    """vde_switch names its control socket by its absolute path, which a unix socket holds to 107
+    bytes: a longer out/ gets its switch in a short directory, which goes with the switch."""
+    out = build_cluster(tmp_path / ("d" * 100), mini / "mini.yaml", {"one": {}, "two": {}})
+    assert len(str(out / "net" / "switch" / "ctl")) > 107
+    vms = [out / "vms" / "one", out / "vms" / "two"]
+    procs = [start(vm / "run.sh") for vm in vms]
+    for vm, proc in zip(vms, procs, strict=True):
+        wait_running(vm, proc)
+    short = (out / "net" / "switch").resolve()
+    assert (short / "ctl").is_socket() and len(str(short / "ctl")) <= 107
+    assert len(switch_processes(out)) == 1
+    errors = [stop(proc) for proc in procs]
+    assert not any("cannot start" in e for e in errors), errors
+    assert_switch_gone(out)
+    assert not short.exists()

@@ -88,8 +88,8 @@ port_in_use() {
     END { exit !found }' /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
 
-# Stop the cluster network's switch in directory $1 (out/net) and clear what it left; the
-# caller holds $1/lock.
+# Stop the cluster network's switch in directory $1 (out/net) and clear what it left (and
+# the short directory its switch links to, under a long out/ path); the caller holds $1/lock.
 stop_switch() (
   pid=$(cat "$1/$NET_SWITCH_PID" 2>/dev/null || true)
   if alive "$pid"; then
@@ -97,8 +97,14 @@ stop_switch() (
     tries=0
     while alive "$pid" && [ "$tries" -lt 100 ]; do sleep 0.05; tries=$((tries + 1)); done
   fi
+  if [ -L "$1/$NET_SWITCH" ]; then rm -rf "$(short_switch_dir "$1")"; fi
   rm -rf "${1:?}/$NET_SWITCH" "${1:?}/$NET_SWITCH_PID"
 )
+
+# The short directory for the switch of out/net directory $1 (its path's checksum in it).
+short_switch_dir() {
+  printf '%s/leanvm-switch-%s-%s\n' "${TMPDIR:-/tmp}" "$(id -u)" "$(printf '%s' "$1" | cksum | cut -d ' ' -f 1)"
+}
 
 # First boot: Ignition runs only while root disk $1 has no /etc/.ignition-result.json, read
 # host side with debugfs (read-only), or while it holds /selective-os-reset, which

@@ -110,6 +110,15 @@ ensure_switch() {
   echo "$$" >"$net/$NET_USERS/$name"
   switch_alive && return 0
   stop_switch "$net"  # whatever a dead or half-started switch left behind
+  # vde_switch names its control socket by its absolute path, and a unix socket's path holds at
+  # most 107 bytes: under a long out/ path, out/net/switch links to a short directory
+  if [ "${#net}" -gt 90 ]; then
+    short=$(short_switch_dir "$net")
+    rm -rf "$short"  # (one a killed switch left; a directory of another user's stays, and mkdir fails)
+    if ! { mkdir -m 700 "$short" && ln -s "$short" "$net/$NET_SWITCH"; }; then
+      die "cannot make the cluster switch's directory $short (TMPDIR)"
+    fi
+  fi
   # The switch must not inherit the locks (fd 8: run.lock, fd 9: net/lock) or this output.
   (cd "$net" && vde_switch --sock "$NET_SWITCH" --pidfile "$net/$NET_SWITCH_PID" --daemon) </dev/null >/dev/null 2>&1 8>&- 9>&- ||
     true
