@@ -20,6 +20,15 @@ def test_mypy_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_runtime_is_mypy_strict_clean():
+    """What out/ carries (leanvm.runtime, and the zipapp's builder) type-checks under --strict."""
+    package = PROJECT / "pipeline" / "leanvm"
+    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", "/dev/null",
+                             str(package / "runtime"), str(package / "ship" / "runtime.py")],
+                            capture_output=True, text=True, cwd=PROJECT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_shell_scripts_are_shellcheck_clean():
     scripts = [*PROJECT.glob("pipeline/**/*.sh"), PROJECT / ".ci" / "run"]
     assert scripts
@@ -28,8 +37,8 @@ def test_shell_scripts_are_shellcheck_clean():
 
 
 # The package's layers, each importing only from those before it (README, "Where things live").
-LAYERS = [{"errors", "proc", "fsutil", "resources", "arch"}, {"state"}, {"config"}, {"release", "vm"}, {"ship"},
-          {"dag"}]
+LAYERS = [{"errors", "proc", "fsutil", "resources", "arch"}, {"state"}, {"config"}, {"release", "vm", "runtime"},
+          {"ship"}, {"dag"}]
 
 
 def test_imports_point_down_the_layers():

@@ -23,7 +23,7 @@ from leanvm.errors import LeanvmError, tool, warn
 from leanvm.fsutil import write_atomic
 from leanvm.release import fetch, publish
 from leanvm.resources import CLUSTER_SCRIPT, LIBVIRT_SCRIPT, RUN_SH, SHELL_LIB
-from leanvm.ship import bundle, prune
+from leanvm.ship import bundle, prune, runtime
 from leanvm.state import identity, shellfacts, snapshots
 from leanvm.state.layout import Layout, Names
 from leanvm.state.vmstate import running_pid
@@ -303,17 +303,19 @@ def install_script(source: Path, dest: Path) -> None:
 
 
 def task_cluster() -> dict:
-    """out/cluster.sh: up/down/status/console/ssh for every VM (static: it finds the VMs),
-    and out/lib.sh, the shell functions it shares with run.sh, headed by the out/ names and
-    the arch table that Python owns (state/shellfacts.py)."""
+    """out/cluster.sh: up/down/status/console/ssh/monitor for every VM (static: it finds the
+    VMs); out/leanvm-runtime.pyz, what cluster.sh monitor runs; and out/lib.sh, the shell
+    functions it shares with run.sh, headed by the out/ names and the arch table that Python
+    owns (state/shellfacts.py)."""
     layout = context().layout
     lib = shellfacts.lib_sh()
     return {
-        "doc": "install out/cluster.sh (up, down, status, console NAME, ssh NAME) and out/lib.sh",
+        "doc": "install out/cluster.sh (up, down, status, console, ssh, monitor), its runtime and out/lib.sh",
         "actions": [action(install_script, CLUSTER_SCRIPT, layout.script("cluster.sh")),
-                    action(write_atomic, layout.script("lib.sh"), lib.encode(), 0o755)],
-        "file_dep": [CLUSTER_SCRIPT, SHELL_LIB],
-        "targets": [layout.script("cluster.sh"), layout.script("lib.sh")],
+                    action(write_atomic, layout.script("lib.sh"), lib.encode(), 0o755),
+                    action(runtime.write, layout.script(Names.OUT_RUNTIME))],
+        "file_dep": [CLUSTER_SCRIPT, SHELL_LIB, *runtime.SOURCES],
+        "targets": [layout.script("cluster.sh"), layout.script("lib.sh"), layout.script(Names.OUT_RUNTIME)],
         "uptodate": [config_changed(lib)],
         "clean": True,
     }

@@ -31,6 +31,9 @@ Usage: $0 COMMAND
                          their clocks are set
   ssh NAME [-- CMD...]   ssh into a VM as LEANVM_SSH_USER (default core) with the cluster key
                          (ssh/id_ed25519); the remote command's exit status is passed through
+  monitor NAME [COMMAND] send a QEMU monitor command ('info status', 'info block', ...) to a
+                         running VM through its QMP socket and print the answer; without
+                         COMMAND, one command a line from stdin (runs python3, or LEANVM_PYTHON)
   help                   this text
 LEANVM_ACCEL and LEANVM_APPEND are passed on to each run.sh.
 EOF
@@ -726,6 +729,13 @@ case ${1-} in
   help|--help|-h) usage ;;
   down) shift; select_vms "$@"; down ;;
   status) status ;;
+  monitor)
+    [ $# -ge 2 ] || die "usage: cluster.sh monitor NAME [COMMAND]"
+    check_vm "$2"
+    python=${LEANVM_PYTHON:-python3}
+    command -v "$python" >/dev/null 2>&1 || die "$python not found: install python3 (3.9 or newer) or set LEANVM_PYTHON"
+    shift
+    exec "$python" "$out/$OUT_RUNTIME" monitor "$out" "$@" ;;
   console)
     [ $# -eq 2 ] || die "usage: cluster.sh console NAME"
     check_vm "$2"

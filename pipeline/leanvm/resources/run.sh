@@ -314,10 +314,13 @@ case ${LEANVM_BALLOON:-on} in
   off) ;;
   *) die "LEANVM_BALLOON must be on or off, not '$LEANVM_BALLOON'" ;;
 esac
-# The monitor FIFOs monitor.in/.out let cluster.sh down press the power button, in both modes.
+# The monitor FIFOs monitor.in/.out let cluster.sh down press the power button, in both modes;
+# cluster.sh monitor talks QMP on qmp.sock, named from out/net, QEMU's working directory (a
+# short path: a unix socket's path holds at most 108 bytes).
 if [ "$mode" != print ]; then
   set -- -chardev "pipe,id=monitor,path=$(qpath "$here/$VM_MONITOR")" -mon chardev=monitor,mode=readline "$@"
 fi
+set -- -qmp "unix:$(qpath "../$OUT_VMS/$name/$VM_QMP"),server=on,wait=off" "$@"
 # The serial console goes to console.log too (appended across the relaunches of one run):
 # run.sh reads there whether the guest rebooted.
 if [ "$mode" = supervise ]; then
@@ -373,7 +376,7 @@ check_ports "$name" "$host_ports"
 # What a run holds: the monitor FIFOs, a pid file QEMU did not remove, the switch entry, and
 # (a restore that was not kept: interrupted, or its QEMU stopped first) the disks it swapped.
 release_vm() {
-  rm -f "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out" "$here/$VM_RESUMED" "$here/$VM_RESTORED"
+  rm -f "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out" "$here/$VM_RESUMED" "$here/$VM_RESTORED" "$here/$VM_QMP"
   running_pid "$here" >/dev/null || rm -f "$here/$VM_QEMU_PID"
   if [ -n "$resume" ] && old_disks_kept "$here"; then
     put_old_disks_back "$here"
@@ -427,10 +430,10 @@ if [ -n "$caught" ]; then exit "$caught"; fi
 
 # --- start ------------------------------------------------------------------------------
 decide_boot
-if [ "$cluster_net" = true ]; then
-  with_net_lock ensure_switch || exit 1
-  cd "$net" || exit 1  # QEMU finds the switch as ./switch: short socket paths, wherever out/ is
-fi
+if [ "$cluster_net" = true ]; then with_net_lock ensure_switch || exit 1; fi
+# QEMU finds the switch as ./switch and its QMP socket as ../vms/NAME/qmp.sock: short socket
+# paths, wherever out/ is
+mkdir -p "$net" && cd "$net" || exit 1
 rm -f "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out" "$here/$VM_FORCED_STOP" "$here/$VM_BOOT_FAILED"
 mkfifo "$here/$VM_MONITOR.in" "$here/$VM_MONITOR.out"
 : >"$here/$VM_CONSOLE"

@@ -35,7 +35,7 @@ from leanvm.state.vmstate import running_pid
 
 MANIFEST = "MANIFEST.json"
 SNAPSHOT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # lib.sh's check_snapshot_name: the same rule
-CLUSTER_FILES = ("lib.sh", "cluster.sh", "libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env")
+CLUSTER_FILES = ("lib.sh", "cluster.sh", Names.OUT_RUNTIME, "libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env")
 # What a run leaves beside a VM's disks: never shipped (a lock, a pid, a log of this host's runs).
 MONITOR_FILES = ("in", "out", "reply", "reader")  # the FIFOs, and an hmp call's reply and reader's pid
 RUNTIME_FILES = {Names.VM_QEMU_PID, Names.VM_CONSOLE, *(f"{Names.VM_MONITOR}.{end}" for end in MONITOR_FILES),

@@ -24,6 +24,7 @@ class Names:
     OUT_LIBVIRT = "libvirt"
     OUT_BUNDLES = "bundles"
     OUT_SNAPSHOTS = "snapshots"
+    OUT_RUNTIME = "leanvm-runtime.pyz"  # the runtime (leanvm.runtime) as a zipapp for python3
     VM_RUN_SH = "run.sh"
     VM_ROOT_DISK = "rootfs.img"
     VM_OEM_DISK = "oem.img"
@@ -35,6 +36,7 @@ class Names:
     VM_CONSOLE = "console.log"
     VM_RUN_LOG = "run.log"  # a detached run.sh's own messages
     VM_MONITOR = "monitor"  # QEMU's HMP through the FIFOs monitor.in and monitor.out
+    VM_QMP = "qmp.sock"  # QEMU's QMP socket (cluster.sh monitor)
     VM_FORCED_STOP = "forced-stop"  # why the VM was stopped by force
     VM_BOOT_FAILED = "boot-failed"  # the console line of a failed boot
     VM_RESTORED = "restored"  # run.sh's line once a restored VM runs
