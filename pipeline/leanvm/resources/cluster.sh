@@ -80,7 +80,7 @@ wait_for_ssh() {
       deadline=$((started + $1))
     fi
     [ "$(date +%s)" -lt "$deadline" ] || die "no sshd answered within $1 s on:$still"
-    sleep 1
+    sleep 0.5
   done
   echo "every VM answers ssh"
 }

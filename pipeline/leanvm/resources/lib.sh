@@ -208,7 +208,7 @@ power_off() (
       $2 $($1)
       next=$((elapsed + 5))
     fi
-    sleep 1
+    sleep 0.2  # (looked at five times a second: down returns soon after the last VM is off)
   done
 )
 
