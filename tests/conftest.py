@@ -42,6 +42,13 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         item.add_marker(pytest.mark.xdist_group("vm"))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """pyproject's `-n auto`: three workers (one runs the VM tests); four for `-m "not vm"`,
+    where no worker runs a VM and more of the tests wait on processes than use a core."""
+    return 4 if config.getoption("markexpr").strip() == "not vm" else 3
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """On an xdist worker, every `vm` test must carry xdist's group suffix: otherwise two
     workers would boot VMs at once, on the same derived ports."""

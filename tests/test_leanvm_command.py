@@ -58,6 +58,7 @@ def test_leanvm_from_a_directory_holding_only_a_cluster_file(installed: Path, mi
     assert (mine / "out" / "vms" / "mine" / "rootfs.img").exists()
 
 
+@pytest.mark.xdist_group("wheel")  # one worker installs the wheel for both
 def test_the_wheel_installs_leanvm_only_and_lists_its_example_from_an_empty_directory(installed: Path, tmp_path: Path):
     python = installed.with_name("python")
     for module, found in (("leanvm", True), ("pipeline", False), ("leanvm_dev", False)):
@@ -69,6 +70,7 @@ def test_the_wheel_installs_leanvm_only_and_lists_its_example_from_an_empty_dire
     assert listing.returncode == 0 and "launcher" in listing.stdout, listing.stderr
 
 
+@pytest.mark.xdist_group("wheel")  # one worker installs the wheel for both
 def test_installed_leanvm_finds_the_bundled_flatcar_profiles(installed: Path, tmp_path: Path):
     (tmp_path / "cluster.yaml").write_text("release: flatcar-stable\nvms:\n  core1: {}\n")
     listing = leanvm(installed, tmp_path, "list", "--all")
