@@ -55,6 +55,7 @@ def test_thirty_quick_stop_start_cycles_of_one_vm(pair: Path):
         assert_switch_gone(pair)
 
 
+@pytest.mark.slow  # a repeat test (~20 s): in CI's slow run, keeping the main suite within its 6 minutes
 def test_two_vms_started_at_the_same_instant_ten_times(pair: Path):
     vms = [pair / "vms" / "one", pair / "vms" / "two"]
     for cycle in range(10):
