@@ -10,8 +10,8 @@ import yaml
 from leanvm.config.load import load_cluster
 from leanvm.dag.tasks import assign_identities
 from leanvm.errors import LeanvmError
+from leanvm.ship import runtime
 from leanvm.state import identity
-from leanvm.state.shellfacts import lib_sh
 from leanvm.vm import configdrive, values
 from support import Project, printed
 
@@ -111,7 +111,7 @@ def test_run_sh_takes_everything_from_the_values_file(project: Project, tmp_path
     out = tmp_path / "o,ut"  # a comma: QEMU's option separator, doubled in paths
     for vm in cluster.vms:
         values.write(vm, given[vm.name], "9.9", out)
-    (out / "lib.sh").write_text(lib_sh())
+    runtime.write(out / "leanvm-runtime.pyz")
     a, c = (printed(out / "vms" / vm.name / "run.sh", {"LEANVM_ACCEL": "tcg"}) for vm in cluster.vms)
     vm_a = given["a"]
     assert a[a.index("-smp") + 1] == "2" and a[a.index("-m") + 1] == "384" and a[a.index("-name") + 1] == "a"
@@ -123,8 +123,8 @@ def test_run_sh_takes_everything_from_the_values_file(project: Project, tmp_path
     assert a[a.index("-machine") + 1] == "q35" and a[a.index("-accel") + 1] == "tcg" and a[a.index("-cpu") + 1] == "max"
 
 
-def test_python_asks_lib_sh_whether_a_port_is_taken():
-    """One rule for run.sh's refusal and doit's port choice: lib.sh's port_in_use (a listener
+def test_a_port_is_taken_by_a_listener_on_any_address():
+    """One rule for run.sh's refusal and doit's port choice: leanvm.host's port_in_use (a listener
     on any address)."""
     with socket.socket() as listener:
         listener.bind(("0.0.0.0", 0))

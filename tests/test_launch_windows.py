@@ -112,11 +112,9 @@ def test_down_while_run_sh_is_between_two_launches_stops_the_vm_for_good(one: Pa
     qemu.plan(2, "hold")  # run.sh's relaunch is held until down has begun to force the stop
     up = cluster_sh(one, "up", env=qemu.env)
     assert up.returncode == 0, up.stdout + up.stderr
-    # start 1 ends as a guest reboot ends QEMU: the kernel's last words, then exit 0
-    with open(vm / "console.log", "a") as console:
-        console.write("reboot: Restarting system\n")
-    with open(vm / "monitor.in", "w") as monitor:
-        monitor.write("quit\n")
+    # start 1 ends as a guest reboot ends QEMU (-no-reboot): a reset, here asked on the monitor
+    reset = cluster_sh(one, "monitor", "one", "system_reset", env=qemu.env)
+    assert reset.returncode == 0, reset.stderr
     qemu.wait_at(2)
     down = subprocess.Popen([one / "cluster.sh", "down"], env=qemu.env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -143,7 +141,7 @@ def test_down_right_after_a_qemu_was_killed_waits_for_its_launcher(one: Path, tm
     down = cluster_sh(one, "down", env=qemu.env)
     assert down.returncode == 0 and "one: stopped" in down.stdout, down.stdout + down.stderr
     assert launcher_free(vm, timeout=0)
-    assert not [p.name for p in vm.iterdir() if p.name in ("monitor.in", "monitor.out", "qemu.pid")]
+    assert not [p.name for p in vm.iterdir() if p.name in ("qmp.sock", "qemu.pid")]
     assert not (one / "net" / "switch.pid").exists()
     again = cluster_sh(one, "up", env=qemu.env)
     assert again.returncode == 0 and "one: started" in again.stdout, again.stdout + again.stderr

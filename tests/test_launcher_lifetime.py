@@ -67,7 +67,7 @@ def started(vm: Path) -> tuple[subprocess.Popen, int]:
 
 def assert_released(out: Path, vm: Path) -> None:
     """Nothing of the VM's run is left: FIFOs, pid file, switch entry (and the switch)."""
-    leftovers = lambda: [p.name for p in vm.iterdir() if p.name in ("monitor.in", "monitor.out", "qemu.pid")]  # noqa: E731
+    leftovers = lambda: [p.name for p in vm.iterdir() if p.name in ("qmp.sock", "qemu.pid")]  # noqa: E731
     assert within(5, lambda: not leftovers()), leftovers()
     assert within(5, lambda: not list((out / "net" / "users").iterdir()))
     assert within(5, lambda: switch_processes(out) == []), "the switch outlived its last VM"
@@ -184,7 +184,7 @@ def test_the_demo_succeeds_on_a_machine_whose_kvm_hangs(tmp_path: Path):
         "(LEANVM_ACCEL=tcg sh pipeline/demo.sh skips the KVM try)"]
     assert "demo1 booted under TCG" in demo.stdout and "/dev/vda1 /usr squashfs ro" in demo.stdout
     assert qemu_pids(copy / "out") == []
-    assert not [p for p in (copy / "out").rglob("*") if p.name in ("monitor.in", "monitor.out", "qemu.pid")]
+    assert not [p for p in (copy / "out").rglob("*") if p.name in ("qmp.sock", "qemu.pid")]
     assert not (copy / "out" / "net" / "switch.pid").exists()
     sleeping = subprocess.run(["pgrep", "-f", "sleep 100000"], capture_output=True).stdout
     assert sleeping == b""

@@ -127,7 +127,7 @@ def test_domain_and_network_xml_validate_and_use_the_run_sh_files(mini: Path, ro
     bundled = doit(f"config={root / 'cluster.yaml'}", f"out={out}", "bundle")
     assert bundled.returncode == 0, bundled.stderr
     listing = sh("tar", "-tzf", next(out.glob("bundles/*.tar.gz"))).decode().split()
-    for name in ("libvirt.sh", "lib.sh", "libvirt/network.xml", "libvirt/cluster.env"):
+    for name in ("libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env"):
         assert any(entry.endswith(name) for entry in listing), (name, listing)
     b = ET.parse(files[1]).getroot()
     assert domain.find("sysinfo") is None

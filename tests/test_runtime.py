@@ -85,7 +85,8 @@ def test_the_zipapp_is_reproducible_and_runs_monitor_with_a_bare_environment(bar
     out, name = bare_qemu.parent.parent, bare_qemu.name
 
     def monitor(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-        return run(["/usr/bin/python3", pyz, "monitor", out, *args], capture_output=True, text=True, timeout=60,
+        return run(["/usr/bin/python3", pyz, "cluster", out, "cluster.sh", "monitor", *args], capture_output=True,
+                   text=True, timeout=60,
                    env=BARE, input=stdin)
 
     answered = monitor(name, "info", "status")
@@ -94,12 +95,12 @@ def test_the_zipapp_is_reproducible_and_runs_monitor_with_a_bare_environment(bar
     assert piped.returncode == 0 and piped.stdout.startswith("VM status: paused (prelaunch)\n"), piped.stderr
     assert len(piped.stdout.splitlines()) == 2
     nosuch = monitor("nosuch", "info status")
-    assert nosuch.returncode == 1 and nosuch.stderr == f"cluster.sh monitor: no VM named 'nosuch' in {out / 'vms'}\n"
+    assert nosuch.returncode == 1 and nosuch.stderr == f"cluster.sh: no VM named 'nosuch' in {out / 'vms'}\n"
     (out / "vms" / "off").mkdir()
     (out / "vms" / "off" / "run.sh").write_text("#!/bin/sh\n")
     off = monitor("off", "info status")
     assert off.returncode == 1
-    assert off.stderr == f"cluster.sh monitor: VM off is not running: start it with {out / 'cluster.sh'} up off\n"
+    assert off.stderr == f"cluster.sh: VM off is not running: start it with {out / 'cluster.sh'} up off\n"
 
 
 def test_cluster_sh_monitor_answers_for_a_running_vm(copy_of_ready: Path):

@@ -136,10 +136,11 @@ def test_a_refused_second_start_leaves_the_running_vm_intact(trio):
     vm = out / "vms" / "d1"
     env = {**ENV, "LEANVM_APPEND": "leanvm.hold"}
     assert subprocess.run([str(vm / "run.sh"), "--detach"], env=env, capture_output=True).returncode == 0
-    fifos = {p.name: p.stat().st_ino for p in vm.glob("monitor.*")}
+    sockets = {p.name: p.stat().st_ino for p in vm.glob("*.sock")}
+    assert sockets
     again = subprocess.run([str(vm / "run.sh"), "--detach"], env=env, capture_output=True, text=True)
     assert "already running" in one_line(again)
-    assert {p.name: p.stat().st_ino for p in vm.glob("monitor.*")} == fifos
+    assert {p.name: p.stat().st_ino for p in vm.glob("*.sock")} == sockets
     wait_for_text(vm / "console.log", "holding (leanvm.hold)")
     down = run([str(out / "cluster.sh"), "down"], capture_output=True, text=True, env=env, timeout=120)
     assert down.returncode == 0 and "did not power off" not in down.stdout, down.stdout

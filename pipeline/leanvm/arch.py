@@ -1,7 +1,9 @@
 """The guest architectures leanvm runs, and what each needs of QEMU and libvirt."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum
 
 
 @dataclass(frozen=True)
@@ -12,11 +14,15 @@ class ArchFacts:
     cpu_name: str  # `uname -m` on a host of this arch, and libvirt's arch name
 
 
-class Arch(StrEnum):
-    """A release profile's `arch`: Flatcar's amd64-usr and arm64-usr."""
+class Arch(str, Enum):  # noqa: UP042
+    """A release profile's `arch`: Flatcar's amd64-usr and arm64-usr. (str and Enum rather than
+    StrEnum: out/'s runtime imports this module on python3 3.9 and newer.)"""
 
     AMD64 = "amd64"
     ARM64 = "arm64"
+
+    def __str__(self) -> str:
+        return str(self.value)
 
     @property
     def facts(self) -> ArchFacts:

@@ -4,6 +4,8 @@ A user error is one line plus how to fix it, never a traceback; `report` writes 
 the exit status (2) every entry point returns. Warnings and notes go through `warn`/`note`.
 """
 
+from __future__ import annotations
+
 import os
 import sys
 from pathlib import Path

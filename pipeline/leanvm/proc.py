@@ -1,5 +1,7 @@
 """The one helper through which every external command runs (as mkosi/run.py does)."""
 
+from __future__ import annotations
+
 import contextlib
 import os
 import shlex

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from leanvm import host
 from leanvm.arch import Arch
 from leanvm.errors import LeanvmError
 from leanvm.proc import run
-from leanvm.state.shellfacts import ask
 
 TRIPLETS = {Arch.AMD64: "x86_64-linux-gnu", Arch.ARM64: "aarch64-linux-gnu"}
 
@@ -39,8 +39,8 @@ class Root:
 
 @cache
 def host_arch() -> Arch:
-    """This host's arch, as lib.sh's host_arch (the rule run.sh uses) names it."""
-    return Arch(ask("host_arch").stdout.strip())
+    """This host's arch, as leanvm.host names it (the rule run.sh uses)."""
+    return Arch(host.host_arch())
 
 
 def apt_name(package: str, arch: Arch) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from leanvm.arch import Arch
 from leanvm.errors import LeanvmError, report
+from leanvm.host import resolve_accel
 from leanvm.proc import run
-from leanvm.state.shellfacts import ask
 
 from leanvm_dev import CHECKOUT, minirelease
 
@@ -26,8 +26,8 @@ READY = "leanvm: ready"
 
 
 def kvm_usable(arch: Arch) -> bool:
-    """What LEANVM_ACCEL=auto picks for a guest of `arch` is KVM (lib.sh's resolve_accel)."""
-    return ask("resolve_accel", "auto", arch.value).stdout.strip() == "kvm"
+    """What LEANVM_ACCEL=auto picks for a guest of `arch` is KVM (leanvm.host's resolve_accel)."""
+    return resolve_accel("auto", arch.value) == "kvm"
 
 
 def boot(run_sh: Path, accel: str, timeout: float) -> tuple[str, str]:

@@ -22,9 +22,9 @@ from leanvm.dag.doitenv import action, building, command_words, config_file, fai
 from leanvm.errors import LeanvmError, tool, warn
 from leanvm.fsutil import write_atomic
 from leanvm.release import fetch, publish
-from leanvm.resources import CLUSTER_SCRIPT, LIBVIRT_SCRIPT, RUN_SH, SHELL_LIB
+from leanvm.resources import CLUSTER_SCRIPT, LIBVIRT_SCRIPT, RUN_SH
 from leanvm.ship import bundle, prune, runtime
-from leanvm.state import identity, shellfacts, snapshots
+from leanvm.state import identity, snapshots
 from leanvm.state.layout import Layout, Names
 from leanvm.state.vmstate import running_pid
 from leanvm.vm import configdrive, disks, libvirt, sshkey, values
@@ -303,22 +303,24 @@ def install_script(source: Path, dest: Path) -> None:
 
 
 def task_cluster() -> dict:
-    """out/cluster.sh: up/down/status/console/ssh/monitor for every VM (static: it finds the
-    VMs); out/leanvm-runtime.pyz, what cluster.sh monitor runs; and out/lib.sh, the shell
-    functions it shares with run.sh, headed by the out/ names and the arch table that Python
-    owns (state/shellfacts.py)."""
+    """out/cluster.sh (up, down, status, console, ssh, snapshot, restore, monitor for every VM;
+    static: it finds the VMs) and out/leanvm-runtime.pyz, the runtime that it and every run.sh
+    hand over to."""
     layout = context().layout
-    lib = shellfacts.lib_sh()
     return {
-        "doc": "install out/cluster.sh (up, down, status, console, ssh, monitor), its runtime and out/lib.sh",
+        "doc": "install out/cluster.sh (up, down, status, console, ssh, snapshot, restore, monitor) and its runtime",
         "actions": [action(install_script, CLUSTER_SCRIPT, layout.script("cluster.sh")),
-                    action(write_atomic, layout.script("lib.sh"), lib.encode(), 0o755),
-                    action(runtime.write, layout.script(Names.OUT_RUNTIME))],
-        "file_dep": [CLUSTER_SCRIPT, SHELL_LIB, *runtime.SOURCES],
-        "targets": [layout.script("cluster.sh"), layout.script("lib.sh"), layout.script(Names.OUT_RUNTIME)],
-        "uptodate": [config_changed(lib)],
+                    action(runtime.write, layout.script(Names.OUT_RUNTIME)),
+                    action(remove_lib_sh, layout.script("lib.sh"))],
+        "file_dep": [CLUSTER_SCRIPT, *runtime.SOURCES],
+        "targets": [layout.script("cluster.sh"), layout.script(Names.OUT_RUNTIME)],
         "clean": True,
     }
+
+
+def remove_lib_sh(path: Path) -> None:
+    """An out/ built before the runtime moved to Python has out/lib.sh, which nothing reads now."""
+    path.unlink(missing_ok=True)
 
 
 def retire(vm_dirs: list[Path], config: Path) -> None:

@@ -7,10 +7,8 @@ from importlib.resources import files
 from pathlib import Path
 
 HERE = Path(str(files(__name__)))
-SHELL_LIB = HERE / "lib.sh"
 RUN_SH = HERE / "run.sh"  # installed as out/vms/NAME/run.sh
 CLUSTER_SCRIPT = HERE / "cluster.sh"
 LIBVIRT_SCRIPT = HERE / "libvirt.sh"
-FIRST_BOOT_CHECK = HERE / "first_boot_check.sh"  # run after lib.sh by leanvm libvirt
 PROFILES = (HERE / "releases").resolve()  # leanvm's own release profiles (flatcar-stable, ...)
 DEFAULT_CLUSTER = (HERE / "cluster.yaml").resolve()

@@ -5,12 +5,10 @@
 set -eu
 out=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
 die() { printf 'libvirt.sh: %s\n' "$*" >&2; exit 2; }
-[ -r "$out/lib.sh" ] || die "$out/lib.sh is missing: run doit again"
+env="$out/libvirt/cluster.env"
+[ -r "$env" ] || die "$env is missing: run doit libvirt"
 # shellcheck source=/dev/null
-. "$out/lib.sh"  # out/'s names (OUT_LIBVIRT, LIBVIRT_ENV)
-[ -r "$out/$OUT_LIBVIRT/$LIBVIRT_ENV" ] || die "$out/$OUT_LIBVIRT/$LIBVIRT_ENV is missing: run doit libvirt"
-# shellcheck source=/dev/null
-. "$out/$OUT_LIBVIRT/$LIBVIRT_ENV"  # python (shell-quoted by doit libvirt), prefix, network
+. "$env"  # python (shell-quoted by doit libvirt), prefix, network
 # shellcheck disable=SC2154  # python comes from cluster.env
 python=${LEANVM_PYTHON:-$python}
 "$python" -c 'import leanvm.vm.libvirtctl' 2>/dev/null ||

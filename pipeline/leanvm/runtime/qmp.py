@@ -19,23 +19,35 @@ class QMPError(Exception):
     """QEMU refused a command (its error's description), or the socket failed or fell silent."""
 
 
+class QMPTimeout(QMPError):
+    """The deadline passed with no answer."""
+
+
 class QMP:
     """A QMP session with one QEMU, ready for commands once constructed."""
 
-    def __init__(self, path: Path, timeout: float) -> None:
+    def __init__(self, path: Path | None, timeout: float, sock: socket.socket | None = None) -> None:
+        """A session on the socket at `path`, or on `sock`, connected already (a socketpair whose
+        other end QEMU was given as its monitor)."""
         self.deadline = time.monotonic() + timeout
         self.events: list[dict[str, Any]] = []
         self._buffer = b""
         self._last_id = 0
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock = sock or socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            _connect(self._sock, path)
+            if path is not None:
+                _connect(self._sock, path)
             if "QMP" not in self._read():
-                raise QMPError(f"{path} is not a QMP socket (no QMP greeting)")
+                raise QMPError(f"{path or 'the socket'} is not a QMP socket (no QMP greeting)")
             self.execute("qmp_capabilities")
         except BaseException:
             self._sock.close()
             raise
+
+    def within(self, seconds: float) -> QMP:
+        """What follows waits at most `seconds` (a new deadline)."""
+        self.deadline = time.monotonic() + seconds
+        return self
 
     def close(self) -> None:
         self._sock.close()
@@ -79,11 +91,22 @@ class QMP:
             if "event" in message:
                 self.events.append(message)
 
+    def next_event(self, seconds: float) -> dict[str, Any] | None:
+        """The next event, or None if none came within `seconds`; QMPError once QEMU closed the socket."""
+        if self.events:
+            return self.events.pop(0)
+        self.within(seconds)
+        try:
+            message = self._read()
+        except QMPTimeout:
+            return None
+        return message if "event" in message else None
+
     def _read(self) -> dict[str, Any]:
         while b"\n" not in self._buffer:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
-                raise QMPError("QEMU did not answer on its QMP socket in time")
+                raise QMPTimeout("QEMU did not answer on its QMP socket in time")
             self._sock.settimeout(remaining)
             try:
                 chunk = self._sock.recv(65536)

@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -30,15 +29,14 @@ from leanvm.arch import Arch
 from leanvm.errors import LeanvmError, interrupted, note, report, tool
 from leanvm.fsutil import temp_path
 from leanvm.release.record import file_digest
+from leanvm.runtime.snapcheck import SNAPSHOT_NAME
 from leanvm.state.layout import Layout, Names
 from leanvm.state.vmstate import running_pid
 
 MANIFEST = "MANIFEST.json"
-SNAPSHOT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # lib.sh's check_snapshot_name: the same rule
-CLUSTER_FILES = ("lib.sh", "cluster.sh", Names.OUT_RUNTIME, "libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env")
+CLUSTER_FILES = ("cluster.sh", Names.OUT_RUNTIME, "libvirt.sh", "libvirt/network.xml", "libvirt/cluster.env")
 # What a run leaves beside a VM's disks: never shipped (a lock, a pid, a log of this host's runs).
-MONITOR_FILES = ("in", "out", "reply", "reader")  # the FIFOs, and an hmp call's reply and reader's pid
-RUNTIME_FILES = {Names.VM_QEMU_PID, Names.VM_CONSOLE, *(f"{Names.VM_MONITOR}.{end}" for end in MONITOR_FILES),
+RUNTIME_FILES = {Names.VM_QEMU_PID, Names.VM_CONSOLE, Names.VM_QMP,
                  f"{Names.VM_RUN_SH}.retired", Names.VM_RUN_LOG, Names.VM_RUN_LOCK, Names.VM_FORCED_STOP,
                  Names.VM_BOOT_FAILED, Names.VM_RESTORED, Names.VM_RESUMED}
 RUNTIME_SUFFIXES = (".before-restore", ".restoring")  # a restore under way (run.sh --restore)

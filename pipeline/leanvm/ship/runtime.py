@@ -10,8 +10,9 @@ from leanvm.fsutil import write_atomic
 
 PACKAGE = Path(__file__).resolve().parent.parent  # pipeline/leanvm
 # What the runtime imports of leanvm (a lint test holds them to the standard library)
-MODULES = ("__init__.py", "runtime/__init__.py", "runtime/__main__.py", "runtime/cli.py", "runtime/qmp.py",
-           "state/__init__.py", "state/layout.py")
+MODULES = ("__init__.py", "arch.py", "errors.py", "host.py", "proc.py",
+           *(f"runtime/{p.name}" for p in sorted((PACKAGE / "runtime").glob("*.py"))),
+           "state/__init__.py", "state/layout.py", "state/valuesfile.py")
 SOURCES = [PACKAGE / module for module in MODULES]
 
 

@@ -13,15 +13,15 @@ $XDG_STATE_HOME/leanvm), and ports in use at build time.
 import hashlib
 import ipaddress
 import os
-import shlex
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from leanvm import host
 from leanvm.errors import LeanvmError, tool
 from leanvm.fsutil import write_atomic
+from leanvm.state import valuesfile
 from leanvm.state.layout import Layout
-from leanvm.state.shellfacts import ask
 
 AUTO_PORT_BASE = 22000
 AUTO_PORT_SPAN = 10000
@@ -38,17 +38,8 @@ class Identity:
     image_dir: str = ""  # images/RELEASE/VERSION, relative to out/: what the VM was last built for
 
 
-def parse_values(text: str) -> dict[str, str] | None:
-    """Read the file `render` writes: sh assignments, each value shell-quoted (shlex)."""
-    try:
-        words = shlex.split(text, comments=True)
-    except ValueError:
-        return None
-    return dict(word.split("=", 1) for word in words if "=" in word)
-
-
 def _parse(text: str) -> Identity | None:
-    values = parse_values(text)
+    values = valuesfile.parse(text)
     if values is None:
         return None
     try:
@@ -83,16 +74,9 @@ def as_values(identity: Identity) -> dict[str, str]:
             "image_dir": identity.image_dir}
 
 
-def render(name: str, values: Mapping[str, str]) -> str:
-    """sh assignments (the scripts source the file), every value shell-quoted."""
-    lines = [f"# leanvm values of VM {name}: kept by `doit clean`/`forget`; written by `doit`",
-             *(f"{key}={shlex.quote(value)}" for key, value in values.items())]
-    return "\n".join(lines) + "\n"
-
-
 def save(out: Path, name: str, values: Mapping[str, str]) -> None:
     """Write VM `name`'s values file: its identity (as_values) and what else the scripts need."""
-    write_atomic(Layout(out).values(name), render(name, values).encode())
+    write_atomic(Layout(out).values(name), valuesfile.render(name, values).encode())
 
 
 # --- one cluster per out/ ------------------------------------------------------------
@@ -148,8 +132,8 @@ def ports_of_other_outs(out: Path) -> set[int]:
 
 
 def port_in_use(port: int) -> bool:
-    """lib.sh's rule, which run.sh applies before it starts a VM: something listens on it."""
-    return ask("port_in_use", str(port)).returncode == 0
+    """The rule run.sh applies before it starts a VM: something listens on it."""
+    return host.port_in_use(port)
 
 
 # --- assignment ----------------------------------------------------------------------

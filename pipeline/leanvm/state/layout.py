@@ -1,9 +1,9 @@
 """The one map of out/: every path leanvm writes or reads there.
 
-Each name is spelled once, in `Names`; Layout joins them for Python, and the shell gets them
-as variables of the same names from the generated head of out/lib.sh (`state/shellfacts.py`),
-so that run.sh, cluster.sh and lib.sh never spell a name of their own. Paths stay relative
-to out/ in what the shell reads, so that out/ stays relocatable.
+Each name is spelled once, in `Names`; Layout joins them for Python (the build and out/'s
+runtime alike). The entry points run.sh, cluster.sh and libvirt.sh name only what they hand
+over to (a lint test holds them to it). Paths stay relative to out/ in what is recorded there,
+so that out/ stays relocatable.
 """
 
 from dataclasses import dataclass
@@ -35,8 +35,7 @@ class Names:
     VM_RUN_LOCK = "run.lock"  # held by run.sh while it runs the VM
     VM_CONSOLE = "console.log"
     VM_RUN_LOG = "run.log"  # a detached run.sh's own messages
-    VM_MONITOR = "monitor"  # QEMU's HMP through the FIFOs monitor.in and monitor.out
-    VM_QMP = "qmp.sock"  # QEMU's QMP socket (cluster.sh monitor)
+    VM_QMP = "qmp.sock"  # QEMU's QMP socket (cluster.sh and cluster.sh monitor talk to QEMU there)
     VM_FORCED_STOP = "forced-stop"  # why the VM was stopped by force
     VM_BOOT_FAILED = "boot-failed"  # the console line of a failed boot
     VM_RESTORED = "restored"  # run.sh's line once a restored VM runs
@@ -78,7 +77,7 @@ class Layout:
         return self.out / ".doit.db"
 
     def script(self, name: str) -> Path:
-        """lib.sh, cluster.sh, libvirt.sh."""
+        """cluster.sh, libvirt.sh, leanvm-runtime.pyz."""
         return self.out / name
 
     # --- releases ---------------------------------------------------------------------

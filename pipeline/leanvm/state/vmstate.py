@@ -1,14 +1,16 @@
-"""Is a VM running? lib.sh's running_pid decides (the rule run.sh and cluster.sh use): the
-QEMU named by out/vms/NAME/qemu.pid counts only if its command line names that very pid
-file (`-pidfile DIR/qemu.pid`), since a QEMU killed with SIGKILL, or a host that lost
-power, leaves the file behind, and by then its pid may belong to anything."""
+"""Is a VM running? The QEMU named by out/vms/NAME/qemu.pid counts only if its command line
+names that very pid file (`-pidfile DIR/qemu.pid`): a QEMU killed with SIGKILL, or a host
+that lost power, leaves the file behind, and by then its pid may belong to anything. The
+runtime asks the same rule (leanvm.host.qemu_pid)."""
+
+from __future__ import annotations
 
 from pathlib import Path
 
-from leanvm.state.shellfacts import ask
+from leanvm.host import qemu_pid
+from leanvm.state.layout import Names
 
 
 def running_pid(vm_dir: Path) -> int | None:
     """The pid of the QEMU that run.sh started for this VM, if it is still alive."""
-    said = ask("running_pid", vm_dir.resolve())
-    return int(said.stdout) if said.returncode == 0 and said.stdout.strip().isdigit() else None
+    return qemu_pid(vm_dir.resolve() / Names.VM_QEMU_PID)

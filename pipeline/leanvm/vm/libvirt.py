@@ -21,7 +21,7 @@ from pathlib import Path
 from shlex import quote
 
 from leanvm.errors import LeanvmError
-from leanvm.state.identity import parse_values
+from leanvm.state import valuesfile
 from leanvm.state.layout import Layout, Names
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -135,7 +135,7 @@ def cluster_env(out: Path) -> str:
 def read_values(out: Path, name: str) -> dict[str, str]:
     path = Layout(out).values(name)
     try:
-        values = parse_values(path.read_text())
+        values = valuesfile.parse(path.read_text())
     except OSError as e:
         raise LeanvmError(f"{path}: cannot read VM {name}'s values: {e.strerror}", "run doit again") from None
     if values is None or "user_netdev" not in values:

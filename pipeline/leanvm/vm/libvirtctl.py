@@ -3,10 +3,10 @@ libvirt domains, driven through virsh (out/libvirt.sh only calls this).
 
 Each domain is rendered at each define and start from the VM's values file (`libvirt.py`),
 with the accelerator chosen then: KVM where the libvirt host offers it for the VM's arch,
-else TCG (LEANVM_ACCEL=kvm|tcg decides instead). Whether a start is a first boot is lib.sh's
-`first_boot` rule, run where the root disk is (over ssh for a remote libvirt), so the rule
-has one home. Every virsh call has a deadline: a libvirtd that keeps probing a broken
-/dev/kvm hangs its callers, and this says so in one line instead of hanging too.
+else TCG (LEANVM_ACCEL=kvm|tcg decides instead). Whether a start is a first boot is the
+runtime's first-boot rule (leanvm.runtime.firstboot), its debugfs run where the root disk is
+(over ssh for a remote libvirt), so the rule has one home. Every virsh call has a deadline:
+a libvirtd that keeps probing a broken /dev/kvm hangs its callers, and this says so in one line instead of hanging too.
 """
 
 import argparse
@@ -22,10 +22,12 @@ from pathlib import Path
 
 from leanvm.errors import LeanvmError, interrupted, report
 from leanvm.fsutil import write_atomic
-from leanvm.resources import FIRST_BOOT_CHECK
-from leanvm.state.identity import port_in_use
+from leanvm.host import port_in_use
+from leanvm.proc import run
+from leanvm.runtime import firstboot
+from leanvm.runtime.power import stop_timeout
+from leanvm.runtime.vmfiles import vm_names
 from leanvm.state.layout import Layout
-from leanvm.state.shellfacts import ask, lib_sh
 from leanvm.state.vmstate import running_pid
 from leanvm.vm.libvirt import domain_xml, prefix, read_values
 
@@ -101,10 +103,9 @@ class Libvirt:
 
     # --- this out/'s VMs ------------------------------------------------------------
     def vms(self) -> list[str]:
-        """lib.sh's VMs of this out/ (a retired VM, whose run.sh is gone, is left out) that have
-        a values file to render their domain from."""
-        listed = ask("vms_in", self.layout.out).stdout.split()
-        return [vm for vm in listed if self.layout.values(vm).is_file()]
+        """The VMs of this out/ (a retired VM, whose run.sh is gone, is left out) that have a
+        values file to render their domain from."""
+        return [vm for vm in vm_names(self.layout.out) if self.layout.values(vm).is_file()]
 
     def active_vms(self) -> list[str]:
         running = set(self.virsh("list", "--name").stdout.split())
@@ -132,24 +133,27 @@ class Libvirt:
         write_atomic(self.layout.domain_xml(vm), xml.encode())
 
     def first_boot(self, vm: str, values: dict[str, str]) -> bool:
-        """lib.sh's first_boot on the VM's root disk, where the libvirt host has it."""
+        """The first-boot rule on the VM's root disk, read where the libvirt host has it."""
         if not values["first_boot_args"]:
             return False
         disk = Layout(self.host_dir).root_disk(vm)
-        script = lib_sh() + FIRST_BOOT_CHECK.read_text()
         host = self.remote_host()
-        if host:
-            name, _, port = host.rpartition(":") if ":" in host else (host, "", "22")
+        if not host:
+            return firstboot.decide(disk).first
+        name, _, port = host.rpartition(":") if ":" in host else (host, "", "22")
+
+        def remote_debugfs(requests: bytes, path: str) -> tuple[str, str]:
             # (ssh joins its words into one command line for the remote shell: the disk is quoted)
-            argv = ["ssh", "-o", "BatchMode=yes", "-p", port, name, "sh", "-s", "--", shlex.quote(str(disk))]
-        else:
-            argv = ["sh", "-s", "--", str(disk)]
-        result = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=VIRSH_DEADLINE_S)
-        if result.returncode > 1:
-            where = f" on {host}" if host else ""
-            raise LeanvmError(f"cannot read {disk}{where}: {result.stderr.strip().splitlines()[-1:] or 'no answer'}",
-                              "check that debugfs is installed there (apt-get install e2fsprogs)")
-        return result.returncode == 0
+            argv = ["ssh", "-o", "BatchMode=yes", "-p", port, name, "DEBUGFS_PAGER=__none__", "debugfs", "-c",
+                    "-f", "-", shlex.quote(path)]
+            result = run(argv, input=requests, check=False, timeout=VIRSH_DEADLINE_S)
+            return result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
+
+        try:
+            return firstboot.decide(disk, print_only=True, debugfs=remote_debugfs).first
+        except LeanvmError as e:
+            raise LeanvmError(f"{e.message} on {host}",
+                              "check that debugfs is installed there (apt-get install e2fsprogs)") from None
 
 
 def _values(lv: Libvirt, vm: str) -> dict[str, str]:
@@ -208,16 +212,8 @@ def start(lv: Libvirt) -> None:
         print(f"{vm}: started {lv.domain(vm)} ({accel}, {rule}, ssh 127.0.0.1:{values['ssh_port']})")
 
 
-def _stop_timeout() -> int:
-    """lib.sh's stop_timeout: LEANVM_STOP_TIMEOUT, 60 by default, checked as cluster.sh checks it."""
-    said = ask("stop_timeout")
-    if said.returncode != 0:
-        raise LeanvmError(said.stderr.strip())
-    return int(said.stdout)
-
-
 def stop(lv: Libvirt) -> None:
-    timeout = _stop_timeout()
+    timeout = stop_timeout()
     started, pressed = time.monotonic(), -float(BUTTON_EVERY_S)
     while (active := lv.active_vms()) and time.monotonic() - started < timeout:
         if time.monotonic() - pressed >= BUTTON_EVERY_S:  # a booting guest watches the button only once booted
