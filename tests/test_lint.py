@@ -108,3 +108,31 @@ def test_the_entry_points_name_only_what_they_hand_over_to():
         named = set(re.findall(r'\$out/([\w./-]+)"', text))
         assert named == names, (script, named)
         assert len(text.splitlines()) <= 20, script
+
+
+def test_every_program_the_package_starts_goes_through_the_process_helper():
+    """leanvm.proc.run starts every program, each with a deadline (its own, or proc's), in a
+    session of its own that a timeout stops whole. subprocess appears only there and where the
+    runtime starts what lives as long as a VM (QEMU in supervise.py, a detached launcher in
+    launch.py); the one exec is cluster.sh ssh handing the terminal over to ssh (verbs.py)."""
+    import ast
+
+    package = PROJECT / "pipeline" / "leanvm"
+    long_lived = {"runtime/supervise.py": {"Popen"}, "runtime/launch.py": {"Popen"}}
+    handovers = {"runtime/verbs.py": {"execvp"}}
+    wrong = []
+    for path in package.rglob("*.py"):
+        name = str(path.relative_to(package))
+        if name == "proc.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            called = node.func if isinstance(node, ast.Call) else None
+            if not (isinstance(called, ast.Attribute) and isinstance(called.value, ast.Name)):
+                continue
+            owner, attr = called.value.id, called.attr
+            if owner == "subprocess" and attr not in long_lived.get(name, set()):
+                wrong.append(f"{name}:{node.lineno} subprocess.{attr}")
+            if owner == "os" and (attr.startswith(("exec", "spawn", "posix_spawn")) or attr in ("system", "popen")):
+                if attr not in handovers.get(name, set()):
+                    wrong.append(f"{name}:{node.lineno} os.{attr}")
+    assert wrong == []

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 
 
-@dataclass(frozen=True)
 class ArchFacts:
-    qemu: str  # the QEMU binary
-    qemu_package: str  # Debian's package holding it
-    machine: str  # QEMU's machine; arm64's `virt` lets QEMU choose the GIC for the accelerator
-    cpu_name: str  # `uname -m` on a host of this arch, and libvirt's arch name
+    """(A plain class, not a dataclass: out/'s runtime imports this module, and dataclasses
+    costs a VM's launcher a megabyte.)"""
+
+    def __init__(self, qemu: str, qemu_package: str, machine: str, cpu_name: str) -> None:
+        self.qemu = qemu  # the QEMU binary
+        self.qemu_package = qemu_package  # Debian's package holding it
+        self.machine = machine  # QEMU's machine; arm64's `virt` lets QEMU choose the GIC for the accelerator
+        self.cpu_name = cpu_name  # `uname -m` on a host of this arch, and libvirt's arch name
 
 
 class Arch(str, Enum):  # noqa: UP042

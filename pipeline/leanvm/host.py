@@ -5,7 +5,6 @@ out/'s runtime imports it."""
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 from leanvm.arch import FACTS
@@ -77,7 +76,7 @@ def port_in_use(port: int) -> bool:
 
 def host_arch() -> str:
     """This host's architecture in leanvm's names (amd64, arm64), or the machine's own name."""
-    machine = platform.machine()
+    machine = os.uname().machine
     for arch, facts in FACTS.items():
         if machine in (facts.cpu_name, arch.value):
             return arch.value
@@ -94,7 +93,7 @@ def resolve_accel(chosen: str, arch: str | None = None) -> str | None:
         return chosen
     if (arch or host_arch()) != host_arch():
         return "tcg"
-    if platform.system() == "Darwin":
+    if os.uname().sysname == "Darwin":
         return "hvf" if _sysctl("kern.hv_support") == "1" else "tcg"
     kvm = "/dev/kvm"
     return "kvm" if os.path.exists(kvm) and os.access(kvm, os.R_OK | os.W_OK) else "tcg"

@@ -33,7 +33,18 @@ PACKAGES = {
     "depmod": "kmod",
     "dpkg-deb": "dpkg",
     "ignition-validate": "ignition",
+    "virsh": "libvirt-clients",
+    "b3sum": "b3sum",
+    "vde_switch": "vde2",
+    "ssh": "openssh-client",
 }
+# Every program gets a deadline: one that has none of its own gets this one (an hour: the
+# longest job, a copy of a large disk, fits in it), and a program past it is stopped whole.
+DEADLINE = 3600.0
+
+
+class Timeout(LeanvmError):
+    """A program did not finish within its deadline (it was stopped, with what it started)."""
 
 
 def run(
@@ -43,19 +54,19 @@ def run(
     input: bytes | None = None,
     cwd: Path | None = None,
     capture: bool = True,
-    timeout: float | None = None,
+    timeout: float = DEADLINE,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run argv (output captured unless `capture` is False); a missing binary, a failure or a
-    timeout becomes a LeanvmError. A command with a timeout runs in a session of its own, which
-    the timeout stops whole (stop_session)."""
+    timeout becomes a LeanvmError (Timeout). The command runs in a session of its own, which
+    the timeout, or an interruption of ours, stops whole (stop_session)."""
     args = [str(a) for a in argv]
     debug(f"+ {shlex.join(args)}")
     pipe = subprocess.PIPE if capture else None
     try:
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE, stdout=pipe, stderr=pipe,
-            cwd=cwd, env=env, start_new_session=timeout is not None,
+            cwd=cwd, env=env, start_new_session=True,
         )
     except FileNotFoundError:
         package = PACKAGES.get(args[0], args[0])
@@ -65,9 +76,9 @@ def run(
             stdout, stderr = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
             stop_session(proc)
-            raise LeanvmError(f"{shlex.join(args)} did not finish within {timeout:.0f} s") from None
+            raise Timeout(f"{shlex.join(args)} did not finish within {timeout:.0f} s") from None
         except BaseException:  # Ctrl-C (leanvm's SIGINT handler exits): never wait for a command that goes on
-            proc.kill()  # (then `with proc` reaps it)
+            stop_session(proc, grace=2)
             raise
     result = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
     if check and result.returncode != 0:

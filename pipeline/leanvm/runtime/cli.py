@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from leanvm.errors import LeanvmError
-from leanvm.runtime import clustercli, launch, switch
 from leanvm.state.layout import Names
 
 VERBS = {"run": 2, "cluster": 2, "start-switch": 1}  # each verb's least number of arguments
@@ -22,11 +21,18 @@ def main(argv: list[str]) -> int:
               "(out/vms/NAME/run.sh and out/cluster.sh run it)", file=sys.stderr)
         return 2
     verb, out = argv[0], Path(argv[1])
+    # each verb imports only its own modules: what a VM's launcher imports, it holds while the VM runs
     if verb == "cluster":
+        from leanvm.runtime import clustercli
+
         return clustercli.main(out, argv[2], argv[3:])
     try:
         if verb == "run":
+            from leanvm.runtime import launch
+
             return launch.run(out, argv[2], argv[3:])
+        from leanvm.runtime import switch
+
         net = out / Names.OUT_NET
         with switch.locked(net):
             switch.start(net)

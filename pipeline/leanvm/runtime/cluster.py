@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from leanvm.errors import LeanvmError
-from leanvm.runtime import launch, sshvm, switch
+from leanvm.runtime import launch, power, sshvm, switch
 from leanvm.runtime.qmp import QMP, QMPError
 from leanvm.runtime.vmfiles import VMFiles, vm_names
 from leanvm.state.layout import Names
@@ -22,7 +22,6 @@ from leanvm.state.layout import Names
 # Seconds after which a VM that printed nothing on its serial console under KVM counts as
 # hung: a KVM guest prints its first kernel line within a second or two.
 KVM_SILENCE = 20
-BUTTON_EVERY = 5.0  # a guest that is still booting watches the power button only once booted
 
 
 def say(message: str) -> None:
@@ -155,25 +154,17 @@ class Cluster:
                 time.sleep(0.1)
 
     def power_off(self, names: list[str], timeout: int) -> list[str]:
-        """Press the power button of the VMs still running every 5 s until none is left or
-        `timeout` seconds have passed; at the third press (10 s without a power-off) also ask
-        each over ssh, as its user would (`sudo systemctl poweroff`): a kernel may ignore the
-        button (Flatcar's arm64 kernel has no KEYBOARD_GPIO for the virt machine's GPIO key).
-        The VMs still running then."""
-        started, presses, next_press = time.monotonic(), 0, 0.0
-        while True:
-            running = [name for name in names if self.active(name)]
-            elapsed = time.monotonic() - started
-            if not running or elapsed >= timeout:
-                return running
-            if elapsed >= next_press:
-                self.send("system_powerdown", running)
-                presses += 1
-                next_press = elapsed + BUTTON_EVERY
-                if presses == 3:
-                    for name in running:
-                        self.in_background(self.poweroff_over_ssh, name)
-            time.sleep(0.2)  # (looked at five times a second: down returns soon after the last VM is off)
+        """The power button of the VMs (power.power_off); at the third press (10 s without a
+        power-off) each is also asked over ssh, as its user would (`sudo systemctl poweroff`):
+        a kernel may ignore the button (Flatcar's arm64 kernel has no KEYBOARD_GPIO for the virt
+        machine's GPIO key). The VMs still running then."""
+        def press(running: list[str], count: int) -> None:
+            self.send("system_powerdown", running)
+            if count == 3:
+                for name in running:
+                    self.in_background(self.poweroff_over_ssh, name)
+
+        return power.power_off(lambda: [name for name in names if self.active(name)], press, timeout)
 
     def in_background(self, work: Callable[..., object], *args: str) -> threading.Thread:
         thread = threading.Thread(target=work, args=args, daemon=True)

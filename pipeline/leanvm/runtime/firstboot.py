@@ -14,35 +14,34 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from leanvm.errors import LeanvmError
 from leanvm.proc import run
 
+TYPE_CHECKING = False
 RESET_FLAG = "/selective-os-reset"
 IGNITION_RESULT = "/etc/.ignition-result.json"
 DEBUGFS_REQUESTS = f"features\nstat {RESET_FLAG}\nstat {IGNITION_RESULT}\n".encode()
 DEADLINE = 120.0
 
 
-@dataclass(frozen=True)
 class Verdict:
-    first: bool
-    why: str  # what the disk holds, as "has no /etc/.ignition-result.json"
-    note: str = ""  # about journal recovery, if the disk needed it
+    def __init__(self, first: bool, why: str, note: str = "") -> None:
+        self.first = first
+        self.why = why  # what the disk holds, as "has no /etc/.ignition-result.json"
+        self.note = note  # about journal recovery, if the disk needed it
 
 
-@dataclass(frozen=True)
 class DiskFacts:
-    readable: bool
-    needs_recovery: bool
-    found: frozenset[str]
-    problem: str  # debugfs's line saying why it could not read the disk
+    def __init__(self, readable: bool, needs_recovery: bool, found: frozenset[str], problem: str) -> None:
+        self.readable, self.needs_recovery, self.found = readable, needs_recovery, found
+        self.problem = problem  # debugfs's line saying why it could not read the disk
 
 
-# debugfs's stdin requests, the disk; (stdout, stderr) of `debugfs -c -f - DISK`
-Debugfs = Callable[[bytes, str], "tuple[str, str]"]
+if TYPE_CHECKING:  # (typing is not imported at run time: it costs a VM's launcher half a megabyte)
+    # debugfs's stdin requests, the disk; (stdout, stderr) of `debugfs -c -f - DISK`
+    Debugfs = Callable[[bytes, str], tuple[str, str]]
 
 
 def local_debugfs(requests: bytes, disk: str) -> tuple[str, str]:

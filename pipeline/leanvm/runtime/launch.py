@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from leanvm.errors import LeanvmError
@@ -40,12 +38,12 @@ Environment: LEANVM_ACCEL=auto|kvm|hvf|tcg (default auto), LEANVM_QEMU=BINARY,
   LEANVM_PYTHON=PYTHON (the python3 that runs this launcher)"""
 
 
-@dataclass
 class Options:
-    mode: str = "foreground"  # print, detach, supervise (internal: the session a --detach VM runs in)
-    restore: str = ""  # --restore SNAP
-    resume: str = ""  # the snapshot whose state QEMU loads (--restore, or cluster.sh restore's --resume)
-    qemu_args: list[str] = field(default_factory=list)
+    def __init__(self, mode: str = "foreground", restore: str = "", resume: str = "") -> None:
+        self.mode = mode  # print, detach, supervise (internal: the session a --detach VM runs in)
+        self.restore = restore  # --restore SNAP
+        self.resume = resume  # the snapshot whose state QEMU loads (--restore, or cluster.sh restore's --resume)
+        self.qemu_args: list[str] = []
 
 
 MODES = {"--print": "print", "--detach": "detach", "--supervise": "supervise", "--help": "help", "-h": "help"}
@@ -99,6 +97,8 @@ def check_snapshot_exists(vm: VMFiles, name: str) -> None:
 
 def print_command(supervisor: Supervisor) -> None:
     """The QEMU command as one line that runs as printed in a shell, the switch started first."""
+    import shlex  # (only here: what a VM's launcher imports, it holds while the VM runs)
+
     vm = supervisor.vm
     print(f"# VM {vm.name}: {supervisor.decide_boot(False, print_only=True)}")
     start_switch = [sys.executable, "-I", "-S", str(vm.out / Names.OUT_RUNTIME), "start-switch", str(vm.out)]

@@ -7,7 +7,6 @@ QEMU runs in out/net (the cluster switch is ./switch there, and the QMP socket
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from leanvm.errors import LeanvmError
@@ -15,23 +14,25 @@ from leanvm.runtime.vmfiles import VMFiles
 from leanvm.state.layout import Names
 
 
-@dataclass(frozen=True)
 class Disk:
-    """A virtio disk: the guest sees it as /dev/disk/by-id/virtio-SERIAL."""
+    """A virtio disk: the guest sees it as /dev/vdX (target) and /dev/disk/by-id/virtio-SERIAL.
+    (The runtime's records are plain classes: dataclasses and typing cost a VM's launcher
+    more than a megabyte.)"""
 
-    id: str
-    file: Path
-    serial: str
-    readonly: bool
+    def __init__(self, id: str, file: Path, serial: str, readonly: bool, target: str) -> None:
+        self.id, self.file, self.serial, self.readonly, self.target = id, file, serial, readonly, target
+
+
+SHARED_DISK = "usr"  # the one disk every VM of the release shares
 
 
 def disks(vm: VMFiles, values: dict[str, str]) -> list[Disk]:
     """In the guest's order: vda /usr (shared, read-only), vdb ROOT, vdc OEM, vdd the config drive."""
     images = vm.out / values["image_dir"]
-    return [Disk("usr", images / Names.IMAGE_USR, "usr.readonly", True),
-            Disk("root", vm.path(Names.VM_ROOT_DISK), "rootfs", False),
-            Disk("oem", vm.path(Names.VM_OEM_DISK), "oem", False),
-            Disk("config", vm.path(Names.VM_CONFIG_DRIVE), "config-2", True)]
+    return [Disk(SHARED_DISK, images / Names.IMAGE_USR, "usr.readonly", True, "vda"),
+            Disk("root", vm.path(Names.VM_ROOT_DISK), "rootfs", False, "vdb"),
+            Disk("oem", vm.path(Names.VM_OEM_DISK), "oem", False, "vdc"),
+            Disk("config", vm.path(Names.VM_CONFIG_DRIVE), "config-2", True, "vdd")]
 
 
 def qpath(path: Path | str) -> str:
@@ -39,13 +40,11 @@ def qpath(path: Path | str) -> str:
     return str(path).replace(",", ",,")
 
 
-@dataclass(frozen=True)
 class Accel:
     """QEMU's -accel value and -cpu for an accelerator."""
 
-    name: str
-    options: str
-    cpu: str
+    def __init__(self, name: str, options: str, cpu: str) -> None:
+        self.name, self.options, self.cpu = name, options, cpu
 
 
 def accel_for(name: str, environ: dict[str, str] | os._Environ[str] = os.environ) -> Accel:

@@ -9,7 +9,10 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (typing is not imported at run time: it costs a VM's launcher half a megabyte)
+    from typing import Any
 
 # sun_path holds 108 bytes on Linux (104 on macOS): a longer path is reached from its directory
 SHORT_SOCKET_PATH = 100

@@ -1,6 +1,6 @@
 """cluster.sh restore: the VMs of snapshots/SNAP (or those named) back, running as saved.
 
-Every check comes before any disk is touched; then the snapshot's disks are put beside each
+Every check comes before any disk is touched. Then the snapshot's disks are put beside each
 VM's and swapped in, every VM's launcher started at once with --resume, and the disks from
 before dropped once every VM runs the snapshot, or all put back if one does not."""
 

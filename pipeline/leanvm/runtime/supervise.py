@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import os
 import shutil
 import signal
@@ -20,8 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from leanvm.errors import LeanvmError
 from leanvm.host import alive, port_in_use, resolve_accel
@@ -45,16 +44,15 @@ def say(message: str) -> None:
     print(f"run.sh: {message}", file=sys.stderr, flush=True)
 
 
-@dataclass
 class Launch:
     """One QEMU process of the run, and what came of it."""
 
-    proc: subprocess.Popen[bytes]
-    qmp: QMP | None  # None if QEMU ended before its monitor answered
-    console: ConsoleWatch
-    incoming: bool
-    resumed: bool = False
-    shutdown: str = ""  # the reason of QEMU's SHUTDOWN event: guest-reset, guest-shutdown, host-signal, ...
+    def __init__(self, proc: subprocess.Popen[bytes], qmp: QMP | None, console: ConsoleWatch, incoming: bool) -> None:
+        self.proc = proc
+        self.qmp = qmp  # None if QEMU ended before its monitor answered
+        self.console, self.incoming = console, incoming
+        self.resumed = False
+        self.shutdown = ""  # the reason of QEMU's SHUTDOWN event: guest-reset, guest-shutdown, host-signal, ...
 
 
 class Supervisor:
@@ -147,7 +145,7 @@ class Supervisor:
         return qemu.argv(self.vm, self.values, self.accel, self.append, extra + self.extra)
 
     # --- signals and the keeper -----------------------------------------------------------
-    def on_signal(self, signum: int, _frame: Any) -> None:
+    def on_signal(self, signum: int, _frame: object) -> None:
         self.caught = SIGNAL_STATUS[signal.Signals(signum)]
         if self.child and self.child.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -158,6 +156,7 @@ class Supervisor:
         without clearing up (SIGKILL), it stops QEMU if the parent-death signal did not, and
         clears up. It learns of the launcher's end from a pipe only the launcher writes to."""
         read_end, write_end = os.pipe()
+        gc.freeze()  # the collector leaves what both have alone: the keeper's pages stay shared
         pid = os.fork()
         if pid:
             os.close(read_end)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from leanvm.errors import LeanvmError
@@ -11,14 +10,9 @@ from leanvm.state import valuesfile
 from leanvm.state.layout import Layout, Names
 
 
-@dataclass(frozen=True)
 class VMFiles:
-    out: Path
-    name: str
-    layout: Layout = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layout", Layout(self.out))
+    def __init__(self, out: Path, name: str) -> None:
+        self.out, self.name, self.layout = out, name, Layout(out)
 
     @property
     def dir(self) -> Path:

@@ -6,7 +6,6 @@ over to (a lint test holds them to it). Paths stay relative to out/ in what is r
 so that out/ stays relocatable.
 """
 
-from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -63,9 +62,18 @@ def names() -> dict[str, str]:
     return {key: value for key, value in vars(Names).items() if key.isupper()}
 
 
-@dataclass(frozen=True)
 class Layout:
-    out: Path
+    """Paths under out/. (A plain class: out/'s runtime imports it, and dataclasses costs a VM's
+    launcher a megabyte.)"""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layout) and other.out == self.out
+
+    def __hash__(self) -> int:
+        return hash(self.out)
 
     # --- doit's own files, and the cluster's scripts ------------------------------------
     @property

@@ -21,6 +21,8 @@ from pathlib import Path
 from shlex import quote
 
 from leanvm.errors import LeanvmError
+from leanvm.runtime import qemu
+from leanvm.runtime.vmfiles import VMFiles
 from leanvm.state import valuesfile
 from leanvm.state.layout import Layout, Names
 
@@ -39,26 +41,27 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return element
 
 
-def _disk(devices: ET.Element, path: Path, target: str, serial: str, shared: bool, readonly: bool = False) -> None:
+def _disk(devices: ET.Element, spec: qemu.Disk) -> None:
+    shared = spec.id == qemu.SHARED_DISK
     disk = _sub(devices, "disk", type="file", device="disk")
-    _sub(disk, "driver", name="qemu", type="raw", **({} if shared or readonly else {"discard": "unmap"}))
-    source = _sub(disk, "source", file=str(path))
+    _sub(disk, "driver", name="qemu", type="raw", **({} if spec.readonly else {"discard": "unmap"}))
+    source = _sub(disk, "source", file=str(spec.file))
     if shared:  # libvirt would chown the image shared by every VM to its QEMU user, and leave it so
         _sub(source, "seclabel", model="dac", relabel="no")
-    _sub(disk, "target", dev=target, bus="virtio")
-    _sub(disk, "serial", serial)
-    if shared or readonly:
+    _sub(disk, "target", dev=spec.target, bus="virtio")
+    _sub(disk, "serial", spec.serial)
+    if spec.readonly:
         _sub(disk, "readonly")
     if shared:
         _sub(disk, "shareable")
 
 
-def _devices(domain: ET.Element, values: Mapping[str, str], vm_dir: Path, images: Path, network: str) -> None:
+def _devices(domain: ET.Element, values: Mapping[str, str], vm: VMFiles, network: str) -> None:
+    """The disks of the runtime's device table (the ones run.sh gives QEMU), the cluster NIC, the console."""
     devices = _sub(domain, "devices")
-    _disk(devices, images / Names.IMAGE_USR, "vda", "usr.readonly", shared=True)
-    _disk(devices, vm_dir / Names.VM_ROOT_DISK, "vdb", "rootfs", shared=False)
-    _disk(devices, vm_dir / Names.VM_OEM_DISK, "vdc", "oem", shared=False)
-    _disk(devices, vm_dir / Names.VM_CONFIG_DRIVE, "vdd", "config-2", shared=False, readonly=True)
+    for disk in qemu.disks(vm, dict(values)):
+        _disk(devices, disk)
+    vm_dir = vm.dir
     cluster = _sub(devices, "interface", type="network")
     _sub(cluster, "mac", address=values["cluster_mac"])
     _sub(cluster, "source", network=network)
@@ -105,7 +108,7 @@ def domain_xml(name: str, values: Mapping[str, str], base: Path, prefix: str, ac
         _sub(_sub(domain, "features"), "acpi")
     _sub(domain, "cpu", mode="host-passthrough" if accel == "kvm" else "maximum")
     _sub(domain, "on_poweroff", "destroy")
-    _devices(domain, values, vm_dir, images, f"{prefix}-cluster")
+    _devices(domain, values, VMFiles(base, name), f"{prefix}-cluster")
     _user_network(domain, values)
     return _text(domain)
 

@@ -12,10 +12,8 @@ a libvirtd that keeps probing a broken /dev/kvm hangs its callers, and this says
 import argparse
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +21,24 @@ from pathlib import Path
 from leanvm.errors import LeanvmError, interrupted, report
 from leanvm.fsutil import write_atomic
 from leanvm.host import port_in_use
-from leanvm.proc import run
+from leanvm.proc import Timeout, run
 from leanvm.runtime import firstboot
-from leanvm.runtime.power import stop_timeout
+from leanvm.runtime.power import power_off, stop_timeout
 from leanvm.runtime.vmfiles import vm_names
 from leanvm.state.layout import Layout
 from leanvm.state.vmstate import running_pid
 from leanvm.vm.libvirt import domain_xml, prefix, read_values
 
 VIRSH_DEADLINE_S = 60
+
+
+class Said:
+    """What virsh said: its exit status and output, as text."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
 REACH_DEADLINE_S = 20
-BUTTON_EVERY_S = 5
 BROKEN_KVM_HINT = ("a libvirtd that keeps probing a broken /dev/kvm hangs like this: start libvirtd where it "
                    "cannot see /dev/kvm (README, 'A host whose KVM is there but broken') and use LEANVM_ACCEL=tcg")
 USAGE = """Run an out/'s VMs as libvirt domains named PREFIX-NAME on an isolated network; verbs run in order:
@@ -69,15 +74,14 @@ class Libvirt:
     def domain(self, vm: str) -> str:
         return f"{self.prefix}-{vm}"
 
-    def virsh(self, *args: str, deadline: float = VIRSH_DEADLINE_S) -> subprocess.CompletedProcess[str]:
+    def virsh(self, *args: str, deadline: float = VIRSH_DEADLINE_S) -> Said:
         argv = ["virsh", *(["--connect", self.connect] if self.connect else []), "-q", *args]
         try:
-            return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=deadline)
-        except FileNotFoundError:
-            raise LeanvmError("virsh not found", "install it (apt-get install libvirt-clients)") from None
-        except subprocess.TimeoutExpired:
+            result = run(argv, check=False, timeout=deadline)
+        except Timeout:
             raise LeanvmError(f"libvirt{self.at} did not answer `virsh {args[0]}` within {deadline:.0f} s",
                               BROKEN_KVM_HINT) from None
+        return Said(result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace"))
 
     def ok(self, *args: str) -> bool:
         return self.virsh(*args).returncode == 0
@@ -214,14 +218,12 @@ def start(lv: Libvirt) -> None:
 
 def stop(lv: Libvirt) -> None:
     timeout = stop_timeout()
-    started, pressed = time.monotonic(), -float(BUTTON_EVERY_S)
-    while (active := lv.active_vms()) and time.monotonic() - started < timeout:
-        if time.monotonic() - pressed >= BUTTON_EVERY_S:  # a booting guest watches the button only once booted
-            for vm in active:
-                lv.virsh("shutdown", "--mode", "acpi", lv.domain(vm))
-            pressed = time.monotonic()
-        time.sleep(1)
-    for vm in lv.active_vms():
+
+    def press(active: list[str], _count: int) -> None:
+        for vm in active:
+            lv.virsh("shutdown", "--mode", "acpi", lv.domain(vm))
+
+    for vm in power_off(lv.active_vms, press, timeout):
         print(f"{vm}: did not power off within {timeout}s; destroying {lv.domain(vm)}")
         lv.virsh("destroy", lv.domain(vm))
     if active := lv.active_vms():
