@@ -88,7 +88,7 @@ def run(
     return result
 
 
-def stop_session(proc: subprocess.Popen, grace: float = 15) -> None:
+def stop_session(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
     """SIGTERM to every process of proc's session (a run.sh passes it on to its QEMU and
     clears up), then SIGKILL to whatever of it is still there after `grace` seconds."""
     with contextlib.suppress(ProcessLookupError):
@@ -101,7 +101,7 @@ def stop_session(proc: subprocess.Popen, grace: float = 15) -> None:
     proc.wait()
 
 
-def session_alive(proc: subprocess.Popen) -> bool:
+def session_alive(proc: subprocess.Popen[bytes]) -> bool:
     """True while a process of proc's process group runs (zombies do not count)."""
     proc.poll()  # reap the leader itself
     proc_dir = Path("/proc")

@@ -285,7 +285,7 @@ def checked(value: Any, where: Where, table: dict[str, Key]) -> dict[str, Any]:
 
 
 
-def mapping(value: Any, where: Where, allowed: set[str] | dict) -> dict:
+def mapping(value: Any, where: Where, allowed: set[str] | dict[str, Any]) -> dict[str, Any]:
     if value is None:
         value = {}
     if not isinstance(value, dict):

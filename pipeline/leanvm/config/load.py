@@ -117,7 +117,7 @@ def _vm_release(settings: dict[str, Any], where: Where, path: Path, default: Rel
     return release
 
 
-def _parse_vms(data: dict, where: Where, path: Path, release: Release,
+def _parse_vms(data: dict[str, Any], where: Where, path: Path, release: Release,
                subnet: ipaddress.IPv4Network) -> dict[str, dict[str, Any]]:
     """Each VM's settings, defaults applied, every key checked; "release" holds the VM's."""
     raw_defaults = mapping(data.get("defaults"), where / "defaults", VM_KEYS)  # checked below

@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -13,7 +14,7 @@ from leanvm.config.yamlfile import yaml_problem
 from leanvm.errors import LeanvmError
 
 
-def read_ignition(path: Path, where: Where) -> dict | None:
+def read_ignition(path: Path, where: Where) -> dict[str, Any] | None:
     """An Ignition config (JSON with ignition.version), checked and returned, or a Butane
     config (YAML with `variant:`), which the build transpiles with butane: None."""
     try:
@@ -38,10 +39,10 @@ def read_ignition(path: Path, where: Where) -> dict | None:
             f"{path} sets kernelArguments: Flatcar's ignition-kargs-helper needs an EFI-SYSTEM partition, which a "
             "leanvm VM has not (the boot would end in the emergency shell)",
             "give the VM a kernel_args key in the cluster file instead")
-    return doc
+    return dict(doc)
 
 
-def _ignition_shape(doc: dict, path: Path, where: Where) -> None:
+def _ignition_shape(doc: dict[str, Any], path: Path, where: Where) -> None:
     """The parts of an Ignition config that leanvm merges into (the cluster key, network unit,
     /etc/hosts) must have Ignition's types: refused, not mangled."""
     def expect(value: object, kind: type, key: str, what: str) -> None:
@@ -86,7 +87,7 @@ def is_butane(text: str) -> bool:
 HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
 
 
-def check_names(path: Path, doc: dict) -> None:
+def check_names(path: Path, doc: dict[str, Any]) -> None:
     """A hostname systemd would refuse, and write_files paths that are not ASCII (the guest
     writes them under an escaped name), are refused at build time."""
     hostname = doc.get("hostname")
@@ -101,7 +102,7 @@ def check_names(path: Path, doc: dict) -> None:
                               "name the file with ASCII letters, digits and . _ - /")
 
 
-def read_user_data(path: Path, needs_merge: bool) -> tuple[str, dict | None]:
+def read_user_data(path: Path, needs_merge: bool) -> tuple[str, dict[str, Any] | None]:
     """A user_data file's text and, for a #cloud-config, its document (None for a '#!' script).
     `needs_merge`: keys or a given cluster address must be merged in, which a script cannot take."""
     try:

@@ -3,6 +3,7 @@ makes them; nothing here reads a file)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from leanvm.arch import Arch
 
@@ -83,8 +84,8 @@ class VM:
     kernel_args: str = ""  # appended after the release profile's kernel_args
     # the user_data and Ignition files as read and checked here, once: the config drive uses them as parsed
     user_data_text: str | None = None
-    user_data_doc: dict | None = field(default=None, compare=False, hash=False)  # None: a '#!' script
-    ignition_doc: dict | None = field(default=None, compare=False, hash=False)  # None: Butane (transpiled at build)
+    user_data_doc: dict[str, Any] | None = field(default=None, compare=False, hash=False)  # None: a '#!' script
+    ignition_doc: dict[str, Any] | None = field(default=None, compare=False, hash=False)  # None: Butane (built later)
 
     @property
     def cluster_ip_given(self) -> bool:  # the cluster file gives the address

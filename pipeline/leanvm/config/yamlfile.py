@@ -24,8 +24,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     1.2 says keys are unique; PyYAML would keep the last one silently: two `vms:` blocks
     would drop every VM of the first)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
+        seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             try:
@@ -36,7 +36,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if duplicate and key != "<<":
                 raise _DuplicateKey(problem=f"key {key!r} appears twice (the second would replace the first)",
                                     problem_mark=key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[str, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def read_yaml(path: Path) -> Any:

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = default_args(given, Path.cwd())
         # no config files: a pyproject.toml where leanvm runs belongs to someone else's project
-        return DoitMain(PackageLoader(), config_filenames=()).run(args)
+        return int(DoitMain(PackageLoader(), config_filenames=()).run(args))
     except LeanvmError as e:
         return report(e)
     except KeyboardInterrupt:

@@ -43,7 +43,7 @@ def _guarded(step: Callable[..., None], *args: Any) -> UserFailed | None:
     return None
 
 
-def action(step: Callable[..., None], *args: Any) -> tuple:
+def action(step: Callable[..., None], *args: Any) -> tuple[Any, ...]:
     return (_guarded, [step, *args])
 
 
@@ -155,7 +155,7 @@ def check_info_names(command: str, words: list[str], names: set[str]) -> None:
         fail(LeanvmError(f"no task named {words[0]!r}", f"see the task names with {tool('list --all')}"))
 
 
-def doit_config(default_tasks: list[str]) -> dict:
+def doit_config(default_tasks: list[str]) -> dict[str, Any]:
     """doit's settings; out/ must exist before doit opens its database there."""
     out = out_dir()
     out.mkdir(parents=True, exist_ok=True)

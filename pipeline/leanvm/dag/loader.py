@@ -17,24 +17,24 @@ from leanvm.dag import doitenv, tasks
 
 
 class _Leanvm(NamespaceTaskLoader):
-    def load_doit_config(self) -> dict:
+    def load_doit_config(self) -> dict[str, Any]:
         tasks.cluster_file()  # a bad cluster file fails here, before doit opens its database in out/
         return doitenv.doit_config(tasks.BUILD_TASKS)
 
-    def load_tasks(self, cmd: Any, pos_args: list[str]) -> list:
+    def load_tasks(self, cmd: Any, pos_args: list[str]) -> list[Any]:
         doitenv.begin(cmd.name, pos_args)
         # the one step before tasks are made: out/'s owner, the host's registry of out/s, the
         # VMs' identities, the versions `current` stands for (tasks.context; the tasks reuse it)
         tasks.context()
         loaded = super().load_tasks(cmd, pos_args)
         doitenv.check_info_names(cmd.name, pos_args, {task.name for task in loaded})
-        return loaded
+        return list(loaded)
 
 
 class DodoLoader(_Leanvm, DodoTaskLoader):
     """The tasks of the dodo.py doit finds (-f, -d, -k as usual)."""
 
-    def setup(self, opt_values: dict) -> None:
+    def setup(self, opt_values: dict[str, Any]) -> None:
         doitenv.RUN.loader_in_use = True  # dodo.py refuses doit's default loader
         super().setup(opt_values)
 

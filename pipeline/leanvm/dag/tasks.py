@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from doit import get_var
 from doit.tools import config_changed
@@ -182,7 +183,7 @@ def _release_artifacts(ctx: Context) -> Iterator[tuple[Release, Artifact, str]]:
             yield release, artifact, fetch.url_for(release, ctx.version(release), artifact.upstream)
 
 
-def task_download() -> Iterator[dict]:
+def task_download() -> Iterator[dict[str, Any]]:
     """download each release's kernel, initrd and image, each with its signature"""
     ctx = context()
     for release, artifact, url in _release_artifacts(ctx):
@@ -196,7 +197,7 @@ def task_download() -> Iterator[dict]:
         }
 
 
-def task_verify() -> Iterator[dict]:
+def task_verify() -> Iterator[dict[str, Any]]:
     """check each download's signature against the pinned key; publish it into out/images"""
     ctx = context()
     for release, artifact, url in _release_artifacts(ctx):
@@ -215,7 +216,7 @@ def task_verify() -> Iterator[dict]:
         }
 
 
-def task_extract() -> Iterator[dict]:
+def task_extract() -> Iterator[dict[str, Any]]:
     """write the verified usr.squashfs into the USR-A partition of out/images/.../usr.img"""
     ctx = context()
     for release, image, url in _release_artifacts(ctx):
@@ -233,7 +234,7 @@ def task_extract() -> Iterator[dict]:
 
 # --- per-VM stages -------------------------------------------------------------------
 
-def task_rootfs() -> Iterator[dict]:
+def task_rootfs() -> Iterator[dict[str, Any]]:
     """per VM: create or grow its root disk (ROOT) and create its OEM disk; never recreated"""
     ctx = context()
     for vm in ctx.cluster.vms:
@@ -247,7 +248,7 @@ def task_rootfs() -> Iterator[dict]:
         }
 
 
-def task_configdrive() -> Iterator[dict]:
+def task_configdrive() -> Iterator[dict[str, Any]]:
     """per VM: write its config drive (config.iso, label config-2: user_data, keys, network) and Ignition config"""
     ctx = context()
     hosts = configdrive.hosts(ctx.identities)
@@ -271,7 +272,7 @@ def task_configdrive() -> Iterator[dict]:
         }
 
 
-def task_sshkey() -> dict:
+def task_sshkey() -> dict[str, Any]:
     """out/ssh/id_ed25519: made once per out/, authorized in every VM; clean keeps it."""
     out = context().out
     return {
@@ -282,7 +283,7 @@ def task_sshkey() -> dict:
     }
 
 
-def task_launcher() -> Iterator[dict]:
+def task_launcher() -> Iterator[dict[str, Any]]:
     """per VM: install run.sh and write its values file out/state/vms/NAME.env"""
     ctx = context()
     for vm in ctx.cluster.vms:
@@ -302,7 +303,7 @@ def install_script(source: Path, dest: Path) -> None:
     write_atomic(dest, source.read_bytes(), mode=0o755)
 
 
-def task_cluster() -> dict:
+def task_cluster() -> dict[str, Any]:
     """out/cluster.sh (up, down, status, console, ssh, snapshot, restore, monitor for every VM;
     static: it finds the VMs) and out/leanvm-runtime.pyz, the runtime that it and every run.sh
     hand over to."""
@@ -348,7 +349,7 @@ def drop_from_snapshots(out: Path, name: str, why: str) -> None:
              f"({why}); their other VMs can still be restored")
 
 
-def task_retire() -> dict:
+def task_retire() -> dict[str, Any]:
     ctx = context()
     current = {vm.name for vm in ctx.cluster.vms}
     stale = sorted(d for d in ctx.layout.vms.glob("*") if ctx.layout.run_sh(d.name).exists() and d.name not in current)
@@ -364,7 +365,7 @@ def write_files(files: dict[Path, str]) -> None:
         write_atomic(dest, text.encode(), mode=0o755 if dest.suffix == ".sh" else 0o644)
 
 
-def task_libvirt() -> dict:
+def task_libvirt() -> dict[str, Any]:
     """The cluster for libvirt (explicit: `doit libvirt`); out/libvirt.sh drives virsh.
 
     No domain is written here: its accelerator depends on the libvirt host, which `leanvm
@@ -383,7 +384,7 @@ def task_libvirt() -> dict:
     }
 
 
-def task_bundle() -> dict:
+def task_bundle() -> dict[str, Any]:
     """One archive of the whole built cluster (explicit: `doit bundle`)."""
     ctx = context()
     layout, cluster = ctx.layout, ctx.cluster
@@ -409,7 +410,7 @@ def task_bundle() -> dict:
     }
 
 
-def task_prune() -> dict:
+def task_prune() -> dict[str, Any]:
     """Remove image versions no VM's launcher uses any more (explicit: `doit prune`)."""
     ctx = context()
     return {
@@ -420,7 +421,7 @@ def task_prune() -> dict:
     }
 
 
-def task_reset() -> Iterator[dict]:
+def task_reset() -> Iterator[dict[str, Any]]:
     """reset:NAME recreates VM NAME's root and OEM disks EMPTY (bare `reset` is refused)"""
     ctx = context()
     for vm in ctx.cluster.vms:

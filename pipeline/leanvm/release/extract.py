@@ -41,12 +41,12 @@ class _Decoded:
     kept (a ctypes callback cannot raise) and libarchive is told to stop."""
 
     def __init__(self, archive: Path) -> None:
-        self.file = igzip.open(archive, "rb")
+        self.file = igzip.open(archive, "rb")  # type: ignore[no-untyped-call]  # (isal has no types)
         self.error: Exception | None = None
 
     def readinto(self, buffer: Any) -> int:
         try:
-            return self.file.readinto(buffer)
+            return int(self.file.readinto(buffer))
         except Exception as e:  # BadGzipFile, IsalError, EOFError: whatever the decoder raises
             self.error = e
             return -30  # ARCHIVE_FATAL

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -51,7 +52,7 @@ def record(path: Path, digest: str, signer: str | None = None, source: str | Non
     legacy_sidecar(path).unlink(missing_ok=True)
 
 
-def _read(sidecar_path: Path) -> dict | None:
+def _read(sidecar_path: Path) -> dict[str, Any] | None:
     try:
         saved = json.loads(sidecar_path.read_text())
     except (OSError, ValueError):

@@ -3,6 +3,7 @@
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import gnupg
 
@@ -16,13 +17,13 @@ def _date(timestamp: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(timestamp))
 
 
-def _signing_key_record(gpg: gnupg.GPG, fingerprint: str) -> dict:
+def _signing_key_record(gpg: gnupg.GPG, fingerprint: str) -> dict[str, Any]:
     for key in gpg.list_keys():
         if key["fingerprint"] == fingerprint:
-            return key
+            return dict(key)
         for sub in key.get("subkey_info", {}).values():
             if sub.get("fingerprint") == fingerprint:
-                return sub
+                return dict(sub)
     return {}
 
 

@@ -19,6 +19,7 @@ import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import libarchive
 import libarchive.exception
@@ -116,7 +117,7 @@ def _plain_relative(path: str) -> bool:
         and "\\" not in path
 
 
-def listed_files(where: Path | str, manifest: dict) -> dict[str, str]:
+def listed_files(where: Path | str, manifest: dict[str, Any]) -> dict[str, str]:
     """The manifest's files (relative path -> digest), each a plain relative path."""
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
@@ -138,7 +139,7 @@ def _sha256(path: Path) -> str:
 DIGESTS = {"blake3": file_digest, "sha256": _sha256}
 
 
-def check_manifest(root: Path) -> dict:
+def check_manifest(root: Path) -> dict[str, Any]:
     """Every file the manifest names exists in `root` with its digest."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
@@ -152,7 +153,7 @@ def check_manifest(root: Path) -> dict:
         path = root / rel
         if not path.is_file() or digest_of(path) != digest:
             raise LeanvmError(f"{path}: does not match {MANIFEST}", "the bundle is damaged; copy it again")
-    return manifest
+    return dict(manifest)
 
 
 def check_dest(dest: Path) -> None:
@@ -169,7 +170,7 @@ def check_dest(dest: Path) -> None:
                           "unpack into a new or empty directory")
 
 
-def read_manifest(archive: Path) -> dict:
+def read_manifest(archive: Path) -> dict[str, Any]:
     """The manifest, read from the archive itself (its first member) before unpacking."""
     if not archive.is_file():
         raise LeanvmError(f"{archive}: no such file", "give the path of a bundle (out/bundles/*.tar.gz)")
@@ -177,14 +178,15 @@ def read_manifest(archive: Path) -> dict:
         with libarchive.file_reader(str(archive)) as entries:
             for entry in entries:
                 if entry.pathname == MANIFEST:
-                    return json.loads(b"".join(entry.get_blocks()))
+                    found: dict[str, Any] = json.loads(b"".join(entry.get_blocks()))
+                    return found
                 break
     except (libarchive.exception.ArchiveError, ValueError) as e:
         raise LeanvmError(f"{archive}: not a leanvm bundle: {e}", f"make one with {tool('bundle')}") from None
     raise LeanvmError(f"{archive}: not a leanvm bundle (no {MANIFEST} first)", f"make one with {tool('bundle')}")
 
 
-def check_arch(archive: Path, manifest: dict, arch: str) -> None:
+def check_arch(archive: Path, manifest: dict[str, Any], arch: str) -> None:
     arches = manifest.get("arches", ["amd64"])  # bundles made before arm64 were amd64
     if arches != [arch]:
         raise LeanvmError(f"{archive} holds VMs of arch {', '.join(arches)}, not {arch}",
@@ -233,7 +235,7 @@ def _restore(dest: Path, made: bool) -> None:
             child.unlink(missing_ok=True)
 
 
-def unbundle(archive: Path, dest: Path, arch: str | None = None) -> dict:
+def unbundle(archive: Path, dest: Path, arch: str | None = None) -> dict[str, Any]:
     """Unpack a bundle (keeping holes) into `dest` and check it against its manifest; with
     `arch`, only a bundle whose VMs are all of that arch. Any failure leaves `dest` as it was."""
     archive = archive.resolve()  # before changing into dest: a relative path means the caller's

@@ -11,6 +11,7 @@ import os
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pycdlib
 import yaml
@@ -74,7 +75,7 @@ def hosts(identities: Mapping[str, Identity]) -> str:
     return "# written by leanvm: the VMs of this cluster on its private network\n" + "\n".join(lines) + "\n"
 
 
-def _merge(doc: dict, vm: VM, ident: Identity, keys: tuple[str, ...], hosts_text: str) -> dict:
+def _merge(doc: dict[str, Any], vm: VM, ident: Identity, keys: tuple[str, ...], hosts_text: str) -> dict[str, Any]:
     """ssh_authorized_keys, /etc/hosts and leanvm's DROP_INS (each unless the user writes
     that file) and, for a VM without Ignition, the cluster network unit, merged into a
     #cloud-config document. The unit goes under coreos.units: coreos-cloudinit restarts
@@ -97,10 +98,10 @@ def _merge(doc: dict, vm: VM, ident: Identity, keys: tuple[str, ...], hosts_text
     return doc
 
 
-def _dump(doc: dict) -> str:
+def _dump(doc: dict[str, Any]) -> str:
     # width: a key stays on one line, as cloud-init readers and the mini release expect
-    return CLOUD_CONFIG + "\n" + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
-                                          width=1 << 16)
+    dumped = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1 << 16)
+    return CLOUD_CONFIG + "\n" + str(dumped)
 
 
 def _keys(vm: VM, cluster_key: str | None) -> tuple[str, ...]:
@@ -140,12 +141,12 @@ def write_drive(dest: Path, user_data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _ignition_file(path: str, text: str) -> dict:
+def _ignition_file(path: str, text: str) -> dict[str, Any]:
     return {"path": path, "mode": 0o644, "overwrite": True,
             "contents": {"source": "data:," + urllib.parse.quote(text)}}
 
 
-def ignition_with_network(config: dict, vm: VM, ident: Identity, hosts_text: str = "") -> dict:
+def ignition_with_network(config: dict[str, Any], vm: VM, ident: Identity, hosts_text: str = "") -> dict[str, Any]:
     """The Ignition config with the cluster network unit, /etc/hosts and /etc/hostname (each
     of the last two unless the config writes it) in storage.files: Ignition writes them in the
     initramfs, before networkd starts, so the address and the names are there on a first boot
@@ -162,7 +163,7 @@ def ignition_with_network(config: dict, vm: VM, ident: Identity, hosts_text: str
     return {**config, "storage": {**storage, "files": files}}
 
 
-def ignition_with_drop_ins(config: dict) -> dict:
+def ignition_with_drop_ins(config: dict[str, Any]) -> dict[str, Any]:
     """The Ignition config with leanvm's DROP_INS in storage.files (each unless it writes it)."""
     storage = dict(config.get("storage") or {})
     files = list(storage.get("files") or [])
@@ -171,7 +172,7 @@ def ignition_with_drop_ins(config: dict) -> dict:
     return {**config, "storage": {**storage, "files": files}}
 
 
-def ignition_with_keys(config: dict, keys: tuple[str, ...]) -> dict:
+def ignition_with_keys(config: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     """The Ignition config with `keys` in passwd.users -> core -> sshAuthorizedKeys; all else kept."""
     passwd = dict(config.get("passwd") or {})
     users = [dict(u) for u in passwd.get("users") or []]

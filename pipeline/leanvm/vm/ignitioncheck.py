@@ -9,18 +9,20 @@ that it was not validated.
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from leanvm.config.types import Release, accepted_specs, spec_ranges
 from leanvm.errors import LeanvmError, note, warn
 from leanvm.proc import run
 
 
-def transpile(path: Path) -> dict:
+def transpile(path: Path) -> dict[str, Any]:
     """The Ignition config that the Butane config in `path` becomes (`butane --strict`)."""
-    return json.loads(run(["butane", "--strict", path]).stdout)
+    transpiled: dict[str, Any] = json.loads(run(["butane", "--strict", path]).stdout)
+    return transpiled
 
 
-def check_spec(vm: str, source: Path, config: dict, release: Release, version: str) -> None:
+def check_spec(vm: str, source: Path, config: dict[str, Any], release: Release, version: str) -> None:
     """The config's spec is one that release's Ignition accepts (its profile's ignition_specs),
     and a spec 3 one: leanvm adds the cluster key, network unit and /etc/hosts as spec 3
     entries (storage.files without `filesystem`), which Flatcar's 2.x parser rejects
@@ -65,7 +67,7 @@ def validate(vm: str, merged: Path, source: Path) -> None:
     raise LeanvmError(f"{where}: {detail}", "fix the Ignition config")
 
 
-def _is_oem_url_error(error: str, config: dict) -> bool:
+def _is_oem_url_error(error: str, config: dict[str, Any]) -> bool:
     """An 'invalid url scheme' error at a value that is an oem:// URL: a scheme upstream's spec 3
     dropped and Flatcar's Ignition brings back (flatcar/scripts sys-apps/ignition/files/
     0013-Revert-drop-OEM-URI-support.patch, branch flatcar-4593)."""
