@@ -22,9 +22,9 @@ from leanvm.dag import doitenv
 from leanvm.dag.doitenv import action, building, command_words, config_file, fail, out_dir, writing
 from leanvm.errors import LeanvmError, tool, warn
 from leanvm.fsutil import write_atomic
-from leanvm.release import fetch, publish
+from leanvm.release import fetch, prune, publish
 from leanvm.resources import CLUSTER_SCRIPT, LIBVIRT_SCRIPT, RUN_SH
-from leanvm.ship import bundle, prune, runtime
+from leanvm.ship import bundle, runtime
 from leanvm.state import identity, snapshots
 from leanvm.state.layout import Layout, Names
 from leanvm.state.vmstate import running_pid

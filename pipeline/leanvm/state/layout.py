@@ -132,9 +132,6 @@ class Layout:
     def root_disk(self, name: str) -> Path:
         return self.vm(name) / Names.VM_ROOT_DISK
 
-    def oem_disk(self, name: str) -> Path:
-        return self.vm(name) / Names.VM_OEM_DISK
-
     def qemu_pid(self, name: str) -> Path:
         return self.vm(name) / Names.VM_QEMU_PID
 
