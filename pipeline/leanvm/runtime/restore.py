@@ -12,12 +12,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from types import FrameType
 
 from leanvm.errors import LeanvmError
 from leanvm.runtime import restoredisks, snapcheck, snapshot
 from leanvm.runtime.cluster import Cluster, say
 from leanvm.runtime.launch import Options, last_word, start_supervisor, started_yet
+from leanvm.runtime.signals import handle
 from leanvm.runtime.verbs import wait_for_ssh
 from leanvm.state.layout import Names
 
@@ -28,7 +28,7 @@ class Restore:
         self.dir = cluster.out / Names.OUT_SNAPSHOTS / name
         self.caught = 0
 
-    def on_signal(self, signum: int, _frame: FrameType | None) -> None:
+    def on_signal(self, signum: int, _frame: object) -> None:
         self.caught = 128 + signum
 
     def check(self) -> None:
@@ -112,8 +112,7 @@ class Restore:
     def run(self) -> int:
         self.check()
         begun = time.monotonic()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the restores run to their end
-            signal.signal(sig, self.on_signal)
+        handle(self.on_signal)  # the restores run to their end
         self.put_back_disks()
         self.start_all()
         for vm in self.names:  # every VM runs the snapshot: kept
@@ -124,8 +123,7 @@ class Restore:
         if self.caught:
             say(f"restore {self.name} interrupted once every VM was restored: they run; not waiting for ssh")
             return self.caught
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
+        handle(signal.SIG_DFL)
         if self.wait is not None:
             self.wait_restored(begun)
             print(f"restored in {time.monotonic() - begun:.1f} s", flush=True)

@@ -11,7 +11,6 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from types import FrameType
 
 from leanvm.errors import LeanvmError
 from leanvm.host import alive, cpu_model, read_pid
@@ -20,23 +19,12 @@ from leanvm.runtime import snapcheck
 from leanvm.runtime.cluster import Cluster, say
 from leanvm.runtime.qmp import QMP, QMPError
 from leanvm.runtime.restoredisks import RESTORED_DISKS
+from leanvm.runtime.signals import Interrupted, handle, raise_interrupted
 from leanvm.state.layout import Names
 
 BUSY_MIGRATION = ("setup", "active", "cancelling", "device", "pre-switchover")
 SAVE_DEADLINE = 600.0
 COPY_DEADLINE = 3600.0
-
-
-class Interrupted(Exception):
-    """A signal while the snapshot runs: its exit status."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
-def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
-    raise Interrupted(128 + signum)
 
 
 def resume_paused(cluster: Cluster, name: str) -> bool:
@@ -116,8 +104,7 @@ class Snapshot:
     def interrupted(self, status: int) -> int:
         """A signal while VMs may be paused: each is resumed (its migration cancelled first),
         nothing is kept; one line."""
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
+        handle(signal.SIG_IGN)
         for vm in self.names:
             if not (self.cluster.vm(vm).pid() and resume_paused(self.cluster, vm)):
                 say(f"warning: VM {vm} could not be resumed; see {self.cluster.vm(vm).path(Names.VM_RUN_LOG)}")
@@ -137,13 +124,11 @@ class Snapshot:
         (self.part / Names.SNAPSHOT_PAUSED).write_text(" ".join(self.names) + "\n")
         started = time.monotonic()
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, _raise_interrupted)
+            handle(raise_interrupted)
             for vm in self.names:  # every VM paused at one instant: the cluster saved as one moment
                 self.pause(vm)
             lines = [line for vm in self.names for line in self.save(vm)]
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # from here on it is completed
-                signal.signal(sig, signal.SIG_IGN)
+            handle(signal.SIG_IGN)  # from here on it is completed
         except Interrupted as e:
             return self.interrupted(e.status)
         self.release_paused()

@@ -27,13 +27,13 @@ from leanvm.host import alive, port_in_use, resolve_accel
 from leanvm.runtime import firstboot, qemu, restoredisks, snapcheck, sshvm, switch
 from leanvm.runtime.console import ConsoleWatch, size
 from leanvm.runtime.qmp import QMP, QMPError
+from leanvm.runtime.signals import STOPPING, Interrupted, handle, raise_interrupted
 from leanvm.runtime.vmfiles import VMFiles
 from leanvm.state.layout import Names
 
 # A QEMU that fails at once under a KVM that auto chose (nested virtualisation: "failed to set
 # MSR", an assertion) is started again under TCG, said in one line that holds this text.
 KVM_FALLBACK = "failed under KVM"
-SIGNAL_STATUS = {signal.SIGHUP: 129, signal.SIGINT: 130, signal.SIGTERM: 143}
 # QEMU's SHUTDOWN reasons for a reset, which -no-reboot turns into an exit: the guest's own
 # reboot, or a system_reset asked on a monitor (cluster.sh monitor NAME system_reset)
 RESETS = ("guest-reset", "host-qmp-system-reset")
@@ -146,7 +146,7 @@ class Supervisor:
 
     # --- signals and the keeper -----------------------------------------------------------
     def on_signal(self, signum: int, _frame: object) -> None:
-        self.caught = SIGNAL_STATUS[signal.Signals(signum)]
+        self.caught = STOPPING[signal.Signals(signum)]
         if self.child and self.child.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.child.send_signal(signal.SIGTERM)
@@ -163,8 +163,7 @@ class Supervisor:
             self.keeper_pid, self.keeper_pipe = pid, write_end
             return
         try:
-            for sig in SIGNAL_STATUS:
-                signal.signal(sig, signal.SIG_IGN)
+            handle(signal.SIG_IGN)
             os.close(write_end)
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
@@ -301,9 +300,17 @@ class Supervisor:
 
     # --- the run ----------------------------------------------------------------------
     def run(self) -> int:
-        self.check()
-        for sig in SIGNAL_STATUS:
-            signal.signal(sig, self.on_signal)
+        """Checks first, where a signal ends the launcher at once (and the program it waits on:
+        proc.run stops it); from the keeper's start on, a signal stops QEMU and clears up."""
+        handle(raise_interrupted)
+        try:
+            self.check()
+            if self.restore and self.snapshot:
+                binary = os.environ.get("LEANVM_QEMU") or self.values["qemu"]
+                snapcheck.check(self.snapshot, self.vm.name, self.vm.values_file, binary)
+        except Interrupted as e:
+            return e.status
+        handle(self.on_signal)
         self.start_keeper()
         try:
             if self.restore and self.snapshot:
@@ -312,15 +319,12 @@ class Supervisor:
                 return self.caught
             return self.launches()
         finally:
-            for sig in SIGNAL_STATUS:
-                signal.signal(sig, signal.SIG_IGN)
+            handle(signal.SIG_IGN)
             self.stop_keeper()
             self.release()
 
     def put_snapshot_disks_back(self) -> None:
         assert self.snapshot
-        binary = os.environ.get("LEANVM_QEMU") or self.values["qemu"]
-        snapcheck.check(self.snapshot, self.vm.name, self.vm.values_file, binary)
         try:
             restoredisks.copy_in(self.vm.dir, self.snapshot / self.vm.name)
         except LeanvmError:
