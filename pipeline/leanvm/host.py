@@ -99,6 +99,15 @@ def resolve_accel(chosen: str, arch: str | None = None) -> str | None:
     return "kvm" if os.path.exists(kvm) and os.access(kvm, os.R_OK | os.W_OK) else "tcg"
 
 
+def chosen_accel(arch: str | None = None) -> str:
+    """LEANVM_ACCEL's accelerator for a guest of `arch` (resolve_accel), or one line for a value
+    that is no accelerator."""
+    accel = resolve_accel(os.environ.get("LEANVM_ACCEL") or "auto", arch)
+    if accel is None:
+        raise LeanvmError(f"LEANVM_ACCEL must be auto, kvm, hvf or tcg, not '{os.environ.get('LEANVM_ACCEL', '')}'")
+    return accel
+
+
 def _sysctl(name: str) -> str:
     try:
         return run(["sysctl", "-n", name], check=False, timeout=10).stdout.decode().strip()

@@ -3,12 +3,11 @@ line, `cluster.sh: ...`, and exit status 1."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from leanvm.errors import LeanvmError
-from leanvm.host import resolve_accel
+from leanvm.host import chosen_accel
 from leanvm.runtime import verbs
 from leanvm.runtime.cluster import Cluster
 from leanvm.runtime.restore import Restore, named_once
@@ -69,13 +68,6 @@ def select(cluster: Cluster, command: str, names: list[str]) -> list[str]:
     return names or cluster.names()
 
 
-def check_accel() -> str:
-    accel = resolve_accel(os.environ.get("LEANVM_ACCEL") or "auto")
-    if accel is None:
-        raise LeanvmError(f"LEANVM_ACCEL must be auto, kvm, hvf or tcg, not '{os.environ.get('LEANVM_ACCEL', '')}'")
-    return accel
-
-
 def up(cluster: Cluster, args: list[str]) -> int:
     wait, names = parse_wait(cluster, "up", args)
     if names and names[0].startswith("-"):
@@ -99,7 +91,7 @@ def restore(cluster: Cluster, args: list[str]) -> int:
     for name in args[:-1]:
         cluster.check_vm(name)
     named_once("restore", args[:-1])
-    check_accel()
+    chosen_accel()
     return Restore(cluster, args[:-1], args[-1], wait).run()
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from leanvm.errors import LeanvmError
-from leanvm.host import host_arch, resolve_accel
+from leanvm.host import chosen_accel, host_arch
 from leanvm.runtime import qemu, restoredisks, snapcheck
 from leanvm.runtime.console import size
 from leanvm.runtime.supervise import KVM_FALLBACK, Supervisor, accel_auto_kvm, say
@@ -67,16 +67,12 @@ def parse(given: list[str]) -> Options:
 
 
 def accel_of(vm: VMFiles, values: dict[str, str], options: Options) -> qemu.Accel:
-    chosen = os.environ.get("LEANVM_ACCEL") or "auto"
-    accel = resolve_accel(chosen, values["arch"])
-    if accel is None:
-        raise LeanvmError(f"LEANVM_ACCEL must be auto, kvm, hvf or tcg, not '{os.environ.get('LEANVM_ACCEL', '')}'")
+    accel = chosen_accel(values["arch"])
     if accel != "tcg" and values["arch"] != host_arch():
         raise LeanvmError(f"LEANVM_ACCEL={accel} cannot run VM {vm.name} ({values['arch']}) on this {host_arch()} "
                           "host: use LEANVM_ACCEL=tcg or auto")
-    chosen_accel = qemu.accel_for(accel)
     if not options.resume:
-        return chosen_accel
+        return qemu.accel_for(accel)
     # a restore runs as the snapshot saved it: the same accelerator and CPU
     snapshot = vm.layout.snapshot(options.resume)
     saved = qemu.accel_for(snapcheck.saved_accel(snapshot, vm.name))

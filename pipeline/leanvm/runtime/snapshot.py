@@ -17,6 +17,7 @@ from leanvm.host import alive, cpu_model, read_pid
 from leanvm.proc import run
 from leanvm.runtime import snapcheck
 from leanvm.runtime.cluster import Cluster, say
+from leanvm.runtime.console import size
 from leanvm.runtime.qmp import QMP, QMPError
 from leanvm.runtime.restoredisks import RESTORED_DISKS
 from leanvm.runtime.signals import Interrupted, handle, raise_interrupted
@@ -215,7 +216,7 @@ class Snapshot:
         status = self.migrate(vm, dest / Names.SNAPSHOT_MEMORY)
         if status != "completed":
             raise self.failed(f"QEMU could not save VM {vm} (migration {status})")
-        if not _size(dest / Names.SNAPSHOT_MEMORY):
+        if not size(dest / Names.SNAPSHOT_MEMORY):
             raise self.failed(f"QEMU could not save VM {vm} (it wrote no memory file)")
         vm_dir = self.cluster.vm(vm).dir
         for disk in RESTORED_DISKS:
@@ -286,10 +287,4 @@ def du(path: Path) -> str:
         used /= 1024
     return f"{used:.1f}T"
 
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 

@@ -10,10 +10,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from leanvm.errors import LeanvmError
-from leanvm.host import pss_mib, resolve_accel
+from leanvm.host import chosen_accel, pss_mib
 from leanvm.proc import run
 from leanvm.runtime import power, snapshot, sshvm
 from leanvm.runtime.cluster import KVM_SILENCE, Cluster, say
+from leanvm.runtime.console import size
 from leanvm.runtime.qmp import QMP, QMPError
 from leanvm.state import valuesfile
 from leanvm.state.layout import Names
@@ -73,14 +74,8 @@ def answers_ssh(cluster: Cluster, name: str) -> bool:
 
 def silent(cluster: Cluster, names: list[str]) -> bool:
     """No VM of names has printed anything on its serial console."""
-    return all(not _size(cluster.vm(name).path(Names.VM_CONSOLE)) for name in names)
+    return all(not size(cluster.vm(name).path(Names.VM_CONSOLE)) for name in names)
 
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def kvm_hung(cluster: Cluster, names: list[str]) -> str:
@@ -103,9 +98,7 @@ def kvm_hung(cluster: Cluster, names: list[str]) -> str:
 
 
 def up_verb(cluster: Cluster, names: list[str], wait: int | None) -> int:
-    accel = resolve_accel(os.environ.get("LEANVM_ACCEL") or "auto")
-    if accel is None:
-        raise LeanvmError(f"LEANVM_ACCEL must be auto, kvm, hvf or tcg, not '{os.environ.get('LEANVM_ACCEL', '')}'")
+    accel = chosen_accel()
     failed = up(cluster, names)
     if wait is not None:
         if failed:
