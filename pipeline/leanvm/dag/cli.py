@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = default_args(given, Path.cwd())
         # no config files: a pyproject.toml where leanvm runs belongs to someone else's project
-        return int(DoitMain(PackageLoader(), config_filenames=()).run(args))
+        status = DoitMain(PackageLoader(), config_filenames=()).run(args)
+        return int(status or 0)  # (doit's clean returns None)
     except LeanvmError as e:
         return report(e)
     except KeyboardInterrupt:
