@@ -87,14 +87,8 @@ class Cluster:
         if not self.net.is_dir():
             return
         with switch.locked(self.net):
-            if any(self.vm(name).pid() for name in self.names()):
-                return
-            users = self.net / Names.NET_USERS
-            for entry in sorted(users.iterdir()) if users.is_dir() else []:
-                if switch.user_alive(self.net, entry.name):
-                    return
-                entry.unlink(missing_ok=True)
-            switch.stop(self.net)
+            if not any(self.vm(name).pid() for name in self.names()):
+                switch.stop_if_unused(self.net)
 
     def start(self, name: str, resume: str = "") -> bool:
         """run.sh --detach [--resume SNAP] of VM name; its own line if it did not start."""

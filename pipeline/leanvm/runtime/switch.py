@@ -101,8 +101,13 @@ def user_alive(net: Path, name: str) -> bool:
 
 def leave(net: Path, name: str) -> None:
     """VM `name` no longer uses the switch; it stops once no VM does. The caller holds the lock."""
+    (net / Names.NET_USERS / name).unlink(missing_ok=True)
+    stop_if_unused(net)
+
+
+def stop_if_unused(net: Path) -> None:
+    """The switch stops once no VM uses it (dead users' entries go). The caller holds the lock."""
     users = net / Names.NET_USERS
-    (users / name).unlink(missing_ok=True)
     for entry in sorted(users.iterdir()) if users.is_dir() else []:
         if user_alive(net, entry.name):
             return
